@@ -1,0 +1,14 @@
+//! The virtual DHCP server: the state machine ([`server`]), the lease table ([`pool`]) and the
+//! options it hands out ([`options`]). Messages are parsed and built with `dhcproto`; the
+//! frame-level work (Ethernet, IPv4, UDP) is the core's.
+
+pub mod options;
+pub mod pool;
+pub mod server;
+
+#[cfg(test)]
+mod tests;
+
+pub use options::{DhcpSettings, Reservation, StaticRoute};
+pub use pool::{ClientKey, Lease, LeaseId, LeasePool, LeaseState};
+pub use server::{DhcpCounters, DhcpEvent, DhcpServer, LeaseEventKind, Reply, ReplyTarget};

@@ -1,0 +1,684 @@
+//! The lease pool: which address belongs to which client, until when.
+//!
+//! # Theory of operation
+//!
+//! The pool holds at most one record per address and at most one record per client, so its
+//! size is bounded by the number of addresses it manages (the configured range plus the static
+//! reservations). A client is known by its [`ClientKey`]: the client identifier (option 61)
+//! when it sends one, else the hardware type and address, which is what RFC 2132 recommends
+//! clients send anyway, so both forms of the same Ethernet client compare equal.
+//!
+//! A record is in one of these states:
+//!
+//! | state      | the address is          | ends                                               |
+//! |------------|-------------------------|----------------------------------------------------|
+//! | `Offered`  | held for the client     | REQUEST → `Bound`; after [`OFFER_HOLD`] → removed (or back to `Expired` if it was bound before) |
+//! | `Bound`    | the client's            | RELEASE → `Released`; expiry → `Expired`; DECLINE → `Declined` |
+//! | `Released` | free, remembered        | taken by another client only when no address without a record is left |
+//! | `Expired`  | free, remembered        | as `Released`                                      |
+//! | `Declined` | quarantined (in use by an unknown host) | after [`DECLINE_QUARANTINE`] → removed |
+//!
+//! Remembered records make addresses sticky: a returning client is offered its previous address
+//! when it is still free, and new clients get addresses that nobody held before as long as there
+//! are any. Static reservations (by MAC) are never given to anyone else.
+//!
+//! All times are seconds since the Unix epoch, passed in by the caller; the pool reads no clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// How long an offered address is held for the client that was offered it.
+pub const OFFER_HOLD_SECS: u64 = 60;
+/// How long an address a client declined (RFC 2131 §4.3.3: it found the address in use) stays
+/// out of the pool.
+pub const DECLINE_QUARANTINE_SECS: u64 = 600;
+
+/// [`OFFER_HOLD_SECS`] under its documented name.
+pub const OFFER_HOLD: std::time::Duration = std::time::Duration::from_secs(OFFER_HOLD_SECS);
+/// [`DECLINE_QUARANTINE_SECS`] under its documented name.
+pub const DECLINE_QUARANTINE: std::time::Duration =
+    std::time::Duration::from_secs(DECLINE_QUARANTINE_SECS);
+
+/// A lease's stable identity, shown in the lease table and the security log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseId(pub u32);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// How a client is known: option 61 when present, else `[htype, chaddr…]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientKey(#[serde(with = "hex_bytes")] pub Vec<u8>);
+
+impl ClientKey {
+    /// The key of an Ethernet client that sent no client identifier.
+    pub fn from_mac(mac: [u8; 6]) -> Self {
+        let mut v = Vec::with_capacity(7);
+        v.push(1);
+        v.extend_from_slice(&mac);
+        ClientKey(v)
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+mod hex_bytes {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let text: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&text.join(":"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        text.split(':')
+            .map(|p| u8::from_str_radix(p, 16).map_err(|_| D::Error::custom(format!("bad hex byte {p:?}"))))
+            .collect()
+    }
+}
+
+/// The state of a lease record; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseState {
+    /// Offered, waiting for the client's REQUEST.
+    Offered,
+    /// Acknowledged and not expired.
+    Bound,
+    /// Given back by the client; remembered for stickiness.
+    Released,
+    /// Ran out; remembered for stickiness.
+    Expired,
+    /// Declined by the client: quarantined.
+    Declined,
+}
+
+/// One record of the lease table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Stable identity.
+    pub id: LeaseId,
+    /// The client's key (see [`ClientKey`]).
+    pub client: ClientKey,
+    /// The client's hardware address.
+    pub mac: [u8; 6],
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// The host name the client sent (option 12), if any.
+    pub hostname: Option<String>,
+    /// The state.
+    pub state: LeaseState,
+    /// When the current binding started (Unix seconds).
+    pub start: u64,
+    /// When the current state ends (Unix seconds): lease expiry, offer timeout, quarantine end.
+    pub expires: u64,
+    /// Whether the record was ever bound (decides what an unanswered offer falls back to).
+    #[serde(default)]
+    pub was_bound: bool,
+}
+
+impl Lease {
+    /// True when the address is free for a client other than the record's own.
+    fn frees_address(&self) -> bool {
+        matches!(self.state, LeaseState::Released | LeaseState::Expired)
+    }
+}
+
+/// What a [`LeasePool::bind`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindOutcome {
+    /// A new binding.
+    Created,
+    /// The client's binding was extended.
+    Renewed,
+}
+
+/// A change to the lease table that the caller reports (security log, persistence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Created or renewed by REQUEST.
+    Bound(BindOutcome),
+    /// Given back by RELEASE.
+    Released,
+    /// Declined by the client.
+    Declined,
+    /// Ran out.
+    Expired,
+}
+
+/// Why an address cannot be bound for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// The address is not one this server manages for that client.
+    #[error("address is outside the pool")]
+    NotInPool,
+    /// The address belongs to another client (or is quarantined).
+    #[error("address is in use by another client")]
+    InUse,
+    /// The address is reserved for another client's MAC.
+    #[error("address is reserved for another client")]
+    Reserved,
+}
+
+/// No address is left to offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the address pool is exhausted")]
+pub struct PoolExhausted;
+
+/// The lease table. See the module documentation.
+#[derive(Debug)]
+pub struct LeasePool {
+    range_start: u32,
+    range_end: u32,
+    excluded: Ipv4Addr,
+    /// Static reservations: MAC → (address, host name).
+    statics: HashMap<[u8; 6], Ipv4Addr>,
+    static_ips: HashMap<Ipv4Addr, [u8; 6]>,
+    by_ip: BTreeMap<Ipv4Addr, Lease>,
+    by_client: HashMap<ClientKey, Ipv4Addr>,
+    next_id: u32,
+}
+
+impl LeasePool {
+    /// A pool over `range_start..=range_end`, never handing out `excluded` (the host's own
+    /// address), with static reservations `(mac, ip)`.
+    pub fn new(
+        range_start: Ipv4Addr,
+        range_end: Ipv4Addr,
+        excluded: Ipv4Addr,
+        statics: impl IntoIterator<Item = ([u8; 6], Ipv4Addr)>,
+    ) -> Self {
+        let statics: HashMap<[u8; 6], Ipv4Addr> = statics.into_iter().collect();
+        let static_ips = statics.iter().map(|(m, ip)| (*ip, *m)).collect();
+        LeasePool {
+            range_start: u32::from(range_start),
+            range_end: u32::from(range_end),
+            excluded,
+            statics,
+            static_ips,
+            by_ip: BTreeMap::new(),
+            by_client: HashMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Loads records saved earlier. Records for addresses this pool no longer manages (the
+    /// range shrank, a reservation moved) and duplicates are skipped; the number skipped is
+    /// returned so the caller can log it.
+    pub fn restore(&mut self, leases: impl IntoIterator<Item = Lease>) -> usize {
+        let mut skipped = 0;
+        for lease in leases {
+            let manageable = self.in_range(lease.ip) || self.static_ips.get(&lease.ip) == Some(&lease.mac);
+            let reserved_elsewhere = self.static_ips.get(&lease.ip).is_some_and(|m| *m != lease.mac);
+            if !manageable
+                || reserved_elsewhere
+                || lease.ip == self.excluded
+                || self.by_ip.contains_key(&lease.ip)
+                || self.by_client.contains_key(&lease.client)
+            {
+                skipped += 1;
+                continue;
+            }
+            self.next_id = self.next_id.max(lease.id.0.saturating_add(1));
+            self.by_client.insert(lease.client.clone(), lease.ip);
+            self.by_ip.insert(lease.ip, lease);
+        }
+        skipped
+    }
+
+    fn in_range(&self, ip: Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        n >= self.range_start && n <= self.range_end && ip != self.excluded
+    }
+
+    /// Whether `ip` could be this client's (in range or its reservation, and not reserved for
+    /// someone else).
+    fn check_allowed(&self, mac: [u8; 6], ip: Ipv4Addr) -> Result<(), BindError> {
+        match self.static_ips.get(&ip) {
+            Some(owner) if *owner == mac => Ok(()),
+            Some(_) => Err(BindError::Reserved),
+            None if self.in_range(ip) => Ok(()),
+            None => Err(BindError::NotInPool),
+        }
+    }
+
+    /// Whether `ip` is free for `client` right now.
+    fn check_free(&self, client: &ClientKey, ip: Ipv4Addr) -> Result<(), BindError> {
+        match self.by_ip.get(&ip) {
+            None => Ok(()),
+            Some(l) if &l.client == client && l.state != LeaseState::Declined => Ok(()),
+            Some(l) if l.frees_address() => Ok(()),
+            Some(_) => Err(BindError::InUse),
+        }
+    }
+
+    /// The record of a client, if any.
+    pub fn get(&self, client: &ClientKey) -> Option<&Lease> {
+        self.by_client.get(client).and_then(|ip| self.by_ip.get(ip))
+    }
+
+    /// The record for an address, if any.
+    pub fn get_by_ip(&self, ip: Ipv4Addr) -> Option<&Lease> {
+        self.by_ip.get(&ip)
+    }
+
+    /// Every record, by address.
+    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
+        self.by_ip.values()
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.by_ip.len()
+    }
+
+    /// True when the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_ip.is_empty()
+    }
+
+    /// Chooses the address to offer: the client's reservation; else its current or previous
+    /// address while free; else `requested` if free; else an address nobody held; else the
+    /// address remembered longest for another client. The choice is held for [`OFFER_HOLD`].
+    pub fn offer(
+        &mut self,
+        client: &ClientKey,
+        mac: [u8; 6],
+        requested: Option<Ipv4Addr>,
+        hostname: Option<&str>,
+        now: u64,
+    ) -> Result<Ipv4Addr, PoolExhausted> {
+        let usable = |pool: &Self, ip: Ipv4Addr| {
+            pool.check_allowed(mac, ip).is_ok() && pool.check_free(client, ip).is_ok()
+        };
+        let reservation = self.statics.get(&mac).copied();
+        let previous = self.get(client).filter(|l| l.state != LeaseState::Declined).map(|l| l.ip);
+        let ip = if let Some(ip) = reservation.filter(|ip| usable(self, *ip)) {
+            ip
+        } else if let Some(ip) = previous.filter(|ip| reservation.is_none() && usable(self, *ip)) {
+            ip
+        } else if let Some(ip) = requested.filter(|ip| reservation.is_none() && usable(self, *ip)) {
+            ip
+        } else if reservation.is_some() {
+            // The reserved address is held by someone else (a stale record): take it back
+            // unless it is really bound to another client.
+            return Err(PoolExhausted);
+        } else if let Some(ip) = self.never_held() {
+            ip
+        } else if let Some(ip) = self.oldest_remembered(client) {
+            ip
+        } else {
+            return Err(PoolExhausted);
+        };
+
+        if self.by_ip.get(&ip).is_some_and(|l| l.client == *client && l.state == LeaseState::Bound) {
+            // Re-offering a live binding: keep it bound; the REQUEST will renew it.
+            return Ok(ip);
+        }
+        let was_bound = self
+            .by_ip
+            .get(&ip)
+            .is_some_and(|l| l.client == *client && l.was_bound);
+        let start = now;
+        self.put(Lease {
+            id: LeaseId(0),
+            client: client.clone(),
+            mac,
+            ip,
+            hostname: hostname.map(str::to_owned),
+            state: LeaseState::Offered,
+            start,
+            expires: now + OFFER_HOLD_SECS,
+            was_bound,
+        });
+        Ok(ip)
+    }
+
+    fn never_held(&self) -> Option<Ipv4Addr> {
+        (self.range_start..=self.range_end)
+            .map(Ipv4Addr::from)
+            .find(|ip| *ip != self.excluded && !self.static_ips.contains_key(ip) && !self.by_ip.contains_key(ip))
+    }
+
+    fn oldest_remembered(&self, client: &ClientKey) -> Option<Ipv4Addr> {
+        self.by_ip
+            .values()
+            .filter(|l| l.frees_address() && l.client != *client && !self.static_ips.contains_key(&l.ip))
+            .filter(|l| self.in_range(l.ip))
+            .min_by_key(|l| l.expires)
+            .map(|l| l.ip)
+    }
+
+    /// Inserts a record for `lease.client` at `lease.ip`, dropping the client's other record
+    /// and any record another client had for the address. Keeps the id of a record the same
+    /// client had for the same address.
+    fn put(&mut self, mut lease: Lease) -> &Lease {
+        if let Some(old_ip) = self.by_client.get(&lease.client).copied() {
+            if old_ip != lease.ip {
+                self.by_ip.remove(&old_ip);
+            }
+        }
+        match self.by_ip.get(&lease.ip) {
+            Some(old) if old.client == lease.client => lease.id = old.id,
+            Some(old) => {
+                let old_client = old.client.clone();
+                self.by_client.remove(&old_client);
+                lease.id = self.allocate_id();
+            }
+            None => lease.id = self.allocate_id(),
+        }
+        self.by_client.insert(lease.client.clone(), lease.ip);
+        let ip = lease.ip;
+        self.by_ip.insert(ip, lease);
+        self.by_ip.get(&ip).expect("invariant: just inserted")
+    }
+
+    fn allocate_id(&mut self) -> LeaseId {
+        let id = LeaseId(self.next_id);
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Binds `ip` to the client for `lease_secs` (REQUEST → ACK). Fails when the address is
+    /// not the client's to have; the caller answers NAK.
+    pub fn bind(
+        &mut self,
+        client: &ClientKey,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        hostname: Option<&str>,
+        lease_secs: u64,
+        now: u64,
+    ) -> Result<(Lease, BindOutcome), BindError> {
+        self.check_allowed(mac, ip)?;
+        self.check_free(client, ip)?;
+        let renewed = self
+            .by_ip
+            .get(&ip)
+            .is_some_and(|l| l.client == *client && l.state == LeaseState::Bound && l.expires > now);
+        let hostname = hostname
+            .map(str::to_owned)
+            .or_else(|| self.by_ip.get(&ip).filter(|l| l.client == *client).and_then(|l| l.hostname.clone()));
+        let start = if renewed { self.by_ip.get(&ip).map_or(now, |l| l.start) } else { now };
+        let lease = self
+            .put(Lease {
+                id: LeaseId(0),
+                client: client.clone(),
+                mac,
+                ip,
+                hostname,
+                state: LeaseState::Bound,
+                start,
+                expires: now.saturating_add(lease_secs),
+                was_bound: true,
+            })
+            .clone();
+        Ok((lease, if renewed { BindOutcome::Renewed } else { BindOutcome::Created }))
+    }
+
+    /// Forgets an offer the client did not take (it chose another server).
+    pub fn withdraw_offer(&mut self, client: &ClientKey) {
+        if let Some(ip) = self.by_client.get(client).copied() {
+            if let Some(l) = self.by_ip.get_mut(&ip) {
+                if l.state == LeaseState::Offered {
+                    if l.was_bound {
+                        l.state = LeaseState::Expired;
+                    } else {
+                        self.by_ip.remove(&ip);
+                        self.by_client.remove(client);
+                    }
+                }
+            }
+        }
+    }
+
+    /// RELEASE: the client gives `ip` back. Returns the record as it was when bound.
+    pub fn release(&mut self, client: &ClientKey, ip: Ipv4Addr, now: u64) -> Option<Lease> {
+        let l = self.by_ip.get_mut(&ip)?;
+        if l.client != *client || l.state != LeaseState::Bound {
+            return None;
+        }
+        let before = l.clone();
+        l.state = LeaseState::Released;
+        l.expires = now;
+        Some(before)
+    }
+
+    /// DECLINE: the client found `ip` in use. The address is quarantined and the client loses
+    /// its record, so its next DISCOVER gets another address.
+    pub fn decline(&mut self, client: &ClientKey, ip: Ipv4Addr, now: u64) -> Option<Lease> {
+        let l = self.by_ip.get_mut(&ip)?;
+        if l.client != *client || !matches!(l.state, LeaseState::Offered | LeaseState::Bound) {
+            return None;
+        }
+        let before = l.clone();
+        l.state = LeaseState::Declined;
+        l.expires = now + DECLINE_QUARANTINE_SECS;
+        self.by_client.remove(client);
+        Some(before)
+    }
+
+    /// Moves every record whose time is up to its next state. Calls `report` with each bound
+    /// lease that expired (the record before the change).
+    pub fn expire(&mut self, now: u64, mut report: impl FnMut(&Lease)) -> bool {
+        let mut changed = false;
+        let mut remove = Vec::new();
+        for (ip, l) in self.by_ip.iter_mut() {
+            if l.expires > now {
+                continue;
+            }
+            match l.state {
+                LeaseState::Bound => {
+                    report(l);
+                    l.state = LeaseState::Expired;
+                    changed = true;
+                }
+                LeaseState::Offered if l.was_bound => {
+                    l.state = LeaseState::Expired;
+                    changed = true;
+                }
+                LeaseState::Offered => remove.push(*ip),
+                LeaseState::Declined => {
+                    remove.push(*ip);
+                    changed = true;
+                }
+                LeaseState::Released | LeaseState::Expired => {}
+            }
+        }
+        for ip in remove {
+            if let Some(l) = self.by_ip.remove(&ip) {
+                if self.by_client.get(&l.client) == Some(&ip) {
+                    self.by_client.remove(&l.client);
+                }
+            }
+        }
+        changed
+    }
+
+    /// The next time [`expire`](Self::expire) has work to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.by_ip
+            .values()
+            .filter(|l| !matches!(l.state, LeaseState::Released | LeaseState::Expired))
+            .map(|l| l.expires)
+            .min()
+    }
+
+    /// The records worth saving (everything but pending offers).
+    pub fn persistent(&self) -> Vec<Lease> {
+        self.by_ip.values().filter(|l| l.state != LeaseState::Offered || l.was_bound).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+    const MAC_C: [u8; 6] = [2, 0, 0, 0, 0, 0xc];
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 30, last)
+    }
+
+    fn pool() -> LeasePool {
+        LeasePool::new(ip(10), ip(12), ip(1), [])
+    }
+
+    #[test]
+    fn offers_distinct_addresses_then_exhausts() {
+        let mut p = pool();
+        let (a, b, c) = (ClientKey::from_mac(MAC_A), ClientKey::from_mac(MAC_B), ClientKey::from_mac(MAC_C));
+        assert_eq!(p.offer(&a, MAC_A, None, None, 0), Ok(ip(10)));
+        assert_eq!(p.offer(&b, MAC_B, None, None, 0), Ok(ip(11)));
+        assert_eq!(p.offer(&c, MAC_C, None, None, 0), Ok(ip(12)));
+        let d = ClientKey::from_mac([2, 0, 0, 0, 0, 0xd]);
+        assert_eq!(p.offer(&d, [2, 0, 0, 0, 0, 0xd], None, None, 0), Err(PoolExhausted));
+        // Offers time out and free their addresses.
+        p.expire(OFFER_HOLD_SECS, |_| {});
+        assert!(p.is_empty());
+        assert_eq!(p.offer(&d, [2, 0, 0, 0, 0, 0xd], None, None, OFFER_HOLD_SECS), Ok(ip(10)));
+    }
+
+    #[test]
+    fn repeated_discover_gets_the_same_offer() {
+        let mut p = pool();
+        let a = ClientKey::from_mac(MAC_A);
+        assert_eq!(p.offer(&a, MAC_A, None, None, 0), Ok(ip(10)));
+        assert_eq!(p.offer(&a, MAC_A, None, None, 1), Ok(ip(10)));
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn requested_address_is_honoured_when_free() {
+        let mut p = pool();
+        let a = ClientKey::from_mac(MAC_A);
+        assert_eq!(p.offer(&a, MAC_A, Some(ip(12)), None, 0), Ok(ip(12)));
+        let b = ClientKey::from_mac(MAC_B);
+        // Taken by a: b gets the first free one instead.
+        assert_eq!(p.offer(&b, MAC_B, Some(ip(12)), None, 0), Ok(ip(10)));
+        // Out of range requests are ignored.
+        let c = ClientKey::from_mac(MAC_C);
+        assert_eq!(p.offer(&c, MAC_C, Some(ip(99)), None, 0), Ok(ip(11)));
+    }
+
+    #[test]
+    fn bind_renew_release_and_sticky_return() {
+        let mut p = pool();
+        let a = ClientKey::from_mac(MAC_A);
+        let b = ClientKey::from_mac(MAC_B);
+        p.offer(&a, MAC_A, None, Some("alpha"), 0).unwrap();
+        let (l, o) = p.bind(&a, MAC_A, ip(10), Some("alpha"), 100, 1).unwrap();
+        assert_eq!((l.state, o, l.expires, l.hostname.as_deref()), (LeaseState::Bound, BindOutcome::Created, 101, Some("alpha")));
+        let (l2, o) = p.bind(&a, MAC_A, ip(10), None, 100, 50).unwrap();
+        assert_eq!((o, l2.id, l2.expires, l2.start), (BindOutcome::Renewed, l.id, 150, 1));
+        assert_eq!(l2.hostname.as_deref(), Some("alpha"), "host name kept when not resent");
+        // Another client cannot bind a's address.
+        assert_eq!(p.bind(&b, MAC_B, ip(10), None, 100, 60), Err(BindError::InUse));
+        assert!(p.release(&a, ip(10), 70).is_some());
+        // b prefers a never-held address over a's released one.
+        assert_eq!(p.offer(&b, MAC_B, None, None, 71), Ok(ip(11)));
+        // a comes back and gets its old address.
+        assert_eq!(p.offer(&a, MAC_A, None, None, 72), Ok(ip(10)));
+    }
+
+    #[test]
+    fn released_address_is_reused_when_nothing_else_is_left() {
+        let mut p = LeasePool::new(ip(10), ip(10), ip(1), []);
+        let a = ClientKey::from_mac(MAC_A);
+        let b = ClientKey::from_mac(MAC_B);
+        p.offer(&a, MAC_A, None, None, 0).unwrap();
+        p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap();
+        assert_eq!(p.offer(&b, MAC_B, None, None, 1), Err(PoolExhausted));
+        p.release(&a, ip(10), 2);
+        assert_eq!(p.offer(&b, MAC_B, None, None, 3), Ok(ip(10)));
+        assert!(p.get(&a).is_none(), "a's remembered record was taken over");
+    }
+
+    #[test]
+    fn expiry_reports_bound_leases_and_keeps_them_sticky() {
+        let mut p = pool();
+        let a = ClientKey::from_mac(MAC_A);
+        p.bind(&a, MAC_A, ip(11), None, 100, 0).unwrap();
+        assert_eq!(p.next_deadline(), Some(100));
+        let mut expired = Vec::new();
+        assert!(p.expire(100, |l| expired.push(l.ip)));
+        assert_eq!(expired, vec![ip(11)]);
+        assert_eq!(p.get(&a).map(|l| l.state), Some(LeaseState::Expired));
+        assert_eq!(p.next_deadline(), None);
+        assert_eq!(p.offer(&a, MAC_A, None, None, 200), Ok(ip(11)));
+    }
+
+    #[test]
+    fn decline_quarantines_the_address() {
+        let mut p = LeasePool::new(ip(10), ip(11), ip(1), []);
+        let a = ClientKey::from_mac(MAC_A);
+        p.offer(&a, MAC_A, None, None, 0).unwrap();
+        p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap();
+        assert!(p.decline(&a, ip(10), 5).is_some());
+        assert_eq!(p.offer(&a, MAC_A, None, None, 6), Ok(ip(11)), "declined address is skipped");
+        let b = ClientKey::from_mac(MAC_B);
+        assert_eq!(p.offer(&b, MAC_B, Some(ip(10)), None, 7), Err(PoolExhausted));
+        assert_eq!(p.bind(&b, MAC_B, ip(10), None, 100, 7), Err(BindError::InUse));
+        p.expire(5 + DECLINE_QUARANTINE_SECS, |_| {});
+        assert_eq!(p.bind(&b, MAC_B, ip(10), None, 100, 700).map(|(l, _)| l.ip), Ok(ip(10)));
+    }
+
+    #[test]
+    fn static_reservations_are_exclusive() {
+        let mut p = LeasePool::new(ip(10), ip(12), ip(1), [(MAC_A, ip(50)), (MAC_B, ip(11))]);
+        let a = ClientKey::from_mac(MAC_A);
+        let c = ClientKey::from_mac(MAC_C);
+        assert_eq!(p.offer(&a, MAC_A, Some(ip(10)), None, 0), Ok(ip(50)), "reservation outside the range");
+        assert_eq!(p.offer(&c, MAC_C, Some(ip(11)), None, 0), Ok(ip(10)), "b's reservation is skipped");
+        assert_eq!(p.bind(&c, MAC_C, ip(11), None, 100, 0), Err(BindError::Reserved));
+        assert_eq!(p.bind(&c, MAC_C, ip(50), None, 100, 0), Err(BindError::Reserved));
+        assert_eq!(p.bind(&c, MAC_C, ip(99), None, 100, 0), Err(BindError::NotInPool));
+        assert_eq!(p.bind(&c, MAC_C, ip(1), None, 100, 0), Err(BindError::NotInPool));
+    }
+
+    #[test]
+    fn restore_skips_records_it_no_longer_manages() {
+        let mut p = pool();
+        let a = ClientKey::from_mac(MAC_A);
+        p.bind(&a, MAC_A, ip(10), Some("a"), 100, 0).unwrap();
+        let saved = p.persistent();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: Vec<Lease> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+
+        let mut q = LeasePool::new(ip(10), ip(20), ip(1), []);
+        let mut stray = back[0].clone();
+        stray.ip = ip(99);
+        stray.client = ClientKey::from_mac(MAC_B);
+        assert_eq!(q.restore(back.into_iter().chain([stray])), 1);
+        assert_eq!(q.get(&a).map(|l| l.ip), Some(ip(10)));
+        // Ids continue after the restored ones.
+        let b = ClientKey::from_mac(MAC_B);
+        q.offer(&b, MAC_B, None, None, 1).unwrap();
+        assert!(q.get(&b).unwrap().id.0 > q.get(&a).unwrap().id.0);
+    }
+}

@@ -1,0 +1,335 @@
+//! DHCP state machine tests on a virtual clock: client messages built with dhcproto, replies
+//! and events checked field by field.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+
+use super::options::{DhcpSettings, Reservation, StaticRoute};
+use super::server::{DhcpEvent, DhcpServer, LeaseEventKind, Reply, CLIENT_PORT, SERVER_PORT};
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+const MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+const MAC_A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
+const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
+const BCAST: [u8; 6] = [0xff; 6];
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 30, last)
+}
+
+fn settings() -> DhcpSettings {
+    DhcpSettings {
+        enabled: true,
+        range_start: ip(10),
+        range_end: ip(12),
+        mask: MASK,
+        lease: Duration::from_secs(7200),
+        gateway: Some(SERVER),
+        dns: vec![SERVER],
+        domain: Some("example.test".into()),
+        routes: vec![],
+        statics: vec![],
+    }
+}
+
+struct Harness {
+    server: DhcpServer,
+    events: VecDeque<DhcpEvent>,
+    now: u64,
+}
+
+impl Harness {
+    fn new(settings: DhcpSettings) -> Self {
+        Harness { server: DhcpServer::new(settings, SERVER, MASK), events: VecDeque::new(), now: 1_000_000 }
+    }
+
+    fn send(&mut self, msg: &Message, from: [u8; 6]) -> Option<Reply> {
+        self.server.handle_from(msg, from, self.now, &mut self.events)
+    }
+
+    fn lease_events(&mut self) -> Vec<(LeaseEventKind, Ipv4Addr)> {
+        self.events
+            .drain(..)
+            .filter_map(|e| match e {
+                DhcpEvent::Lease { kind, lease } => Some((kind, lease.ip)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn msg(kind: MessageType, mac: [u8; 6]) -> Message {
+    let mut m = Message::new_with_id(0x1234, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+    m.opts_mut().insert(DhcpOption::MessageType(kind));
+    m
+}
+
+fn with(mut m: Message, opt: DhcpOption) -> Message {
+    m.opts_mut().insert(opt);
+    m
+}
+
+fn msg_type(r: &Reply) -> MessageType {
+    r.msg.opts().msg_type().expect("reply has a type")
+}
+
+fn opt<'a>(r: &'a Reply, code: OptionCode) -> Option<&'a DhcpOption> {
+    r.msg.opts().get(code)
+}
+
+fn request_selecting(mac: [u8; 6], requested: Ipv4Addr) -> Message {
+    with(
+        with(msg(MessageType::Request, mac), DhcpOption::ServerIdentifier(SERVER)),
+        DhcpOption::RequestedIpAddress(requested),
+    )
+}
+
+#[test]
+fn discover_offer_request_ack_with_all_options() {
+    let mut s = settings();
+    s.routes = vec![StaticRoute { dest: Ipv4Addr::new(10, 0, 0, 0), prefix_len: 8, gateway: ip(2) }];
+    let mut h = Harness::new(s);
+    let offer = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).expect("offer");
+    assert_eq!(msg_type(&offer), MessageType::Offer);
+    assert_eq!(offer.msg.opcode(), Opcode::BootReply);
+    assert_eq!(offer.msg.xid(), 0x1234);
+    assert_eq!(offer.msg.yiaddr(), ip(10));
+    // Unicast to the offered address and the client's MAC (no broadcast flag).
+    assert_eq!((offer.to.ip, offer.to.mac, offer.to.port), (ip(10), MAC_A, CLIENT_PORT));
+    assert_eq!(opt(&offer, OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(SERVER)));
+    assert_eq!(opt(&offer, OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(MASK)));
+    assert_eq!(opt(&offer, OptionCode::Router), Some(&DhcpOption::Router(vec![SERVER])));
+    assert_eq!(opt(&offer, OptionCode::DomainNameServer), Some(&DhcpOption::DomainNameServer(vec![SERVER])));
+    assert_eq!(opt(&offer, OptionCode::DomainName), Some(&DhcpOption::DomainName("example.test".into())));
+    assert_eq!(opt(&offer, OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(7200)));
+    assert_eq!(opt(&offer, OptionCode::Renewal), Some(&DhcpOption::Renewal(3600)));
+    assert_eq!(opt(&offer, OptionCode::Rebinding), Some(&DhcpOption::Rebinding(6300)));
+    match opt(&offer, OptionCode::ClasslessStaticRoute) {
+        Some(DhcpOption::ClasslessStaticRoute(routes)) => {
+            assert_eq!(routes.len(), 2, "configured route + default via the router: {routes:?}");
+            assert_eq!(routes[1].0.prefix_len(), 0);
+            assert_eq!(routes[1].1, SERVER);
+        }
+        other => panic!("no option 121: {other:?}"),
+    }
+    assert!(opt(&offer, OptionCode::Unknown(249)).is_some(), "option 249 sent");
+    assert!(h.events.is_empty(), "an offer is not a lease");
+
+    let ack = h.send(&request_selecting(MAC_A, ip(10)), MAC_A).expect("ack");
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    assert_eq!(ack.msg.yiaddr(), ip(10));
+    assert_eq!(opt(&ack, OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(7200)));
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Created, ip(10))]);
+}
+
+#[test]
+fn parameter_request_list_is_honoured_and_empty_settings_send_nothing() {
+    let mut s = settings();
+    s.gateway = None;
+    s.dns = vec![];
+    let mut h = Harness::new(s);
+    let discover = with(
+        msg(MessageType::Discover, MAC_A),
+        DhcpOption::ParameterRequestList(vec![OptionCode::SubnetMask, OptionCode::Router, OptionCode::DomainNameServer]),
+    );
+    let offer = h.send(&discover, MAC_A).unwrap();
+    assert!(opt(&offer, OptionCode::Router).is_none(), "no router configured");
+    assert!(opt(&offer, OptionCode::DomainNameServer).is_none(), "no DNS configured");
+    assert!(opt(&offer, OptionCode::DomainName).is_none(), "domain not requested");
+    assert!(opt(&offer, OptionCode::SubnetMask).is_some());
+    assert!(opt(&offer, OptionCode::AddressLeaseTime).is_some(), "lease time always sent");
+}
+
+#[test]
+fn broadcast_flag_makes_replies_broadcast() {
+    let mut h = Harness::new(settings());
+    let mut d = msg(MessageType::Discover, MAC_A);
+    d.set_flags(Flags::default().set_broadcast());
+    let offer = h.send(&d, MAC_A).unwrap();
+    assert_eq!((offer.to.ip, offer.to.mac), (Ipv4Addr::BROADCAST, BCAST));
+    assert!(offer.msg.flags().broadcast());
+}
+
+#[test]
+fn two_clients_get_different_addresses_and_host_names_are_recorded() {
+    let mut h = Harness::new(settings());
+    let a = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap().msg.yiaddr();
+    let b = h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap().msg.yiaddr();
+    assert_ne!(a, b);
+    let req = with(request_selecting(MAC_B, b), DhcpOption::Hostname("bee".into()));
+    h.send(&req, MAC_B).unwrap();
+    let lease = h.server.pool().get_by_ip(b).unwrap();
+    assert_eq!(lease.hostname.as_deref(), Some("bee"));
+    // A host name that is not a name is not recorded.
+    let req = with(request_selecting(MAC_A, a), DhcpOption::Hostname("evil\nname".into()));
+    h.send(&req, MAC_A).unwrap();
+    assert_eq!(h.server.pool().get_by_ip(a).unwrap().hostname, None);
+}
+
+#[test]
+fn request_for_another_server_withdraws_the_offer() {
+    let mut h = Harness::new(settings());
+    h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    let other = with(
+        with(msg(MessageType::Request, MAC_A), DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 168, 30, 254))),
+        DhcpOption::RequestedIpAddress(ip(10)),
+    );
+    assert!(h.send(&other, MAC_A).is_none());
+    assert!(h.server.pool().is_empty());
+}
+
+#[test]
+fn init_reboot_acks_own_address_and_naks_foreign_ones() {
+    let mut h = Harness::new(settings());
+    h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
+    h.lease_events();
+    let reboot = |ipaddr| with(msg(MessageType::Request, MAC_A), DhcpOption::RequestedIpAddress(ipaddr));
+    let ack = h.send(&reboot(ip(10)), MAC_A).unwrap();
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Renewed, ip(10))]);
+    // Outside the subnet: NAK, broadcast.
+    let nak = h.send(&reboot(Ipv4Addr::new(10, 1, 2, 3)), MAC_A).unwrap();
+    assert_eq!(msg_type(&nak), MessageType::Nak);
+    assert_eq!((nak.to.ip, nak.to.mac), (Ipv4Addr::BROADCAST, BCAST));
+    // In the subnet but held by A: B is NAKed.
+    let b_reboot = with(msg(MessageType::Request, MAC_B), DhcpOption::RequestedIpAddress(ip(10)));
+    assert_eq!(msg_type(&h.send(&b_reboot, MAC_B).unwrap()), MessageType::Nak);
+    // In the subnet, outside the range: NAK.
+    let b_out = with(msg(MessageType::Request, MAC_B), DhcpOption::RequestedIpAddress(ip(100)));
+    assert_eq!(msg_type(&h.send(&b_out, MAC_B).unwrap()), MessageType::Nak);
+    // In the range and free: ACK (the client kept its address across our restart).
+    let b_free = with(msg(MessageType::Request, MAC_B), DhcpOption::RequestedIpAddress(ip(12)));
+    assert_eq!(msg_type(&h.send(&b_free, MAC_B).unwrap()), MessageType::Ack);
+}
+
+#[test]
+fn renewing_and_rebinding_extend_the_lease_by_unicast() {
+    let mut h = Harness::new(settings());
+    h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
+    h.lease_events();
+    h.now += 3600;
+    let mut renew = msg(MessageType::Request, MAC_A);
+    renew.set_ciaddr(ip(10));
+    let ack = h.send(&renew, MAC_A).unwrap();
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    assert_eq!((ack.to.ip, ack.to.mac, ack.msg.ciaddr()), (ip(10), MAC_A, ip(10)));
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Renewed, ip(10))]);
+    assert_eq!(h.server.pool().get_by_ip(ip(10)).unwrap().expires, h.now + 7200);
+    // Renewing an address that is someone else's: NAK.
+    let mut wrong = msg(MessageType::Request, MAC_B);
+    wrong.set_ciaddr(ip(10));
+    assert_eq!(msg_type(&h.send(&wrong, MAC_B).unwrap()), MessageType::Nak);
+}
+
+#[test]
+fn release_frees_and_expiry_expires() {
+    let mut h = Harness::new(settings());
+    h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
+    let mut rel = with(msg(MessageType::Release, MAC_A), DhcpOption::ServerIdentifier(SERVER));
+    rel.set_ciaddr(ip(10));
+    assert!(h.send(&rel, MAC_A).is_none());
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Created, ip(10)), (LeaseEventKind::Released, ip(10))]);
+
+    h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap();
+    h.send(&request_selecting(MAC_B, ip(11)), MAC_B).unwrap();
+    h.lease_events();
+    assert_eq!(h.server.next_deadline(), Some(h.now + 7200));
+    assert!(h.server.handle_timeout(h.now + 7200, &mut h.events));
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Expired, ip(11))]);
+}
+
+#[test]
+fn decline_quarantines_and_the_client_gets_another_address() {
+    let mut h = Harness::new(settings());
+    h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
+    let decline = with(
+        with(msg(MessageType::Decline, MAC_A), DhcpOption::ServerIdentifier(SERVER)),
+        DhcpOption::RequestedIpAddress(ip(10)),
+    );
+    assert!(h.send(&decline, MAC_A).is_none());
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Created, ip(10)), (LeaseEventKind::Declined, ip(10))]);
+    let offer = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    assert_eq!(offer.msg.yiaddr(), ip(11));
+}
+
+#[test]
+fn full_pool_gets_no_offer_and_an_event() {
+    let mut s = settings();
+    s.range_end = ip(10);
+    let mut h = Harness::new(s);
+    assert!(h.send(&msg(MessageType::Discover, MAC_A), MAC_A).is_some());
+    assert!(h.send(&msg(MessageType::Discover, MAC_B), MAC_B).is_none());
+    assert_eq!(h.events.pop_front(), Some(DhcpEvent::PoolExhausted { mac: MAC_B }));
+    assert_eq!(h.server.counters().exhausted, 1);
+}
+
+#[test]
+fn inform_gets_options_without_a_lease() {
+    let mut h = Harness::new(settings());
+    let mut inform = msg(MessageType::Inform, MAC_A);
+    inform.set_ciaddr(ip(99));
+    let ack = h.send(&inform, MAC_A).unwrap();
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    assert_eq!(ack.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert!(opt(&ack, OptionCode::AddressLeaseTime).is_none());
+    assert!(opt(&ack, OptionCode::Router).is_some());
+    assert_eq!((ack.to.ip, ack.to.mac), (ip(99), MAC_A));
+    assert!(h.server.pool().is_empty());
+}
+
+#[test]
+fn client_identifier_is_the_key_and_is_echoed() {
+    let mut h = Harness::new(settings());
+    let id = DhcpOption::ClientIdentifier(b"\x00my-client".to_vec());
+    let offer = h.send(&with(msg(MessageType::Discover, MAC_A), id.clone()), MAC_A).unwrap();
+    assert_eq!(opt(&offer, OptionCode::ClientIdentifier), Some(&id));
+    h.send(&with(request_selecting(MAC_A, ip(10)), id.clone()), MAC_A).unwrap();
+    // The same client id from another MAC (a moved VM) keeps its address.
+    let offer = h.send(&with(msg(MessageType::Discover, MAC_B), id), MAC_B).unwrap();
+    assert_eq!(offer.msg.yiaddr(), ip(10));
+}
+
+#[test]
+fn static_reservation_with_host_name() {
+    let mut s = settings();
+    s.statics = vec![Reservation { mac: MAC_B, ip: ip(50), hostname: Some("printer".into()) }];
+    let mut h = Harness::new(s);
+    let offer = h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap();
+    assert_eq!(offer.msg.yiaddr(), ip(50));
+    assert_eq!(opt(&offer, OptionCode::Hostname), Some(&DhcpOption::Hostname("printer".into())));
+    // Someone else asking for it is NAKed.
+    let steal = with(msg(MessageType::Request, MAC_A), DhcpOption::RequestedIpAddress(ip(50)));
+    assert_eq!(msg_type(&h.send(&steal, MAC_A).unwrap()), MessageType::Nak);
+}
+
+#[test]
+fn relayed_messages_are_answered_to_the_relay() {
+    let mut h = Harness::new(settings());
+    let relay_mac = [0x52, 0x54, 0, 0, 0, 0x99];
+    let mut d = msg(MessageType::Discover, MAC_A);
+    d.set_giaddr(ip(254));
+    let offer = h.send(&d, relay_mac).unwrap();
+    assert_eq!((offer.to.ip, offer.to.mac, offer.to.port), (ip(254), relay_mac, SERVER_PORT));
+    assert_eq!(offer.msg.giaddr(), ip(254));
+}
+
+#[test]
+fn non_requests_and_bad_hardware_are_ignored() {
+    let mut h = Harness::new(settings());
+    let mut reply = msg(MessageType::Offer, MAC_A);
+    reply.set_opcode(Opcode::BootReply);
+    assert!(h.send(&reply, MAC_A).is_none());
+    let mut odd = msg(MessageType::Discover, MAC_A);
+    odd.set_chaddr(&[1, 2, 3]);
+    assert!(h.send(&odd, MAC_A).is_none());
+    let no_type = Message::new_with_id(1, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &MAC_A);
+    assert!(h.send(&no_type, MAC_A).is_none());
+    assert_eq!(h.server.counters().ignored, 3);
+}

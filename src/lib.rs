@@ -1,0 +1,6 @@
+//! hubnat — a user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
+pub mod config;
+pub mod core;
+pub mod driver;
+pub mod seclog;
+pub mod state;

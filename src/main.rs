@@ -1,0 +1,205 @@
+//! The `hubnat` command: parse the command line, load the configuration, run the gateway.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hubnat::config::{BackendKind, Config, LogFormat, Override, Sources};
+use hubnat::driver::Gateway;
+use tracing_subscriber::EnvFilter;
+
+/// hubnat — a user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
+///
+/// hubnat appears on the segment as one ordinary host: it hands out addresses with DHCP and
+/// answers ARP and ping for itself. Settings come from, in rising order of precedence: built-in
+/// defaults, the file given with --config, HUBNAT_* environment variables (HUBNAT_DHCP__LEASE=1h
+/// sets dhcp.lease), and the flags of the command.
+#[derive(Parser, Debug)]
+#[command(name = "hubnat", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway on the configured backend until SIGINT or SIGTERM.
+    ///
+    /// The TAP backend (the default) needs CAP_NET_ADMIN to open the device. Leases are saved
+    /// in the state directory on every change and reloaded at start.
+    Run(RunArgs),
+    /// Print the effective configuration (after every layer and validation) as TOML.
+    Config(ConfigArgs),
+    /// Print the lease table saved in the state directory.
+    Leases(ConfigArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConfigArgs {
+    /// Configuration file (TOML); see config/hubnat.toml for every key.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Set any configuration key, e.g. --set dhcp.lease=30m --set 'dhcp.dns=["1.1.1.1"]'.
+    /// May be repeated; wins over the file and the environment.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<Override>,
+    /// State directory (leases, generated MAC); same as --set state.dir=DIR.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    common: ConfigArgs,
+    /// Frame backend; same as --set backend.kind=KIND.
+    #[arg(long, value_enum, value_name = "KIND")]
+    backend: Option<BackendArg>,
+    /// TAP device name; same as --set backend.tap.name=NAME.
+    #[arg(long, value_name = "NAME")]
+    tap_name: Option<String>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter such as
+    /// "hubnat=debug"); same as --set log.level=LEVEL. RUST_LOG, when set, wins.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log output format; same as --set log.format=FORMAT.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<FormatArg>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum BackendArg {
+    /// A TAP device (needs CAP_NET_ADMIN).
+    Tap,
+    /// The in-memory hub (for embedding; refused by `hubnat run`).
+    Memory,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum FormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn sources(args: &ConfigArgs, extra: Vec<Override>) -> Sources {
+    let mut overrides = Vec::new();
+    if let Some(dir) = &args.state_dir {
+        overrides.push(Override { key: "state.dir".into(), value: format!("{:?}", dir.display().to_string()) });
+    }
+    overrides.extend(extra);
+    // Explicit --set flags come last: they win over the dedicated flags.
+    overrides.extend(args.set.iter().cloned());
+    Sources { file: args.config.clone(), env: true, overrides }
+}
+
+fn quoted(key: &str, value: &str) -> Override {
+    Override { key: key.into(), value: format!("{value:?}") }
+}
+
+fn init_logging(config: &Config) -> Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).with_context(|| format!("RUST_LOG={v:?} is not a valid log filter"))?,
+        _ => EnvFilter::try_new(&config.log.level)
+            .with_context(|| format!("log.level = {:?} is not a valid log filter", config.log.level))?,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let mut extra = Vec::new();
+    if let Some(b) = args.backend {
+        extra.push(quoted("backend.kind", match b {
+            BackendArg::Tap => "tap",
+            BackendArg::Memory => "memory",
+        }));
+    }
+    if let Some(name) = &args.tap_name {
+        extra.push(quoted("backend.tap.name", name));
+    }
+    if let Some(level) = &args.log_level {
+        extra.push(quoted("log.level", level));
+    }
+    if let Some(f) = args.log_format {
+        extra.push(quoted("log.format", match f {
+            FormatArg::Text => "text",
+            FormatArg::Json => "json",
+        }));
+    }
+    let config = Config::load(&sources(&args.common, extra))?;
+    init_logging(&config)?;
+
+    let gateway = Gateway::new(config.clone())?;
+    async_io::block_on(async {
+        let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+            .context("cannot install the SIGTERM/SIGINT handlers")?;
+        let shutdown = async move {
+            use futures_lite::StreamExt;
+            let mut signals = signals;
+            if let Some(Ok(sig)) = signals.next().await {
+                tracing::info!(signal = ?sig, "stopping");
+            }
+        };
+        match config.backend.kind {
+            BackendKind::Tap => {
+                let mtu = config.tap_mtu();
+                let name = &config.backend.tap.name;
+                let tap = hubnat_tap::TapBackend::open(name, mtu)
+                    .with_context(|| format!("backend.tap.name = {name:?}: cannot open the TAP device"))?;
+                gateway.run(tap, shutdown).await?;
+            }
+            BackendKind::Memory => bail!(
+                "backend.kind = \"memory\" is for programs that embed hubnat (see examples/ and README.md); \
+                 `hubnat run` needs a backend that reaches other processes, such as \"tap\""
+            ),
+        }
+        Ok(())
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Config(args) => Config::load(&sources(&args, Vec::new()))
+            .map_err(anyhow::Error::from)
+            .and_then(|c| toml::to_string_pretty(&c).context("cannot print the configuration"))
+            .map(|text| print!("{text}")),
+        Command::Leases(args) => Config::load(&sources(&args, Vec::new()))
+            .map_err(anyhow::Error::from)
+            .and_then(|c| print_leases(&c)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hubnat: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_leases(config: &Config) -> Result<()> {
+    let leases = hubnat::state::load_leases(&config.state.dir)?;
+    println!("{:<5} {:<17} {:<15} {:<9} {:<20} {:<20} HOSTNAME", "ID", "MAC", "IP", "STATE", "START", "EXPIRES");
+    for l in leases {
+        let t = |s: u64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)).to_string();
+        println!(
+            "{:<5} {:<17} {:<15} {:<9} {:<20} {:<20} {}",
+            l.id.0,
+            hubnat::core::dhcp::server::fmt_mac(&l.mac),
+            l.ip,
+            format!("{:?}", l.state).to_lowercase(),
+            t(l.start),
+            t(l.expires),
+            l.hostname.unwrap_or_default()
+        );
+    }
+    Ok(())
+}

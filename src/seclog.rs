@@ -1,0 +1,83 @@
+//! The security log: one line per event that matters to whoever answers for the segment, in the
+//! spirit of SecureNAT's. Lines are appended to a file (created mode 0600) and also emitted as
+//! `tracing` events with target `security`.
+//!
+//! A line is `<RFC 3339 time> <SUBSYSTEM> <event>: key=value …`, for example:
+//!
+//! ```text
+//! 2026-11-25T15:04:57.123Z DHCP lease created: id=1 mac=52:54:00:12:34:56 ip=192.168.30.10 hostname="vm1" expires=2026-11-25T17:04:57Z
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::core::dhcp::{server::fmt_mac, DhcpEvent, Lease};
+
+/// The security log file.
+#[derive(Debug)]
+pub struct SecurityLog {
+    file: File,
+    path: PathBuf,
+    failed: bool,
+}
+
+impl SecurityLog {
+    /// Opens (appends to) the log at `path`, creating it and its directory.
+    pub fn open(path: &Path) -> io::Result<SecurityLog> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        Ok(SecurityLog { file, path: path.to_owned(), failed: false })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one line. A write failure is reported once through `tracing` and does not stop
+    /// the gateway (the event is still in the tracing output).
+    pub fn write(&mut self, subsystem: &str, event: &str, fields: &str) {
+        let now = humantime::format_rfc3339_millis(SystemTime::now());
+        tracing::info!(target: "security", "{subsystem} {event}: {fields}");
+        let line = format!("{now} {subsystem} {event}: {fields}\n");
+        match self.file.write_all(line.as_bytes()) {
+            Ok(()) => self.failed = false,
+            Err(e) if !self.failed => {
+                self.failed = true;
+                tracing::error!(path = %self.path.display(), error = %e, "cannot write the security log");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Logs a DHCP server event.
+    pub fn dhcp(&mut self, event: &DhcpEvent) {
+        match event {
+            DhcpEvent::Lease { kind, lease } => {
+                let what = format!("lease {}", kind.as_str());
+                self.write("DHCP", &what, &lease_fields(lease));
+            }
+            DhcpEvent::PoolExhausted { mac } => {
+                self.write("DHCP", "pool exhausted", &format!("mac={} (no address offered)", fmt_mac(mac)));
+            }
+        }
+    }
+}
+
+/// `id=… mac=… ip=… hostname="…" expires=…`.
+pub fn lease_fields(lease: &Lease) -> String {
+    let expires = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(lease.expires));
+    format!(
+        "id={} mac={} ip={} hostname={:?} expires={}",
+        lease.id,
+        fmt_mac(&lease.mac),
+        lease.ip,
+        lease.hostname.as_deref().unwrap_or(""),
+        expires
+    )
+}

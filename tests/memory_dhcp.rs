@@ -1,0 +1,224 @@
+//! In-memory end to end: the real gateway (driver, core, state directory) on the in-memory hub,
+//! judged by smoltcp's DHCPv4 client, which nobody on this project wrote.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant as StdInstant};
+
+use common::smol_client::{Got, SmolClient};
+use dhcproto::v4::{DhcpOption, Message, MessageType};
+use dhcproto::{Encodable, Encoder};
+use hubnat::config::Config;
+use hubnat::driver::{Gateway, GatewayError};
+use hubnat_hub::MemoryHub;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
+    UdpPacket, UdpRepr,
+};
+
+const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+
+fn config(state: &Path) -> Config {
+    let mut c = Config::default();
+    c.state.dir = state.to_owned();
+    c.host.mac = Some("00:ac:00:00:00:01".parse().unwrap());
+    c.dhcp.domain = Some("hubnat.test".into());
+    c.dhcp.dns = vec![GW, Ipv4Addr::new(192, 168, 30, 2)];
+    c.dhcp.lease = Duration::from_secs(3600);
+    c
+}
+
+struct Running {
+    stop: async_channel::Sender<()>,
+    thread: JoinHandle<Result<(), GatewayError>>,
+}
+
+fn start(config: Config, hub: &MemoryHub) -> Running {
+    let port = hub.connect();
+    let gateway = Gateway::new(config).expect("gateway starts");
+    let (stop, stopped) = async_channel::bounded::<()>(1);
+    let thread = std::thread::spawn(move || {
+        async_io::block_on(gateway.run(port, async move {
+            let _ = stopped.recv().await;
+        }))
+    });
+    Running { stop, thread }
+}
+
+impl Running {
+    fn stop(self) {
+        self.stop.send_blocking(()).unwrap();
+        self.thread.join().unwrap().expect("gateway ran cleanly");
+    }
+}
+
+/// Polls `client` until it is configured, or panics after `limit`.
+fn acquire(client: &mut SmolClient, limit: Duration) -> Got {
+    let deadline = StdInstant::now() + limit;
+    while StdInstant::now() < deadline {
+        client.poll(Instant::now());
+        if let Some(got) = &client.got {
+            return got.clone();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("client {} got no lease within {limit:?}", client.mac);
+}
+
+/// Polls `client` for `period` and says whether it got configured.
+fn try_acquire(client: &mut SmolClient, period: Duration) -> Option<Got> {
+    let deadline = StdInstant::now() + period;
+    while StdInstant::now() < deadline {
+        client.poll(Instant::now());
+        if client.got.is_some() {
+            return client.got.clone();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+fn security_log(state: &Path) -> String {
+    std::fs::read_to_string(state.join("security.log")).unwrap_or_default()
+}
+
+/// Sends a RELEASE for `ip` from `client`, built with dhcproto (smoltcp's client never
+/// releases).
+fn release(client: &SmolClient, ip: Ipv4Addr) {
+    let mut msg = Message::new_with_id(7, ip, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &client.mac.0);
+    msg.opts_mut().insert(DhcpOption::MessageType(MessageType::Release));
+    msg.opts_mut().insert(DhcpOption::ServerIdentifier(GW));
+    let mut body = Vec::new();
+    msg.encode(&mut Encoder::new(&mut body)).unwrap();
+    let ip_repr = Ipv4Repr { src_addr: ip, dst_addr: GW, next_header: IpProtocol::Udp, payload_len: 8 + body.len(), hop_limit: 64 };
+    let mut frame = vec![0u8; 14 + 20 + 8 + body.len()];
+    let eth = EthernetRepr {
+        src_addr: client.mac,
+        dst_addr: EthernetAddress([0x00, 0xac, 0, 0, 0, 1]),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    ip_repr.emit(&mut Ipv4Packet::new_unchecked(&mut frame[14..]), &ChecksumCapabilities::default());
+    UdpRepr { src_port: 68, dst_port: 67 }.emit(
+        &mut UdpPacket::new_unchecked(&mut frame[34..]),
+        &IpAddress::Ipv4(ip),
+        &IpAddress::Ipv4(GW),
+        body.len(),
+        |b| b.copy_from_slice(&body),
+        &ChecksumCapabilities::default(),
+    );
+    assert!(client.device.port.try_send(&frame));
+}
+
+#[test]
+fn smoltcp_client_gets_a_lease_with_the_configured_options_and_can_ping() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = MemoryHub::new(1500);
+    let gw = start(config(state.path()), &hub);
+    let mut client = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 1], Instant::now());
+    let got = acquire(&mut client, Duration::from_secs(10));
+    assert_eq!(got.address.address(), Ipv4Addr::new(192, 168, 30, 10));
+    assert_eq!(got.address.prefix_len(), 24);
+    assert_eq!(got.router, Some(GW));
+    assert_eq!(got.dns, vec![GW, Ipv4Addr::new(192, 168, 30, 2)]);
+    assert_eq!(got.server, GW);
+    assert_eq!(got.lease_secs, Some(3600));
+    assert_eq!(got.domain.as_deref(), Some("hubnat.test"));
+
+    // The client can ping the virtual host (and resolves it by ARP first).
+    client.send_ping(GW, 1);
+    let deadline = StdInstant::now() + Duration::from_secs(5);
+    let pong = loop {
+        client.poll(Instant::now());
+        if let Some(p) = client.take_pong() {
+            break p;
+        }
+        assert!(StdInstant::now() < deadline, "no echo reply from the virtual host");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(pong, (IpAddress::Ipv4(GW), 1));
+    gw.stop();
+
+    let log = security_log(state.path());
+    assert!(
+        log.contains("DHCP lease created: id=1 mac=52:54:00:00:00:01 ip=192.168.30.10"),
+        "security log:\n{log}"
+    );
+    assert!(log.contains("GATEWAY stopped: reason=shutdown"), "security log:\n{log}");
+}
+
+#[test]
+fn two_clients_get_different_addresses() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = MemoryHub::new(1500);
+    let gw = start(config(state.path()), &hub);
+    let mut a = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xa], Instant::now());
+    let mut b = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xb], Instant::now());
+    let deadline = StdInstant::now() + Duration::from_secs(10);
+    while (a.got.is_none() || b.got.is_none()) && StdInstant::now() < deadline {
+        a.poll(Instant::now());
+        b.poll(Instant::now());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (ga, gb) = (a.got.clone().expect("a leased"), b.got.clone().expect("b leased"));
+    assert_ne!(ga.address.address(), gb.address.address());
+    for g in [&ga, &gb] {
+        let n = u32::from(g.address.address());
+        assert!((u32::from(Ipv4Addr::new(192, 168, 30, 10))..=u32::from(Ipv4Addr::new(192, 168, 30, 200))).contains(&n));
+    }
+    gw.stop();
+}
+
+#[test]
+fn a_released_address_is_given_to_the_next_client() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = MemoryHub::new(1500);
+    let mut cfg = config(state.path());
+    cfg.dhcp.range_end = cfg.dhcp.range_start; // one address
+    let gw = start(cfg, &hub);
+    let mut a = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xa], Instant::now());
+    let got_a = acquire(&mut a, Duration::from_secs(10));
+    let mut b = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xb], Instant::now());
+    assert_eq!(try_acquire(&mut b, Duration::from_secs(1)), None, "the pool is full");
+    assert!(security_log(state.path()).contains("DHCP pool exhausted: mac=52:54:00:00:00:0b"));
+    release(&a, got_a.address.address());
+    drop(a);
+    let got_b = acquire(&mut b, Duration::from_secs(10));
+    assert_eq!(got_b.address.address(), got_a.address.address());
+    gw.stop();
+    let log = security_log(state.path());
+    assert!(log.contains("DHCP lease released: id=1 mac=52:54:00:00:00:0a ip=192.168.30.10"), "{log}");
+}
+
+#[test]
+fn a_returning_mac_gets_its_address_back_after_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = MemoryHub::new(1500);
+    let mac_a = [0x52, 0x54, 0, 0, 0, 0xa];
+    let first = {
+        let gw = start(config(state.path()), &hub);
+        let mut a = SmolClient::new(hub.connect(), mac_a, Instant::now());
+        let got = acquire(&mut a, Duration::from_secs(10));
+        gw.stop();
+        got
+    };
+    assert!(state.path().join("leases.json").exists());
+
+    // A new gateway on the same state directory: a newcomer must not get a's address...
+    let gw = start(config(state.path()), &hub);
+    let mut c = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xc], Instant::now());
+    let got_c = acquire(&mut c, Duration::from_secs(10));
+    assert_ne!(got_c.address.address(), first.address.address());
+    // ... and a, back with a fresh stack (no memory of its lease), gets its address again.
+    let mut a = SmolClient::new(hub.connect(), mac_a, Instant::now());
+    let again = acquire(&mut a, Duration::from_secs(10));
+    assert_eq!(again.address.address(), first.address.address());
+    gw.stop();
+    let log = security_log(state.path());
+    assert!(log.contains("leases_restored=1"), "{log}");
+}
