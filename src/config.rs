@@ -1011,7 +1011,7 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     } else if name.len() > MAX_TAP_NAME_LEN {
         Err(format!("is {} bytes long; Linux allows at most {MAX_TAP_NAME_LEN}", name.len()))
     } else if name == "." || name == ".." {
-        Err("\".\" and \"..\" are not interface names".into())
+        Err("is reserved: \".\" and \"..\" cannot name an interface".into())
     } else if let Some(c) = name.chars().find(|c| *c == '/' || *c == ':' || c.is_whitespace()) {
         Err(format!("{c:?} is not allowed in an interface name (no '/', ':' or white space)"))
     } else {
@@ -1026,6 +1026,27 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 /// Splits `dhcp.static[1].ip` into `["dhcp", "static", "1", "ip"]`.
 fn key_segments(key: &str) -> Vec<String> {
     key.split(['.', '[', ']']).filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+/// True for a path segment that indexes a list.
+fn is_index(segment: &str) -> bool {
+    !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Joins `["dhcp", "static", "1", "ip"]` into `dhcp.static[1].ip`.
+fn display_key(segments: &[String]) -> String {
+    let mut key = String::new();
+    for seg in segments {
+        if is_index(seg) {
+            key.push_str(&format!("[{seg}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(seg);
+        }
+    }
+    key
 }
 
 /// The value at `segments` in the merged figment; numeric segments index arrays.
@@ -1069,7 +1090,7 @@ fn describe_origin(metadata: &Metadata, profile: &Profile, segments: &[String]) 
         // An environment variable sets a whole list, so stop at the first index.
         let keys: Vec<&str> = segments
             .iter()
-            .take_while(|s| !s.bytes().all(|b| b.is_ascii_digit()))
+            .take_while(|s| !is_index(s))
             .map(String::as_str)
             .collect();
         return format!("{ORIGIN_ENV} {}", metadata.interpolate(profile, &keys));
@@ -1227,17 +1248,24 @@ impl ConfigError {
         let mut segments = e.path.clone();
         let (value_from_kind, reason) = match &e.kind {
             Kind::UnknownField(field, expected) => {
-                let table = match segments.as_slice() {
+                // figment's path already ends with the unknown key.
+                if segments.last() != Some(field) {
+                    segments.push(field.clone());
+                }
+                let table = match &segments[..segments.len() - 1] {
                     [] => "the top level".to_string(),
-                    [.., last] if last == "static" => "a [[dhcp.static]] entry".to_string(),
+                    [path @ .., index] if is_index(index) => {
+                        format!("a [[{}]] entry", path.join("."))
+                    }
                     path => format!("[{}]", path.join(".")),
                 };
-                segments.push(field.clone());
                 (None, format!("unknown key; {table} accepts: {}", expected.join(", ")))
             }
             Kind::MissingField(field) => {
-                segments.push(field.to_string());
-                (Some("(missing)".to_string()), "this key is required here".to_string())
+                if segments.last().map(String::as_str) != Some(field.as_ref()) {
+                    segments.push(field.to_string());
+                }
+                (None, "this key is required here".to_string())
             }
             Kind::UnknownVariant(found, expected) => (
                 Some(format!("{found:?}")),
@@ -1267,7 +1295,7 @@ impl ConfigError {
             None => ORIGIN_DEFAULTS.to_string(),
         };
         ConfigError::Invalid {
-            key: if segments.is_empty() { "(top level)".into() } else { segments.join(".") },
+            key: if segments.is_empty() { "(top level)".into() } else { display_key(&segments) },
             value,
             origin: format!("from {origin}"),
             reason,
@@ -1467,6 +1495,9 @@ mod duration_text {
             }
 
             fn visit_i64<E: Error>(self, n: i64) -> Result<Duration, E> {
+                if let Ok(n) = u64::try_from(n) {
+                    return self.visit_u64(n);
+                }
                 Err(E::custom(format!(
                     "invalid duration {n}: write a positive number and a unit, such as \"90s\""
                 )))
@@ -1559,3 +1590,687 @@ fn default_state_dir(euid: u32, xdg_state_home: Option<OsString>, home: Option<O
 // Tests
 // ---------------------------------------------------------------------------------------------
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const FILE: &str = "(from file x.toml)";
+
+    fn file_sources() -> Sources {
+        Sources { file: Some("x.toml".into()), env: false, overrides: Vec::new() }
+    }
+
+    /// Writes `toml` to `x.toml` in the jail and loads it (no environment, no overrides).
+    fn load_toml(jail: &Jail, toml: &str) -> Result<Config, ConfigError> {
+        jail.create_file("x.toml", toml).expect("write x.toml");
+        Config::load(&file_sources())
+    }
+
+    /// Loading `toml` must fail with a message naming the file and holding every needle.
+    #[track_caller]
+    fn assert_rejects(toml: &str, needles: &[&str]) {
+        Jail::expect_with(|jail| {
+            let err = load_toml(jail, toml).expect_err("the config should be rejected");
+            let text = err.to_string();
+            for needle in needles.iter().chain(&[FILE]) {
+                assert!(text.contains(needle), "error {text:?} does not mention {needle:?}");
+            }
+            Ok(())
+        });
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("test address")
+    }
+
+    fn mac(s: &str) -> MacAddr {
+        s.parse().expect("test MAC")
+    }
+
+    // --- defaults and layering --------------------------------------------------------------
+
+    #[test]
+    fn defaults_are_the_reference_behaviour() {
+        let c = Config::default();
+        assert_eq!(c.host, HostConfig { mac: None, ip: ip("192.168.30.1"), mask: ip("255.255.255.0") });
+        assert!(c.dhcp.enabled);
+        assert_eq!(c.dhcp.range_start, ip("192.168.30.10"));
+        assert_eq!(c.dhcp.range_end, ip("192.168.30.200"));
+        assert_eq!(c.dhcp.mask, ip("255.255.255.0"));
+        assert_eq!(c.dhcp.lease, Duration::from_secs(7200));
+        assert_eq!(c.dhcp.gateway, Some(ip("192.168.30.1")));
+        assert_eq!(c.dhcp.dns, vec![ip("192.168.30.1")]);
+        assert!(c.dhcp.routes.is_empty() && c.dhcp.statics.is_empty());
+        assert_eq!(c.nat, NatConfig {
+            enabled: true,
+            mtu: 1500,
+            tcp_timeout: Duration::from_secs(7200),
+            udp_timeout: Duration::from_secs(600),
+        });
+        assert_eq!(c.backend.kind, BackendKind::Tap);
+        assert_eq!(c.backend.tap, TapConfig { name: "hubnat0".into(), mtu: None });
+        assert_eq!(c.log, LogConfig { level: "info".into(), format: LogFormat::Text, security_log: None });
+        assert_eq!(c.tap_mtu(), 1500);
+        assert_eq!(c.security_log_path(), c.state.dir.join("security.log"));
+        assert_eq!(c.dns.upstream, read_resolv_conf().nameservers);
+    }
+
+    #[test]
+    fn defaults_alone_load_and_validate() {
+        Jail::expect_with(|_| {
+            let c = Config::load(&Sources::default()).expect("the defaults are valid");
+            assert_eq!(c, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tap_mtu_and_security_log_path_follow_their_settings() {
+        let mut c = Config::default();
+        c.nat.mtu = 9000;
+        assert_eq!(c.tap_mtu(), 9000);
+        c.backend.tap.mtu = Some(1400);
+        assert_eq!(c.tap_mtu(), 1400);
+        c.state.dir = "/srv/hubnat".into();
+        assert_eq!(c.security_log_path(), PathBuf::from("/srv/hubnat/security.log"));
+        c.log.security_log = Some("/var/log/hubnat-security.log".into());
+        assert_eq!(c.security_log_path(), PathBuf::from("/var/log/hubnat-security.log"));
+    }
+
+    #[test]
+    fn layers_apply_defaults_then_file_then_env_then_command_line() {
+        Jail::expect_with(|jail| {
+            jail.create_file("x.toml", r#"
+                [dhcp]
+                lease = "1h"
+                range_start = "192.168.30.20"
+                [nat]
+                mtu = 1400
+                udp_timeout = "5m"
+            "#)?;
+            jail.set_env("HUBNAT_DHCP__LEASE", "30m");
+            jail.set_env("HUBNAT_NAT__MTU", "1300");
+            let sources = Sources {
+                file: Some("x.toml".into()),
+                env: true,
+                overrides: vec!["dhcp.lease=5m".parse().expect("override"), Override::new("nat.enabled", "false")],
+            };
+            let c = Config::load(&sources).expect("valid");
+            assert_eq!(c.dhcp.lease, Duration::from_secs(300)); // command line over env and file
+            assert_eq!(c.nat.mtu, 1300); // env over file
+            assert_eq!(c.dhcp.range_start, ip("192.168.30.20")); // file over defaults
+            assert_eq!(c.nat.udp_timeout, Duration::from_secs(300));
+            assert_eq!(c.dhcp.range_end, ip("192.168.30.200")); // defaults
+            assert!(!c.nat.enabled);
+
+            let figment = Config::figment(&sources);
+            let origin = |key: &str| origin_of(&figment, &key_segments(key));
+            assert_eq!(origin("dhcp.lease"), "the command line");
+            assert_eq!(origin("nat.mtu"), "environment variable HUBNAT_NAT__MTU");
+            assert_eq!(origin("dhcp.range_start"), "file x.toml");
+            assert_eq!(origin("dhcp.range_end"), "the built-in defaults");
+
+            // Without `env`, the environment is not read.
+            let c = Config::load(&Sources { env: false, ..sources }).expect("valid");
+            assert_eq!(c.nat.mtu, 1400);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_double_underscore_nests_and_values_parse() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUBNAT_DHCP__RANGE_START", "192.168.30.50");
+            jail.set_env("HUBNAT_BACKEND__TAP__NAME", "tap7");
+            jail.set_env("HUBNAT_BACKEND__KIND", "memory");
+            jail.set_env("HUBNAT_DNS__UPSTREAM", "[1.1.1.1, 9.9.9.9:5353]");
+            jail.set_env("HUBNAT_DHCP__GATEWAY", "");
+            jail.set_env("HUBNAT_DHCP__DNS", "192.168.30.2");
+            jail.set_env("HUBNAT_LOG__FORMAT", "json");
+            // Reserved for the CLI's --config, not a key.
+            jail.set_env("HUBNAT_CONFIG", "/nonexistent.toml");
+            let c = Config::load(&Sources { env: true, ..Sources::default() }).expect("valid");
+            assert_eq!(c.dhcp.range_start, ip("192.168.30.50"));
+            assert_eq!(c.backend.tap.name, "tap7");
+            assert_eq!(c.backend.kind, BackendKind::Memory);
+            assert_eq!(c.dns.upstream, vec![
+                "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
+                "9.9.9.9:5353".parse().expect("addr"),
+            ]);
+            assert_eq!(c.dhcp.gateway, None);
+            assert_eq!(c.dhcp.dns, vec![ip("192.168.30.2")]);
+            assert_eq!(c.log.format, LogFormat::Json);
+
+            jail.set_env("HUBNAT_DHCP__DNS", "");
+            let c = Config::load(&Sources { env: true, ..Sources::default() }).expect("valid");
+            assert!(c.dhcp.dns.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        Jail::expect_with(|jail| {
+            let env = Sources { env: true, ..Sources::default() };
+            jail.set_env("HUBNAT_NAT__MTU", "big");
+            let text = Config::load(&env).expect_err("type error").to_string();
+            assert!(text.contains("nat.mtu = \"big\" (from environment variable HUBNAT_NAT__MTU)"), "{text}");
+            assert!(text.contains("expected u32"), "{text}");
+
+            jail.set_env("HUBNAT_NAT__MTU", "100");
+            let text = Config::load(&env).expect_err("semantic error").to_string();
+            assert_eq!(text, "config key nat.mtu = 100 (from environment variable HUBNAT_NAT__MTU): must be from 576 to 65520");
+
+            jail.set_env("HUBNAT_NAT__MTU", "1500");
+            jail.set_env("HUBNAT_DNS__UPSTREAM", "[1.1.1.1, 0.0.0.0]");
+            let text = Config::load(&env).expect_err("semantic error").to_string();
+            assert!(text.contains("dns.upstream[1] = \"0.0.0.0\" (from environment variable HUBNAT_DNS__UPSTREAM)"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn command_line_errors_say_command_line() {
+        Jail::expect_with(|_| {
+            let cli = |o: &str| Sources { overrides: vec![o.parse().expect("override")], ..Sources::default() };
+            let text = Config::load(&cli("nat.mtu=100")).expect_err("too small").to_string();
+            assert_eq!(text, "config key nat.mtu = 100 (from the command line): must be from 576 to 65520");
+            let text = Config::load(&cli("dhcp.lease=soon")).expect_err("bad duration").to_string();
+            assert!(text.starts_with("config key dhcp.lease = \"soon\" (from the command line): invalid duration"), "{text}");
+            Ok(())
+        });
+    }
+
+    // --- overrides ----------------------------------------------------------------------------
+
+    #[test]
+    fn override_from_str_splits_at_the_first_equals_sign() {
+        let o: Override = "log.level=hubnat=debug,info".parse().expect("valid");
+        assert_eq!(o, Override::new("log.level", "hubnat=debug,info"));
+        assert_eq!(o.to_string(), "log.level=hubnat=debug,info");
+        let o: Override = "dhcp.gateway=".parse().expect("valid");
+        assert_eq!(o.value, "");
+        for bad in ["no-equals-sign", "=1", "Dhcp.Lease=1h", "dhcp..lease=1h", "dhcp lease=1h", ".x=1"] {
+            let err = bad.parse::<Override>().expect_err(bad);
+            assert!(matches!(err, ConfigError::Override { .. }), "{bad}: {err:?}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn override_values_are_toml_then_plain_strings() {
+        let parsed = |v: &str| Override::new("k", v).parsed_value();
+        assert_eq!(parsed("1400").to_i128(), Some(1400));
+        assert_eq!(parsed("true").to_bool(), Some(true));
+        assert_eq!(parsed("\"two words\"").into_string().as_deref(), Some("two words"));
+        assert_eq!(parsed("info").into_string().as_deref(), Some("info"));
+        assert_eq!(parsed("192.168.30.5").into_string().as_deref(), Some("192.168.30.5"));
+        assert_eq!(parsed("00:ac:00:00:00:01").into_string().as_deref(), Some("00:ac:00:00:00:01"));
+        assert_eq!(parsed("hubnat=debug,info").into_string().as_deref(), Some("hubnat=debug,info"));
+        assert_eq!(parsed("").into_string().as_deref(), Some(""));
+        let list = |v: &str| -> Vec<String> {
+            parsed(v).into_array().expect("array").into_iter().filter_map(|v| v.into_string()).collect()
+        };
+        assert_eq!(list("[\"1.1.1.1\", \"9.9.9.9\"]"), ["1.1.1.1", "9.9.9.9"]);
+        assert_eq!(list("[1.1.1.1, 9.9.9.9]"), ["1.1.1.1", "9.9.9.9"]);
+        // A second line cannot smuggle in another key.
+        assert!(parsed("1\nnat.mtu = 9000").into_string().is_some());
+    }
+
+    #[test]
+    fn overrides_set_every_kind_of_value() {
+        Jail::expect_with(|_| {
+            let overrides = [
+                "dns.upstream=[1.1.1.1, \"[::1]:5353\"]",
+                "dhcp.lease=1h",
+                "backend.kind=memory",
+                "host.mac=00:ac:01:02:03:04",
+                "log.level=hubnat=debug,info",
+                "dhcp.gateway=",
+                "dhcp.routes=[\"10.0.0.0/8 via 192.168.30.254\"]",
+                "dhcp.static=[{ mac = \"00:ac:00:00:00:09\", ip = \"192.168.30.9\", hostname = \"nas\" }]",
+                "nat.mtu=9000",
+                "backend.tap.mtu=1500",
+            ];
+            let sources = Sources {
+                overrides: overrides.iter().map(|o| o.parse().expect("override")).collect(),
+                ..Sources::default()
+            };
+            let c = Config::load(&sources).expect("valid");
+            assert_eq!(c.dns.upstream, vec![
+                "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
+                "[::1]:5353".parse().expect("addr"),
+            ]);
+            assert_eq!(c.dhcp.lease, Duration::from_secs(3600));
+            assert_eq!(c.backend.kind, BackendKind::Memory);
+            assert_eq!(c.host.mac, Some(mac("00:ac:01:02:03:04")));
+            assert_eq!(c.log.level, "hubnat=debug,info");
+            assert_eq!(c.dhcp.gateway, None);
+            assert_eq!(c.dhcp.routes, vec!["10.0.0.0/8 via 192.168.30.254".parse::<Route>().expect("route")]);
+            assert_eq!(c.dhcp.statics, vec![StaticLease {
+                mac: mac("00:ac:00:00:00:09"),
+                ip: ip("192.168.30.9"),
+                hostname: Some("nas".into()),
+            }]);
+            assert_eq!((c.nat.mtu, c.tap_mtu()), (9000, 1500));
+            Ok(())
+        });
+    }
+
+    // --- value forms --------------------------------------------------------------------------
+
+    #[test]
+    fn durations_use_humantime() {
+        Jail::expect_with(|jail| {
+            let c = load_toml(jail, r#"
+                dhcp.lease = "90s"
+                nat.tcp_timeout = "1day"
+                nat.udp_timeout = "10m 30s"
+            "#).expect("valid");
+            assert_eq!(c.dhcp.lease, Duration::from_secs(90));
+            assert_eq!(c.nat.tcp_timeout, Duration::from_secs(86400));
+            assert_eq!(c.nat.udp_timeout, Duration::from_secs(630));
+            Ok(())
+        });
+        let json = serde_json::to_value(Config::default()).expect("serialize");
+        assert_eq!(json["dhcp"]["lease"], "2h");
+        assert_eq!(json["nat"]["udp_timeout"], "10m");
+        assert_eq!(duration_text::words(MAX_LEASE), "365days");
+        assert_eq!(humantime::parse_duration("365days").ok(), Some(MAX_LEASE));
+    }
+
+    #[test]
+    fn bad_durations_name_key_value_and_source() {
+        assert_rejects("[dhcp]\nlease = \"soon\"", &["config key dhcp.lease = \"soon\" (from file x.toml): invalid duration"]);
+        assert_rejects("[dhcp]\nlease = 7200", &["dhcp.lease = 7200", "needs a unit", "\"7200s\""]);
+        assert_rejects("[nat]\nudp_timeout = -5", &["nat.udp_timeout = -5", "invalid duration"]);
+    }
+
+    #[test]
+    fn empty_gateway_and_domain_mean_none() {
+        Jail::expect_with(|jail| {
+            let c = load_toml(jail, "[dhcp]\ngateway = \"\"\ndomain = \"\"\ndns = []").expect("valid");
+            assert_eq!(c.dhcp.gateway, None);
+            assert_eq!(c.dhcp.domain, None);
+            assert!(c.dhcp.dns.is_empty());
+            let json = serde_json::to_value(&c).expect("serialize");
+            assert_eq!(json["dhcp"]["gateway"], "");
+            assert_eq!(json["dhcp"]["domain"], "");
+            let c = load_toml(jail, "[dhcp]\ngateway = \"192.168.30.254\"\ndomain = \"example.lan\"").expect("valid");
+            assert_eq!(c.dhcp.gateway, Some(ip("192.168.30.254")));
+            assert_eq!(c.dhcp.domain.as_deref(), Some("example.lan"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn config_round_trips_through_figment_and_json() {
+        let mut c = Config::default();
+        c.host.mac = Some(mac("00:ac:12:34:56:78"));
+        c.dhcp.gateway = None;
+        c.dhcp.domain = Some("example.lan".into());
+        c.dhcp.routes = vec!["10.0.0.0/8 via 192.168.30.254".parse().expect("route")];
+        c.dhcp.statics = vec![
+            StaticLease { mac: mac("00:ac:00:00:00:01"), ip: ip("192.168.30.5"), hostname: None },
+            StaticLease { mac: mac("00:ac:00:00:00:02"), ip: ip("192.168.30.6"), hostname: Some("nas".into()) },
+        ];
+        c.dns.upstream = vec!["[::1]:5353".parse().expect("addr"), "1.1.1.1:53".parse().expect("addr")];
+        c.backend.tap.mtu = Some(9000);
+        c.log.security_log = Some("/tmp/sec.log".into());
+        c.dhcp.lease = Duration::from_secs(400 * 86400 + 1);
+        let back: Config = Figment::from(Serialized::defaults(&c)).extract().expect("round trip");
+        assert_eq!(back, c);
+        let back: Config = serde_json::from_value(serde_json::to_value(&c).expect("ser")).expect("de");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn mac_addresses_parse_display_and_classify() {
+        let m = mac("00:AC:12:34:56:78");
+        assert_eq!(m, MacAddr([0x00, 0xac, 0x12, 0x34, 0x56, 0x78]));
+        assert_eq!(m.to_string(), "00:ac:12:34:56:78");
+        assert_eq!(format!("{m:?}"), "MacAddr(00:ac:12:34:56:78)");
+        assert_eq!(mac("00-ac-12-34-56-78"), m);
+        assert!(m.is_unicast());
+        assert!(!MacAddr::BROADCAST.is_unicast());
+        assert!(!mac("01:00:5e:00:00:01").is_unicast());
+        assert!(!mac("00:00:00:00:00:00").is_unicast());
+        assert!(mac("02:00:00:00:00:01").is_unicast()); // locally administered is fine
+        for bad in ["", "00:ac:12:34:56", "00:ac:12:34:56:78:9a", "0:ac:12:34:56:78", "00:ac-12:34:56:78", "gg:ac:12:34:56:78", "00:ac:12:34:56:+7"] {
+            let err = bad.parse::<MacAddr>().expect_err(bad);
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+        assert_eq!(serde_json::to_string(&m).expect("ser"), "\"00:ac:12:34:56:78\"");
+        assert_eq!(serde_json::from_str::<MacAddr>("\"00-ac-12-34-56-78\"").expect("de"), m);
+        assert!(m < MacAddr::BROADCAST);
+    }
+
+    #[test]
+    fn routes_parse_display_and_reject() {
+        let r: Route = "10.0.0.0/8 via 192.168.30.1".parse().expect("valid");
+        assert_eq!(r, Route { dest: ip("10.0.0.0"), prefix_len: 8, gateway: ip("192.168.30.1") });
+        assert_eq!(r.to_string(), "10.0.0.0/8 via 192.168.30.1");
+        assert_eq!("  0.0.0.0/0   via 192.168.30.254 ".parse::<Route>().expect("default route").prefix_len, 0);
+        assert_eq!("192.168.40.7/32 via 192.168.30.2".parse::<Route>().expect("host route").prefix_len, 32);
+        for (bad, why) in [
+            ("10.0.0.1/8 via 192.168.30.1", "did you mean 10.0.0.0/8"),
+            ("10.0.0.0/33 via 192.168.30.1", "prefix \"33\""),
+            ("10.0.0.0 via 192.168.30.1", "no /PREFIX"),
+            ("10.0.0.0/8 192.168.30.1", "three words"),
+            ("10.0.0.0/8 through 192.168.30.1", "expected \"via\""),
+            ("10.0.0.0/8 via gw", "\"gw\" is not an IPv4 address"),
+            ("10.0.0/8 via 192.168.30.1", "\"10.0.0\" is not an IPv4 address"),
+            ("", "three words"),
+        ] {
+            let err = bad.parse::<Route>().expect_err(bad).to_string();
+            assert!(err.contains(why) && err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
+        Jail::expect_with(|jail| {
+            let c = load_toml(jail, "[dhcp]\nroutes = [\"10.0.0.0/8 via 192.168.30.254\", \"172.16.0.0/12 via 192.168.30.1\"]")
+                .expect("valid");
+            assert_eq!(c.dhcp.routes.len(), 2);
+            Ok(())
+        });
+        assert_rejects("[dhcp]\nroutes = [\"10.0.0.1/8 via 192.168.30.1\"]", &["dhcp.routes = [\"10.0.0.1/8 via 192.168.30.1\"]", "host bits"]);
+        assert_rejects("[dhcp]\nroutes = [\"10.0.0.0/8 via 10.1.1.1\"]", &["dhcp.routes[0] = 10.0.0.0/8 via 10.1.1.1", "10.1.1.1 outside the subnet 192.168.30.0/24"]);
+    }
+
+    #[test]
+    fn upstream_forms() {
+        let p = |s: &str| parse_upstream(s).expect(s);
+        assert_eq!(p("1.2.3.4"), "1.2.3.4:53".parse().expect("addr"));
+        assert_eq!(p("1.2.3.4:5353"), "1.2.3.4:5353".parse().expect("addr"));
+        assert_eq!(p("::1"), "[::1]:53".parse().expect("addr"));
+        assert_eq!(p("[::1]:53"), "[::1]:53".parse().expect("addr"));
+        assert_eq!(upstream_text(p("1.2.3.4")), "1.2.3.4");
+        assert_eq!(upstream_text(p("::1")), "::1");
+        assert_eq!(upstream_text(p("[::1]:5353")), "[::1]:5353");
+        assert!(parse_upstream("dns.google").is_err());
+        assert_rejects("[dns]\nupstream = [\"1.1.1.1\", \"resolver\"]", &["dns.upstream = [\"1.1.1.1\", \"resolver\"]", "invalid DNS server \"resolver\""]);
+        assert_rejects("[dns]\nupstream = [\"1.1.1.1:0\"]", &["dns.upstream[0] = \"1.1.1.1:0\"", "port 0"]);
+        assert_rejects("[dns]\nupstream = [\"224.0.0.251\"]", &["dns.upstream[0]", "unicast"]);
+    }
+
+    // --- files ---------------------------------------------------------------------------------
+
+    #[test]
+    fn missing_file_names_the_path() {
+        Jail::expect_with(|_| {
+            let err = Config::load(&file_sources()).expect_err("missing");
+            assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
+            assert_eq!(err.to_string(), "configuration file x.toml does not exist");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_toml_names_the_path_and_line() {
+        Jail::expect_with(|jail| {
+            let err = load_toml(jail, "[dhcp]\nlease = = \"2h\"\n").expect_err("bad TOML");
+            assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(text.starts_with("configuration file x.toml is not valid TOML"), "{text}");
+            assert!(text.contains("line 2"), "{text}");
+            Ok(())
+        });
+    }
+
+    // --- unknown keys and type errors ----------------------------------------------------------
+
+    #[test]
+    fn unknown_keys_are_rejected_in_every_table() {
+        let lease = "mac = \"00:ac:00:00:00:01\"\nip = \"192.168.30.50\"\n";
+        for (toml, key) in [
+            ("bogus = 1".to_string(), "bogus"),
+            ("[host]\nbogus = 1".into(), "host.bogus"),
+            ("[dhcp]\nbogus = 1".into(), "dhcp.bogus"),
+            (format!("[[dhcp.static]]\n{lease}bogus = 1"), "dhcp.static[0].bogus"),
+            ("[nat]\nbogus = 1".into(), "nat.bogus"),
+            ("[dns]\nbogus = 1".into(), "dns.bogus"),
+            ("[backend]\nbogus = 1".into(), "backend.bogus"),
+            ("[backend.tap]\nbogus = 1".into(), "backend.tap.bogus"),
+            ("[state]\nbogus = 1".into(), "state.bogus"),
+            ("[log]\nbogus = 1".into(), "log.bogus"),
+        ] {
+            assert_rejects(&toml, &[&format!("config key {key} = 1 (from file x.toml): unknown key")]);
+        }
+        assert_rejects("[dhcp]\nrange_begin = \"192.168.30.10\"", &["dhcp.range_begin", "[dhcp] accepts: enabled, range_start"]);
+        assert_rejects(&format!("[[dhcp.static]]\n{lease}name = \"x\""), &["a [[dhcp.static]] entry accepts: mac, ip, hostname"]);
+        Jail::expect_with(|jail| {
+            jail.set_env("HUBNAT_NAT__BOGUS", "1");
+            let text = Config::load(&Sources { env: true, ..Sources::default() }).expect_err("unknown").to_string();
+            assert!(text.contains("config key nat.bogus = 1 (from environment variable HUBNAT_NAT__BOGUS): unknown key"), "{text}");
+            let cli = Sources { overrides: vec![Override::new("bogus.key", "x")], ..Sources::default() };
+            let text = Config::load(&cli).expect_err("unknown").to_string();
+            assert!(text.contains("config key bogus = { key = \"x\" } (from the command line): unknown key"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn type_errors_name_key_value_and_expectation() {
+        assert_rejects("[nat]\nmtu = \"big\"", &["config key nat.mtu = \"big\" (from file x.toml): expected u32, found a string"]);
+        assert_rejects("[dhcp]\nenabled = \"yes\"", &["dhcp.enabled = \"yes\"", "expected a boolean"]);
+        assert_rejects("[dhcp]\nrange_start = \"192.168.30\"", &["dhcp.range_start = \"192.168.30\"", "invalid IPv4 address"]);
+        assert_rejects("[backend]\nkind = \"raw\"", &["config key backend.kind = \"raw\" (from file x.toml): unknown value; valid values are: tap, memory"]);
+        assert_rejects("[log]\nformat = \"xml\"", &["log.format = \"xml\"", "text, json"]);
+        assert_rejects("[[dhcp.static]]\nip = \"192.168.30.50\"", &["config key dhcp.static[0].mac (from file x.toml): this key is required here"]);
+        assert_rejects("[host]\nmac = \"00:ac:12:34:56\"", &["host.mac = \"00:ac:12:34:56\"", "invalid MAC address"]);
+        assert_rejects("dhcp = 5", &["config key dhcp = 5", "expected struct DhcpConfig"]);
+    }
+
+    // --- semantic validation, one test per rule -------------------------------------------------
+
+    #[test]
+    fn netmasks_must_be_contiguous() {
+        assert_rejects("[host]\nmask = \"255.0.255.0\"", &["config key host.mask = 255.0.255.0 (from file x.toml): not a contiguous netmask"]);
+        assert_rejects("[dhcp]\nmask = \"255.255.0.255\"", &["config key dhcp.mask = 255.255.0.255 (from file x.toml): not a contiguous netmask"]);
+        assert_rejects("[host]\nmask = \"255.255.255.254\"", &["host.mask = 255.255.255.254", "/31 leaves no room"]);
+        assert_eq!(prefix_len(ip("255.255.255.0")), Some(24));
+        assert_eq!(prefix_len(ip("0.0.0.0")), Some(0));
+        assert_eq!(prefix_len(ip("255.255.255.255")), Some(32));
+        assert_eq!(prefix_len(ip("255.255.128.128")), None);
+    }
+
+    #[test]
+    fn host_mac_must_be_unicast() {
+        assert_rejects("[host]\nmac = \"01:00:5e:00:00:01\"", &["config key host.mac = 01:00:5e:00:00:01 (from file x.toml): is a multicast"]);
+        assert_rejects("[host]\nmac = \"ff:ff:ff:ff:ff:ff\"", &["host.mac = ff:ff:ff:ff:ff:ff", "broadcast"]);
+        assert_rejects("[host]\nmac = \"00:00:00:00:00:00\"", &["host.mac = 00:00:00:00:00:00", "all-zero"]);
+    }
+
+    #[test]
+    fn host_ip_must_be_a_host_address_of_its_subnet() {
+        assert_rejects("[host]\nip = \"192.168.30.0\"", &["config key host.ip = 192.168.30.0 (from file x.toml): is the network address of its subnet 192.168.30.0/24; choose an address between 192.168.30.1 and 192.168.30.254"]);
+        assert_rejects("[host]\nip = \"192.168.30.255\"", &["host.ip = 192.168.30.255", "broadcast address"]);
+        assert_rejects("[host]\nip = \"127.0.0.1\"", &["host.ip = 127.0.0.1", "unicast"]);
+    }
+
+    #[test]
+    fn dhcp_range_must_run_low_to_high() {
+        assert_rejects("[dhcp]\nrange_start = \"192.168.30.150\"\nrange_end = \"192.168.30.100\"",
+            &["config key dhcp.range_start = 192.168.30.150 (from file x.toml): comes after dhcp.range_end = 192.168.30.100 (from file x.toml)"]);
+    }
+
+    #[test]
+    fn dhcp_range_must_lie_inside_the_host_subnet() {
+        assert_rejects("[dhcp]\nrange_end = \"192.168.31.5\"",
+            &["config key dhcp.range_end = 192.168.31.5 (from file x.toml): outside the subnet 192.168.30.0/24 given by host.ip and host.mask"]);
+        assert_rejects("[dhcp]\nrange_start = \"10.0.0.10\"", &["dhcp.range_start = 10.0.0.10", "outside the subnet"]);
+        assert_rejects("[dhcp]\nrange_end = \"192.168.30.255\"", &["dhcp.range_end = 192.168.30.255", "is the broadcast address of the subnet 192.168.30.0/24"]);
+    }
+
+    #[test]
+    fn dhcp_range_must_not_contain_the_host() {
+        assert_rejects("[dhcp]\nrange_start = \"192.168.30.1\"",
+            &["config key dhcp.range_start = 192.168.30.1 (from file x.toml): the range 192.168.30.1-192.168.30.200 contains host.ip = 192.168.30.1 (from the built-in defaults)"]);
+    }
+
+    #[test]
+    fn dhcp_range_is_bounded() {
+        assert_rejects(r#"
+            host = { ip = "10.0.0.1", mask = "255.0.0.0" }
+            dhcp = { range_start = "10.0.0.2", range_end = "10.2.0.0", gateway = "10.0.0.1", dns = ["10.0.0.1"] }
+        "#, &["config key dhcp.range_end = 10.2.0.0 (from file x.toml): the range 10.0.0.2-10.2.0.0 holds 131071 addresses; at most 65536"]);
+        Jail::expect_with(|jail| {
+            load_toml(jail, r#"
+                host = { ip = "10.0.0.1", mask = "255.0.0.0" }
+                dhcp = { range_start = "10.0.0.2", range_end = "10.1.0.1", gateway = "", dns = [] }
+            "#).expect("65536 addresses are allowed");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dhcp_lease_is_bounded() {
+        assert_rejects("[dhcp]\nlease = \"5s\"", &["config key dhcp.lease = \"5s\" (from file x.toml): must be from 10s to 365days"]);
+        assert_rejects("[dhcp]\nlease = \"400days\"", &["dhcp.lease = \"400days\"", "must be from 10s to 365days"]);
+        Jail::expect_with(|jail| {
+            assert_eq!(load_toml(jail, "dhcp.lease = \"10s\"").expect("minimum").dhcp.lease, MIN_LEASE);
+            assert_eq!(load_toml(jail, "dhcp.lease = \"365days\"").expect("maximum").dhcp.lease, MAX_LEASE);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn dhcp_gateway_must_be_in_the_subnet() {
+        assert_rejects("[dhcp]\ngateway = \"10.0.0.1\"", &["config key dhcp.gateway = 10.0.0.1 (from file x.toml): outside the subnet 192.168.30.0/24"]);
+    }
+
+    #[test]
+    fn dhcp_dns_servers_must_be_unicast() {
+        assert_rejects("[dhcp]\ndns = [\"192.168.30.1\", \"0.0.0.0\"]", &["config key dhcp.dns[1] = 0.0.0.0 (from file x.toml): must be a unicast address"]);
+    }
+
+    #[test]
+    fn dhcp_domain_must_be_a_dns_name() {
+        assert_rejects("[dhcp]\ndomain = \"bad..lan\"", &["config key dhcp.domain = \"bad..lan\" (from file x.toml): not a valid domain name: it has an empty label"]);
+        assert_rejects("[dhcp]\ndomain = \"my_lan\"", &["dhcp.domain = \"my_lan\"", "'_' is not allowed"]);
+        assert_rejects("[dhcp]\ndomain = \"-lan\"", &["dhcp.domain", "starts or ends with '-'"]);
+        assert!(check_dns_name("example.lan").is_ok());
+        assert!(check_dns_name(&"a".repeat(64)).is_err());
+        assert!(check_dns_name(&["abc"; 70].join(".")).is_err());
+    }
+
+    #[test]
+    fn static_leases_are_checked() {
+        let entry = |mac: &str, ip: &str| format!("[[dhcp.static]]\nmac = \"{mac}\"\nip = \"{ip}\"\n");
+        assert_rejects(&entry("00:ac:00:00:00:01", "10.0.0.5"),
+            &["config key dhcp.static[0].ip = 10.0.0.5 (from file x.toml): outside the subnet 192.168.30.0/24"]);
+        assert_rejects(&entry("00:ac:00:00:00:01", "192.168.30.1"), &["dhcp.static[0].ip = 192.168.30.1", "is host.ip"]);
+        assert_rejects(&entry("00:ac:00:00:00:01", "192.168.30.255"), &["dhcp.static[0].ip = 192.168.30.255", "broadcast address"]);
+        assert_rejects(&entry("01:ac:00:00:00:01", "192.168.30.5"), &["dhcp.static[0].mac = 01:ac:00:00:00:01", "multicast"]);
+        assert_rejects(&(entry("00:ac:00:00:00:01", "192.168.30.5") + &entry("00:ac:00:00:00:01", "192.168.30.6")),
+            &["config key dhcp.static[1].mac = 00:ac:00:00:00:01 (from file x.toml): dhcp.static[0] already has this MAC"]);
+        assert_rejects(&(entry("00:ac:00:00:00:01", "192.168.30.5") + &entry("00:ac:00:00:00:02", "192.168.30.5")),
+            &["config key dhcp.static[1].ip = 192.168.30.5 (from file x.toml): dhcp.static[0] already has this address"]);
+        assert_rejects(&(entry("00:ac:00:00:00:01", "192.168.30.5") + "hostname = \"bad_name\""),
+            &["config key dhcp.static[0].hostname = \"bad_name\" (from file x.toml): not a valid host name"]);
+        Jail::expect_with(|jail| {
+            let c = load_toml(jail, &(entry("00:ac:00:00:00:01", "192.168.30.5") + "hostname = \"printer.lan\"\n"
+                + &entry("00:ac:00:00:00:02", "192.168.30.250"))).expect("valid");
+            assert_eq!(c.dhcp.statics[0].hostname.as_deref(), Some("printer.lan"));
+            assert_eq!(c.dhcp.statics[1].hostname, None);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn mtus_are_bounded() {
+        assert_rejects("[nat]\nmtu = 500", &["config key nat.mtu = 500 (from file x.toml): must be from 576 to 65520"]);
+        assert_rejects("[nat]\nmtu = 70000", &["nat.mtu = 70000", "576 to 65520"]);
+        assert_rejects("[backend.tap]\nmtu = 100", &["config key backend.tap.mtu = 100 (from file x.toml): must be from 576 to 65520"]);
+        Jail::expect_with(|jail| {
+            let c = load_toml(jail, "nat.mtu = 65520\nbackend.tap.mtu = 576").expect("bounds are inclusive");
+            assert_eq!((c.nat.mtu, c.tap_mtu()), (65520, 576));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tap_names_follow_linux_rules() {
+        for (name, why) in [
+            ("", "must not be empty"),
+            ("sixteen-bytes-xx", "is 16 bytes long; Linux allows at most 15"),
+            ("tap/0", "'/' is not allowed"),
+            ("tap 0", "' ' is not allowed"),
+            ("tap:0", "':' is not allowed"),
+            ("..", "is reserved"),
+        ] {
+            assert_rejects(&format!("[backend.tap]\nname = {name:?}"),
+                &[&format!("config key backend.tap.name = {name:?} (from file x.toml): {why}")]);
+        }
+        assert!(check_interface_name("fifteen-bytes-x").is_ok());
+        assert!(check_interface_name("tap%d").is_ok());
+    }
+
+    #[test]
+    fn nat_timeouts_are_bounded() {
+        assert_rejects("[nat]\ntcp_timeout = \"0s\"", &["config key nat.tcp_timeout = \"0s\" (from file x.toml): must be from 1s to 365days"]);
+        assert_rejects("[nat]\nudp_timeout = \"500ms\"", &["nat.udp_timeout = \"500ms\"", "must be from 1s"]);
+        assert_rejects("[nat]\nudp_timeout = \"1000days\"", &["nat.udp_timeout = \"1000days\"", "to 365days"]);
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter() {
+        assert_rejects("[log]\nlevel = \"hubnat=loud\"", &["config key log.level = \"hubnat=loud\" (from file x.toml): not a valid log filter"]);
+        assert_rejects("[log]\nlevel = \" \"", &["log.level = \" \"", "must not be empty"]);
+        Jail::expect_with(|jail| {
+            load_toml(jail, "log.level = \"hubnat=trace,warn\"").expect("valid directives");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        Jail::expect_with(|jail| {
+            let err = load_toml(jail, "nat.mtu = 1\nbackend.tap.name = \"\"\ndhcp.lease = \"1s\"").expect_err("three problems");
+            let keys: Vec<&str> = err.errors().iter().filter_map(|e| match e {
+                ConfigError::Invalid { key, .. } => Some(key.as_str()),
+                _ => None,
+            }).collect();
+            assert_eq!(keys, ["dhcp.lease", "nat.mtu", "backend.tap.name"]);
+            assert_eq!(err.to_string().lines().count(), 3);
+            Ok(())
+        });
+    }
+
+    // --- host-derived defaults -----------------------------------------------------------------
+
+    #[test]
+    fn resolv_conf_gives_nameservers_and_domain() {
+        let conf = parse_resolv_conf(
+            "# generated\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver 2001:db8::53\n\
+             search first.example second.example\n; comment\noptions edns0\n",
+        );
+        assert_eq!(conf.nameservers, vec![
+            "192.0.2.53:53".parse::<SocketAddr>().expect("addr"),
+            "[2001:db8::53]:53".parse().expect("addr"),
+        ]);
+        assert_eq!(conf.domain.as_deref(), Some("first.example"));
+        assert_eq!(parse_resolv_conf("search a.example\ndomain b.example\n").domain.as_deref(), Some("b.example"));
+        assert_eq!(parse_resolv_conf(""), ResolvConf::default());
+    }
+
+    #[test]
+    fn hostname_domain_is_after_the_first_dot() {
+        assert_eq!(domain_of_hostname("box.example.lan").as_deref(), Some("example.lan"));
+        assert_eq!(domain_of_hostname("box"), None);
+        assert_eq!(domain_of_hostname("box."), None);
+        if let Some(domain) = host_domain() {
+            assert!(check_dns_name(&domain).is_ok(), "{domain}");
+        }
+    }
+
+    #[test]
+    fn state_dir_depends_on_the_user() {
+        let os = |s: &str| Some(OsString::from(s));
+        assert_eq!(default_state_dir(0, os("/x"), os("/root")), PathBuf::from("/var/lib/hubnat"));
+        assert_eq!(default_state_dir(1000, os("/x/state"), os("/home/u")), PathBuf::from("/x/state/hubnat"));
+        assert_eq!(default_state_dir(1000, os("relative"), os("/home/u")), PathBuf::from("/home/u/.local/state/hubnat"));
+        assert_eq!(default_state_dir(1000, None, os("/home/u")), PathBuf::from("/home/u/.local/state/hubnat"));
+        assert_eq!(default_state_dir(1000, None, None), PathBuf::from("hubnat-state"));
+    }
+}

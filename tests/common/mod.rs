@@ -2,3 +2,4 @@
 #![allow(dead_code)]
 
 pub mod smol_client;
+pub mod netns;
