@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian packages for the real-client tests), then runs every
+# test of the workspace. The network tests need root (namespaces, TAP devices); run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real third-party clients and the tools the namespace tests drive.
+packages=(iproute2 iputils-ping isc-dhcp-client udhcpc busybox-static)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: missing packages: ${missing[*]}; install them (as root) or run this script as root" >&2
+    exit 1
+  fi
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo test --workspace --locked "$@"
