@@ -33,6 +33,9 @@ pub mod dhcp;
 mod frame;
 pub mod icmp;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 
