@@ -202,24 +202,31 @@ impl FromStr for Route {
         if via != "via" {
             return Err(bad(format!("expected \"via\", found {via:?}")));
         }
-        let (dest, prefix) =
-            cidr.split_once('/').ok_or_else(|| bad(format!("{cidr:?} has no /PREFIX")))?;
-        let dest: Ipv4Addr =
-            dest.parse().map_err(|_| bad(format!("{dest:?} is not an IPv4 address")))?;
+        let (dest, prefix) = cidr
+            .split_once('/')
+            .ok_or_else(|| bad(format!("{cidr:?} has no /PREFIX")))?;
+        let dest: Ipv4Addr = dest
+            .parse()
+            .map_err(|_| bad(format!("{dest:?} is not an IPv4 address")))?;
         let prefix_len: u8 = prefix
             .parse()
             .ok()
             .filter(|p| *p <= 32)
             .ok_or_else(|| bad(format!("prefix {prefix:?} is not a number from 0 to 32")))?;
-        let gateway: Ipv4Addr =
-            gateway.parse().map_err(|_| bad(format!("{gateway:?} is not an IPv4 address")))?;
+        let gateway: Ipv4Addr = gateway
+            .parse()
+            .map_err(|_| bad(format!("{gateway:?} is not an IPv4 address")))?;
         let network = Ipv4Addr::from(u32::from(dest) & prefix_mask(prefix_len));
         if network != dest {
             return Err(bad(format!(
                 "{cidr} has host bits set (did you mean {network}/{prefix_len}?)"
             )));
         }
-        Ok(Route { dest, prefix_len, gateway })
+        Ok(Route {
+            dest,
+            prefix_len,
+            gateway,
+        })
     }
 }
 
@@ -280,7 +287,7 @@ pub struct Config {
 pub struct HostConfig {
     /// The virtual host's MAC. `None`: `00:ac` + 4 random bytes, generated once and kept in
     /// the state directory.
-    #[serde(with = "opt_text")]
+    #[serde(with = "opt_text", skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddr>,
     /// The virtual host's address; clients use it as router and DNS server.
     pub ip: Ipv4Addr,
@@ -386,7 +393,9 @@ pub struct DnsConfig {
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        DnsConfig { upstream: read_resolv_conf().nameservers }
+        DnsConfig {
+            upstream: read_resolv_conf().nameservers,
+        }
     }
 }
 
@@ -433,7 +442,10 @@ pub struct TapConfig {
 
 impl Default for TapConfig {
     fn default() -> Self {
-        TapConfig { name: "hubnat0".into(), mtu: None }
+        TapConfig {
+            name: "hubnat0".into(),
+            mtu: None,
+        }
     }
 }
 
@@ -476,7 +488,11 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: LogFormat::Text, security_log: None }
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+            security_log: None,
+        }
     }
 }
 
@@ -499,7 +515,10 @@ impl Config {
 
     /// The security log file: `log.security_log`, else `<state.dir>/security.log`.
     pub fn security_log_path(&self) -> PathBuf {
-        self.log.security_log.clone().unwrap_or_else(|| self.state.dir.join("security.log"))
+        self.log
+            .security_log
+            .clone()
+            .unwrap_or_else(|| self.state.dir.join("security.log"))
     }
 }
 
@@ -530,7 +549,10 @@ pub struct Override {
 impl Override {
     /// An override of `key` with `value` (read like the VALUE of `--set KEY=VALUE`).
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
-        Override { key: key.into(), value: value.into() }
+        Override {
+            key: key.into(),
+            value: value.into(),
+        }
     }
 
     /// The value as figment will see it.
@@ -555,12 +577,17 @@ impl FromStr for Override {
 
     /// Parses `KEY=VALUE`; KEY is dotted lowercase words (`dhcp.range_start`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: &str| ConfigError::Override { arg: s.into(), reason: reason.into() };
+        let bad = |reason: &str| ConfigError::Override {
+            arg: s.into(),
+            reason: reason.into(),
+        };
         let (key, value) = s.split_once('=').ok_or_else(|| bad("expected KEY=VALUE"))?;
         let key = key.trim();
         let well_formed = key.split('.').all(|word| {
             !word.is_empty()
-                && word.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         });
         if !well_formed {
             return Err(bad(
@@ -599,7 +626,10 @@ impl Provider for EnvLayer {
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        Env::prefixed(ENV_PREFIX).split(ENV_SEPARATOR).ignore(&["config"]).data()
+        Env::prefixed(ENV_PREFIX)
+            .split(ENV_SEPARATOR)
+            .ignore(&["config"])
+            .data()
     }
 }
 
@@ -618,9 +648,10 @@ impl Provider for OverrideLayer {
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        let dict = figment::util::nest(&self.0.key, self.0.parsed_value())
+        let key = &self.0.key;
+        let dict = figment::util::nest(key, self.0.parsed_value())
             .into_dict()
-            .expect("invariant: nest() of a non-empty key yields a dict");
+            .ok_or_else(|| figment::Error::from(format!("invalid command-line key {key:?}")))?;
         Ok(Profile::Default.collect(dict))
     }
 }
@@ -638,18 +669,23 @@ impl Config {
                     std::io::ErrorKind::NotFound => "does not exist".to_string(),
                     _ => format!("cannot be read: {e}"),
                 };
-                return Err(ConfigError::File { path: path.clone(), reason });
+                return Err(ConfigError::File {
+                    path: path.clone(),
+                    reason,
+                });
             }
         }
         let figment = Self::figment(sources);
-        let config: Config =
-            figment.extract().map_err(|e| ConfigError::from_figment(e, &figment))?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::from_figment(e, &figment))?;
         config.validate(&figment)?;
         Ok(config)
     }
 
     /// The layers of `sources` as a figment, lowest first: defaults, file, environment,
-    /// overrides. Nothing is read until it is extracted.
+    /// overrides. The file and the environment are read now; their errors (a missing file,
+    /// bad TOML) surface when the figment is extracted.
     pub fn figment(sources: &Sources) -> Figment {
         let mut figment = Figment::from(DefaultsLayer(Config::default()));
         if let Some(path) = &sources.file {
@@ -668,12 +704,15 @@ impl Config {
     /// `figment` is where the values came from; it is used only to name each value's source.
     /// Reports every problem found.
     pub fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
-        let mut c = Checker { figment, errors: Vec::new() };
+        let mut c = Checker {
+            figment,
+            errors: Vec::new(),
+        };
 
         // host
         let host_ip = self.host.ip;
         if !is_unicast_v4(host_ip) {
-            c.fail("host.ip", host_ip, "must be a unicast address (not 0.0.0.0, loopback, multicast or broadcast)");
+            c.fail("host.ip", host_ip, NOT_UNICAST);
         }
         let subnet = match prefix_len(self.host.mask) {
             None => {
@@ -681,19 +720,23 @@ impl Config {
                 None
             }
             Some(p) if p > 30 => {
-                c.fail("host.mask", self.host.mask, format!(
-                    "/{p} leaves no room for the virtual host and a client; use /30 or shorter, e.g. 255.255.255.0"
-                ));
+                let reason = format!(
+                    "/{p} leaves no room for the virtual host and a client; use /30 or \
+                     shorter, e.g. 255.255.255.0"
+                );
+                c.fail("host.mask", self.host.mask, reason);
                 None
             }
             Some(p) => Some(Subnet::of(host_ip, p)),
         };
         if let Some(s) = subnet {
             if let Some(what) = s.special(host_ip) {
-                c.fail("host.ip", host_ip, format!(
-                    "is the {what} address of its subnet {s}; choose an address between {} and {}",
-                    s.first_host(), s.last_host()
-                ));
+                let (first, last) = (s.first_host(), s.last_host());
+                let reason = format!(
+                    "is the {what} address of its subnet {s}; choose an address between {first} \
+                     and {last}"
+                );
+                c.fail("host.ip", host_ip, reason);
             }
         }
         if let Some(mac) = self.host.mac {
@@ -707,27 +750,31 @@ impl Config {
         }
         let (start, end) = (dhcp.range_start, dhcp.range_end);
         if start > end {
-            c.fail("dhcp.range_start", start, format!(
+            let reason = format!(
                 "comes after dhcp.range_end = {end} ({}); the range must run from low to high",
                 c.origin("dhcp.range_end")
-            ));
+            );
+            c.fail("dhcp.range_start", start, reason);
         }
         if let Some(s) = subnet {
             let start_ok = c.check_in_subnet("dhcp.range_start", start, start, s);
             let end_ok = c.check_in_subnet("dhcp.range_end", end, end, s);
             if start_ok && end_ok && start <= end {
                 if (start..=end).contains(&host_ip) {
-                    c.fail("dhcp.range_start", start, format!(
+                    let reason = format!(
                         "the range {start}-{end} contains host.ip = {host_ip} ({}); the virtual \
                          host's own address cannot be leased, so move the range or host.ip",
                         c.origin("host.ip")
-                    ));
+                    );
+                    c.fail("dhcp.range_start", start, reason);
                 }
                 let size = u64::from(u32::from(end) - u32::from(start)) + 1;
                 if size > MAX_RANGE_SIZE {
-                    c.fail("dhcp.range_end", end, format!(
-                        "the range {start}-{end} holds {size} addresses; at most {MAX_RANGE_SIZE} are allowed"
-                    ));
+                    let reason = format!(
+                        "the range {start}-{end} holds {size} addresses; at most \
+                         {MAX_RANGE_SIZE} are allowed"
+                    );
+                    c.fail("dhcp.range_end", end, reason);
                 }
             }
         }
@@ -737,49 +784,73 @@ impl Config {
         }
         for (i, &ip) in dhcp.dns.iter().enumerate() {
             if !is_unicast_v4(ip) {
-                c.fail(&format!("dhcp.dns[{i}]"), ip, "must be a unicast address a client can reach (not 0.0.0.0, loopback, multicast or broadcast)");
+                c.fail(&format!("dhcp.dns[{i}]"), ip, NOT_UNICAST);
             }
         }
         if let Some(domain) = &dhcp.domain {
             if let Err(why) = check_dns_name(domain) {
-                c.fail("dhcp.domain", format!("{domain:?}"), format!("not a valid domain name: {why}"));
+                let reason = format!("not a valid domain name: {why}");
+                c.fail("dhcp.domain", format!("{domain:?}"), reason);
             }
         }
-        for (i, route) in dhcp.routes.iter().enumerate() {
-            if let Some(s) = subnet {
+        if let Some(s) = subnet {
+            for (i, route) in dhcp.routes.iter().enumerate() {
                 c.check_in_subnet(&format!("dhcp.routes[{i}]"), route, route.gateway, s);
             }
         }
         let mut macs: HashMap<MacAddr, usize> = HashMap::new();
         let mut ips: HashMap<Ipv4Addr, usize> = HashMap::new();
         for (i, lease) in dhcp.statics.iter().enumerate() {
-            let key = format!("dhcp.static[{i}]");
-            c.check_unicast_mac(&format!("{key}.mac"), lease.mac);
+            let mac_key = format!("dhcp.static[{i}].mac");
+            let ip_key = format!("dhcp.static[{i}].ip");
+            c.check_unicast_mac(&mac_key, lease.mac);
             if let Some(s) = subnet {
-                c.check_in_subnet(&format!("{key}.ip"), lease.ip, lease.ip, s);
+                c.check_in_subnet(&ip_key, lease.ip, lease.ip, s);
             }
             if lease.ip == host_ip {
-                c.fail(&format!("{key}.ip"), lease.ip, "is host.ip, the virtual host's own address; give the client another one");
+                let reason = "is host.ip, the virtual host's own address; give the client another";
+                c.fail(&ip_key, lease.ip, reason);
             }
-            if let Some(first) = macs.insert(lease.mac, i) {
-                macs.insert(lease.mac, first);
-                c.fail(&format!("{key}.mac"), lease.mac, format!("dhcp.static[{first}] already has this MAC; a client can have only one static lease"));
+            if let Some(&first) = macs.get(&lease.mac) {
+                let reason = format!(
+                    "dhcp.static[{first}] already has this MAC; a client can have only one \
+                     static lease"
+                );
+                c.fail(&mac_key, lease.mac, reason);
             }
-            if let Some(first) = ips.insert(lease.ip, i) {
-                ips.insert(lease.ip, first);
-                c.fail(&format!("{key}.ip"), lease.ip, format!("dhcp.static[{first}] already has this address"));
+            if let Some(&first) = ips.get(&lease.ip) {
+                let reason = format!("dhcp.static[{first}] already has this address");
+                c.fail(&ip_key, lease.ip, reason);
             }
+            macs.entry(lease.mac).or_insert(i);
+            ips.entry(lease.ip).or_insert(i);
             if let Some(name) = &lease.hostname {
                 if let Err(why) = check_dns_name(name) {
-                    c.fail(&format!("{key}.hostname"), format!("{name:?}"), format!("not a valid host name: {why}"));
+                    let reason = format!("not a valid host name: {why}");
+                    c.fail(
+                        &format!("dhcp.static[{i}].hostname"),
+                        format!("{name:?}"),
+                        reason,
+                    );
                 }
             }
         }
 
         // nat
-        c.check_mtu("nat.mtu", self.nat.mtu);
-        c.check_duration("nat.tcp_timeout", self.nat.tcp_timeout, MIN_NAT_TIMEOUT, MAX_NAT_TIMEOUT);
-        c.check_duration("nat.udp_timeout", self.nat.udp_timeout, MIN_NAT_TIMEOUT, MAX_NAT_TIMEOUT);
+        let nat = &self.nat;
+        c.check_mtu("nat.mtu", nat.mtu);
+        c.check_duration(
+            "nat.tcp_timeout",
+            nat.tcp_timeout,
+            MIN_NAT_TIMEOUT,
+            MAX_NAT_TIMEOUT,
+        );
+        c.check_duration(
+            "nat.udp_timeout",
+            nat.udp_timeout,
+            MIN_NAT_TIMEOUT,
+            MAX_NAT_TIMEOUT,
+        );
 
         // dns
         for (i, &server) in self.dns.upstream.iter().enumerate() {
@@ -789,16 +860,20 @@ impl Config {
             if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
                 c.fail(&key, text, "must be the unicast address of a DNS server");
             } else if server.port() == 0 {
-                c.fail(&key, text, "port 0 is not a valid port; leave the port out for 53");
+                c.fail(
+                    &key,
+                    text,
+                    "port 0 is not a valid port; leave the port out for 53",
+                );
             }
         }
 
         // backend
-        let name = &self.backend.tap.name;
-        if let Err(why) = check_interface_name(name) {
-            c.fail("backend.tap.name", format!("{name:?}"), why);
+        let tap = &self.backend.tap;
+        if let Err(why) = check_interface_name(&tap.name) {
+            c.fail("backend.tap.name", format!("{:?}", tap.name), why);
         }
-        if let Some(mtu) = self.backend.tap.mtu {
+        if let Some(mtu) = tap.mtu {
             c.check_mtu("backend.tap.mtu", mtu);
         }
 
@@ -810,14 +885,24 @@ impl Config {
         // log
         let level = &self.log.level;
         if level.trim().is_empty() {
-            c.fail("log.level", format!("{level:?}"), "must not be empty; use e.g. \"info\"");
+            c.fail(
+                "log.level",
+                format!("{level:?}"),
+                "must not be empty; use e.g. \"info\"",
+            );
         } else if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
-            c.fail("log.level", format!("{level:?}"), format!(
+            let reason = format!(
                 "not a valid log filter ({e}); use a level such as \"info\" or \"debug\", or \
                  directives such as \"hubnat=debug,info\""
-            ));
+            );
+            c.fail("log.level", format!("{level:?}"), reason);
         }
-        if self.log.security_log.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        if self
+            .log
+            .security_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
             c.fail("log.security_log", "\"\"", "must name a file");
         }
 
@@ -828,6 +913,9 @@ impl Config {
 // ---------------------------------------------------------------------------------------------
 // Validation helpers
 // ---------------------------------------------------------------------------------------------
+
+const NOT_UNICAST: &str =
+    "must be a unicast address (not 0.0.0.0, loopback, multicast or broadcast)";
 
 const NOT_CONTIGUOUS: &str =
     "not a contiguous netmask (its one bits must all come first, e.g. 255.255.255.0)";
@@ -861,16 +949,26 @@ impl Checker<'_> {
         ip: Ipv4Addr,
         subnet: Subnet,
     ) -> bool {
-        let addr = if value.to_string() == ip.to_string() { String::new() } else { format!("{ip} ") };
+        let addr = if value.to_string() == ip.to_string() {
+            String::new()
+        } else {
+            format!("{ip} ")
+        };
         if !subnet.contains(ip) {
-            self.fail(key, value, format!(
-                "{addr}outside the subnet {subnet} given by host.ip and host.mask"
-            ));
+            self.fail(
+                key,
+                value,
+                format!("{addr}outside the subnet {subnet} given by host.ip and host.mask"),
+            );
             false
         } else if let Some(what) = subnet.special(ip) {
-            self.fail(key, value, format!(
+            self.fail(
+                key,
+                value,
+                format!(
                 "{addr}is the {what} address of the subnet {subnet} given by host.ip and host.mask"
-            ));
+            ),
+            );
             false
         } else {
             true
@@ -881,8 +979,12 @@ impl Checker<'_> {
         if mac == MacAddr([0; 6]) {
             self.fail(key, mac, "the all-zero address is not a station address");
         } else if !mac.is_unicast() {
-            self.fail(key, mac, "is a multicast or broadcast address (the low bit of the first \
-                                 octet is set); use a unicast one such as 00:ac:12:34:56:78");
+            self.fail(
+                key,
+                mac,
+                "is a multicast or broadcast address (the low bit of the first \
+                                 octet is set); use a unicast one such as 00:ac:12:34:56:78",
+            );
         }
     }
 
@@ -894,11 +996,15 @@ impl Checker<'_> {
 
     fn check_duration(&mut self, key: &str, value: Duration, min: Duration, max: Duration) {
         if !(min..=max).contains(&value) {
-            self.fail(key, format!("{:?}", duration_text::words(value)), format!(
-                "must be from {} to {}",
-                duration_text::words(min),
-                duration_text::words(max)
-            ));
+            self.fail(
+                key,
+                format!("{:?}", duration_text::words(value)),
+                format!(
+                    "must be from {} to {}",
+                    duration_text::words(min),
+                    duration_text::words(max)
+                ),
+            );
         }
     }
 
@@ -920,7 +1026,10 @@ struct Subnet {
 
 impl Subnet {
     fn of(ip: Ipv4Addr, prefix: u8) -> Subnet {
-        Subnet { network: u32::from(ip) & prefix_mask(prefix), prefix }
+        Subnet {
+            network: u32::from(ip) & prefix_mask(prefix),
+            prefix,
+        }
     }
 
     fn broadcast(&self) -> u32 {
@@ -985,16 +1094,24 @@ fn check_dns_name(name: &str) -> Result<(), String> {
         return Err("it is empty".into());
     }
     if name.len() > 253 {
-        return Err(format!("it is {} bytes long; at most 253 are allowed", name.len()));
+        return Err(format!(
+            "it is {} bytes long; at most 253 are allowed",
+            name.len()
+        ));
     }
     for label in name.split('.') {
         if label.is_empty() {
-            return Err("it has an empty label (two dots in a row, or a leading or trailing dot)".into());
+            return Err(
+                "it has an empty label (two dots in a row, or a leading or trailing dot)".into(),
+            );
         }
         if label.len() > 63 {
             return Err(format!("label {label:?} is longer than 63 bytes"));
         }
-        if let Some(c) = label.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
             return Err(format!("{c:?} is not allowed; use letters, digits and '-'"));
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -1009,11 +1126,19 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         Err("must not be empty".into())
     } else if name.len() > MAX_TAP_NAME_LEN {
-        Err(format!("is {} bytes long; Linux allows at most {MAX_TAP_NAME_LEN}", name.len()))
+        Err(format!(
+            "is {} bytes long; Linux allows at most {MAX_TAP_NAME_LEN}",
+            name.len()
+        ))
     } else if name == "." || name == ".." {
         Err("is reserved: \".\" and \"..\" cannot name an interface".into())
-    } else if let Some(c) = name.chars().find(|c| *c == '/' || *c == ':' || c.is_whitespace()) {
-        Err(format!("{c:?} is not allowed in an interface name (no '/', ':' or white space)"))
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| *c == '/' || *c == ':' || c.is_whitespace())
+    {
+        Err(format!(
+            "{c:?} is not allowed in an interface name (no '/', ':' or white space)"
+        ))
     } else {
         Ok(())
     }
@@ -1025,7 +1150,10 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 
 /// Splits `dhcp.static[1].ip` into `["dhcp", "static", "1", "ip"]`.
 fn key_segments(key: &str) -> Vec<String> {
-    key.split(['.', '[', ']']).filter(|s| !s.is_empty()).map(String::from).collect()
+    key.split(['.', '[', ']'])
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// True for a path segment that indexes a list.
@@ -1112,8 +1240,10 @@ fn render_value(value: &Value) -> String {
             .unwrap_or_else(|| "?".into()),
         Value::Empty(..) => "(nothing)".into(),
         Value::Dict(_, dict) => {
-            let items: Vec<String> =
-                dict.iter().map(|(k, v)| format!("{k} = {}", render_value(v))).collect();
+            let items: Vec<String> = dict
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", render_value(v)))
+                .collect();
             format!("{{ {} }}", items.join(", "))
         }
         Value::Array(_, items) => {
@@ -1203,7 +1333,10 @@ pub enum ConfigError {
 }
 
 fn value_suffix(value: &Option<String>) -> String {
-    value.as_ref().map(|v| format!(" = {v}")).unwrap_or_default()
+    value
+        .as_ref()
+        .map(|v| format!(" = {v}"))
+        .unwrap_or_default()
 }
 
 fn join_lines(errors: &[ConfigError]) -> String {
@@ -1223,8 +1356,10 @@ impl ConfigError {
     /// Converts figment's error(s) from extracting `figment`, looking values and their
     /// sources up in it.
     pub fn from_figment(error: figment::Error, figment: &Figment) -> ConfigError {
-        let mut all: Vec<ConfigError> =
-            error.into_iter().map(|e| Self::from_one_figment_error(e, figment)).collect();
+        let mut all: Vec<ConfigError> = error
+            .into_iter()
+            .map(|e| Self::from_one_figment_error(e, figment))
+            .collect();
         match all.len() {
             1 => all.remove(0),
             _ => ConfigError::Several(all),
@@ -1234,14 +1369,24 @@ impl ConfigError {
     fn from_one_figment_error(e: figment::Error, figment: &Figment) -> ConfigError {
         use figment::error::Kind;
 
-        let file = e.metadata.as_ref().and_then(|m| m.source.as_ref()).and_then(|s| s.file_path());
+        let file = e
+            .metadata
+            .as_ref()
+            .and_then(|m| m.source.as_ref())
+            .and_then(|s| s.file_path());
         if let (Some(path), true, Kind::Message(msg)) = (file, e.path.is_empty(), &e.kind) {
             // The provider itself failed: the file could not be read or parsed.
             let reason = msg.trim_end().to_string();
             return if msg.starts_with("TOML parse error") {
-                ConfigError::Syntax { path: path.to_path_buf(), reason }
+                ConfigError::Syntax {
+                    path: path.to_path_buf(),
+                    reason,
+                }
             } else {
-                ConfigError::File { path: path.to_path_buf(), reason: format!("cannot be read: {reason}") }
+                ConfigError::File {
+                    path: path.to_path_buf(),
+                    reason: format!("cannot be read: {reason}"),
+                }
             };
         }
 
@@ -1259,7 +1404,10 @@ impl ConfigError {
                     }
                     path => format!("[{}]", path.join(".")),
                 };
-                (None, format!("unknown key; {table} accepts: {}", expected.join(", ")))
+                (
+                    None,
+                    format!("unknown key; {table} accepts: {}", expected.join(", ")),
+                )
             }
             Kind::MissingField(field) => {
                 if segments.last().map(String::as_str) != Some(field.as_ref()) {
@@ -1275,9 +1423,10 @@ impl ConfigError {
                 actual_value(actual),
                 format!("expected {expected}, found {}", actual_kind(actual)),
             ),
-            Kind::InvalidValue(actual, expected) => {
-                (actual_value(actual), format!("invalid value, expected {expected}"))
-            }
+            Kind::InvalidValue(actual, expected) => (
+                actual_value(actual),
+                format!("invalid value, expected {expected}"),
+            ),
             Kind::Message(msg) => (None, msg.trim_end().to_string()),
             other => (None, other.to_string()),
         };
@@ -1291,11 +1440,19 @@ impl ConfigError {
             .and_then(|v| figment.get_metadata(v.tag()))
             .or(e.metadata.as_ref());
         let origin = match metadata {
-            Some(md) => describe_origin(md, e.profile.as_ref().unwrap_or(figment.profile()), &segments),
+            Some(md) => describe_origin(
+                md,
+                e.profile.as_ref().unwrap_or(figment.profile()),
+                &segments,
+            ),
             None => ORIGIN_DEFAULTS.to_string(),
         };
         ConfigError::Invalid {
-            key: if segments.is_empty() { "(top level)".into() } else { display_key(&segments) },
+            key: if segments.is_empty() {
+                "(top level)".into()
+            } else {
+                display_key(&segments)
+            },
             value,
             origin: format!("from {origin}"),
             reason,
@@ -1318,7 +1475,9 @@ impl Text for Ipv4Addr {
         self.to_string()
     }
     fn from_text(s: &str) -> Result<Self, String> {
-        s.trim().parse().map_err(|_| format!("invalid IPv4 address {s:?}"))
+        s.trim()
+            .parse()
+            .map_err(|_| format!("invalid IPv4 address {s:?}"))
     }
 }
 
@@ -1522,7 +1681,9 @@ struct ResolvConf {
 }
 
 fn read_resolv_conf() -> ResolvConf {
-    std::fs::read_to_string(RESOLV_CONF).map(|text| parse_resolv_conf(&text)).unwrap_or_default()
+    std::fs::read_to_string(RESOLV_CONF)
+        .map(|text| parse_resolv_conf(&text))
+        .unwrap_or_default()
 }
 
 fn parse_resolv_conf(text: &str) -> ResolvConf {
@@ -1556,7 +1717,10 @@ fn host_domain() -> Option<String> {
 
 /// The part of a fully qualified host name after its first dot.
 fn domain_of_hostname(hostname: &str) -> Option<String> {
-    hostname.split_once('.').map(|(_, domain)| domain.to_string()).filter(|d| !d.is_empty())
+    hostname
+        .split_once('.')
+        .map(|(_, domain)| domain.to_string())
+        .filter(|d| !d.is_empty())
 }
 
 fn hostname() -> Option<String> {
@@ -1572,12 +1736,19 @@ fn hostname() -> Option<String> {
 }
 
 /// The default state directory for a user; see [`StateConfig::dir`].
-fn default_state_dir(euid: u32, xdg_state_home: Option<OsString>, home: Option<OsString>) -> PathBuf {
+fn default_state_dir(
+    euid: u32,
+    xdg_state_home: Option<OsString>,
+    home: Option<OsString>,
+) -> PathBuf {
     if euid == 0 {
         return PathBuf::from("/var/lib/hubnat");
     }
     // The XDG spec says to ignore a relative XDG_STATE_HOME.
-    if let Some(xdg) = xdg_state_home.map(PathBuf::from).filter(|p| p.is_absolute()) {
+    if let Some(xdg) = xdg_state_home
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+    {
         return xdg.join("hubnat");
     }
     match home.filter(|h| !h.is_empty()) {
@@ -1590,8 +1761,8 @@ fn default_state_dir(euid: u32, xdg_state_home: Option<OsString>, home: Option<O
 // Tests
 // ---------------------------------------------------------------------------------------------
 
-
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Result
 mod tests {
     use super::*;
     use figment::Jail;
@@ -1599,7 +1770,11 @@ mod tests {
     const FILE: &str = "(from file x.toml)";
 
     fn file_sources() -> Sources {
-        Sources { file: Some("x.toml".into()), env: false, overrides: Vec::new() }
+        Sources {
+            file: Some("x.toml".into()),
+            env: false,
+            overrides: Vec::new(),
+        }
     }
 
     /// Writes `toml` to `x.toml` in the jail and loads it (no environment, no overrides).
@@ -1615,7 +1790,10 @@ mod tests {
             let err = load_toml(jail, toml).expect_err("the config should be rejected");
             let text = err.to_string();
             for needle in needles.iter().chain(&[FILE]) {
-                assert!(text.contains(needle), "error {text:?} does not mention {needle:?}");
+                assert!(
+                    text.contains(needle),
+                    "error {text:?} does not mention {needle:?}"
+                );
             }
             Ok(())
         });
@@ -1634,7 +1812,14 @@ mod tests {
     #[test]
     fn defaults_are_the_reference_behaviour() {
         let c = Config::default();
-        assert_eq!(c.host, HostConfig { mac: None, ip: ip("192.168.30.1"), mask: ip("255.255.255.0") });
+        assert_eq!(
+            c.host,
+            HostConfig {
+                mac: None,
+                ip: ip("192.168.30.1"),
+                mask: ip("255.255.255.0")
+            }
+        );
         assert!(c.dhcp.enabled);
         assert_eq!(c.dhcp.range_start, ip("192.168.30.10"));
         assert_eq!(c.dhcp.range_end, ip("192.168.30.200"));
@@ -1643,15 +1828,31 @@ mod tests {
         assert_eq!(c.dhcp.gateway, Some(ip("192.168.30.1")));
         assert_eq!(c.dhcp.dns, vec![ip("192.168.30.1")]);
         assert!(c.dhcp.routes.is_empty() && c.dhcp.statics.is_empty());
-        assert_eq!(c.nat, NatConfig {
-            enabled: true,
-            mtu: 1500,
-            tcp_timeout: Duration::from_secs(7200),
-            udp_timeout: Duration::from_secs(600),
-        });
+        assert_eq!(
+            c.nat,
+            NatConfig {
+                enabled: true,
+                mtu: 1500,
+                tcp_timeout: Duration::from_secs(7200),
+                udp_timeout: Duration::from_secs(600),
+            }
+        );
         assert_eq!(c.backend.kind, BackendKind::Tap);
-        assert_eq!(c.backend.tap, TapConfig { name: "hubnat0".into(), mtu: None });
-        assert_eq!(c.log, LogConfig { level: "info".into(), format: LogFormat::Text, security_log: None });
+        assert_eq!(
+            c.backend.tap,
+            TapConfig {
+                name: "hubnat0".into(),
+                mtu: None
+            }
+        );
+        assert_eq!(
+            c.log,
+            LogConfig {
+                level: "info".into(),
+                format: LogFormat::Text,
+                security_log: None
+            }
+        );
         assert_eq!(c.tap_mtu(), 1500);
         assert_eq!(c.security_log_path(), c.state.dir.join("security.log"));
         assert_eq!(c.dns.upstream, read_resolv_conf().nameservers);
@@ -1674,28 +1875,40 @@ mod tests {
         c.backend.tap.mtu = Some(1400);
         assert_eq!(c.tap_mtu(), 1400);
         c.state.dir = "/srv/hubnat".into();
-        assert_eq!(c.security_log_path(), PathBuf::from("/srv/hubnat/security.log"));
+        assert_eq!(
+            c.security_log_path(),
+            PathBuf::from("/srv/hubnat/security.log")
+        );
         c.log.security_log = Some("/var/log/hubnat-security.log".into());
-        assert_eq!(c.security_log_path(), PathBuf::from("/var/log/hubnat-security.log"));
+        assert_eq!(
+            c.security_log_path(),
+            PathBuf::from("/var/log/hubnat-security.log")
+        );
     }
 
     #[test]
     fn layers_apply_defaults_then_file_then_env_then_command_line() {
         Jail::expect_with(|jail| {
-            jail.create_file("x.toml", r#"
+            jail.create_file(
+                "x.toml",
+                r#"
                 [dhcp]
                 lease = "1h"
                 range_start = "192.168.30.20"
                 [nat]
                 mtu = 1400
                 udp_timeout = "5m"
-            "#)?;
+            "#,
+            )?;
             jail.set_env("HUBNAT_DHCP__LEASE", "30m");
             jail.set_env("HUBNAT_NAT__MTU", "1300");
             let sources = Sources {
                 file: Some("x.toml".into()),
                 env: true,
-                overrides: vec!["dhcp.lease=5m".parse().expect("override"), Override::new("nat.enabled", "false")],
+                overrides: vec![
+                    "dhcp.lease=5m".parse().expect("override"),
+                    Override::new("nat.enabled", "false"),
+                ],
             };
             let c = Config::load(&sources).expect("valid");
             assert_eq!(c.dhcp.lease, Duration::from_secs(300)); // command line over env and file
@@ -1713,7 +1926,11 @@ mod tests {
             assert_eq!(origin("dhcp.range_end"), "the built-in defaults");
 
             // Without `env`, the environment is not read.
-            let c = Config::load(&Sources { env: false, ..sources }).expect("valid");
+            let c = Config::load(&Sources {
+                env: false,
+                ..sources
+            })
+            .expect("valid");
             assert_eq!(c.nat.mtu, 1400);
             Ok(())
         });
@@ -1731,20 +1948,31 @@ mod tests {
             jail.set_env("HUBNAT_LOG__FORMAT", "json");
             // Reserved for the CLI's --config, not a key.
             jail.set_env("HUBNAT_CONFIG", "/nonexistent.toml");
-            let c = Config::load(&Sources { env: true, ..Sources::default() }).expect("valid");
+            let c = Config::load(&Sources {
+                env: true,
+                ..Sources::default()
+            })
+            .expect("valid");
             assert_eq!(c.dhcp.range_start, ip("192.168.30.50"));
             assert_eq!(c.backend.tap.name, "tap7");
             assert_eq!(c.backend.kind, BackendKind::Memory);
-            assert_eq!(c.dns.upstream, vec![
-                "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
-                "9.9.9.9:5353".parse().expect("addr"),
-            ]);
+            assert_eq!(
+                c.dns.upstream,
+                vec![
+                    "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
+                    "9.9.9.9:5353".parse().expect("addr"),
+                ]
+            );
             assert_eq!(c.dhcp.gateway, None);
             assert_eq!(c.dhcp.dns, vec![ip("192.168.30.2")]);
             assert_eq!(c.log.format, LogFormat::Json);
 
             jail.set_env("HUBNAT_DHCP__DNS", "");
-            let c = Config::load(&Sources { env: true, ..Sources::default() }).expect("valid");
+            let c = Config::load(&Sources {
+                env: true,
+                ..Sources::default()
+            })
+            .expect("valid");
             assert!(c.dhcp.dns.is_empty());
             Ok(())
         });
@@ -1753,10 +1981,16 @@ mod tests {
     #[test]
     fn env_errors_name_the_variable() {
         Jail::expect_with(|jail| {
-            let env = Sources { env: true, ..Sources::default() };
+            let env = Sources {
+                env: true,
+                ..Sources::default()
+            };
             jail.set_env("HUBNAT_NAT__MTU", "big");
             let text = Config::load(&env).expect_err("type error").to_string();
-            assert!(text.contains("nat.mtu = \"big\" (from environment variable HUBNAT_NAT__MTU)"), "{text}");
+            assert!(
+                text.contains("nat.mtu = \"big\" (from environment variable HUBNAT_NAT__MTU)"),
+                "{text}"
+            );
             assert!(text.contains("expected u32"), "{text}");
 
             jail.set_env("HUBNAT_NAT__MTU", "100");
@@ -1774,11 +2008,26 @@ mod tests {
     #[test]
     fn command_line_errors_say_command_line() {
         Jail::expect_with(|_| {
-            let cli = |o: &str| Sources { overrides: vec![o.parse().expect("override")], ..Sources::default() };
-            let text = Config::load(&cli("nat.mtu=100")).expect_err("too small").to_string();
-            assert_eq!(text, "config key nat.mtu = 100 (from the command line): must be from 576 to 65520");
-            let text = Config::load(&cli("dhcp.lease=soon")).expect_err("bad duration").to_string();
-            assert!(text.starts_with("config key dhcp.lease = \"soon\" (from the command line): invalid duration"), "{text}");
+            let cli = |o: &str| Sources {
+                overrides: vec![o.parse().expect("override")],
+                ..Sources::default()
+            };
+            let text = Config::load(&cli("nat.mtu=100"))
+                .expect_err("too small")
+                .to_string();
+            assert_eq!(
+                text,
+                "config key nat.mtu = 100 (from the command line): must be from 576 to 65520"
+            );
+            let text = Config::load(&cli("dhcp.lease=soon"))
+                .expect_err("bad duration")
+                .to_string();
+            assert!(
+                text.starts_with(
+                    "config key dhcp.lease = \"soon\" (from the command line): invalid duration"
+                ),
+                "{text}"
+            );
             Ok(())
         });
     }
@@ -1792,9 +2041,19 @@ mod tests {
         assert_eq!(o.to_string(), "log.level=hubnat=debug,info");
         let o: Override = "dhcp.gateway=".parse().expect("valid");
         assert_eq!(o.value, "");
-        for bad in ["no-equals-sign", "=1", "Dhcp.Lease=1h", "dhcp..lease=1h", "dhcp lease=1h", ".x=1"] {
+        for bad in [
+            "no-equals-sign",
+            "=1",
+            "Dhcp.Lease=1h",
+            "dhcp..lease=1h",
+            "dhcp lease=1h",
+            ".x=1",
+        ] {
             let err = bad.parse::<Override>().expect_err(bad);
-            assert!(matches!(err, ConfigError::Override { .. }), "{bad}: {err:?}");
+            assert!(
+                matches!(err, ConfigError::Override { .. }),
+                "{bad}: {err:?}"
+            );
             assert!(err.to_string().contains(bad), "{err}");
         }
     }
@@ -1804,14 +2063,31 @@ mod tests {
         let parsed = |v: &str| Override::new("k", v).parsed_value();
         assert_eq!(parsed("1400").to_i128(), Some(1400));
         assert_eq!(parsed("true").to_bool(), Some(true));
-        assert_eq!(parsed("\"two words\"").into_string().as_deref(), Some("two words"));
+        assert_eq!(
+            parsed("\"two words\"").into_string().as_deref(),
+            Some("two words")
+        );
         assert_eq!(parsed("info").into_string().as_deref(), Some("info"));
-        assert_eq!(parsed("192.168.30.5").into_string().as_deref(), Some("192.168.30.5"));
-        assert_eq!(parsed("00:ac:00:00:00:01").into_string().as_deref(), Some("00:ac:00:00:00:01"));
-        assert_eq!(parsed("hubnat=debug,info").into_string().as_deref(), Some("hubnat=debug,info"));
+        assert_eq!(
+            parsed("192.168.30.5").into_string().as_deref(),
+            Some("192.168.30.5")
+        );
+        assert_eq!(
+            parsed("00:ac:00:00:00:01").into_string().as_deref(),
+            Some("00:ac:00:00:00:01")
+        );
+        assert_eq!(
+            parsed("hubnat=debug,info").into_string().as_deref(),
+            Some("hubnat=debug,info")
+        );
         assert_eq!(parsed("").into_string().as_deref(), Some(""));
         let list = |v: &str| -> Vec<String> {
-            parsed(v).into_array().expect("array").into_iter().filter_map(|v| v.into_string()).collect()
+            parsed(v)
+                .into_array()
+                .expect("array")
+                .into_iter()
+                .filter_map(|v| v.into_string())
+                .collect()
         };
         assert_eq!(list("[\"1.1.1.1\", \"9.9.9.9\"]"), ["1.1.1.1", "9.9.9.9"]);
         assert_eq!(list("[1.1.1.1, 9.9.9.9]"), ["1.1.1.1", "9.9.9.9"]);
@@ -1835,25 +2111,39 @@ mod tests {
                 "backend.tap.mtu=1500",
             ];
             let sources = Sources {
-                overrides: overrides.iter().map(|o| o.parse().expect("override")).collect(),
+                overrides: overrides
+                    .iter()
+                    .map(|o| o.parse().expect("override"))
+                    .collect(),
                 ..Sources::default()
             };
             let c = Config::load(&sources).expect("valid");
-            assert_eq!(c.dns.upstream, vec![
-                "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
-                "[::1]:5353".parse().expect("addr"),
-            ]);
+            assert_eq!(
+                c.dns.upstream,
+                vec![
+                    "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
+                    "[::1]:5353".parse().expect("addr"),
+                ]
+            );
             assert_eq!(c.dhcp.lease, Duration::from_secs(3600));
             assert_eq!(c.backend.kind, BackendKind::Memory);
             assert_eq!(c.host.mac, Some(mac("00:ac:01:02:03:04")));
             assert_eq!(c.log.level, "hubnat=debug,info");
             assert_eq!(c.dhcp.gateway, None);
-            assert_eq!(c.dhcp.routes, vec!["10.0.0.0/8 via 192.168.30.254".parse::<Route>().expect("route")]);
-            assert_eq!(c.dhcp.statics, vec![StaticLease {
-                mac: mac("00:ac:00:00:00:09"),
-                ip: ip("192.168.30.9"),
-                hostname: Some("nas".into()),
-            }]);
+            assert_eq!(
+                c.dhcp.routes,
+                vec!["10.0.0.0/8 via 192.168.30.254"
+                    .parse::<Route>()
+                    .expect("route")]
+            );
+            assert_eq!(
+                c.dhcp.statics,
+                vec![StaticLease {
+                    mac: mac("00:ac:00:00:00:09"),
+                    ip: ip("192.168.30.9"),
+                    hostname: Some("nas".into()),
+                }]
+            );
             assert_eq!((c.nat.mtu, c.tap_mtu()), (9000, 1500));
             Ok(())
         });
@@ -1864,11 +2154,15 @@ mod tests {
     #[test]
     fn durations_use_humantime() {
         Jail::expect_with(|jail| {
-            let c = load_toml(jail, r#"
+            let c = load_toml(
+                jail,
+                r#"
                 dhcp.lease = "90s"
                 nat.tcp_timeout = "1day"
                 nat.udp_timeout = "10m 30s"
-            "#).expect("valid");
+            "#,
+            )
+            .expect("valid");
             assert_eq!(c.dhcp.lease, Duration::from_secs(90));
             assert_eq!(c.nat.tcp_timeout, Duration::from_secs(86400));
             assert_eq!(c.nat.udp_timeout, Duration::from_secs(630));
@@ -1883,22 +2177,36 @@ mod tests {
 
     #[test]
     fn bad_durations_name_key_value_and_source() {
-        assert_rejects("[dhcp]\nlease = \"soon\"", &["config key dhcp.lease = \"soon\" (from file x.toml): invalid duration"]);
-        assert_rejects("[dhcp]\nlease = 7200", &["dhcp.lease = 7200", "needs a unit", "\"7200s\""]);
-        assert_rejects("[nat]\nudp_timeout = -5", &["nat.udp_timeout = -5", "invalid duration"]);
+        assert_rejects(
+            "[dhcp]\nlease = \"soon\"",
+            &["config key dhcp.lease = \"soon\" (from file x.toml): invalid duration"],
+        );
+        assert_rejects(
+            "[dhcp]\nlease = 7200",
+            &["dhcp.lease = 7200", "needs a unit", "\"7200s\""],
+        );
+        assert_rejects(
+            "[nat]\nudp_timeout = -5",
+            &["nat.udp_timeout = -5", "invalid duration"],
+        );
     }
 
     #[test]
     fn empty_gateway_and_domain_mean_none() {
         Jail::expect_with(|jail| {
-            let c = load_toml(jail, "[dhcp]\ngateway = \"\"\ndomain = \"\"\ndns = []").expect("valid");
+            let c =
+                load_toml(jail, "[dhcp]\ngateway = \"\"\ndomain = \"\"\ndns = []").expect("valid");
             assert_eq!(c.dhcp.gateway, None);
             assert_eq!(c.dhcp.domain, None);
             assert!(c.dhcp.dns.is_empty());
             let json = serde_json::to_value(&c).expect("serialize");
             assert_eq!(json["dhcp"]["gateway"], "");
             assert_eq!(json["dhcp"]["domain"], "");
-            let c = load_toml(jail, "[dhcp]\ngateway = \"192.168.30.254\"\ndomain = \"example.lan\"").expect("valid");
+            let c = load_toml(
+                jail,
+                "[dhcp]\ngateway = \"192.168.30.254\"\ndomain = \"example.lan\"",
+            )
+            .expect("valid");
             assert_eq!(c.dhcp.gateway, Some(ip("192.168.30.254")));
             assert_eq!(c.dhcp.domain.as_deref(), Some("example.lan"));
             Ok(())
@@ -1913,16 +2221,30 @@ mod tests {
         c.dhcp.domain = Some("example.lan".into());
         c.dhcp.routes = vec!["10.0.0.0/8 via 192.168.30.254".parse().expect("route")];
         c.dhcp.statics = vec![
-            StaticLease { mac: mac("00:ac:00:00:00:01"), ip: ip("192.168.30.5"), hostname: None },
-            StaticLease { mac: mac("00:ac:00:00:00:02"), ip: ip("192.168.30.6"), hostname: Some("nas".into()) },
+            StaticLease {
+                mac: mac("00:ac:00:00:00:01"),
+                ip: ip("192.168.30.5"),
+                hostname: None,
+            },
+            StaticLease {
+                mac: mac("00:ac:00:00:00:02"),
+                ip: ip("192.168.30.6"),
+                hostname: Some("nas".into()),
+            },
         ];
-        c.dns.upstream = vec!["[::1]:5353".parse().expect("addr"), "1.1.1.1:53".parse().expect("addr")];
+        c.dns.upstream = vec![
+            "[::1]:5353".parse().expect("addr"),
+            "1.1.1.1:53".parse().expect("addr"),
+        ];
         c.backend.tap.mtu = Some(9000);
         c.log.security_log = Some("/tmp/sec.log".into());
         c.dhcp.lease = Duration::from_secs(400 * 86400 + 1);
-        let back: Config = Figment::from(Serialized::defaults(&c)).extract().expect("round trip");
+        let back: Config = Figment::from(Serialized::defaults(&c))
+            .extract()
+            .expect("round trip");
         assert_eq!(back, c);
-        let back: Config = serde_json::from_value(serde_json::to_value(&c).expect("ser")).expect("de");
+        let back: Config =
+            serde_json::from_value(serde_json::to_value(&c).expect("ser")).expect("de");
         assert_eq!(back, c);
     }
 
@@ -1938,22 +2260,55 @@ mod tests {
         assert!(!mac("01:00:5e:00:00:01").is_unicast());
         assert!(!mac("00:00:00:00:00:00").is_unicast());
         assert!(mac("02:00:00:00:00:01").is_unicast()); // locally administered is fine
-        for bad in ["", "00:ac:12:34:56", "00:ac:12:34:56:78:9a", "0:ac:12:34:56:78", "00:ac-12:34:56:78", "gg:ac:12:34:56:78", "00:ac:12:34:56:+7"] {
+        for bad in [
+            "",
+            "00:ac:12:34:56",
+            "00:ac:12:34:56:78:9a",
+            "0:ac:12:34:56:78",
+            "00:ac-12:34:56:78",
+            "gg:ac:12:34:56:78",
+            "00:ac:12:34:56:+7",
+        ] {
             let err = bad.parse::<MacAddr>().expect_err(bad);
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
-        assert_eq!(serde_json::to_string(&m).expect("ser"), "\"00:ac:12:34:56:78\"");
-        assert_eq!(serde_json::from_str::<MacAddr>("\"00-ac-12-34-56-78\"").expect("de"), m);
+        assert_eq!(
+            serde_json::to_string(&m).expect("ser"),
+            "\"00:ac:12:34:56:78\""
+        );
+        assert_eq!(
+            serde_json::from_str::<MacAddr>("\"00-ac-12-34-56-78\"").expect("de"),
+            m
+        );
         assert!(m < MacAddr::BROADCAST);
     }
 
     #[test]
     fn routes_parse_display_and_reject() {
         let r: Route = "10.0.0.0/8 via 192.168.30.1".parse().expect("valid");
-        assert_eq!(r, Route { dest: ip("10.0.0.0"), prefix_len: 8, gateway: ip("192.168.30.1") });
+        assert_eq!(
+            r,
+            Route {
+                dest: ip("10.0.0.0"),
+                prefix_len: 8,
+                gateway: ip("192.168.30.1")
+            }
+        );
         assert_eq!(r.to_string(), "10.0.0.0/8 via 192.168.30.1");
-        assert_eq!("  0.0.0.0/0   via 192.168.30.254 ".parse::<Route>().expect("default route").prefix_len, 0);
-        assert_eq!("192.168.40.7/32 via 192.168.30.2".parse::<Route>().expect("host route").prefix_len, 32);
+        assert_eq!(
+            "  0.0.0.0/0   via 192.168.30.254 "
+                .parse::<Route>()
+                .expect("default route")
+                .prefix_len,
+            0
+        );
+        assert_eq!(
+            "192.168.40.7/32 via 192.168.30.2"
+                .parse::<Route>()
+                .expect("host route")
+                .prefix_len,
+            32
+        );
         for (bad, why) in [
             ("10.0.0.1/8 via 192.168.30.1", "did you mean 10.0.0.0/8"),
             ("10.0.0.0/33 via 192.168.30.1", "prefix \"33\""),
@@ -1961,11 +2316,17 @@ mod tests {
             ("10.0.0.0/8 192.168.30.1", "three words"),
             ("10.0.0.0/8 through 192.168.30.1", "expected \"via\""),
             ("10.0.0.0/8 via gw", "\"gw\" is not an IPv4 address"),
-            ("10.0.0/8 via 192.168.30.1", "\"10.0.0\" is not an IPv4 address"),
+            (
+                "10.0.0/8 via 192.168.30.1",
+                "\"10.0.0\" is not an IPv4 address",
+            ),
             ("", "three words"),
         ] {
             let err = bad.parse::<Route>().expect_err(bad).to_string();
-            assert!(err.contains(why) && err.contains(&format!("{bad:?}")), "{bad}: {err}");
+            assert!(
+                err.contains(why) && err.contains(&format!("{bad:?}")),
+                "{bad}: {err}"
+            );
         }
         Jail::expect_with(|jail| {
             let c = load_toml(jail, "[dhcp]\nroutes = [\"10.0.0.0/8 via 192.168.30.254\", \"172.16.0.0/12 via 192.168.30.1\"]")
@@ -1973,8 +2334,20 @@ mod tests {
             assert_eq!(c.dhcp.routes.len(), 2);
             Ok(())
         });
-        assert_rejects("[dhcp]\nroutes = [\"10.0.0.1/8 via 192.168.30.1\"]", &["dhcp.routes = [\"10.0.0.1/8 via 192.168.30.1\"]", "host bits"]);
-        assert_rejects("[dhcp]\nroutes = [\"10.0.0.0/8 via 10.1.1.1\"]", &["dhcp.routes[0] = 10.0.0.0/8 via 10.1.1.1", "10.1.1.1 outside the subnet 192.168.30.0/24"]);
+        assert_rejects(
+            "[dhcp]\nroutes = [\"10.0.0.1/8 via 192.168.30.1\"]",
+            &[
+                "dhcp.routes = [\"10.0.0.1/8 via 192.168.30.1\"]",
+                "host bits",
+            ],
+        );
+        assert_rejects(
+            "[dhcp]\nroutes = [\"10.0.0.0/8 via 10.1.1.1\"]",
+            &[
+                "dhcp.routes[0] = 10.0.0.0/8 via 10.1.1.1",
+                "10.1.1.1 outside the subnet 192.168.30.0/24",
+            ],
+        );
     }
 
     #[test]
@@ -1988,9 +2361,21 @@ mod tests {
         assert_eq!(upstream_text(p("::1")), "::1");
         assert_eq!(upstream_text(p("[::1]:5353")), "[::1]:5353");
         assert!(parse_upstream("dns.google").is_err());
-        assert_rejects("[dns]\nupstream = [\"1.1.1.1\", \"resolver\"]", &["dns.upstream = [\"1.1.1.1\", \"resolver\"]", "invalid DNS server \"resolver\""]);
-        assert_rejects("[dns]\nupstream = [\"1.1.1.1:0\"]", &["dns.upstream[0] = \"1.1.1.1:0\"", "port 0"]);
-        assert_rejects("[dns]\nupstream = [\"224.0.0.251\"]", &["dns.upstream[0]", "unicast"]);
+        assert_rejects(
+            "[dns]\nupstream = [\"1.1.1.1\", \"resolver\"]",
+            &[
+                "dns.upstream = [\"1.1.1.1\", \"resolver\"]",
+                "invalid DNS server \"resolver\"",
+            ],
+        );
+        assert_rejects(
+            "[dns]\nupstream = [\"1.1.1.1:0\"]",
+            &["dns.upstream[0] = \"1.1.1.1:0\"", "port 0"],
+        );
+        assert_rejects(
+            "[dns]\nupstream = [\"224.0.0.251\"]",
+            &["dns.upstream[0]", "unicast"],
+        );
     }
 
     // --- files ---------------------------------------------------------------------------------
@@ -2011,7 +2396,10 @@ mod tests {
             let err = load_toml(jail, "[dhcp]\nlease = = \"2h\"\n").expect_err("bad TOML");
             assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
             let text = err.to_string();
-            assert!(text.starts_with("configuration file x.toml is not valid TOML"), "{text}");
+            assert!(
+                text.starts_with("configuration file x.toml is not valid TOML"),
+                "{text}"
+            );
             assert!(text.contains("line 2"), "{text}");
             Ok(())
         });
@@ -2026,7 +2414,10 @@ mod tests {
             ("bogus = 1".to_string(), "bogus"),
             ("[host]\nbogus = 1".into(), "host.bogus"),
             ("[dhcp]\nbogus = 1".into(), "dhcp.bogus"),
-            (format!("[[dhcp.static]]\n{lease}bogus = 1"), "dhcp.static[0].bogus"),
+            (
+                format!("[[dhcp.static]]\n{lease}bogus = 1"),
+                "dhcp.static[0].bogus",
+            ),
             ("[nat]\nbogus = 1".into(), "nat.bogus"),
             ("[dns]\nbogus = 1".into(), "dns.bogus"),
             ("[backend]\nbogus = 1".into(), "backend.bogus"),
@@ -2034,40 +2425,94 @@ mod tests {
             ("[state]\nbogus = 1".into(), "state.bogus"),
             ("[log]\nbogus = 1".into(), "log.bogus"),
         ] {
-            assert_rejects(&toml, &[&format!("config key {key} = 1 (from file x.toml): unknown key")]);
+            assert_rejects(
+                &toml,
+                &[&format!(
+                    "config key {key} = 1 (from file x.toml): unknown key"
+                )],
+            );
         }
-        assert_rejects("[dhcp]\nrange_begin = \"192.168.30.10\"", &["dhcp.range_begin", "[dhcp] accepts: enabled, range_start"]);
-        assert_rejects(&format!("[[dhcp.static]]\n{lease}name = \"x\""), &["a [[dhcp.static]] entry accepts: mac, ip, hostname"]);
+        assert_rejects(
+            "[dhcp]\nrange_begin = \"192.168.30.10\"",
+            &["dhcp.range_begin", "[dhcp] accepts: enabled, range_start"],
+        );
+        assert_rejects(
+            &format!("[[dhcp.static]]\n{lease}name = \"x\""),
+            &["a [[dhcp.static]] entry accepts: mac, ip, hostname"],
+        );
         Jail::expect_with(|jail| {
             jail.set_env("HUBNAT_NAT__BOGUS", "1");
-            let text = Config::load(&Sources { env: true, ..Sources::default() }).expect_err("unknown").to_string();
+            let text = Config::load(&Sources {
+                env: true,
+                ..Sources::default()
+            })
+            .expect_err("unknown")
+            .to_string();
             assert!(text.contains("config key nat.bogus = 1 (from environment variable HUBNAT_NAT__BOGUS): unknown key"), "{text}");
-            let cli = Sources { overrides: vec![Override::new("bogus.key", "x")], ..Sources::default() };
+            let cli = Sources {
+                overrides: vec![Override::new("bogus.key", "x")],
+                ..Sources::default()
+            };
             let text = Config::load(&cli).expect_err("unknown").to_string();
-            assert!(text.contains("config key bogus = { key = \"x\" } (from the command line): unknown key"), "{text}");
+            assert!(
+                text.contains(
+                    "config key bogus = { key = \"x\" } (from the command line): unknown key"
+                ),
+                "{text}"
+            );
             Ok(())
         });
     }
 
     #[test]
     fn type_errors_name_key_value_and_expectation() {
-        assert_rejects("[nat]\nmtu = \"big\"", &["config key nat.mtu = \"big\" (from file x.toml): expected u32, found a string"]);
-        assert_rejects("[dhcp]\nenabled = \"yes\"", &["dhcp.enabled = \"yes\"", "expected a boolean"]);
-        assert_rejects("[dhcp]\nrange_start = \"192.168.30\"", &["dhcp.range_start = \"192.168.30\"", "invalid IPv4 address"]);
+        assert_rejects(
+            "[nat]\nmtu = \"big\"",
+            &["config key nat.mtu = \"big\" (from file x.toml): expected u32, found a string"],
+        );
+        assert_rejects(
+            "[dhcp]\nenabled = \"yes\"",
+            &["dhcp.enabled = \"yes\"", "expected a boolean"],
+        );
+        assert_rejects(
+            "[dhcp]\nrange_start = \"192.168.30\"",
+            &["dhcp.range_start = \"192.168.30\"", "invalid IPv4 address"],
+        );
         assert_rejects("[backend]\nkind = \"raw\"", &["config key backend.kind = \"raw\" (from file x.toml): unknown value; valid values are: tap, memory"]);
-        assert_rejects("[log]\nformat = \"xml\"", &["log.format = \"xml\"", "text, json"]);
-        assert_rejects("[[dhcp.static]]\nip = \"192.168.30.50\"", &["config key dhcp.static[0].mac (from file x.toml): this key is required here"]);
-        assert_rejects("[host]\nmac = \"00:ac:12:34:56\"", &["host.mac = \"00:ac:12:34:56\"", "invalid MAC address"]);
-        assert_rejects("dhcp = 5", &["config key dhcp = 5", "expected struct DhcpConfig"]);
+        assert_rejects(
+            "[log]\nformat = \"xml\"",
+            &["log.format = \"xml\"", "text, json"],
+        );
+        assert_rejects(
+            "[[dhcp.static]]\nip = \"192.168.30.50\"",
+            &["config key dhcp.static[0].mac (from file x.toml): this key is required here"],
+        );
+        assert_rejects(
+            "[host]\nmac = \"00:ac:12:34:56\"",
+            &["host.mac = \"00:ac:12:34:56\"", "invalid MAC address"],
+        );
+        assert_rejects(
+            "dhcp = 5",
+            &["config key dhcp = 5", "expected struct DhcpConfig"],
+        );
     }
 
     // --- semantic validation, one test per rule -------------------------------------------------
 
     #[test]
     fn netmasks_must_be_contiguous() {
-        assert_rejects("[host]\nmask = \"255.0.255.0\"", &["config key host.mask = 255.0.255.0 (from file x.toml): not a contiguous netmask"]);
-        assert_rejects("[dhcp]\nmask = \"255.255.0.255\"", &["config key dhcp.mask = 255.255.0.255 (from file x.toml): not a contiguous netmask"]);
-        assert_rejects("[host]\nmask = \"255.255.255.254\"", &["host.mask = 255.255.255.254", "/31 leaves no room"]);
+        assert_rejects(
+            "[host]\nmask = \"255.0.255.0\"",
+            &["config key host.mask = 255.0.255.0 (from file x.toml): not a contiguous netmask"],
+        );
+        assert_rejects(
+            "[dhcp]\nmask = \"255.255.0.255\"",
+            &["config key dhcp.mask = 255.255.0.255 (from file x.toml): not a contiguous netmask"],
+        );
+        assert_rejects(
+            "[host]\nmask = \"255.255.255.254\"",
+            &["host.mask = 255.255.255.254", "/31 leaves no room"],
+        );
         assert_eq!(prefix_len(ip("255.255.255.0")), Some(24));
         assert_eq!(prefix_len(ip("0.0.0.0")), Some(0));
         assert_eq!(prefix_len(ip("255.255.255.255")), Some(32));
@@ -2076,16 +2521,31 @@ mod tests {
 
     #[test]
     fn host_mac_must_be_unicast() {
-        assert_rejects("[host]\nmac = \"01:00:5e:00:00:01\"", &["config key host.mac = 01:00:5e:00:00:01 (from file x.toml): is a multicast"]);
-        assert_rejects("[host]\nmac = \"ff:ff:ff:ff:ff:ff\"", &["host.mac = ff:ff:ff:ff:ff:ff", "broadcast"]);
-        assert_rejects("[host]\nmac = \"00:00:00:00:00:00\"", &["host.mac = 00:00:00:00:00:00", "all-zero"]);
+        assert_rejects(
+            "[host]\nmac = \"01:00:5e:00:00:01\"",
+            &["config key host.mac = 01:00:5e:00:00:01 (from file x.toml): is a multicast"],
+        );
+        assert_rejects(
+            "[host]\nmac = \"ff:ff:ff:ff:ff:ff\"",
+            &["host.mac = ff:ff:ff:ff:ff:ff", "broadcast"],
+        );
+        assert_rejects(
+            "[host]\nmac = \"00:00:00:00:00:00\"",
+            &["host.mac = 00:00:00:00:00:00", "all-zero"],
+        );
     }
 
     #[test]
     fn host_ip_must_be_a_host_address_of_its_subnet() {
         assert_rejects("[host]\nip = \"192.168.30.0\"", &["config key host.ip = 192.168.30.0 (from file x.toml): is the network address of its subnet 192.168.30.0/24; choose an address between 192.168.30.1 and 192.168.30.254"]);
-        assert_rejects("[host]\nip = \"192.168.30.255\"", &["host.ip = 192.168.30.255", "broadcast address"]);
-        assert_rejects("[host]\nip = \"127.0.0.1\"", &["host.ip = 127.0.0.1", "unicast"]);
+        assert_rejects(
+            "[host]\nip = \"192.168.30.255\"",
+            &["host.ip = 192.168.30.255", "broadcast address"],
+        );
+        assert_rejects(
+            "[host]\nip = \"127.0.0.1\"",
+            &["host.ip = 127.0.0.1", "unicast"],
+        );
     }
 
     #[test]
@@ -2098,8 +2558,17 @@ mod tests {
     fn dhcp_range_must_lie_inside_the_host_subnet() {
         assert_rejects("[dhcp]\nrange_end = \"192.168.31.5\"",
             &["config key dhcp.range_end = 192.168.31.5 (from file x.toml): outside the subnet 192.168.30.0/24 given by host.ip and host.mask"]);
-        assert_rejects("[dhcp]\nrange_start = \"10.0.0.10\"", &["dhcp.range_start = 10.0.0.10", "outside the subnet"]);
-        assert_rejects("[dhcp]\nrange_end = \"192.168.30.255\"", &["dhcp.range_end = 192.168.30.255", "is the broadcast address of the subnet 192.168.30.0/24"]);
+        assert_rejects(
+            "[dhcp]\nrange_start = \"10.0.0.10\"",
+            &["dhcp.range_start = 10.0.0.10", "outside the subnet"],
+        );
+        assert_rejects(
+            "[dhcp]\nrange_end = \"192.168.30.255\"",
+            &[
+                "dhcp.range_end = 192.168.30.255",
+                "is the broadcast address of the subnet 192.168.30.0/24",
+            ],
+        );
     }
 
     #[test]
@@ -2115,21 +2584,43 @@ mod tests {
             dhcp = { range_start = "10.0.0.2", range_end = "10.2.0.0", gateway = "10.0.0.1", dns = ["10.0.0.1"] }
         "#, &["config key dhcp.range_end = 10.2.0.0 (from file x.toml): the range 10.0.0.2-10.2.0.0 holds 131071 addresses; at most 65536"]);
         Jail::expect_with(|jail| {
-            load_toml(jail, r#"
+            load_toml(
+                jail,
+                r#"
                 host = { ip = "10.0.0.1", mask = "255.0.0.0" }
                 dhcp = { range_start = "10.0.0.2", range_end = "10.1.0.1", gateway = "", dns = [] }
-            "#).expect("65536 addresses are allowed");
+            "#,
+            )
+            .expect("65536 addresses are allowed");
             Ok(())
         });
     }
 
     #[test]
     fn dhcp_lease_is_bounded() {
-        assert_rejects("[dhcp]\nlease = \"5s\"", &["config key dhcp.lease = \"5s\" (from file x.toml): must be from 10s to 365days"]);
-        assert_rejects("[dhcp]\nlease = \"400days\"", &["dhcp.lease = \"400days\"", "must be from 10s to 365days"]);
+        assert_rejects(
+            "[dhcp]\nlease = \"5s\"",
+            &["config key dhcp.lease = \"5s\" (from file x.toml): must be from 10s to 365days"],
+        );
+        assert_rejects(
+            "[dhcp]\nlease = \"400days\"",
+            &["dhcp.lease = \"400days\"", "must be from 10s to 365days"],
+        );
         Jail::expect_with(|jail| {
-            assert_eq!(load_toml(jail, "dhcp.lease = \"10s\"").expect("minimum").dhcp.lease, MIN_LEASE);
-            assert_eq!(load_toml(jail, "dhcp.lease = \"365days\"").expect("maximum").dhcp.lease, MAX_LEASE);
+            assert_eq!(
+                load_toml(jail, "dhcp.lease = \"10s\"")
+                    .expect("minimum")
+                    .dhcp
+                    .lease,
+                MIN_LEASE
+            );
+            assert_eq!(
+                load_toml(jail, "dhcp.lease = \"365days\"")
+                    .expect("maximum")
+                    .dhcp
+                    .lease,
+                MAX_LEASE
+            );
             Ok(())
         });
     }
@@ -2141,14 +2632,23 @@ mod tests {
 
     #[test]
     fn dhcp_dns_servers_must_be_unicast() {
-        assert_rejects("[dhcp]\ndns = [\"192.168.30.1\", \"0.0.0.0\"]", &["config key dhcp.dns[1] = 0.0.0.0 (from file x.toml): must be a unicast address"]);
+        assert_rejects(
+            "[dhcp]\ndns = [\"192.168.30.1\", \"0.0.0.0\"]",
+            &["config key dhcp.dns[1] = 0.0.0.0 (from file x.toml): must be a unicast address"],
+        );
     }
 
     #[test]
     fn dhcp_domain_must_be_a_dns_name() {
         assert_rejects("[dhcp]\ndomain = \"bad..lan\"", &["config key dhcp.domain = \"bad..lan\" (from file x.toml): not a valid domain name: it has an empty label"]);
-        assert_rejects("[dhcp]\ndomain = \"my_lan\"", &["dhcp.domain = \"my_lan\"", "'_' is not allowed"]);
-        assert_rejects("[dhcp]\ndomain = \"-lan\"", &["dhcp.domain", "starts or ends with '-'"]);
+        assert_rejects(
+            "[dhcp]\ndomain = \"my_lan\"",
+            &["dhcp.domain = \"my_lan\"", "'_' is not allowed"],
+        );
+        assert_rejects(
+            "[dhcp]\ndomain = \"-lan\"",
+            &["dhcp.domain", "starts or ends with '-'"],
+        );
         assert!(check_dns_name("example.lan").is_ok());
         assert!(check_dns_name(&"a".repeat(64)).is_err());
         assert!(check_dns_name(&["abc"; 70].join(".")).is_err());
@@ -2156,12 +2656,22 @@ mod tests {
 
     #[test]
     fn static_leases_are_checked() {
-        let entry = |mac: &str, ip: &str| format!("[[dhcp.static]]\nmac = \"{mac}\"\nip = \"{ip}\"\n");
+        let entry =
+            |mac: &str, ip: &str| format!("[[dhcp.static]]\nmac = \"{mac}\"\nip = \"{ip}\"\n");
         assert_rejects(&entry("00:ac:00:00:00:01", "10.0.0.5"),
             &["config key dhcp.static[0].ip = 10.0.0.5 (from file x.toml): outside the subnet 192.168.30.0/24"]);
-        assert_rejects(&entry("00:ac:00:00:00:01", "192.168.30.1"), &["dhcp.static[0].ip = 192.168.30.1", "is host.ip"]);
-        assert_rejects(&entry("00:ac:00:00:00:01", "192.168.30.255"), &["dhcp.static[0].ip = 192.168.30.255", "broadcast address"]);
-        assert_rejects(&entry("01:ac:00:00:00:01", "192.168.30.5"), &["dhcp.static[0].mac = 01:ac:00:00:00:01", "multicast"]);
+        assert_rejects(
+            &entry("00:ac:00:00:00:01", "192.168.30.1"),
+            &["dhcp.static[0].ip = 192.168.30.1", "is host.ip"],
+        );
+        assert_rejects(
+            &entry("00:ac:00:00:00:01", "192.168.30.255"),
+            &["dhcp.static[0].ip = 192.168.30.255", "broadcast address"],
+        );
+        assert_rejects(
+            &entry("01:ac:00:00:00:01", "192.168.30.5"),
+            &["dhcp.static[0].mac = 01:ac:00:00:00:01", "multicast"],
+        );
         assert_rejects(&(entry("00:ac:00:00:00:01", "192.168.30.5") + &entry("00:ac:00:00:00:01", "192.168.30.6")),
             &["config key dhcp.static[1].mac = 00:ac:00:00:00:01 (from file x.toml): dhcp.static[0] already has this MAC"]);
         assert_rejects(&(entry("00:ac:00:00:00:01", "192.168.30.5") + &entry("00:ac:00:00:00:02", "192.168.30.5")),
@@ -2169,8 +2679,13 @@ mod tests {
         assert_rejects(&(entry("00:ac:00:00:00:01", "192.168.30.5") + "hostname = \"bad_name\""),
             &["config key dhcp.static[0].hostname = \"bad_name\" (from file x.toml): not a valid host name"]);
         Jail::expect_with(|jail| {
-            let c = load_toml(jail, &(entry("00:ac:00:00:00:01", "192.168.30.5") + "hostname = \"printer.lan\"\n"
-                + &entry("00:ac:00:00:00:02", "192.168.30.250"))).expect("valid");
+            let c = load_toml(
+                jail,
+                &(entry("00:ac:00:00:00:01", "192.168.30.5")
+                    + "hostname = \"printer.lan\"\n"
+                    + &entry("00:ac:00:00:00:02", "192.168.30.250")),
+            )
+            .expect("valid");
             assert_eq!(c.dhcp.statics[0].hostname.as_deref(), Some("printer.lan"));
             assert_eq!(c.dhcp.statics[1].hostname, None);
             Ok(())
@@ -2179,11 +2694,18 @@ mod tests {
 
     #[test]
     fn mtus_are_bounded() {
-        assert_rejects("[nat]\nmtu = 500", &["config key nat.mtu = 500 (from file x.toml): must be from 576 to 65520"]);
+        assert_rejects(
+            "[nat]\nmtu = 500",
+            &["config key nat.mtu = 500 (from file x.toml): must be from 576 to 65520"],
+        );
         assert_rejects("[nat]\nmtu = 70000", &["nat.mtu = 70000", "576 to 65520"]);
-        assert_rejects("[backend.tap]\nmtu = 100", &["config key backend.tap.mtu = 100 (from file x.toml): must be from 576 to 65520"]);
+        assert_rejects(
+            "[backend.tap]\nmtu = 100",
+            &["config key backend.tap.mtu = 100 (from file x.toml): must be from 576 to 65520"],
+        );
         Jail::expect_with(|jail| {
-            let c = load_toml(jail, "nat.mtu = 65520\nbackend.tap.mtu = 576").expect("bounds are inclusive");
+            let c = load_toml(jail, "nat.mtu = 65520\nbackend.tap.mtu = 576")
+                .expect("bounds are inclusive");
             assert_eq!((c.nat.mtu, c.tap_mtu()), (65520, 576));
             Ok(())
         });
@@ -2193,14 +2715,21 @@ mod tests {
     fn tap_names_follow_linux_rules() {
         for (name, why) in [
             ("", "must not be empty"),
-            ("sixteen-bytes-xx", "is 16 bytes long; Linux allows at most 15"),
+            (
+                "sixteen-bytes-xx",
+                "is 16 bytes long; Linux allows at most 15",
+            ),
             ("tap/0", "'/' is not allowed"),
             ("tap 0", "' ' is not allowed"),
             ("tap:0", "':' is not allowed"),
             ("..", "is reserved"),
         ] {
-            assert_rejects(&format!("[backend.tap]\nname = {name:?}"),
-                &[&format!("config key backend.tap.name = {name:?} (from file x.toml): {why}")]);
+            assert_rejects(
+                &format!("[backend.tap]\nname = {name:?}"),
+                &[&format!(
+                    "config key backend.tap.name = {name:?} (from file x.toml): {why}"
+                )],
+            );
         }
         assert!(check_interface_name("fifteen-bytes-x").is_ok());
         assert!(check_interface_name("tap%d").is_ok());
@@ -2208,15 +2737,30 @@ mod tests {
 
     #[test]
     fn nat_timeouts_are_bounded() {
-        assert_rejects("[nat]\ntcp_timeout = \"0s\"", &["config key nat.tcp_timeout = \"0s\" (from file x.toml): must be from 1s to 365days"]);
-        assert_rejects("[nat]\nudp_timeout = \"500ms\"", &["nat.udp_timeout = \"500ms\"", "must be from 1s"]);
-        assert_rejects("[nat]\nudp_timeout = \"1000days\"", &["nat.udp_timeout = \"1000days\"", "to 365days"]);
+        assert_rejects(
+            "[nat]\ntcp_timeout = \"0s\"",
+            &["config key nat.tcp_timeout = \"0s\" (from file x.toml): must be from 1s to 365days"],
+        );
+        assert_rejects(
+            "[nat]\nudp_timeout = \"500ms\"",
+            &["nat.udp_timeout = \"500ms\"", "must be from 1s"],
+        );
+        assert_rejects(
+            "[nat]\nudp_timeout = \"1000days\"",
+            &["nat.udp_timeout = \"1000days\"", "to 365days"],
+        );
     }
 
     #[test]
     fn log_level_must_be_a_filter() {
-        assert_rejects("[log]\nlevel = \"hubnat=loud\"", &["config key log.level = \"hubnat=loud\" (from file x.toml): not a valid log filter"]);
-        assert_rejects("[log]\nlevel = \" \"", &["log.level = \" \"", "must not be empty"]);
+        assert_rejects(
+            "[log]\nlevel = \"hubnat=loud\"",
+            &["config key log.level = \"hubnat=loud\" (from file x.toml): not a valid log filter"],
+        );
+        assert_rejects(
+            "[log]\nlevel = \" \"",
+            &["log.level = \" \"", "must not be empty"],
+        );
         Jail::expect_with(|jail| {
             load_toml(jail, "log.level = \"hubnat=trace,warn\"").expect("valid directives");
             Ok(())
@@ -2226,11 +2770,19 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         Jail::expect_with(|jail| {
-            let err = load_toml(jail, "nat.mtu = 1\nbackend.tap.name = \"\"\ndhcp.lease = \"1s\"").expect_err("three problems");
-            let keys: Vec<&str> = err.errors().iter().filter_map(|e| match e {
-                ConfigError::Invalid { key, .. } => Some(key.as_str()),
-                _ => None,
-            }).collect();
+            let err = load_toml(
+                jail,
+                "nat.mtu = 1\nbackend.tap.name = \"\"\ndhcp.lease = \"1s\"",
+            )
+            .expect_err("three problems");
+            let keys: Vec<&str> = err
+                .errors()
+                .iter()
+                .filter_map(|e| match e {
+                    ConfigError::Invalid { key, .. } => Some(key.as_str()),
+                    _ => None,
+                })
+                .collect();
             assert_eq!(keys, ["dhcp.lease", "nat.mtu", "backend.tap.name"]);
             assert_eq!(err.to_string().lines().count(), 3);
             Ok(())
@@ -2245,18 +2797,29 @@ mod tests {
             "# generated\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver 2001:db8::53\n\
              search first.example second.example\n; comment\noptions edns0\n",
         );
-        assert_eq!(conf.nameservers, vec![
-            "192.0.2.53:53".parse::<SocketAddr>().expect("addr"),
-            "[2001:db8::53]:53".parse().expect("addr"),
-        ]);
+        assert_eq!(
+            conf.nameservers,
+            vec![
+                "192.0.2.53:53".parse::<SocketAddr>().expect("addr"),
+                "[2001:db8::53]:53".parse().expect("addr"),
+            ]
+        );
         assert_eq!(conf.domain.as_deref(), Some("first.example"));
-        assert_eq!(parse_resolv_conf("search a.example\ndomain b.example\n").domain.as_deref(), Some("b.example"));
+        assert_eq!(
+            parse_resolv_conf("search a.example\ndomain b.example\n")
+                .domain
+                .as_deref(),
+            Some("b.example")
+        );
         assert_eq!(parse_resolv_conf(""), ResolvConf::default());
     }
 
     #[test]
     fn hostname_domain_is_after_the_first_dot() {
-        assert_eq!(domain_of_hostname("box.example.lan").as_deref(), Some("example.lan"));
+        assert_eq!(
+            domain_of_hostname("box.example.lan").as_deref(),
+            Some("example.lan")
+        );
         assert_eq!(domain_of_hostname("box"), None);
         assert_eq!(domain_of_hostname("box."), None);
         if let Some(domain) = host_domain() {
@@ -2267,10 +2830,25 @@ mod tests {
     #[test]
     fn state_dir_depends_on_the_user() {
         let os = |s: &str| Some(OsString::from(s));
-        assert_eq!(default_state_dir(0, os("/x"), os("/root")), PathBuf::from("/var/lib/hubnat"));
-        assert_eq!(default_state_dir(1000, os("/x/state"), os("/home/u")), PathBuf::from("/x/state/hubnat"));
-        assert_eq!(default_state_dir(1000, os("relative"), os("/home/u")), PathBuf::from("/home/u/.local/state/hubnat"));
-        assert_eq!(default_state_dir(1000, None, os("/home/u")), PathBuf::from("/home/u/.local/state/hubnat"));
-        assert_eq!(default_state_dir(1000, None, None), PathBuf::from("hubnat-state"));
+        assert_eq!(
+            default_state_dir(0, os("/x"), os("/root")),
+            PathBuf::from("/var/lib/hubnat")
+        );
+        assert_eq!(
+            default_state_dir(1000, os("/x/state"), os("/home/u")),
+            PathBuf::from("/x/state/hubnat")
+        );
+        assert_eq!(
+            default_state_dir(1000, os("relative"), os("/home/u")),
+            PathBuf::from("/home/u/.local/state/hubnat")
+        );
+        assert_eq!(
+            default_state_dir(1000, None, os("/home/u")),
+            PathBuf::from("/home/u/.local/state/hubnat")
+        );
+        assert_eq!(
+            default_state_dir(1000, None, None),
+            PathBuf::from("hubnat-state")
+        );
     }
 }
