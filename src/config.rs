@@ -47,6 +47,12 @@
 //!   65520 (the largest MTU a Linux TAP device and other user-mode NATs use).
 //! - The DHCP range holds at most 65536 addresses, so the lease pool stays bounded.
 //! - `host.mask` is at most /30: the subnet must hold the virtual host and at least one client.
+//! - `nat.max_sessions`: 1 to 1,000,000, so the session table stays bounded; and
+//!   `nat.max_sessions_per_client` from 1 to `nat.max_sessions`.
+//! - `backend.hub.max_peers`: 1 to 4096 (each peer costs a thread-free task and ~130 KiB of
+//!   buffers). `backend.hub.socket_mode`: permission bits only (at most 0777).
+//! - `capture.snaplen`: 14 (an Ethernet header) to 262144 (tcpdump's "everything");
+//!   `capture.max_size` at least 4 KiB; `capture.max_files` 1 to 1000.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -57,6 +63,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
+use hubnat_backend::capture::{MAX_SNAPLEN, MIN_SNAPLEN};
+use hubnat_hub::Endpoint;
+use ipnet::IpNet;
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -81,6 +90,14 @@ pub const MAX_NAT_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const MAX_RANGE_SIZE: u64 = 65536;
 /// The longest network interface name Linux accepts (IFNAMSIZ − 1).
 pub const MAX_TAP_NAME_LEN: usize = 15;
+/// The most NAT sessions `nat.max_sessions` may allow.
+pub const MAX_NAT_SESSIONS: u32 = 1_000_000;
+/// The most peers `backend.hub.max_peers` may allow.
+pub const MAX_HUB_PEERS: u32 = 4096;
+/// The smallest capture file size limit (`capture.max_size`).
+pub const MIN_CAPTURE_SIZE: u64 = 4096;
+/// The most capture files kept when rotating (`capture.max_files`).
+pub const MAX_CAPTURE_FILES: u32 = 1000;
 
 /// Metadata names of the layers; [`describe_origin`] turns them into "(from …)" texts.
 const ORIGIN_DEFAULTS: &str = "the built-in defaults";
@@ -279,6 +296,8 @@ pub struct Config {
     pub state: StateConfig,
     /// Logging and the security log.
     pub log: LogConfig,
+    /// Packet capture of the segment's frames to a pcap file.
+    pub capture: CaptureConfig,
 }
 
 /// The virtual host's MAC and IPv4 address.
@@ -368,6 +387,17 @@ pub struct NatConfig {
     /// How long an idle UDP session lives.
     #[serde(with = "duration_text")]
     pub udp_timeout: Duration,
+    /// Whether clients may reach the host's own loopback addresses (127.0.0.0/8, ::1) through
+    /// the NAT. Off by default: a client would otherwise reach services that listen only
+    /// locally on the host.
+    pub allow_host_loopback: bool,
+    /// Destinations the NAT refuses, as networks (`"10.0.0.0/8"`, `"fd00::/8"`); empty: none.
+    #[serde(with = "text_list")]
+    pub deny: Vec<IpNet>,
+    /// The most NAT sessions at once, over all clients.
+    pub max_sessions: u32,
+    /// The most NAT sessions one client may hold at once; at most `max_sessions`.
+    pub max_sessions_per_client: u32,
 }
 
 impl Default for NatConfig {
@@ -377,6 +407,10 @@ impl Default for NatConfig {
             mtu: 1500,
             tcp_timeout: Duration::from_secs(7200),
             udp_timeout: Duration::from_secs(600),
+            allow_host_loopback: false,
+            deny: Vec::new(),
+            max_sessions: 16384,
+            max_sessions_per_client: 4096,
         }
     }
 }
@@ -407,6 +441,10 @@ pub struct BackendConfig {
     pub kind: BackendKind,
     /// Settings of the TAP backend.
     pub tap: TapConfig,
+    /// Settings of the raw backend.
+    pub raw: RawConfig,
+    /// Settings of the hub socket backend.
+    pub hub: HubConfig,
 }
 
 /// A frame backend.
@@ -416,6 +454,10 @@ pub enum BackendKind {
     /// A Linux TAP device (needs CAP_NET_ADMIN to create it).
     #[default]
     Tap,
+    /// An existing interface, through an AF_PACKET socket (needs CAP_NET_RAW).
+    Raw,
+    /// A hub socket: peers on Unix or TCP stream sockets in QEMU's `-netdev stream` framing.
+    Hub,
     /// An in-memory segment, for embedding and tests.
     Memory,
 }
@@ -424,6 +466,8 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendKind::Tap => "tap",
+            BackendKind::Raw => "raw",
+            BackendKind::Hub => "hub",
             BackendKind::Memory => "memory",
         })
     }
@@ -445,6 +489,142 @@ impl Default for TapConfig {
         TapConfig {
             name: "hubnat0".into(),
             mtu: None,
+        }
+    }
+}
+
+/// The raw backend: an existing interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// The interface to attach to (a bridge, a VPN's TAP device, a veth); required when
+    /// `backend.kind = "raw"`.
+    pub interface: String,
+}
+
+/// The hub socket backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Where peers connect: `"unix:/path"` or `"tcp:IP:PORT"`, one or several.
+    #[serde(with = "text_list")]
+    pub listen: Vec<Endpoint>,
+    /// A listening hub to connect to as one more peer; `None` (`""`): none.
+    #[serde(with = "opt_text")]
+    pub connect: Option<Endpoint>,
+    /// Permissions of the Unix socket files created for `listen`, e.g. `"0600"`.
+    pub socket_mode: SocketMode,
+    /// The most peers connected at once.
+    pub max_peers: u32,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            listen: Vec::new(),
+            connect: None,
+            socket_mode: SocketMode(hubnat_hub::DEFAULT_SOCKET_MODE),
+            max_peers: hubnat_hub::DEFAULT_MAX_PEERS as u32,
+        }
+    }
+}
+
+/// Permission bits of a socket file, written as an octal string such as `"0600"` (a TOML
+/// integer, e.g. the octal `0o600`, is taken as the bits themselves).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SocketMode(pub u32);
+
+impl fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl fmt::Debug for SocketMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SocketMode({self})")
+    }
+}
+
+impl FromStr for SocketMode {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.trim();
+        let digits = digits.strip_prefix("0o").unwrap_or(digits);
+        if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            return Err(ParseError(format!(
+                "invalid file mode {s:?}: expected up to four octal digits, like \"0600\" (owner \
+                 only) or \"0660\" (owner and group)"
+            )));
+        }
+        u32::from_str_radix(digits, 8)
+            .map(SocketMode)
+            .map_err(|e| ParseError(format!("invalid file mode {s:?}: {e}")))
+    }
+}
+
+impl Serialize for SocketMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ModeVisitor;
+
+        impl serde::de::Visitor<'_> for ModeVisitor {
+            type Value = SocketMode;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a file mode such as \"0600\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<SocketMode, E> {
+                s.parse().map_err(|e: ParseError| E::custom(e.0))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<SocketMode, E> {
+                u32::try_from(n)
+                    .map(SocketMode)
+                    .map_err(|_| E::custom(format!("file mode {n} is too large")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<SocketMode, E> {
+                u64::try_from(n)
+                    .map_err(|_| E::custom(format!("file mode {n} is negative")))
+                    .and_then(|n| self.visit_u64(n))
+            }
+        }
+
+        d.deserialize_any(ModeVisitor)
+    }
+}
+
+/// Packet capture: every frame the backend passes, both ways, to a pcap file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// The capture file; `None` (`""`): no capture.
+    #[serde(with = "opt_text")]
+    pub path: Option<PathBuf>,
+    /// Bytes kept of each frame.
+    pub snaplen: u32,
+    /// Rotate the file when it would grow past this many bytes; `None` (`""`): never.
+    #[serde(with = "size_text")]
+    pub max_size: Option<u64>,
+    /// Files kept when rotating, the current one included (`PATH`, `PATH.1`, …).
+    pub max_files: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            path: None,
+            snaplen: hubnat_backend::capture::DEFAULT_SNAPLEN,
+            max_size: None,
+            max_files: hubnat_backend::capture::DEFAULT_MAX_FILES,
         }
     }
 }
@@ -511,6 +691,32 @@ impl Config {
     /// The TAP device's MTU: `backend.tap.mtu`, else `nat.mtu`.
     pub fn tap_mtu(&self) -> u32 {
         self.backend.tap.mtu.unwrap_or(self.nat.mtu)
+    }
+
+    /// The capture settings as the backend contract's [`CaptureOptions`]
+    /// (`hubnat_backend::capture`), or `None` when `capture.path` is not set.
+    ///
+    /// [`CaptureOptions`]: hubnat_backend::capture::CaptureOptions
+    pub fn capture_options(&self) -> Option<hubnat_backend::capture::CaptureOptions> {
+        let c = &self.capture;
+        c.path.as_ref().map(|path| hubnat_backend::capture::CaptureOptions {
+            path: path.clone(),
+            snaplen: c.snaplen,
+            max_size: c.max_size,
+            max_files: c.max_files,
+        })
+    }
+
+    /// The hub socket settings as the hub crate's [`hubnat_hub::HubSocketConfig`].
+    pub fn hub_socket_config(&self) -> hubnat_hub::HubSocketConfig {
+        let h = &self.backend.hub;
+        hubnat_hub::HubSocketConfig {
+            listen: h.listen.clone(),
+            connect: h.connect.clone(),
+            socket_mode: h.socket_mode.0,
+            max_peers: h.max_peers as usize,
+            ..hubnat_hub::HubSocketConfig::new(self.nat.mtu, Vec::new())
+        }
     }
 
     /// The security log file: `log.security_log`, else `<state.dir>/security.log`.
@@ -851,6 +1057,41 @@ impl Config {
             MIN_NAT_TIMEOUT,
             MAX_NAT_TIMEOUT,
         );
+        for (i, net) in nat.deny.iter().enumerate() {
+            if net.trunc() != *net {
+                let reason = format!(
+                    "has host bits set (did you mean {}?)",
+                    net.trunc()
+                );
+                c.fail(&format!("nat.deny[{i}]"), format!("{:?}", net.to_string()), reason);
+            }
+        }
+        if !(1..=MAX_NAT_SESSIONS).contains(&nat.max_sessions) {
+            c.fail(
+                "nat.max_sessions",
+                nat.max_sessions,
+                format!("must be from 1 to {MAX_NAT_SESSIONS}"),
+            );
+        }
+        if nat.max_sessions_per_client == 0 {
+            c.fail(
+                "nat.max_sessions_per_client",
+                0,
+                "must be at least 1",
+            );
+        } else if nat.max_sessions_per_client > nat.max_sessions {
+            let reason = format!(
+                "is more than nat.max_sessions = {} ({}); one client cannot hold more sessions \
+                 than the whole table",
+                nat.max_sessions,
+                c.origin("nat.max_sessions")
+            );
+            c.fail(
+                "nat.max_sessions_per_client",
+                nat.max_sessions_per_client,
+                reason,
+            );
+        }
 
         // dns
         for (i, &server) in self.dns.upstream.iter().enumerate() {
@@ -875,6 +1116,101 @@ impl Config {
         }
         if let Some(mtu) = tap.mtu {
             c.check_mtu("backend.tap.mtu", mtu);
+        }
+        let raw = &self.backend.raw;
+        if !raw.interface.is_empty() {
+            if let Err(why) = check_interface_name(&raw.interface) {
+                c.fail("backend.raw.interface", format!("{:?}", raw.interface), why);
+            }
+        } else if self.backend.kind == BackendKind::Raw {
+            c.fail(
+                "backend.kind",
+                "\"raw\"",
+                "needs backend.raw.interface, the name of the interface to attach to (e.g. \"br0\")",
+            );
+        }
+        let hub = &self.backend.hub;
+        if self.backend.kind == BackendKind::Hub && hub.listen.is_empty() && hub.connect.is_none() {
+            c.fail(
+                "backend.kind",
+                "\"hub\"",
+                "needs backend.hub.listen, where peers connect (e.g. \
+                 \"unix:/run/hubnat/hub.sock\"), or backend.hub.connect, a hub to connect to",
+            );
+        }
+        let mut seen: HashMap<&Endpoint, usize> = HashMap::new();
+        for (i, endpoint) in hub.listen.iter().enumerate() {
+            if let Some(first) = seen.insert(endpoint, i) {
+                let reason = format!("backend.hub.listen[{first}] is the same address");
+                c.fail(&format!("backend.hub.listen[{i}]"), format!("{:?}", endpoint.to_string()), reason);
+            }
+        }
+        if let Some(endpoint @ Endpoint::Tcp(addr)) = &hub.connect {
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                c.fail(
+                    "backend.hub.connect",
+                    format!("{:?}", endpoint.to_string()),
+                    "must name a reachable address and a port other than 0",
+                );
+            }
+        }
+        if let Some(endpoint) = &hub.connect {
+            if hub.listen.contains(endpoint) {
+                c.fail(
+                    "backend.hub.connect",
+                    format!("{:?}", endpoint.to_string()),
+                    "is one of backend.hub.listen: hubnat would connect to itself",
+                );
+            }
+        }
+        if hub.socket_mode.0 > 0o777 {
+            c.fail(
+                "backend.hub.socket_mode",
+                format!("\"{}\"", hub.socket_mode),
+                "only permission bits (at most 0777) may be given; write it as an octal string \
+                 such as \"0600\"",
+            );
+        }
+        if !(1..=MAX_HUB_PEERS).contains(&hub.max_peers) {
+            c.fail(
+                "backend.hub.max_peers",
+                hub.max_peers,
+                format!("must be from 1 to {MAX_HUB_PEERS}"),
+            );
+        }
+
+        // capture
+        let capture = &self.capture;
+        if capture
+            .path
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty() || p.as_os_str().as_encoded_bytes().ends_with(b"/"))
+        {
+            let path = capture.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            c.fail("capture.path", format!("{path:?}"), "must name a file, not a directory");
+        }
+        if !(MIN_SNAPLEN..=MAX_SNAPLEN).contains(&capture.snaplen) {
+            c.fail(
+                "capture.snaplen",
+                capture.snaplen,
+                format!("must be from {MIN_SNAPLEN} (an Ethernet header) to {MAX_SNAPLEN}"),
+            );
+        }
+        if let Some(size) = capture.max_size {
+            if size < MIN_CAPTURE_SIZE {
+                c.fail(
+                    "capture.max_size",
+                    format!("{:?}", size_text::words(size)),
+                    format!("must be at least {}", size_text::words(MIN_CAPTURE_SIZE)),
+                );
+            }
+        }
+        if !(1..=MAX_CAPTURE_FILES).contains(&capture.max_files) {
+            c.fail(
+                "capture.max_files",
+                capture.max_files,
+                format!("must be from 1 to {MAX_CAPTURE_FILES}"),
+            );
         }
 
         // state
@@ -1517,6 +1853,31 @@ impl Text for PathBuf {
     }
 }
 
+/// A hub socket address: `unix:/path` or `tcp:IP:PORT`.
+impl Text for Endpoint {
+    fn to_text(&self) -> String {
+        self.to_string()
+    }
+    fn from_text(s: &str) -> Result<Self, String> {
+        s.parse().map_err(|e: hubnat_hub::EndpointError| e.to_string())
+    }
+}
+
+/// A network, `ADDRESS/PREFIX`.
+impl Text for IpNet {
+    fn to_text(&self) -> String {
+        self.to_string()
+    }
+    fn from_text(s: &str) -> Result<Self, String> {
+        s.trim().parse().map_err(|_| {
+            format!(
+                "invalid network {s:?}: write it as ADDRESS/PREFIX, like \"10.0.0.0/8\" or \
+                 \"fd00::/8\""
+            )
+        })
+    }
+}
+
 /// A DNS server: `IP` (port 53), `IP:PORT`, `[IPv6]:PORT`.
 impl Text for SocketAddr {
     fn to_text(&self) -> String {
@@ -1664,6 +2025,88 @@ mod duration_text {
         }
 
         d.deserialize_any(DurationVisitor)
+    }
+}
+
+/// An optional byte size: `""` (none), a number of bytes, or a string with a unit: `B`,
+/// `kB`/`MB`/`GB` (powers of 1000) or `KiB`/`MiB`/`GiB` (powers of 1024), case-insensitive.
+mod size_text {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    const UNITS: [(&str, u64); 7] = [
+        ("gib", 1 << 30),
+        ("mib", 1 << 20),
+        ("kib", 1 << 10),
+        ("gb", 1_000_000_000),
+        ("mb", 1_000_000),
+        ("kb", 1_000),
+        ("b", 1),
+    ];
+
+    pub fn serialize<S: Serializer>(size: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&size.map(words).unwrap_or_default())
+    }
+
+    /// The shortest exact form: "100MiB", "5MB", "1234B".
+    pub fn words(n: u64) -> String {
+        for (name, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("GB", 1_000_000_000), ("MB", 1_000_000), ("kB", 1_000)] {
+            if n >= factor && n % factor == 0 {
+                return format!("{}{name}", n / factor);
+            }
+        }
+        format!("{n}B")
+    }
+
+    pub fn parse(text: &str) -> Result<u64, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = (&t[..split], t[split..].trim().to_ascii_lowercase());
+        let bad = || {
+            format!(
+                "invalid size {text:?}: write a number of bytes, or a number and a unit such as \
+                 \"100MiB\", \"10MB\", \"64KiB\""
+            )
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let factor = if unit.is_empty() {
+            1
+        } else {
+            UNITS.iter().find(|(u, _)| *u == unit).map(|(_, f)| *f).ok_or_else(bad)?
+        };
+        n.checked_mul(factor).ok_or_else(|| format!("size {text:?} is too large"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        struct SizeVisitor;
+
+        impl Visitor<'_> for SizeVisitor {
+            type Value = Option<u64>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as \"100MiB\", or a number of bytes")
+            }
+
+            fn visit_str<E: Error>(self, s: &str) -> Result<Option<u64>, E> {
+                if s.trim().is_empty() {
+                    return Ok(None);
+                }
+                parse(s).map(Some).map_err(E::custom)
+            }
+
+            fn visit_u64<E: Error>(self, n: u64) -> Result<Option<u64>, E> {
+                Ok(Some(n))
+            }
+
+            fn visit_i64<E: Error>(self, n: i64) -> Result<Option<u64>, E> {
+                u64::try_from(n)
+                    .map(Some)
+                    .map_err(|_| E::custom(format!("invalid size {n}: it must not be negative")))
+            }
+        }
+
+        d.deserialize_any(SizeVisitor)
     }
 }
 
@@ -1835,9 +2278,33 @@ mod tests {
                 mtu: 1500,
                 tcp_timeout: Duration::from_secs(7200),
                 udp_timeout: Duration::from_secs(600),
+                allow_host_loopback: false,
+                deny: Vec::new(),
+                max_sessions: 16384,
+                max_sessions_per_client: 4096,
             }
         );
         assert_eq!(c.backend.kind, BackendKind::Tap);
+        assert_eq!(c.backend.raw.interface, "");
+        assert_eq!(
+            c.backend.hub,
+            HubConfig {
+                listen: Vec::new(),
+                connect: None,
+                socket_mode: SocketMode(0o600),
+                max_peers: 64,
+            }
+        );
+        assert_eq!(
+            c.capture,
+            CaptureConfig {
+                path: None,
+                snaplen: 65535,
+                max_size: None,
+                max_files: 2,
+            }
+        );
+        assert_eq!(c.capture_options(), None);
         assert_eq!(
             c.backend.tap,
             TapConfig {
@@ -2239,6 +2706,15 @@ mod tests {
         c.backend.tap.mtu = Some(9000);
         c.log.security_log = Some("/tmp/sec.log".into());
         c.dhcp.lease = Duration::from_secs(400 * 86400 + 1);
+        c.nat.deny = vec!["10.0.0.0/8".parse().expect("net"), "fd00::/8".parse().expect("net")];
+        c.nat.allow_host_loopback = true;
+        c.backend.kind = BackendKind::Hub;
+        c.backend.raw.interface = "br0".into();
+        c.backend.hub.listen = vec!["unix:/run/h.sock".parse().expect("endpoint"), "tcp:[::1]:5555".parse().expect("endpoint")];
+        c.backend.hub.connect = Some("tcp:127.0.0.1:6000".parse().expect("endpoint"));
+        c.backend.hub.socket_mode = SocketMode(0o660);
+        c.capture.path = Some("/tmp/x.pcap".into());
+        c.capture.max_size = Some(3 * 1024 * 1024 + 1);
         let back: Config = Figment::from(Serialized::defaults(&c))
             .extract()
             .expect("round trip");
@@ -2422,6 +2898,9 @@ mod tests {
             ("[dns]\nbogus = 1".into(), "dns.bogus"),
             ("[backend]\nbogus = 1".into(), "backend.bogus"),
             ("[backend.tap]\nbogus = 1".into(), "backend.tap.bogus"),
+            ("[backend.raw]\nbogus = 1".into(), "backend.raw.bogus"),
+            ("[backend.hub]\nbogus = 1".into(), "backend.hub.bogus"),
+            ("[capture]\nbogus = 1".into(), "capture.bogus"),
             ("[state]\nbogus = 1".into(), "state.bogus"),
             ("[log]\nbogus = 1".into(), "log.bogus"),
         ] {
@@ -2478,7 +2957,7 @@ mod tests {
             "[dhcp]\nrange_start = \"192.168.30\"",
             &["dhcp.range_start = \"192.168.30\"", "invalid IPv4 address"],
         );
-        assert_rejects("[backend]\nkind = \"raw\"", &["config key backend.kind = \"raw\" (from file x.toml): unknown value; valid values are: tap, memory"]);
+        assert_rejects("[backend]\nkind = \"vde\"", &["config key backend.kind = \"vde\" (from file x.toml): unknown value; valid values are: tap, raw, hub, memory"]);
         assert_rejects(
             "[log]\nformat = \"xml\"",
             &["log.format = \"xml\"", "text, json"],
@@ -2787,6 +3266,190 @@ mod tests {
             assert_eq!(err.to_string().lines().count(), 3);
             Ok(())
         });
+    }
+
+    // --- backends, capture and NAT limits ---------------------------------------------------
+
+    #[test]
+    fn raw_backend_needs_a_valid_interface() {
+        assert_rejects(
+            "[backend]\nkind = \"raw\"",
+            &["config key backend.kind = \"raw\" (from file x.toml): needs backend.raw.interface, the name of the interface"],
+        );
+        assert_rejects(
+            "[backend.raw]\ninterface = \"br 0\"",
+            &["config key backend.raw.interface = \"br 0\" (from file x.toml): ' ' is not allowed"],
+        );
+        Jail::expect_with(|jail| {
+            let c = load_toml(jail, "backend = { kind = \"raw\", raw = { interface = \"br0\" } }")
+                .expect("valid");
+            assert_eq!((c.backend.kind, c.backend.raw.interface.as_str()), (BackendKind::Raw, "br0"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn hub_backend_settings_parse_and_are_checked() {
+        Jail::expect_with(|jail| {
+            let c = load_toml(
+                jail,
+                r#"
+                [backend]
+                kind = "hub"
+                [backend.hub]
+                listen = ["unix:/run/hubnat/hub.sock", "tcp:127.0.0.1:5555"]
+                connect = "unix:/run/vpn/hub.sock"
+                socket_mode = "0660"
+                max_peers = 8
+            "#,
+            )
+            .expect("valid");
+            let hub = &c.backend.hub;
+            assert_eq!(
+                hub.listen,
+                vec![
+                    Endpoint::Unix("/run/hubnat/hub.sock".into()),
+                    Endpoint::Tcp("127.0.0.1:5555".parse().expect("addr")),
+                ]
+            );
+            assert_eq!(hub.connect, Some(Endpoint::Unix("/run/vpn/hub.sock".into())));
+            assert_eq!(hub.socket_mode, SocketMode(0o660));
+            let socket = c.hub_socket_config();
+            assert_eq!((socket.socket_mode, socket.max_peers, socket.mtu), (0o660, 8, 1500));
+            // One string is a list of one; a TOML octal integer is the mode itself.
+            let c = load_toml(
+                jail,
+                "backend.kind = \"hub\"\nbackend.hub.listen = \"unix:/tmp/h.sock\"\nbackend.hub.socket_mode = 0o600",
+            )
+            .expect("valid");
+            assert_eq!(c.backend.hub.listen.len(), 1);
+            assert_eq!(c.backend.hub.socket_mode, SocketMode(0o600));
+            let json = serde_json::to_value(&c).expect("serialize");
+            assert_eq!(json["backend"]["hub"]["socket_mode"], "0600");
+            assert_eq!(json["backend"]["hub"]["connect"], "");
+            Ok(())
+        });
+        assert_rejects(
+            "[backend]\nkind = \"hub\"",
+            &["config key backend.kind = \"hub\" (from file x.toml): needs backend.hub.listen, where peers connect"],
+        );
+        assert_rejects(
+            "[backend.hub]\nlisten = [\"/run/x.sock\"]",
+            &["backend.hub.listen", "must start with \"unix:\" or \"tcp:\""],
+        );
+        assert_rejects(
+            "[backend.hub]\nlisten = [\"unix:/a.sock\", \"unix:/a.sock\"]",
+            &["config key backend.hub.listen[1] = \"unix:/a.sock\" (from file x.toml): backend.hub.listen[0] is the same address"],
+        );
+        assert_rejects(
+            "[backend.hub]\nconnect = \"tcp:127.0.0.1:0\"",
+            &["config key backend.hub.connect = \"tcp:127.0.0.1:0\" (from file x.toml): must name a reachable address"],
+        );
+        assert_rejects(
+            "[backend.hub]\nlisten = \"unix:/a.sock\"\nconnect = \"unix:/a.sock\"",
+            &["backend.hub.connect = \"unix:/a.sock\"", "connect to itself"],
+        );
+        assert_rejects(
+            "[backend.hub]\nsocket_mode = \"0689\"",
+            &["backend.hub.socket_mode = \"0689\"", "invalid file mode"],
+        );
+        assert_rejects(
+            "[backend.hub]\nsocket_mode = 600",
+            &["config key backend.hub.socket_mode = \"1130\" (from file x.toml): only permission bits"],
+        );
+        assert_rejects(
+            "[backend.hub]\nmax_peers = 0",
+            &["config key backend.hub.max_peers = 0 (from file x.toml): must be from 1 to 4096"],
+        );
+        assert_eq!("0o755".parse::<SocketMode>().expect("0o prefix"), SocketMode(0o755));
+        assert_eq!(SocketMode(0o600).to_string(), "0600");
+    }
+
+    #[test]
+    fn capture_settings_parse_sizes_and_are_bounded() {
+        Jail::expect_with(|jail| {
+            let c = load_toml(
+                jail,
+                "[capture]\npath = \"/tmp/seg.pcap\"\nsnaplen = 128\nmax_size = \"10MiB\"\nmax_files = 5",
+            )
+            .expect("valid");
+            let o = c.capture_options().expect("capturing");
+            assert_eq!(o.path, PathBuf::from("/tmp/seg.pcap"));
+            assert_eq!((o.snaplen, o.max_size, o.max_files), (128, Some(10 << 20), 5));
+            let json = serde_json::to_value(&c).expect("serialize");
+            assert_eq!(json["capture"]["max_size"], "10MiB");
+            assert_eq!(load_toml(jail, "capture.max_size = 5000").expect("bytes").capture.max_size, Some(5000));
+            assert_eq!(load_toml(jail, "capture.max_size = \"2 MB\"").expect("MB").capture.max_size, Some(2_000_000));
+            assert_eq!(load_toml(jail, "capture.max_size = \"\"").expect("none").capture.max_size, None);
+            Ok(())
+        });
+        assert_eq!(size_text::parse("64KiB"), Ok(65536));
+        assert_eq!(size_text::parse("1gb"), Ok(1_000_000_000));
+        assert_eq!(size_text::words(3 << 30), "3GiB");
+        assert_eq!(size_text::words(1500), "1500B");
+        assert_eq!(size_text::words(5_000_000), "5MB");
+        assert_rejects(
+            "[capture]\nmax_size = \"10 parsecs\"",
+            &["capture.max_size = \"10 parsecs\"", "invalid size"],
+        );
+        assert_rejects(
+            "[capture]\nmax_size = 100",
+            &["config key capture.max_size = \"100B\" (from file x.toml): must be at least 4KiB"],
+        );
+        assert_rejects(
+            "[capture]\nsnaplen = 10",
+            &["config key capture.snaplen = 10 (from file x.toml): must be from 14"],
+        );
+        assert_rejects(
+            "[capture]\nmax_files = 0",
+            &["config key capture.max_files = 0 (from file x.toml): must be from 1 to 1000"],
+        );
+        assert_rejects(
+            "[capture]\npath = \"/tmp/\"",
+            &["config key capture.path = \"/tmp/\" (from file x.toml): must name a file"],
+        );
+    }
+
+    #[test]
+    fn nat_limits_and_deny_list_are_checked() {
+        Jail::expect_with(|jail| {
+            let c = load_toml(
+                jail,
+                "[nat]\nallow_host_loopback = true\ndeny = [\"10.0.0.0/8\", \"fd00::/8\"]\nmax_sessions = 100\nmax_sessions_per_client = 100",
+            )
+            .expect("valid");
+            assert!(c.nat.allow_host_loopback);
+            assert_eq!(
+                c.nat.deny,
+                vec!["10.0.0.0/8".parse::<IpNet>().expect("net"), "fd00::/8".parse().expect("net")]
+            );
+            assert_eq!((c.nat.max_sessions, c.nat.max_sessions_per_client), (100, 100));
+            Ok(())
+        });
+        assert_rejects(
+            "[nat]\ndeny = [\"10.0.0.1/8\"]",
+            &["config key nat.deny[0] = \"10.0.0.1/8\" (from file x.toml): has host bits set (did you mean 10.0.0.0/8?)"],
+        );
+        assert_rejects(
+            "[nat]\ndeny = [\"10.0.0.0\"]",
+            &["nat.deny", "invalid network \"10.0.0.0\""],
+        );
+        assert_rejects(
+            "[nat]\nmax_sessions = 0",
+            &["config key nat.max_sessions = 0 (from file x.toml): must be from 1 to 1000000"],
+        );
+        assert_rejects(
+            "[nat]\nmax_sessions = 2000000",
+            &["nat.max_sessions = 2000000", "must be from 1 to 1000000"],
+        );
+        assert_rejects(
+            "[nat]\nmax_sessions = 100\nmax_sessions_per_client = 101",
+            &["config key nat.max_sessions_per_client = 101 (from file x.toml): is more than nat.max_sessions = 100 (from file x.toml)"],
+        );
+        assert_rejects(
+            "[nat]\nmax_sessions_per_client = 0",
+            &["config key nat.max_sessions_per_client = 0 (from file x.toml): must be at least 1"],
+        );
     }
 
     // --- host-derived defaults -----------------------------------------------------------------

@@ -2,5 +2,6 @@
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod host;
 pub mod seclog;
 pub mod state;

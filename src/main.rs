@@ -59,6 +59,20 @@ struct RunArgs {
     /// TAP device name; same as --set backend.tap.name=NAME.
     #[arg(long, value_name = "NAME")]
     tap_name: Option<String>,
+    /// Interface the raw backend attaches to; same as --set backend.raw.interface=NAME.
+    #[arg(long, value_name = "NAME")]
+    raw_interface: Option<String>,
+    /// Where the hub socket accepts peers, "unix:/path" or "tcp:IP:PORT"; may be repeated;
+    /// same as --set 'backend.hub.listen=["unix:/path"]'.
+    #[arg(long, value_name = "ADDRESS")]
+    hub_listen: Vec<String>,
+    /// A listening hub the hub socket connects to; same as --set backend.hub.connect=ADDRESS.
+    #[arg(long, value_name = "ADDRESS")]
+    hub_connect: Option<String>,
+    /// Write every frame the backend passes to this pcap file; same as
+    /// --set capture.path=FILE.
+    #[arg(long, value_name = "FILE")]
+    capture: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter such as
     /// "hubnat=debug"); same as --set log.level=LEVEL. RUST_LOG, when set, wins.
     #[arg(long, value_name = "LEVEL")]
@@ -72,6 +86,10 @@ struct RunArgs {
 enum BackendArg {
     /// A TAP device (needs CAP_NET_ADMIN).
     Tap,
+    /// An existing interface, through an AF_PACKET socket (needs CAP_NET_RAW).
+    Raw,
+    /// A hub socket: VMs (QEMU -netdev stream) and other peers connect to it.
+    Hub,
     /// The in-memory hub (for embedding; refused by `hubnat run`).
     Memory,
 }
@@ -118,11 +136,25 @@ fn run(args: RunArgs) -> Result<()> {
     if let Some(b) = args.backend {
         extra.push(quoted("backend.kind", match b {
             BackendArg::Tap => "tap",
+            BackendArg::Raw => "raw",
+            BackendArg::Hub => "hub",
             BackendArg::Memory => "memory",
         }));
     }
     if let Some(name) = &args.tap_name {
         extra.push(quoted("backend.tap.name", name));
+    }
+    if let Some(name) = &args.raw_interface {
+        extra.push(quoted("backend.raw.interface", name));
+    }
+    if !args.hub_listen.is_empty() {
+        extra.push(Override { key: "backend.hub.listen".into(), value: format!("{:?}", args.hub_listen) });
+    }
+    if let Some(address) = &args.hub_connect {
+        extra.push(quoted("backend.hub.connect", address));
+    }
+    if let Some(path) = &args.capture {
+        extra.push(quoted("capture.path", &path.display().to_string()));
     }
     if let Some(level) = &args.log_level {
         extra.push(quoted("log.level", level));
@@ -153,7 +185,20 @@ fn run(args: RunArgs) -> Result<()> {
                 let name = &config.backend.tap.name;
                 let tap = hubnat_tap::TapBackend::open(name, mtu)
                     .with_context(|| format!("backend.tap.name = {name:?}: cannot open the TAP device"))?;
-                gateway.run(tap, shutdown).await?;
+                run_backend(gateway, tap, shutdown, &config).await?;
+            }
+            BackendKind::Raw => {
+                let name = &config.backend.raw.interface;
+                let mut options = hubnat_raw::RawOptions::new(config.nat.mtu);
+                options.own_mac = Some(gateway.mac().0);
+                let raw = hubnat_raw::RawBackend::open(name, options)
+                    .with_context(|| format!("backend.raw.interface = {name:?}: cannot attach to the interface"))?;
+                run_backend(gateway, raw, shutdown, &config).await?;
+            }
+            BackendKind::Hub => {
+                let hub = hubnat_hub::HubSocket::start(config.hub_socket_config())
+                    .context("backend.hub: cannot start the hub socket")?;
+                run_backend(gateway, hub, shutdown, &config).await?;
             }
             BackendKind::Memory => bail!(
                 "backend.kind = \"memory\" is for programs that embed hubnat (see examples/ and README.md); \
@@ -162,6 +207,29 @@ fn run(args: RunArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Runs the gateway on `backend`, recording its frames to a pcap file when `capture.path` is set.
+async fn run_backend<B: hubnat_backend::Backend>(
+    gateway: Gateway,
+    backend: B,
+    shutdown: impl std::future::Future<Output = ()>,
+    config: &Config,
+) -> Result<()> {
+    use hubnat_backend::capture::{Capture, PcapWriter};
+    match config.capture_options() {
+        Some(options) => {
+            let path = options.path.clone();
+            let writer = PcapWriter::create(options)
+                .with_context(|| format!("capture.path = {:?}: cannot start the capture", path.display().to_string()))?;
+            tracing::info!(path = %path.display(), "capturing every frame of the segment");
+            let backend = Capture::new(backend, writer)
+                .on_error(|e| tracing::error!(error = %e, "the capture stopped; the gateway carries on without it"));
+            gateway.run(backend, shutdown).await?;
+        }
+        None => gateway.run(backend, shutdown).await?,
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

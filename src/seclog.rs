@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core::dhcp::{server::fmt_mac, DhcpEvent, Lease};
+use crate::core::nat::{FlowKey, NatEvent};
 
 /// The security log file.
 #[derive(Debug)]
@@ -67,6 +68,50 @@ impl SecurityLog {
             }
         }
     }
+}
+
+impl SecurityLog {
+    /// Logs a NAT event: session created, connected, failed, deleted (with byte counts),
+    /// refused.
+    pub fn nat(&mut self, event: &NatEvent) {
+        match event {
+            NatEvent::Created { id, key, target } => {
+                let via = if target.to_string() != key.remote.to_string() { format!(" via={target}") } else { String::new() };
+                self.write("NAT", "session created", &format!("id={id} {}{via}", flow_fields(key)));
+            }
+            NatEvent::Connected { id, key } => {
+                self.write("NAT", "session connected", &format!("id={id} {}", flow_fields(key)));
+            }
+            NatEvent::Failed { id, key, reason } => {
+                self.write("NAT", "session failed", &format!("id={id} {} reason={reason:?}", flow_fields(key)));
+            }
+            NatEvent::Deleted { session, reason, at } => {
+                let secs = (at.total_millis() - session.created.total_millis()).max(0) as f64 / 1000.0;
+                self.write(
+                    "NAT",
+                    "session deleted",
+                    &format!(
+                        "id={} {} bytes_out={} bytes_in={} packets_out={} packets_in={} duration={secs:.1}s reason={reason:?}",
+                        session.id,
+                        flow_fields(&session.key),
+                        session.bytes_out,
+                        session.bytes_in,
+                        session.packets_out,
+                        session.packets_in
+                    ),
+                );
+            }
+            NatEvent::Refused { key, reason, suppressed } => {
+                let more = if *suppressed > 0 { format!(" (and {suppressed} more refused since the last line)") } else { String::new() };
+                self.write("NAT", "session refused", &format!("{} reason={reason:?}{more}", flow_fields(key)));
+            }
+        }
+    }
+}
+
+/// `proto=… client=… remote=…`.
+fn flow_fields(key: &FlowKey) -> String {
+    format!("proto={} client={} remote={}", key.protocol.as_str(), key.client, key.remote)
 }
 
 /// `id=… mac=… ip=… hostname="…" expires=…`.

@@ -51,6 +51,26 @@ pub fn push_udp(
     })
 }
 
+/// Appends an Ethernet/IPv4 frame whose `payload_len`-byte payload of `protocol` is written by
+/// `payload`.
+#[allow(clippy::too_many_arguments)]
+pub fn push_ip(
+    tx: &mut FrameBatch,
+    src_mac: EthernetAddress,
+    dst_mac: EthernetAddress,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: IpProtocol,
+    payload_len: usize,
+    payload: impl FnOnce(&mut [u8]),
+) -> bool {
+    let ip_repr = Ipv4Repr { src_addr: src, dst_addr: dst, next_header: protocol, payload_len, hop_limit: HOP_LIMIT };
+    tx.push_built(ETHERNET_HEADER_LEN + IPV4_HEADER_LEN + payload_len, |buf| {
+        let ip_buf = emit_headers(buf, src_mac, dst_mac, &ip_repr);
+        payload(&mut ip_buf[..payload_len]);
+    })
+}
+
 /// Appends an Ethernet/IPv4/ICMP frame.
 pub fn push_icmp(
     tx: &mut FrameBatch,

@@ -30,8 +30,10 @@
 
 pub mod arp;
 pub mod dhcp;
+pub mod dns;
 mod frame;
 pub mod icmp;
+pub mod nat;
 
 #[cfg(test)]
 mod tests;
@@ -43,7 +45,7 @@ use dhcproto::{Decodable, Decoder, Encodable};
 use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket,
+    EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, UdpPacket,
     UdpRepr,
 };
 use tracing::{debug, trace};
@@ -51,6 +53,7 @@ use tracing::{debug, trace};
 pub use smoltcp::time::Instant;
 
 use dhcp::{DhcpEvent, DhcpServer, DhcpSettings, Lease};
+use nat::{NatEvent, NatSettings, NatState};
 
 /// The virtual host's own identity on the segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,10 +69,12 @@ pub struct HostSettings {
 }
 
 /// What the driver must act on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Event {
     /// Something happened in the DHCP server (lease created, renewed, …).
     Dhcp(DhcpEvent),
+    /// Something happened in the NAT (session created, connected, deleted, refused).
+    Nat(NatEvent),
     /// The lease table changed and should be saved.
     LeasesChanged,
 }
@@ -149,14 +154,28 @@ pub struct VirtualHost {
     dhcp_events: VecDeque<DhcpEvent>,
     counters: Counters,
     dhcp_buf: Vec<u8>,
+    nat: NatState,
+    /// The latest time passed in.
+    now: Instant,
+    /// IPv4 identification of the fragmented datagrams we originate.
+    ident: u16,
 }
 
 /// How many frames the core queues between two [`VirtualHost::take_transmit`] calls.
 pub const TX_QUEUE_FRAMES: usize = 256;
 
 impl VirtualHost {
-    /// A host with the given identity and DHCP server settings, and the leases saved earlier.
-    pub fn new(host: HostSettings, dhcp: DhcpSettings, leases: Vec<Lease>) -> Self {
+    /// A host with the given identity, DHCP server and NAT settings, and the leases saved
+    /// earlier. `seed` seeds smoltcp's initial sequence numbers and DNS ids: take it from a
+    /// real random source.
+    pub fn new(
+        host: HostSettings,
+        dhcp: DhcpSettings,
+        leases: Vec<Lease>,
+        nat: NatSettings,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
         let mut server = DhcpServer::new(dhcp, host.ip, host.mask);
         let skipped = server.restore(leases);
         if skipped > 0 {
@@ -171,6 +190,9 @@ impl VirtualHost {
             dhcp_events: VecDeque::new(),
             counters: Counters::default(),
             dhcp_buf: Vec::with_capacity(1024),
+            nat: NatState::new(nat, host.ip, host.mask, seed, now),
+            now,
+            ident: seed as u16,
         }
     }
 
@@ -218,24 +240,32 @@ impl VirtualHost {
 
     /// The next event, if any. Call until `None` after every batch of inputs.
     pub fn poll_event(&mut self) -> Option<Event> {
+        self.flush_nat_events();
         self.events.pop_front()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.dhcp.next_deadline().map(|secs| Instant::from_secs(secs as i64))
+        let dhcp = self.dhcp.next_deadline().map(|secs| Instant::from_secs(secs as i64));
+        [dhcp, self.nat_deadline()].into_iter().flatten().min()
     }
 
-    /// Does what is due at `now`: lease expiry, offer timeouts, quarantine ends.
+    /// Does what is due at `now`: lease expiry, offer timeouts, quarantine ends, NAT idle
+    /// timeouts, DNS failover, TCP retransmissions.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         if self.dhcp.handle_timeout(unix_secs(now), &mut self.dhcp_events) {
             self.events.push_back(Event::LeasesChanged);
         }
         self.flush_dhcp_events();
+        self.nat_timeout(now);
+        self.poll(now);
+        self.flush_nat_events();
     }
 
     /// Handles one frame from the segment.
     pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        self.now = now;
         self.counters.frames_in += 1;
         let before = self.tx.len();
         if self.dispatch(now, frame).is_err() {
@@ -290,19 +320,27 @@ impl VirtualHost {
         if packet.version() != 4 || !packet.verify_checksum() {
             return Err(smoltcp::wire::Error);
         }
-        if packet.more_frags() || packet.frag_offset() != 0 {
-            self.counters.fragments += 1;
+        // Drop Ethernet padding: everything after the IPv4 total length.
+        let payload = &payload[..usize::from(packet.total_len())];
+        let packet = Ipv4Packet::new_checked(payload)?;
+        let (src, dst) = (packet.src_addr(), packet.dst_addr());
+        if self.in_subnet(src) && src != self.host.ip {
+            self.neighbours.learn(src, src_mac, now);
+        }
+        let to_us = dst == self.host.ip;
+        let broadcast = dst.is_broadcast() || dst == self.subnet_broadcast();
+        let fragment = packet.more_frags() || packet.frag_offset() != 0;
+        if fragment {
+            if to_us || !self.in_subnet(dst) && !broadcast {
+                self.counters.fragments += 1;
+                return self.nat_ipv4(now, payload);
+            }
+            self.counters.unhandled += 1;
             return Ok(());
         }
-        let repr = Ipv4Repr::parse(&packet, &ChecksumCapabilities::ignored())?;
-        if self.in_subnet(repr.src_addr) && repr.src_addr != self.host.ip {
-            self.neighbours.learn(repr.src_addr, src_mac, now);
-        }
-        let to_us = repr.dst_addr == self.host.ip;
-        let broadcast = repr.dst_addr.is_broadcast() || repr.dst_addr == self.subnet_broadcast();
-        match repr.next_header {
+        match packet.next_header() {
             IpProtocol::Icmp if to_us => {
-                if icmp::handle_echo(packet.payload(), &self.host, src_mac, repr.src_addr, &mut self.tx)? {
+                if icmp::handle_echo(packet.payload(), &self.host, src_mac, src, &mut self.tx)? {
                     self.counters.echo_replies += 1;
                 } else {
                     self.counters.unhandled += 1;
@@ -313,21 +351,27 @@ impl VirtualHost {
                 let udp = UdpPacket::new_checked(packet.payload())?;
                 let udp_repr = UdpRepr::parse(
                     &udp,
-                    &IpAddress::Ipv4(repr.src_addr),
-                    &IpAddress::Ipv4(repr.dst_addr),
+                    &IpAddress::Ipv4(src),
+                    &IpAddress::Ipv4(dst),
                     &ChecksumCapabilities::default(),
                 )?;
                 if udp_repr.dst_port == dhcp::server::SERVER_PORT {
                     self.handle_dhcp(now, src_mac, udp.payload());
+                    Ok(())
+                } else if to_us && udp_repr.dst_port == 53 {
+                    self.nat_ipv4(now, payload)
                 } else {
                     self.counters.unhandled += 1;
+                    Ok(())
                 }
-                Ok(())
             }
-            _ => {
+            // TCP to us: port 53 is the DNS redirect; smoltcp answers the rest with RST.
+            IpProtocol::Tcp if to_us => self.nat_ipv4(now, payload),
+            _ if to_us || broadcast || dst.is_multicast() || self.in_subnet(dst) => {
                 self.counters.unhandled += 1;
                 Ok(())
             }
+            _ => self.nat_ipv4(now, payload),
         }
     }
 
@@ -382,7 +426,7 @@ impl VirtualHost {
     fn flush_dhcp_events(&mut self) {
         // LeasesChanged goes after the lease events of the same input, so a consumer that saves
         // on LeasesChanged has seen every change first.
-        let changed = self.events.back() == Some(&Event::LeasesChanged);
+        let changed = matches!(self.events.back(), Some(Event::LeasesChanged));
         if changed {
             self.events.pop_back();
         }

@@ -3,3 +3,4 @@
 
 pub mod smol_client;
 pub mod netns;
+pub mod topology;

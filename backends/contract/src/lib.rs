@@ -24,6 +24,8 @@
 
 use std::io;
 
+pub mod capture;
+
 /// The largest Ethernet header hubnat emits or accepts (no VLAN tags are produced).
 pub const ETHERNET_HEADER_LEN: usize = 14;
 

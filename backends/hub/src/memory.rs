@@ -336,16 +336,40 @@ impl MemoryPort {
     ///
     /// The frame is not copied: `buf` is swapped with the queued buffer, and `buf`'s old
     /// allocation goes to the hub's pool. Keep reusing the same `buf`.
-    pub fn try_recv(&mut self, buf: &mut Vec<u8>) -> bool {
+    pub fn try_recv(&self, buf: &mut Vec<u8>) -> bool {
         match self.rx.try_recv() {
-            Ok(mut frame) => {
-                self.count_rx(frame.len());
-                std::mem::swap(buf, &mut frame);
-                self.hub.shared.recycle(frame);
+            Ok(frame) => {
+                self.swap_in(buf, frame);
                 true
             }
             Err(_) => false,
         }
+    }
+
+    /// Waits for the oldest queued frame and puts it in `buf` the way
+    /// [`MemoryPort::try_recv`] does (a swap, no copy). Cancel-safe: a frame leaves the queue
+    /// only in the poll that completes the call.
+    ///
+    /// # Errors
+    ///
+    /// Never while the port exists (the hub keeps the sending half of the queue).
+    pub async fn recv(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let frame = self.rx.recv().await.map_err(|_| self.disconnected())?;
+        self.swap_in(buf, frame);
+        Ok(())
+    }
+
+    fn swap_in(&self, buf: &mut Vec<u8>, mut frame: Vec<u8>) {
+        self.count_rx(frame.len());
+        std::mem::swap(buf, &mut frame);
+        self.hub.shared.recycle(frame);
+    }
+
+    fn disconnected(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!("memory port {} is disconnected", self.id),
+        )
     }
 
     /// Frames queued for this port, not yet received.
@@ -388,12 +412,7 @@ impl Backend for MemoryPort {
             return Ok(());
         }
         if self.rx.is_empty() {
-            let frame = self.rx.recv().await.map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    format!("memory port {} is disconnected", self.id),
-                )
-            })?;
+            let frame = self.rx.recv().await.map_err(|_| self.disconnected())?;
             self.take_into(frame, batch);
         }
         while !batch.is_full() {

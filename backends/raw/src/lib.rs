@@ -1,0 +1,653 @@
+//! hubnat's raw backend: the virtual host joins an *existing* interface — a bridge, a VPN's TAP
+//! device, one end of a veth pair — as one more station, through an `AF_PACKET` socket opened
+//! with pnet's datalink. hubnat owns no device: it receives every frame on the interface and
+//! injects its replies into it.
+//!
+//! # Theory of operation
+//!
+//! * **Opening.** [`RawBackend::open`] looks the interface up by name (pnet's
+//!   `interfaces()`), creates an `AF_PACKET`/`SOCK_RAW` socket with protocol 0 (so that it
+//!   receives nothing yet), attaches the kernel filter described below, and hands it to
+//!   `pnet_datalink::linux::channel`, which binds it to the interface with `ETH_P_ALL`, adds a
+//!   promiscuous membership (so that frames for the virtual host's MAC reach the socket on a
+//!   real NIC; the membership goes away with the socket) and makes it non-blocking. The
+//!   descriptor is registered with async-io's reactor. Needs CAP_NET_RAW.
+//! * **Frames the host kernel owns are not the segment's.** A packet socket sees, besides the
+//!   segment's frames, every frame the host itself sends on the interface, and frames addressed
+//!   to the host's own MAC. None of them is client traffic: the host's own DHCP client or ARP
+//!   must not get answers from the virtual host, and hubnat's own injected frames must not come
+//!   back to it. So a classic BPF program on the socket drops, in the kernel, frames of packet
+//!   type `PACKET_OUTGOING` (sent by this host, hubnat's injections included) and `PACKET_HOST`
+//!   (addressed to the interface's MAC); and [`Backend::recv_batch`] also skips any frame whose
+//!   source is the interface's MAC or the virtual host's own MAC ([`RawOptions::own_mac`]).
+//!   They are counted in [`RawBackend::host_frames`].
+//! * **Receiving.** After a readability wait, pnet's receiver reads frame after frame (each
+//!   `recvfrom` returns one) into the caller's batch until nothing is left or the batch is full.
+//!   The only await happens before a frame is taken, so the call is cancel-safe. Frames under
+//!   14 bytes or over `mtu + 14` (for example GSO super-frames from a local peer with offloads
+//!   on) are discarded and counted ([`RawBackend::rx_dropped`]).
+//! * **Sending.** One `sendto` per frame through pnet's sender. If the socket's buffer is full
+//!   the backend waits for it at most [`WRITE_STALL_LIMIT`] once per batch, then drops and
+//!   counts, like a congested link.
+//! * **Down and up.** When the interface goes down (or is deleted), the kernel reports
+//!   `ENETDOWN` on the socket: the backend logs it, closes the socket and checks the interface
+//!   every [`RawOptions::recheck`] (a timer, no busy loop). Meanwhile `recv_batch` waits and
+//!   `send_batch` drops (counted). Once an interface of that name is up again — the same one
+//!   or a new one — the backend opens a fresh socket on it, logs that it resumed, and carries
+//!   on. An interface that is down at start is waited for the same way; one that does not
+//!   exist at start is an error.
+//!
+//! # Limits
+//!
+//! The interface's MTU should equal hubnat's (`nat.mtu`). A local peer (a veth in a container
+//! or namespace) that has transmit checksum offload or TSO on hands over frames with partial
+//! checksums or larger than the MTU, which hubnat cannot use; turn those offloads off on the
+//! peer (`ethtool -K DEV tx off tso off gso off`). Frames arriving from a wire or a VM are
+//! complete. VLAN tags stripped by the NIC are not looked at.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use async_io::{Async, Timer};
+use futures_lite::FutureExt;
+use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
+use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
+
+/// How long [`Backend::send_batch`] waits, at most once per batch, for a socket whose send
+/// buffer is full before it drops frames instead.
+pub const WRITE_STALL_LIMIT: Duration = Duration::from_millis(10);
+
+/// How often a down interface is checked by default.
+pub const DEFAULT_RECHECK: Duration = Duration::from_secs(1);
+
+/// The smallest MTU accepted (the IPv4 minimum).
+pub const MIN_MTU: u32 = 68;
+
+/// The largest MTU accepted.
+pub const MAX_MTU: u32 = 65535;
+
+/// An Ethernet MAC address.
+pub type MacAddr = [u8; 6];
+
+/// How a [`RawBackend`] is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawOptions {
+    /// The segment's MTU: frames up to `mtu + 14` bytes are carried.
+    pub mtu: u32,
+    /// The virtual host's MAC: frames from it are never taken as the segment's (an echo of
+    /// hubnat's own frames), and it must differ from the interface's own MAC.
+    pub own_mac: Option<MacAddr>,
+    /// How often a down interface is checked.
+    pub recheck: Duration,
+}
+
+impl RawOptions {
+    /// Options for `mtu` with the defaults for the rest.
+    pub fn new(mtu: u32) -> Self {
+        RawOptions {
+            mtu,
+            own_mac: None,
+            recheck: DEFAULT_RECHECK,
+        }
+    }
+}
+
+/// Why the raw backend could not start. Every message names the interface and the cause, and
+/// says what to do about a missing privilege.
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    /// No interface has this name (in this network namespace).
+    #[error("interface {name:?} does not exist{}", available_hint(.available))]
+    NotFound {
+        /// The name asked for.
+        name: String,
+        /// The interfaces that do exist.
+        available: Vec<String>,
+    },
+    /// The MTU is outside [`MIN_MTU`]`..=`[`MAX_MTU`].
+    #[error("invalid MTU {mtu} for interface {name:?}: it must lie between {MIN_MTU} and {MAX_MTU}")]
+    InvalidMtu {
+        /// The interface.
+        name: String,
+        /// The MTU as given.
+        mtu: u32,
+    },
+    /// The virtual host's MAC is the interface's own: hubnat would answer for the host kernel.
+    #[error(
+        "interface {name:?} has the MAC address {mac} that the virtual host is configured with; \
+         the virtual host must be a station of its own: set host.mac to another address or \
+         leave it unset"
+    )]
+    SameMac {
+        /// The interface.
+        name: String,
+        /// The shared MAC, as text.
+        mac: String,
+    },
+    /// The packet socket could not be created, filtered, bound or registered.
+    #[error("cannot open a packet socket on interface {name:?}: {step}: {cause}{}", perm_hint(.cause))]
+    Socket {
+        /// The interface.
+        name: String,
+        /// Which step failed.
+        step: &'static str,
+        /// The OS error.
+        cause: io::Error,
+    },
+}
+
+impl RawError {
+    /// The OS error behind this error, if there is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            RawError::Socket { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+fn available_hint(available: &[String]) -> String {
+    if available.is_empty() {
+        String::new()
+    } else {
+        format!(" (interfaces here: {})", available.join(", "))
+    }
+}
+
+fn perm_hint(cause: &io::Error) -> &'static str {
+    match cause.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            " (EPERM: a packet socket needs CAP_NET_RAW; run hubnat as root or grant it the \
+             capability, e.g. `setcap cap_net_raw+ep`)"
+        }
+        _ => "",
+    }
+}
+
+fn fmt_mac(mac: &MacAddr) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// The socket descriptor for async-io, borrowed from pnet's channel, which owns and closes it.
+#[derive(Debug)]
+struct SocketFd(RawFd);
+
+impl AsFd for SocketFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: pnet's sender and receiver (which close the descriptor when both are dropped)
+        // are fields of the same `Link`, declared after this one, so they outlive it.
+        unsafe { BorrowedFd::borrow_raw(self.0) }
+    }
+}
+
+impl AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// An open packet socket on the interface.
+struct Link {
+    // Declared first: dropped (deregistered from the reactor) before pnet closes the socket.
+    fd: Async<SocketFd>,
+    tx: Box<dyn DataLinkSender>,
+    rx: Box<dyn DataLinkReceiver>,
+    index: u32,
+    mac: Option<MacAddr>,
+}
+
+enum State {
+    Up(Link),
+    Down { next_check: Instant },
+}
+
+/// What one read attempt gave.
+enum Read {
+    Frame,
+    Skipped,
+    Empty,
+    Down(String),
+}
+
+/// A frame backend on an existing interface. See the crate documentation.
+pub struct RawBackend {
+    name: String,
+    options: RawOptions,
+    max_frame_len: usize,
+    state: State,
+    stats: BackendStats,
+    rx_dropped: u64,
+    host_frames: u64,
+    downs: u64,
+}
+
+impl std::fmt::Debug for RawBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawBackend")
+            .field("name", &self.name)
+            .field("up", &self.is_up())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawBackend {
+    /// Attaches to the interface `name`. If it exists but is down, the backend starts in the
+    /// waiting state (see the crate documentation). Call from the thread whose network
+    /// namespace holds the interface.
+    ///
+    /// # Errors
+    ///
+    /// [`RawError`]: no such interface, a bad MTU, the virtual host's MAC equal to the
+    /// interface's, or the socket could not be opened (`EPERM`: CAP_NET_RAW is missing).
+    pub fn open(name: &str, options: RawOptions) -> Result<RawBackend, RawError> {
+        if !(MIN_MTU..=MAX_MTU).contains(&options.mtu) {
+            return Err(RawError::InvalidMtu {
+                name: name.to_owned(),
+                mtu: options.mtu,
+            });
+        }
+        let all = pnet_datalink::interfaces();
+        let Some(iface) = all.iter().find(|i| i.name == name) else {
+            return Err(RawError::NotFound {
+                name: name.to_owned(),
+                available: all.into_iter().map(|i| i.name).collect(),
+            });
+        };
+        let mut backend = RawBackend {
+            name: name.to_owned(),
+            options,
+            max_frame_len: options.mtu as usize + ETHERNET_HEADER_LEN,
+            state: State::Down {
+                next_check: Instant::now(),
+            },
+            stats: BackendStats::default(),
+            rx_dropped: 0,
+            host_frames: 0,
+            downs: 0,
+        };
+        if iface.is_up() {
+            backend.state = State::Up(backend.open_link(iface)?);
+            tracing::info!(interface = name, mtu = options.mtu, "raw backend attached");
+        } else {
+            // Still check what can be checked now.
+            backend.check_mac(iface)?;
+            tracing::warn!(interface = name, "interface is down; waiting for it to come up");
+            backend.state = State::Down {
+                next_check: Instant::now() + options.recheck,
+            };
+        }
+        Ok(backend)
+    }
+
+    /// The interface's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True while the socket is open on an up interface.
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, State::Up(_))
+    }
+
+    /// Frames received and discarded for their length (under 14 or over `mtu + 14` bytes).
+    pub fn rx_dropped(&self) -> u64 {
+        self.rx_dropped
+    }
+
+    /// Frames received and ignored because the host kernel or the virtual host sent them (the
+    /// kernel filter drops most such frames before they are counted).
+    pub fn host_frames(&self) -> u64 {
+        self.host_frames
+    }
+
+    /// How many times the interface went down (or away) while attached.
+    pub fn downs(&self) -> u64 {
+        self.downs
+    }
+
+    fn check_mac(&self, iface: &NetworkInterface) -> Result<(), RawError> {
+        if let (Some(own), Some(m)) = (self.options.own_mac, iface.mac) {
+            if own == m.octets() {
+                return Err(RawError::SameMac {
+                    name: self.name.clone(),
+                    mac: fmt_mac(&own),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn open_link(&self, iface: &NetworkInterface) -> Result<Link, RawError> {
+        self.check_mac(iface)?;
+        let err = |step, cause| RawError::Socket {
+            name: self.name.clone(),
+            step,
+            cause,
+        };
+        // Protocol 0: the socket receives nothing until pnet binds it to the interface.
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(err("socket", io::Error::last_os_error()));
+        }
+        if let Err(cause) = attach_filter(fd) {
+            // SAFETY: fd is ours and not yet handed to anyone.
+            unsafe { libc::close(fd) };
+            return Err(err("attaching the filter for the host's own frames", cause));
+        }
+        let config = pnet_datalink::Config {
+            read_buffer_size: self.max_frame_len + 1,
+            write_buffer_size: self.max_frame_len,
+            // Never block inside pnet: the reactor does the waiting.
+            read_timeout: Some(Duration::ZERO),
+            write_timeout: Some(Duration::ZERO),
+            promiscuous: true,
+            socket_fd: Some(fd),
+            ..pnet_datalink::Config::default()
+        };
+        // On failure pnet closes the descriptor itself.
+        let (tx, rx) = match pnet_datalink::linux::channel(iface, (&config).into()) {
+            Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
+            Ok(_) => {
+                return Err(err(
+                    "binding",
+                    io::Error::other("pnet returned a channel that is not Ethernet"),
+                ))
+            }
+            Err(cause) => return Err(err("binding to the interface", cause)),
+        };
+        let fd = Async::new(SocketFd(fd)).map_err(|cause| err("registering with the reactor", cause))?;
+        Ok(Link {
+            fd,
+            tx,
+            rx,
+            index: iface.index,
+            mac: iface.mac.map(|m| m.octets()),
+        })
+    }
+
+    /// Closes the socket and starts waiting for the interface.
+    fn go_down(&mut self, why: &str) {
+        if let State::Up(link) = &self.state {
+            self.downs += 1;
+            tracing::warn!(
+                interface = %self.name,
+                index = link.index,
+                reason = why,
+                recheck = ?self.options.recheck,
+                "interface went down; waiting for it to come back"
+            );
+        }
+        self.state = State::Down {
+            next_check: Instant::now() + self.options.recheck,
+        };
+    }
+
+    /// Once the check time has come: reopens on the interface if it is up again.
+    fn check_interface(&mut self) {
+        let found = pnet_datalink::interfaces()
+            .into_iter()
+            .find(|i| i.name == self.name);
+        let next = Instant::now() + self.options.recheck;
+        match found {
+            Some(iface) if iface.is_up() => match self.open_link(&iface) {
+                Ok(link) => {
+                    tracing::info!(
+                        interface = %self.name,
+                        index = link.index,
+                        "interface is up again; resuming"
+                    );
+                    self.state = State::Up(link);
+                }
+                Err(e) => {
+                    tracing::debug!(interface = %self.name, error = %e, "interface is up but cannot be opened yet");
+                    self.state = State::Down { next_check: next };
+                }
+            },
+            _ => self.state = State::Down { next_check: next },
+        }
+    }
+
+    /// Reads one frame into `batch` without waiting. The batch must not be full.
+    fn read_one(&mut self, batch: &mut FrameBatch) -> Read {
+        let State::Up(link) = &mut self.state else {
+            return Read::Empty;
+        };
+        let max = self.max_frame_len;
+        let result = link.rx.next();
+        match result {
+            Ok(frame) => {
+                if frame.len() < ETHERNET_HEADER_LEN || frame.len() > max {
+                    self.rx_dropped += 1;
+                    tracing::trace!(interface = %self.name, len = frame.len(), "discarded a runt or oversized frame");
+                    return Read::Skipped;
+                }
+                let (dst, src) = (&frame[0..6], &frame[6..12]);
+                let host = link.mac.is_some_and(|m| dst == m || src == m)
+                    || self.options.own_mac.is_some_and(|m| src == m);
+                if host {
+                    self.host_frames += 1;
+                    return Read::Skipped;
+                }
+                batch.push(frame);
+                self.stats.rx_frames += 1;
+                self.stats.rx_bytes += frame.len() as u64;
+                Read::Frame
+            }
+            Err(e) => match e.kind() {
+                // pnet's zero-timeout poll found nothing.
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Read::Empty,
+                io::ErrorKind::Interrupted => Read::Skipped,
+                _ => {
+                    // A poll error (POLLERR) or a failed recvfrom: the pending socket error says
+                    // why, and reading it clears it.
+                    let cause = match e.raw_os_error() {
+                        Some(_) => e,
+                        None => socket_error(link.fd.as_raw_fd()).unwrap_or(e),
+                    };
+                    Read::Down(cause.to_string())
+                }
+            },
+        }
+    }
+}
+
+/// Takes the socket's pending error (`SO_ERROR`), if any.
+fn socket_error(fd: RawFd) -> Option<io::Error> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && value != 0).then(|| io::Error::from_raw_os_error(value))
+}
+
+/// The kernel filter: drop frames the host sends (`PACKET_OUTGOING`) and frames addressed to
+/// the host (`PACKET_HOST`); accept the rest whole.
+fn filter_program() -> [libc::sock_filter; 5] {
+    const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    // SKF_AD_OFF + SKF_AD_PKTTYPE, as the unsigned offset the kernel expects.
+    const PKTTYPE: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    [
+        insn(LD_B_ABS, 0, 0, PKTTYPE),
+        insn(JEQ_K, 2, 0, u32::from(libc::PACKET_OUTGOING)),
+        insn(JEQ_K, 1, 0, u32::from(libc::PACKET_HOST)),
+        insn(RET_K, 0, 0, 0x0004_0000),
+        insn(RET_K, 0, 0, 0),
+    ]
+}
+
+fn attach_filter(fd: RawFd) -> io::Result<()> {
+    let mut program = filter_program();
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: fprog points at `program`, which lives until the call returns; the kernel copies
+    // it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// True for send errors that mean the interface is down or gone.
+fn is_down_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENETDOWN) | Some(libc::ENXIO) | Some(libc::ENODEV)
+    )
+}
+
+impl Backend for RawBackend {
+    fn describe(&self) -> String {
+        format!("raw {}", self.name)
+    }
+
+    fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// See the crate documentation. Cancel-safe: the awaits (readability, the recheck timer)
+    /// come before a frame is taken, and the recheck time is kept across calls.
+    async fn recv_batch(&mut self, batch: &mut FrameBatch) -> io::Result<()> {
+        let mut got_one = false;
+        loop {
+            if batch.is_full() {
+                return Ok(());
+            }
+            if let State::Down { next_check } = self.state {
+                if got_one {
+                    return Ok(());
+                }
+                Timer::at(next_check).await;
+                self.check_interface();
+                continue;
+            }
+            match self.read_one(batch) {
+                Read::Frame => got_one = true,
+                Read::Skipped => {}
+                Read::Down(why) => self.go_down(&why),
+                Read::Empty if got_one => return Ok(()),
+                Read::Empty => {
+                    let State::Up(link) = &self.state else {
+                        continue;
+                    };
+                    if let Err(e) = link.fd.readable().await {
+                        self.go_down(&e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// See the crate documentation. While the interface is down, frames are dropped and
+    /// counted; never fails.
+    async fn send_batch(&mut self, batch: &FrameBatch) -> io::Result<()> {
+        let mut waited = false;
+        let mut frames = batch.iter();
+        while let Some(frame) = frames.next() {
+            let State::Up(link) = &mut self.state else {
+                self.stats.tx_dropped += 1 + frames.count() as u64;
+                return Ok(());
+            };
+            if frame.len() < ETHERNET_HEADER_LEN || frame.len() > self.max_frame_len {
+                self.stats.tx_dropped += 1;
+                continue;
+            }
+            loop {
+                match link.tx.send_to(frame, None) {
+                    Some(Ok(())) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += frame.len() as u64;
+                    }
+                    Some(Err(e)) if is_down_error(&e) => {
+                        self.stats.tx_dropped += 1;
+                        self.go_down(&e.to_string());
+                    }
+                    Some(Err(e))
+                        if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
+                            || e.raw_os_error() == Some(libc::ENOBUFS) =>
+                    {
+                        if !waited {
+                            waited = true;
+                            let writable = async { link.fd.writable().await.is_ok() }
+                                .or(async {
+                                    Timer::after(WRITE_STALL_LIMIT).await;
+                                    false
+                                })
+                                .await;
+                            if writable {
+                                continue;
+                            }
+                        }
+                        self.stats.tx_dropped += 1;
+                    }
+                    Some(Err(e)) => {
+                        self.stats.tx_dropped += 1;
+                        tracing::debug!(interface = %self.name, error = %e, len = frame.len(), "cannot send a frame");
+                    }
+                    None => self.stats.tx_dropped += 1,
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> BackendStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filter_jumps_land_on_the_drop() {
+        let p = filter_program();
+        // Both comparisons jump to the last instruction, which returns 0 (drop).
+        assert_eq!(1 + 1 + p[1].jt as usize, p.len() - 1);
+        assert_eq!(2 + 1 + p[2].jt as usize, p.len() - 1);
+        assert_eq!(p[4].k, 0);
+        assert_ne!(p[3].k, 0);
+    }
+
+    #[test]
+    fn a_missing_interface_names_what_exists() {
+        let err = RawBackend::open("no-such-if0", RawOptions::new(1500)).expect_err("missing");
+        let text = err.to_string();
+        assert!(text.starts_with("interface \"no-such-if0\" does not exist"), "{text}");
+        assert!(text.contains("lo"), "{text}");
+    }
+
+    #[test]
+    fn bad_mtus_are_refused() {
+        let err = RawBackend::open("lo", RawOptions::new(10)).expect_err("tiny");
+        assert!(err.to_string().contains("invalid MTU 10"), "{err}");
+    }
+}

@@ -1,0 +1,278 @@
+//! The DNS redirect: UDP queries to the virtual host's port 53 go to the upstream resolvers.
+//!
+//! # Theory of operation
+//!
+//! Each query gets a fresh 16-bit id (clients' ids may collide) and is sent to the first
+//! upstream. If no answer comes within [`QUERY_TIMEOUT`], it is sent to the next upstream, and
+//! so on; after the last one the client gets SERVFAIL. An answer is accepted only from the
+//! upstream the query was last sent to, with the id it was sent with; the client's id is put
+//! back and the answer goes out from the virtual host's address. At most [`MAX_PENDING`]
+//! queries wait at once; more are dropped (the client retries). TCP to port 53 is relayed as
+//! a TCP session to the upstreams (see the NAT).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, SocketAddrV4};
+
+use smoltcp::time::{Duration, Instant};
+
+/// How long an upstream gets to answer before the next one is tried.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Queries waiting for an answer at once.
+pub const MAX_PENDING: usize = 1024;
+const HEADER_LEN: usize = 12;
+
+#[derive(Debug)]
+struct Pending {
+    client: SocketAddrV4,
+    client_id: u16,
+    upstream: usize,
+    deadline: Instant,
+    query: Vec<u8>,
+}
+
+/// Counters of the DNS redirect.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DnsCounters {
+    /// Queries received from clients.
+    pub queries: u64,
+    /// Answers returned to clients.
+    pub answers: u64,
+    /// Queries re-sent to the next upstream after a timeout.
+    pub failovers: u64,
+    /// Queries answered with SERVFAIL after every upstream timed out (or none is configured).
+    pub servfails: u64,
+    /// Queries dropped: malformed, or too many waiting.
+    pub dropped: u64,
+    /// Answers that matched no query (late, spoofed, from the wrong server).
+    pub stray_answers: u64,
+}
+
+/// What to do after a DNS event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DnsAction<'a> {
+    /// Send `payload` to `upstream`.
+    Send {
+        /// The resolver.
+        upstream: SocketAddr,
+        /// The query, with the id rewritten.
+        payload: &'a [u8],
+    },
+    /// Give `payload` to `client` (from the virtual host's port 53).
+    Answer {
+        /// The client.
+        client: SocketAddrV4,
+        /// The answer, with the client's id.
+        payload: &'a [u8],
+    },
+}
+
+/// The UDP DNS forwarder.
+#[derive(Debug)]
+pub struct DnsForwarder {
+    upstreams: Vec<SocketAddr>,
+    pending: HashMap<u16, Pending>,
+    next_id: u16,
+    buf: Vec<u8>,
+    /// Counters.
+    pub counters: DnsCounters,
+}
+
+impl DnsForwarder {
+    /// A forwarder to `upstreams`, tried in order.
+    pub fn new(upstreams: Vec<SocketAddr>, seed: u16) -> Self {
+        DnsForwarder { upstreams, pending: HashMap::new(), next_id: seed, buf: Vec::new(), counters: DnsCounters::default() }
+    }
+
+    /// The upstream resolvers.
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
+    }
+
+    /// Queries waiting for an answer.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// A query from `client`. Returns what to send, if anything.
+    pub fn query(&mut self, client: SocketAddrV4, payload: &[u8], now: Instant) -> Option<DnsAction<'_>> {
+        self.counters.queries += 1;
+        if payload.len() < HEADER_LEN || payload[2] & 0x80 != 0 {
+            self.counters.dropped += 1;
+            return None;
+        }
+        if self.upstreams.is_empty() {
+            self.counters.servfails += 1;
+            servfail(&mut self.buf, payload);
+            return Some(DnsAction::Answer { client, payload: &self.buf });
+        }
+        if self.pending.len() >= MAX_PENDING {
+            self.counters.dropped += 1;
+            return None;
+        }
+        let client_id = u16::from_be_bytes([payload[0], payload[1]]);
+        let mut id = self.next_id;
+        while self.pending.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_id = id.wrapping_add(1);
+        let mut query = payload.to_vec();
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        let upstream = self.upstreams[0];
+        self.pending.insert(id, Pending { client, client_id, upstream: 0, deadline: now + QUERY_TIMEOUT, query });
+        let p = self.pending.get(&id).expect("invariant: just inserted");
+        Some(DnsAction::Send { upstream, payload: &p.query })
+    }
+
+    /// An answer from `from`. Returns the answer for the client, if it matches a query.
+    pub fn answer(&mut self, from: SocketAddr, payload: &[u8]) -> Option<DnsAction<'_>> {
+        if payload.len() < HEADER_LEN {
+            self.counters.stray_answers += 1;
+            return None;
+        }
+        let id = u16::from_be_bytes([payload[0], payload[1]]);
+        let matches = self.pending.get(&id).is_some_and(|p| same_server(self.upstreams[p.upstream], from));
+        if !matches {
+            self.counters.stray_answers += 1;
+            return None;
+        }
+        let p = self.pending.remove(&id).expect("invariant: checked above");
+        self.counters.answers += 1;
+        self.buf.clear();
+        self.buf.extend_from_slice(payload);
+        self.buf[..2].copy_from_slice(&p.client_id.to_be_bytes());
+        Some(DnsAction::Answer { client: p.client, payload: &self.buf })
+    }
+
+    /// Moves timed-out queries to the next upstream, or answers SERVFAIL after the last one.
+    /// Calls `act` for each resulting action.
+    pub fn handle_timeout(&mut self, now: Instant, mut act: impl FnMut(DnsAction<'_>)) {
+        let due: Vec<u16> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for id in due {
+            let Some(p) = self.pending.get_mut(&id) else { continue };
+            if p.upstream + 1 < self.upstreams.len() {
+                p.upstream += 1;
+                p.deadline = now + QUERY_TIMEOUT;
+                self.counters.failovers += 1;
+                tracing::debug!(upstream = %self.upstreams[p.upstream], "dns: upstream timed out, trying the next");
+                act(DnsAction::Send { upstream: self.upstreams[p.upstream], payload: &p.query });
+            } else {
+                let p = self.pending.remove(&id).expect("invariant: present");
+                self.counters.servfails += 1;
+                tracing::debug!(client = %p.client, "dns: every upstream timed out; SERVFAIL");
+                let mut query = p.query;
+                query[..2].copy_from_slice(&p.client_id.to_be_bytes());
+                servfail(&mut self.buf, &query);
+                act(DnsAction::Answer { client: p.client, payload: &self.buf });
+            }
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) next has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+}
+
+/// An IPv4-mapped or plain address compare: a socket bound to `[::]` reports IPv4 senders as
+/// mapped addresses.
+fn same_server(expected: SocketAddr, from: SocketAddr) -> bool {
+    let norm = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        a => a,
+    };
+    norm(expected) == norm(from)
+}
+
+/// Turns `query` into a SERVFAIL answer in `out`.
+fn servfail(out: &mut Vec<u8>, query: &[u8]) {
+    out.clear();
+    out.extend_from_slice(query);
+    if out.len() >= HEADER_LEN {
+        out[2] = (out[2] & 0x79) | 0x80; // QR=1, keep opcode and RD, clear AA/TC
+        out[3] = 0x80 | 2; // RA=1, RCODE=SERVFAIL
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query_bytes(id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        q.extend_from_slice(b"\x05files\x06hubnat\x04test\x00\x00\x01\x00\x01");
+        q
+    }
+
+    fn client() -> SocketAddrV4 {
+        "192.168.30.10:5353".parse().unwrap()
+    }
+
+    #[test]
+    fn answers_return_with_the_clients_id() {
+        let up: SocketAddr = "10.77.0.2:53".parse().unwrap();
+        let mut f = DnsForwarder::new(vec![up], 100);
+        let sent = match f.query(client(), &query_bytes(0xbeef), Instant::from_secs(0)) {
+            Some(DnsAction::Send { upstream, payload }) => {
+                assert_eq!(upstream, up);
+                payload.to_vec()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(&sent[..2], &100u16.to_be_bytes());
+        let mut answer = sent.clone();
+        answer[2] |= 0x80;
+        // From the wrong server: ignored.
+        assert_eq!(f.answer("10.77.0.3:53".parse().unwrap(), &answer), None);
+        match f.answer(up, &answer) {
+            Some(DnsAction::Answer { client: c, payload }) => {
+                assert_eq!(c, client());
+                assert_eq!(&payload[..2], &0xbeefu16.to_be_bytes());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.pending(), 0);
+        assert_eq!(f.answer(up, &answer), None, "a second answer is stray");
+        assert_eq!(f.counters.stray_answers, 2);
+    }
+
+    #[test]
+    fn fails_over_then_servfails() {
+        let a: SocketAddr = "10.77.0.2:53".parse().unwrap();
+        let b: SocketAddr = "10.77.0.3:5353".parse().unwrap();
+        let mut f = DnsForwarder::new(vec![a, b], 1);
+        f.query(client(), &query_bytes(7), Instant::from_secs(0)).unwrap();
+        assert_eq!(f.next_deadline(), Some(Instant::from_secs(2)));
+        let mut actions = Vec::new();
+        f.handle_timeout(Instant::from_secs(2), |act| actions.push(format!("{act:?}")));
+        assert_eq!(actions.len(), 1);
+        assert!(actions[0].contains("10.77.0.3:5353"), "{actions:?}");
+        let mut answers = Vec::new();
+        f.handle_timeout(Instant::from_secs(4), |act| {
+            if let DnsAction::Answer { client: c, payload } = act {
+                answers.push((c, payload.to_vec()));
+            }
+        });
+        assert_eq!(answers.len(), 1);
+        let (c, p) = &answers[0];
+        assert_eq!(*c, client());
+        assert_eq!(&p[..2], &7u16.to_be_bytes());
+        assert_eq!(p[3] & 0x0f, 2, "SERVFAIL");
+        assert_eq!(f.counters.failovers, 1);
+        assert_eq!(f.counters.servfails, 1);
+    }
+
+    #[test]
+    fn bounded_and_malformed() {
+        let mut f = DnsForwarder::new(vec!["10.77.0.2:53".parse().unwrap()], 0);
+        assert_eq!(f.query(client(), &[1, 2, 3], Instant::from_secs(0)), None);
+        for i in 0..MAX_PENDING as u16 {
+            assert!(f.query(client(), &query_bytes(i), Instant::from_secs(0)).is_some());
+        }
+        assert_eq!(f.query(client(), &query_bytes(1), Instant::from_secs(0)), None);
+        assert_eq!(f.counters.dropped, 2);
+    }
+}

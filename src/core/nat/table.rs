@@ -1,0 +1,326 @@
+//! The NAT session table: every flow the NAT carries, bounded globally and per client.
+//!
+//! # Theory of operation
+//!
+//! A session is one flow: a TCP connection, a UDP (client endpoint, remote endpoint) pair, or
+//! an ICMP echo (client address, identifier, remote address) triple. It is found by its
+//! [`FlowKey`] when a packet arrives from a client, and by its [`SessionId`] when the driver
+//! reports something about its host socket. Ids are never reused within a process, so a late
+//! event about a deleted session finds nothing and is ignored.
+//!
+//! The table refuses a new session when it holds `max_sessions`, or when the client already
+//! has `max_sessions_per_client`; the caller refuses the flow (RST, or a dropped datagram).
+//! Idle sessions are found by [`SessionTable::idle`] from their last activity.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use smoltcp::time::{Duration, Instant};
+
+/// A session's identity in the table, the logs and the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The transport of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP, terminated by smoltcp and relayed to a host `TcpStream`.
+    Tcp,
+    /// UDP, relayed datagram by datagram through a host UDP socket.
+    Udp,
+    /// ICMP echo, through a host ping socket (or answered by hubnat itself).
+    Icmp,
+}
+
+impl Protocol {
+    /// The lower-case name used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
+}
+
+/// What identifies a flow from the client side. For ICMP the ports are the echo identifier
+/// (client side) and 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Transport.
+    pub protocol: Protocol,
+    /// The client's address and port.
+    pub client: SocketAddrV4,
+    /// The address and port the client sent to.
+    pub remote: SocketAddrV4,
+}
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// The outbound connection is being made; the client waits (TCP: in SYN-RECEIVED).
+    Connecting,
+    /// Carrying data.
+    Established,
+    /// The client finished sending (TCP FIN from the client); the host side may still send.
+    ClientClosed,
+    /// The host finished sending; the client may still send.
+    HostClosed,
+    /// Both sides are done or one reset; the session goes away shortly.
+    Closing,
+}
+
+impl SessionState {
+    /// The lower-case name used in the table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Connecting => "connecting",
+            SessionState::Established => "established",
+            SessionState::ClientClosed => "client-closed",
+            SessionState::HostClosed => "host-closed",
+            SessionState::Closing => "closing",
+        }
+    }
+}
+
+/// One row of the session table.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Identity.
+    pub id: SessionId,
+    /// The flow.
+    pub key: FlowKey,
+    /// Where the host socket actually goes (differs from `key.remote` for the DNS redirect).
+    pub target: SocketAddr,
+    /// Life stage.
+    pub state: SessionState,
+    /// When it was created.
+    pub created: Instant,
+    /// The last time a byte or packet moved either way.
+    pub last_activity: Instant,
+    /// Payload bytes from the client to the remote.
+    pub bytes_out: u64,
+    /// Payload bytes from the remote to the client.
+    pub bytes_in: u64,
+    /// Packets (TCP: relay operations) from the client.
+    pub packets_out: u64,
+    /// Packets (TCP: relay operations) to the client.
+    pub packets_in: u64,
+}
+
+impl Session {
+    /// Counts `bytes` sent by the client.
+    pub fn count_out(&mut self, bytes: usize, now: Instant) {
+        self.bytes_out += bytes as u64;
+        self.packets_out += 1;
+        self.last_activity = now;
+    }
+
+    /// Counts `bytes` sent to the client.
+    pub fn count_in(&mut self, bytes: usize, now: Instant) {
+        self.bytes_in += bytes as u64;
+        self.packets_in += 1;
+        self.last_activity = now;
+    }
+}
+
+/// Why a session could not be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// `nat.max_sessions` reached.
+    #[error("the NAT session table is full ({0} sessions, nat.max_sessions)")]
+    Global(usize),
+    /// `nat.max_sessions_per_client` reached for this client.
+    #[error("client {client} has {limit} sessions (nat.max_sessions_per_client)")]
+    PerClient {
+        /// The client.
+        client: Ipv4Addr,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The session table. See the module documentation.
+#[derive(Debug)]
+pub struct SessionTable {
+    sessions: HashMap<SessionId, Session>,
+    by_key: HashMap<FlowKey, SessionId>,
+    per_client: HashMap<Ipv4Addr, usize>,
+    max_sessions: usize,
+    max_per_client: usize,
+    next_id: u64,
+}
+
+impl SessionTable {
+    /// An empty table with these limits.
+    pub fn new(max_sessions: usize, max_per_client: usize) -> Self {
+        SessionTable {
+            sessions: HashMap::new(),
+            by_key: HashMap::new(),
+            per_client: HashMap::new(),
+            max_sessions,
+            max_per_client,
+            next_id: 1,
+        }
+    }
+
+    /// The session of a flow.
+    pub fn find(&self, key: &FlowKey) -> Option<SessionId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// A session by id.
+    pub fn get(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    /// A session by id, to update.
+    pub fn get_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        self.sessions.get_mut(&id)
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Every session, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.values()
+    }
+
+    /// Adds a session for `key`, unless a limit says no.
+    pub fn insert(&mut self, key: FlowKey, target: SocketAddr, now: Instant) -> Result<SessionId, LimitError> {
+        if self.sessions.len() >= self.max_sessions {
+            return Err(LimitError::Global(self.max_sessions));
+        }
+        let client = *key.client.ip();
+        let count = self.per_client.get(&client).copied().unwrap_or(0);
+        if count >= self.max_per_client {
+            return Err(LimitError::PerClient { client, limit: self.max_per_client });
+        }
+        let id = SessionId(self.next_id);
+        self.next_id += 1;
+        self.per_client.insert(client, count + 1);
+        self.by_key.insert(key, id);
+        self.sessions.insert(
+            id,
+            Session {
+                id,
+                key,
+                target,
+                state: SessionState::Connecting,
+                created: now,
+                last_activity: now,
+                bytes_out: 0,
+                bytes_in: 0,
+                packets_out: 0,
+                packets_in: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Removes a session; returns it.
+    pub fn remove(&mut self, id: SessionId) -> Option<Session> {
+        let s = self.sessions.remove(&id)?;
+        if self.by_key.get(&s.key) == Some(&id) {
+            self.by_key.remove(&s.key);
+        }
+        let client = *s.key.client.ip();
+        if let Some(n) = self.per_client.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&client);
+            }
+        }
+        Some(s)
+    }
+
+    /// Sessions of `protocol` idle for `timeout` or longer at `now`.
+    pub fn idle(&self, protocol: Protocol, timeout: Duration, now: Instant) -> Vec<SessionId> {
+        self.sessions
+            .values()
+            .filter(|s| s.key.protocol == protocol && now - s.last_activity >= timeout && now >= s.last_activity)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// The earliest time a session of `protocol` becomes idle for `timeout`.
+    pub fn next_idle(&self, protocol: Protocol, timeout: Duration) -> Option<Instant> {
+        self.sessions
+            .values()
+            .filter(|s| s.key.protocol == protocol)
+            .map(|s| s.last_activity + timeout)
+            .min()
+    }
+
+    /// Sessions held by `client`.
+    pub fn count_for(&self, client: Ipv4Addr) -> usize {
+        self.per_client.get(&client).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(client_port: u16) -> FlowKey {
+        FlowKey {
+            protocol: Protocol::Udp,
+            client: SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 10), client_port),
+            remote: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 53),
+        }
+    }
+
+    fn target() -> SocketAddr {
+        "10.0.0.1:53".parse().unwrap()
+    }
+
+    #[test]
+    fn limits_are_enforced_and_released() {
+        let mut t = SessionTable::new(3, 2);
+        let now = Instant::from_secs(0);
+        let a = t.insert(key(1), target(), now).unwrap();
+        t.insert(key(2), target(), now).unwrap();
+        assert!(matches!(t.insert(key(3), target(), now), Err(LimitError::PerClient { limit: 2, .. })));
+        let mut other = key(4);
+        other.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 11), 4);
+        t.insert(other, target(), now).unwrap();
+        let mut third = key(5);
+        third.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 12), 5);
+        assert_eq!(t.insert(third, target(), now), Err(LimitError::Global(3)));
+        t.remove(a).unwrap();
+        assert_eq!(t.find(&key(1)), None);
+        assert!(t.insert(key(3), target(), now).is_ok());
+        assert_eq!(t.count_for(Ipv4Addr::new(192, 168, 30, 10)), 2);
+    }
+
+    #[test]
+    fn idle_sessions_are_found_by_last_activity() {
+        let mut t = SessionTable::new(10, 10);
+        let a = t.insert(key(1), target(), Instant::from_secs(0)).unwrap();
+        let b = t.insert(key(2), target(), Instant::from_secs(0)).unwrap();
+        t.get_mut(b).unwrap().count_out(10, Instant::from_secs(50));
+        let timeout = Duration::from_secs(60);
+        assert_eq!(t.next_idle(Protocol::Udp, timeout), Some(Instant::from_secs(60)));
+        assert_eq!(t.idle(Protocol::Udp, timeout, Instant::from_secs(60)), vec![a]);
+        assert!(t.idle(Protocol::Tcp, timeout, Instant::from_secs(600)).is_empty());
+        // Ids are never reused.
+        t.remove(a);
+        let c = t.insert(key(3), target(), Instant::from_secs(61)).unwrap();
+        assert!(c.0 > b.0);
+    }
+}
