@@ -153,6 +153,24 @@ impl SmolClient {
         }
     }
 
+    /// Adds a TCP socket connecting from `local_port` to `remote`.
+    pub fn tcp_connect(&mut self, remote: std::net::SocketAddrV4, local_port: u16) -> SocketHandle {
+        use smoltcp::socket::tcp;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
+            tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
+        );
+        socket
+            .connect(self.iface.context(), (IpAddress::Ipv4(*remote.ip()), remote.port()), local_port)
+            .expect("tcp connect");
+        self.sockets.add(socket)
+    }
+
+    /// The TCP socket `handle`.
+    pub fn tcp(&mut self, handle: SocketHandle) -> &mut smoltcp::socket::tcp::Socket<'static> {
+        self.sockets.get_mut::<smoltcp::socket::tcp::Socket>(handle)
+    }
+
     /// Queues an echo request to `dst`.
     pub fn send_ping(&mut self, dst: Ipv4Address, seq: u16) {
         let socket = self.sockets.get_mut::<icmp::Socket>(self.icmp);
