@@ -75,9 +75,10 @@ impl SecurityLog {
     /// refused.
     pub fn nat(&mut self, event: &NatEvent) {
         match event {
-            NatEvent::Created { id, key, target } => {
+            NatEvent::Created { id, key, target, remote_name } => {
                 let via = if target.to_string() != key.remote.to_string() { format!(" via={target}") } else { String::new() };
-                self.write("NAT", "session created", &format!("id={id} {}{via}", flow_fields(key)));
+                let name = remote_name.as_deref().map(|n| format!(" remote_name={n}")).unwrap_or_default();
+                self.write("NAT", "session created", &format!("id={id} {}{name}{via}", flow_fields(key)));
             }
             NatEvent::Connected { id, key } => {
                 self.write("NAT", "session connected", &format!("id={id} {}", flow_fields(key)));

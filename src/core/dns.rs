@@ -21,6 +21,95 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_PENDING: usize = 1024;
 const HEADER_LEN: usize = 12;
 
+/// How many address → name entries the forwarder remembers from answers it relayed.
+pub const NAME_CACHE: usize = 4096;
+
+/// Addresses learnt from relayed answers, so the session table can show which name a client
+/// looked up for the address it then connects to. Bounded: the oldest entry goes first.
+#[derive(Debug, Default)]
+pub struct NameCache {
+    map: HashMap<std::net::Ipv4Addr, String>,
+    order: std::collections::VecDeque<std::net::Ipv4Addr>,
+}
+
+impl NameCache {
+    /// The name a client looked up for `ip`, if an answer for it passed through.
+    pub fn lookup(&self, ip: std::net::Ipv4Addr) -> Option<&str> {
+        self.map.get(&ip).map(String::as_str)
+    }
+
+    fn insert(&mut self, ip: std::net::Ipv4Addr, name: String) {
+        if self.map.insert(ip, name).is_none() {
+            self.order.push_back(ip);
+            if self.order.len() > NAME_CACHE {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Learns the A records of a DNS answer: each address maps to the question's name.
+    /// Anything malformed is ignored.
+    pub fn learn(&mut self, answer: &[u8]) {
+        let _ = self.try_learn(answer);
+    }
+
+    fn try_learn(&mut self, msg: &[u8]) -> Option<()> {
+        let count = |at: usize| Some(u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]));
+        let (qd, an) = (count(4)?, count(6)?);
+        if qd != 1 || msg.get(3)? & 0x0f != 0 {
+            return None;
+        }
+        let (qname, mut at) = read_name(msg, HEADER_LEN)?;
+        at += 4; // qtype, qclass
+        for _ in 0..an {
+            let (_, after) = read_name(msg, at)?;
+            let rtype = count(after)?;
+            let rclass = count(after + 2)?;
+            let rdlen = usize::from(count(after + 8)?);
+            let rdata = msg.get(after + 10..after + 10 + rdlen)?;
+            if rtype == 1 && rclass == 1 && rdlen == 4 {
+                let ip = std::net::Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]);
+                self.insert(ip, qname.clone());
+            }
+            at = after + 10 + rdlen;
+        }
+        Some(())
+    }
+}
+
+/// Reads a (possibly compressed) name at `at`; returns it and the offset after it.
+fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+    let mut name = String::new();
+    let mut end = None;
+    for _ in 0..64 {
+        let len = *msg.get(at)?;
+        match len {
+            0 => {
+                return Some((if name.is_empty() { ".".into() } else { name }, end.unwrap_or(at + 1)));
+            }
+            l if l & 0xc0 == 0xc0 => {
+                let ptr = usize::from(u16::from_be_bytes([l & 0x3f, *msg.get(at + 1)?]));
+                end.get_or_insert(at + 2);
+                at = ptr;
+            }
+            l => {
+                let label = msg.get(at + 1..at + 1 + usize::from(l))?;
+                if !label.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
+                    return None;
+                }
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                name.push_str(std::str::from_utf8(label).ok()?);
+                at += 1 + usize::from(l);
+            }
+        }
+    }
+    None
+}
+
 #[derive(Debug)]
 struct Pending {
     client: SocketAddrV4,
@@ -75,12 +164,21 @@ pub struct DnsForwarder {
     buf: Vec<u8>,
     /// Counters.
     pub counters: DnsCounters,
+    /// Names of addresses seen in answers.
+    pub names: NameCache,
 }
 
 impl DnsForwarder {
     /// A forwarder to `upstreams`, tried in order.
     pub fn new(upstreams: Vec<SocketAddr>, seed: u16) -> Self {
-        DnsForwarder { upstreams, pending: HashMap::new(), next_id: seed, buf: Vec::new(), counters: DnsCounters::default() }
+        DnsForwarder {
+            upstreams,
+            pending: HashMap::new(),
+            next_id: seed,
+            buf: Vec::new(),
+            counters: DnsCounters::default(),
+            names: NameCache::default(),
+        }
     }
 
     /// The upstream resolvers.
@@ -137,6 +235,7 @@ impl DnsForwarder {
         }
         let p = self.pending.remove(&id).expect("invariant: checked above");
         self.counters.answers += 1;
+        self.names.learn(payload);
         self.buf.clear();
         self.buf.extend_from_slice(payload);
         self.buf[..2].copy_from_slice(&p.client_id.to_be_bytes());
@@ -263,6 +362,26 @@ mod tests {
         assert_eq!(p[3] & 0x0f, 2, "SERVFAIL");
         assert_eq!(f.counters.failovers, 1);
         assert_eq!(f.counters.servfails, 1);
+    }
+
+    #[test]
+    fn answers_teach_address_names() {
+        let mut answer = query_bytes(1);
+        answer[2] |= 0x80;
+        answer[7] = 2; // two answers: a CNAME-less A record with a compressed name, twice
+        for last in [2u8, 3] {
+            answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 77, 0, last]);
+        }
+        let mut cache = NameCache::default();
+        cache.learn(&answer);
+        assert_eq!(cache.lookup("10.77.0.2".parse().unwrap()), Some("files.hubnat.test"));
+        assert_eq!(cache.lookup("10.77.0.3".parse().unwrap()), Some("files.hubnat.test"));
+        // A pointer loop or truncation is ignored, not followed forever.
+        let mut bad = answer.clone();
+        bad[12] = 0xc0;
+        bad[13] = 0x0c;
+        cache.learn(&bad);
+        cache.learn(&answer[..20]);
     }
 
     #[test]

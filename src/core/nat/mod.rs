@@ -243,6 +243,8 @@ pub enum NatEvent {
         key: FlowKey,
         /// Where the host socket goes.
         target: SocketAddr,
+        /// The name the client looked up for the remote, if known.
+        remote_name: Option<String>,
     },
     /// The outbound TCP connection is up.
     Connected {
@@ -412,6 +414,15 @@ impl NatState {
         start..self.op_buf.len()
     }
 
+    /// Records a new session's remote name (from the DNS cache) and tells the security log.
+    fn created(&mut self, id: SessionId, key: FlowKey, target: SocketAddr) {
+        let name = self.dns.names.lookup(*key.remote.ip()).map(str::to_owned);
+        if let Some(s) = self.table.get_mut(id) {
+            s.remote_name = name.clone();
+        }
+        self.events.push_back(NatEvent::Created { id, key, target, remote_name: name });
+    }
+
     fn refuse(&mut self, key: FlowKey, reason: String, now: Instant) {
         let due = self.last_refusal_log.is_none_or(|t| now >= t + REFUSAL_LOG_INTERVAL);
         if due {
@@ -522,7 +533,7 @@ impl VirtualHost {
                         // SYN deferral: the SYN waits until the outbound connect succeeds.
                         self.nat.tcp_conns.insert(id, TcpConn::Pending(p.as_ref().to_vec()));
                         self.nat.push_op(OpRecord::TcpConnect(id, target));
-                        self.nat.events.push_back(NatEvent::Created { id, key, target });
+                        self.nat.created(id, key, target);
                         return Ok(());
                     }
                     Err(e) => {
@@ -606,7 +617,7 @@ impl VirtualHost {
             None => match self.nat.table.insert(key, SocketAddr::V4(key.remote), now) {
                 Ok(id) => {
                     self.nat.push_op(OpRecord::UdpOpen(id, SocketAddr::V4(key.remote)));
-                    self.nat.events.push_back(NatEvent::Created { id, key, target: SocketAddr::V4(key.remote) });
+                    self.nat.created(id, key, SocketAddr::V4(key.remote));
                     if let Some(s) = self.nat.table.get_mut(id) {
                         s.state = SessionState::Established;
                     }
@@ -660,7 +671,7 @@ impl VirtualHost {
             None => match self.nat.table.insert(key, SocketAddr::V4(SocketAddrV4::new(dst, 0)), now) {
                 Ok(id) => {
                     self.nat.push_op(OpRecord::IcmpOpen(id, dst));
-                    self.nat.events.push_back(NatEvent::Created { id, key, target: SocketAddr::V4(SocketAddrV4::new(dst, 0)) });
+                    self.nat.created(id, key, SocketAddr::V4(SocketAddrV4::new(dst, 0)));
                     if let Some(s) = self.nat.table.get_mut(id) {
                         s.state = SessionState::Established;
                     }

@@ -99,6 +99,9 @@ pub struct Session {
     pub key: FlowKey,
     /// Where the host socket actually goes (differs from `key.remote` for the DNS redirect).
     pub target: SocketAddr,
+    /// The name the client looked up for the remote address, when a DNS answer for it passed
+    /// through the DNS redirect.
+    pub remote_name: Option<String>,
     /// Life stage.
     pub state: SessionState,
     /// When it was created.
@@ -221,6 +224,7 @@ impl SessionTable {
                 id,
                 key,
                 target,
+                remote_name: None,
                 state: SessionState::Connecting,
                 created: now,
                 last_activity: now,
