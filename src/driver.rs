@@ -230,6 +230,8 @@ impl Gateway {
             sockets: RefCell::new(HashMap::new()),
             dns: RefCell::new([None, None]),
             send_dropped: Cell::new(0),
+            last_open_warning: Cell::new(None),
+            unwarned_open_failures: Cell::new(0),
         });
         let ex = Rc::new(LocalExecutor::new());
         let result = ex.run(self.main_loop(&shared, &ex, &mut backend, kicked, shutdown)).await;
@@ -368,6 +370,10 @@ struct Shared {
     dns: RefCell<[Option<(Rc<Async<UdpSocket>>, Task<()>)>; 2]>,
     /// Datagrams the host side could not send.
     send_dropped: Cell<u64>,
+    /// When a host socket last failed to open (EMFILE and friends), for rate-limited warnings.
+    last_open_warning: Cell<Option<std::time::Instant>>,
+    /// Open failures not warned about since the last warning.
+    unwarned_open_failures: Cell<u64>,
 }
 
 #[derive(Clone)]
@@ -379,6 +385,20 @@ enum HostSocket {
 impl Shared {
     fn kick(&self) {
         let _ = self.kick.try_send(());
+    }
+
+    /// A host socket could not be opened: warn at most once a second, with the count of the
+    /// failures in between (a flood must not flood the log too).
+    fn warn_open_failure(&self, id: SessionId, e: &io::Error) {
+        let now = std::time::Instant::now();
+        let due = self.last_open_warning.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            let more = self.unwarned_open_failures.replace(0);
+            self.last_open_warning.set(Some(now));
+            tracing::warn!(session = %id, error = %e, more, "nat: cannot open a host socket (open-file limit?); session refused");
+        } else {
+            self.unwarned_open_failures.set(self.unwarned_open_failures.get() + 1);
+        }
     }
 
     /// Carries out the core's requests: opens sockets, sends datagrams, starts tasks.
@@ -448,7 +468,7 @@ impl Shared {
         if !failed.is_empty() {
             let mut core = shared.core.borrow_mut();
             for (id, e) in failed {
-                tracing::warn!(session = %id, error = %e, "nat: cannot open a host socket; session dropped");
+                shared.warn_open_failure(id, &e);
                 core.nat_socket_failed(id, &e, now());
             }
             shared.kick();
@@ -474,6 +494,9 @@ async fn tcp_session(shared: Rc<Shared>, id: SessionId, target: SocketAddr) {
         Ok(s) => s,
         Err(e) => {
             let failure = ConnectFailure::from_io(&e);
+            if failure == ConnectFailure::Local {
+                shared.warn_open_failure(id, &e);
+            }
             tracing::debug!(session = %id, %target, error = %e, "nat: connect failed");
             shared.core.borrow_mut().nat_tcp_connect_failed(id, failure, now());
             shared.kick();

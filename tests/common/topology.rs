@@ -138,7 +138,8 @@ impl Topology {
         topo.server.exec_ok(&["ip", "addr", "add", &format!("{SERVER_IP}/24"), "dev", &topo.server_dev]);
         // Let the gateway's host-side pings use an ICMP datagram socket (the default range
         // "1 0" allows nobody, root included). This namespace's setting only.
-        topo.gw.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"]);
+        // (/proc/sys/net is the writer's namespace's; no procps needed.)
+        topo.gw.exec_ok(&["sh", "-c", "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"]);
         // No DAD delay games: wait until the addresses are usable.
         topo.gw.exec_ok(&["ping", "-c", "1", "-W", "5", SERVER_IP]);
         for (name, size) in topo.opts.files.clone() {
@@ -257,6 +258,14 @@ level = "{level}"
         self.hubnat = Some(Proc::spawn(cmd, "hubnat", &self.hubnat_log));
     }
 
+    /// The end of a test: hubnat must still be running (it did not crash under the test), and
+    /// must stop cleanly on SIGTERM. Everything else is torn down by the drop.
+    pub fn finish(mut self) {
+        assert!(self.hubnat_running(), "hubnat exited during the test:\n{}", read(&self.hubnat_log));
+        let status = self.stop_hubnat();
+        assert!(status.success(), "hubnat exit status {status} on SIGTERM:\n{}", read(&self.hubnat_log));
+    }
+
     /// Stops hubnat with SIGTERM and returns its exit status.
     pub fn stop_hubnat(&mut self) -> std::process::ExitStatus {
         self.hubnat.take().expect("hubnat not running").stop()
@@ -320,6 +329,11 @@ level = "{level}"
         vals.split_whitespace().nth(i).unwrap().parse().unwrap()
     }
 
+    /// hubnat's security log (in its state directory).
+    pub fn security_log(&self) -> String {
+        read(&self.path("state").join("security.log"))
+    }
+
     /// Uploads received by the HTTP server: (name, length, sha256).
     pub fn received_uploads(&self) -> Vec<(String, u64, String)> {
         read(&self.uploads)
@@ -334,6 +348,11 @@ level = "{level}"
     /// True while hubnat runs (false when it was never started or has exited).
     pub fn hubnat_running(&mut self) -> bool {
         self.hubnat.as_mut().is_some_and(|h| h.is_running())
+    }
+
+    /// hubnat's process id (it must be running).
+    pub fn hubnat_pid(&self) -> i32 {
+        self.hubnat.as_ref().expect("hubnat not running").pid()
     }
 
     fn start_servers(&mut self) {
