@@ -172,7 +172,8 @@ for mtu in $MTUS; do
 done
 
 echo
-echo "iperf3 -c $SERVER_IP -t $DURATION [-R], TCP, one stream; Gbit/s as counted by the receiver"
+echo "ip netns exec CLIENT iperf3 -c $SERVER_IP -p $PORT -t $DURATION --connect-timeout 3000 -J [-R]"
+echo "  (server: iperf3 -s -B $SERVER_IP -p $PORT); TCP, one stream; Gbit/s as counted by the receiver"
 echo "hubnat: client namespace -> TAP -> hubnat (release) -> host socket -> server namespace"
 echo "direct: baseline namespace -> veth -> server namespace (kernel only)"
 echo "cores: $(nproc); kernel: $(uname -r); hubnat: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src backends 2>/dev/null || echo '+changes')"

@@ -63,11 +63,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use hubnat_backend::capture::{MAX_SNAPLEN, MIN_SNAPLEN};
 use hubnat_hub::Endpoint;
 use ipnet::IpNet;
-use figment::value::{Dict, Map, Value};
-use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The prefix of hubnat's environment variables.
@@ -552,7 +552,10 @@ impl FromStr for SocketMode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let digits = s.trim();
         let digits = digits.strip_prefix("0o").unwrap_or(digits);
-        if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        if digits.is_empty()
+            || digits.len() > 4
+            || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+        {
             return Err(ParseError(format!(
                 "invalid file mode {s:?}: expected up to four octal digits, like \"0600\" (owner \
                  only) or \"0660\" (owner and group)"
@@ -699,12 +702,14 @@ impl Config {
     /// [`CaptureOptions`]: hubnat_backend::capture::CaptureOptions
     pub fn capture_options(&self) -> Option<hubnat_backend::capture::CaptureOptions> {
         let c = &self.capture;
-        c.path.as_ref().map(|path| hubnat_backend::capture::CaptureOptions {
-            path: path.clone(),
-            snaplen: c.snaplen,
-            max_size: c.max_size,
-            max_files: c.max_files,
-        })
+        c.path
+            .as_ref()
+            .map(|path| hubnat_backend::capture::CaptureOptions {
+                path: path.clone(),
+                snaplen: c.snaplen,
+                max_size: c.max_size,
+                max_files: c.max_files,
+            })
     }
 
     /// The hub socket settings as the hub crate's [`hubnat_hub::HubSocketConfig`].
@@ -1059,11 +1064,12 @@ impl Config {
         );
         for (i, net) in nat.deny.iter().enumerate() {
             if net.trunc() != *net {
-                let reason = format!(
-                    "has host bits set (did you mean {}?)",
-                    net.trunc()
+                let reason = format!("has host bits set (did you mean {}?)", net.trunc());
+                c.fail(
+                    &format!("nat.deny[{i}]"),
+                    format!("{:?}", net.to_string()),
+                    reason,
                 );
-                c.fail(&format!("nat.deny[{i}]"), format!("{:?}", net.to_string()), reason);
             }
         }
         if !(1..=MAX_NAT_SESSIONS).contains(&nat.max_sessions) {
@@ -1074,11 +1080,7 @@ impl Config {
             );
         }
         if nat.max_sessions_per_client == 0 {
-            c.fail(
-                "nat.max_sessions_per_client",
-                0,
-                "must be at least 1",
-            );
+            c.fail("nat.max_sessions_per_client", 0, "must be at least 1");
         } else if nat.max_sessions_per_client > nat.max_sessions {
             let reason = format!(
                 "is more than nat.max_sessions = {} ({}); one client cannot hold more sessions \
@@ -1142,7 +1144,11 @@ impl Config {
         for (i, endpoint) in hub.listen.iter().enumerate() {
             if let Some(first) = seen.insert(endpoint, i) {
                 let reason = format!("backend.hub.listen[{first}] is the same address");
-                c.fail(&format!("backend.hub.listen[{i}]"), format!("{:?}", endpoint.to_string()), reason);
+                c.fail(
+                    &format!("backend.hub.listen[{i}]"),
+                    format!("{:?}", endpoint.to_string()),
+                    reason,
+                );
             }
         }
         if let Some(endpoint @ Endpoint::Tcp(addr)) = &hub.connect {
@@ -1181,13 +1187,19 @@ impl Config {
 
         // capture
         let capture = &self.capture;
-        if capture
-            .path
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty() || p.as_os_str().as_encoded_bytes().ends_with(b"/"))
-        {
-            let path = capture.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-            c.fail("capture.path", format!("{path:?}"), "must name a file, not a directory");
+        if capture.path.as_ref().is_some_and(|p| {
+            p.as_os_str().is_empty() || p.as_os_str().as_encoded_bytes().ends_with(b"/")
+        }) {
+            let path = capture
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            c.fail(
+                "capture.path",
+                format!("{path:?}"),
+                "must name a file, not a directory",
+            );
         }
         if !(MIN_SNAPLEN..=MAX_SNAPLEN).contains(&capture.snaplen) {
             c.fail(
@@ -1859,7 +1871,8 @@ impl Text for Endpoint {
         self.to_string()
     }
     fn from_text(s: &str) -> Result<Self, String> {
-        s.parse().map_err(|e: hubnat_hub::EndpointError| e.to_string())
+        s.parse()
+            .map_err(|e: hubnat_hub::EndpointError| e.to_string())
     }
 }
 
@@ -2051,7 +2064,14 @@ mod size_text {
 
     /// The shortest exact form: "100MiB", "5MB", "1234B".
     pub fn words(n: u64) -> String {
-        for (name, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("GB", 1_000_000_000), ("MB", 1_000_000), ("kB", 1_000)] {
+        for (name, factor) in [
+            ("GiB", 1u64 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+            ("GB", 1_000_000_000),
+            ("MB", 1_000_000),
+            ("kB", 1_000),
+        ] {
             if n >= factor && n % factor == 0 {
                 return format!("{}{name}", n / factor);
             }
@@ -2073,9 +2093,14 @@ mod size_text {
         let factor = if unit.is_empty() {
             1
         } else {
-            UNITS.iter().find(|(u, _)| *u == unit).map(|(_, f)| *f).ok_or_else(bad)?
+            UNITS
+                .iter()
+                .find(|(u, _)| *u == unit)
+                .map(|(_, f)| *f)
+                .ok_or_else(bad)?
         };
-        n.checked_mul(factor).ok_or_else(|| format!("size {text:?} is too large"))
+        n.checked_mul(factor)
+            .ok_or_else(|| format!("size {text:?} is too large"))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -2706,11 +2731,17 @@ mod tests {
         c.backend.tap.mtu = Some(9000);
         c.log.security_log = Some("/tmp/sec.log".into());
         c.dhcp.lease = Duration::from_secs(400 * 86400 + 1);
-        c.nat.deny = vec!["10.0.0.0/8".parse().expect("net"), "fd00::/8".parse().expect("net")];
+        c.nat.deny = vec![
+            "10.0.0.0/8".parse().expect("net"),
+            "fd00::/8".parse().expect("net"),
+        ];
         c.nat.allow_host_loopback = true;
         c.backend.kind = BackendKind::Hub;
         c.backend.raw.interface = "br0".into();
-        c.backend.hub.listen = vec!["unix:/run/h.sock".parse().expect("endpoint"), "tcp:[::1]:5555".parse().expect("endpoint")];
+        c.backend.hub.listen = vec![
+            "unix:/run/h.sock".parse().expect("endpoint"),
+            "tcp:[::1]:5555".parse().expect("endpoint"),
+        ];
         c.backend.hub.connect = Some("tcp:127.0.0.1:6000".parse().expect("endpoint"));
         c.backend.hub.socket_mode = SocketMode(0o660);
         c.capture.path = Some("/tmp/x.pcap".into());
@@ -3281,9 +3312,15 @@ mod tests {
             &["config key backend.raw.interface = \"br 0\" (from file x.toml): ' ' is not allowed"],
         );
         Jail::expect_with(|jail| {
-            let c = load_toml(jail, "backend = { kind = \"raw\", raw = { interface = \"br0\" } }")
-                .expect("valid");
-            assert_eq!((c.backend.kind, c.backend.raw.interface.as_str()), (BackendKind::Raw, "br0"));
+            let c = load_toml(
+                jail,
+                "backend = { kind = \"raw\", raw = { interface = \"br0\" } }",
+            )
+            .expect("valid");
+            assert_eq!(
+                (c.backend.kind, c.backend.raw.interface.as_str()),
+                (BackendKind::Raw, "br0")
+            );
             Ok(())
         });
     }
@@ -3312,10 +3349,16 @@ mod tests {
                     Endpoint::Tcp("127.0.0.1:5555".parse().expect("addr")),
                 ]
             );
-            assert_eq!(hub.connect, Some(Endpoint::Unix("/run/vpn/hub.sock".into())));
+            assert_eq!(
+                hub.connect,
+                Some(Endpoint::Unix("/run/vpn/hub.sock".into()))
+            );
             assert_eq!(hub.socket_mode, SocketMode(0o660));
             let socket = c.hub_socket_config();
-            assert_eq!((socket.socket_mode, socket.max_peers, socket.mtu), (0o660, 8, 1500));
+            assert_eq!(
+                (socket.socket_mode, socket.max_peers, socket.mtu),
+                (0o660, 8, 1500)
+            );
             // One string is a list of one; a TOML octal integer is the mode itself.
             let c = load_toml(
                 jail,
@@ -3335,7 +3378,10 @@ mod tests {
         );
         assert_rejects(
             "[backend.hub]\nlisten = [\"/run/x.sock\"]",
-            &["backend.hub.listen", "must start with \"unix:\" or \"tcp:\""],
+            &[
+                "backend.hub.listen",
+                "must start with \"unix:\" or \"tcp:\"",
+            ],
         );
         assert_rejects(
             "[backend.hub]\nlisten = [\"unix:/a.sock\", \"unix:/a.sock\"]",
@@ -3347,7 +3393,10 @@ mod tests {
         );
         assert_rejects(
             "[backend.hub]\nlisten = \"unix:/a.sock\"\nconnect = \"unix:/a.sock\"",
-            &["backend.hub.connect = \"unix:/a.sock\"", "connect to itself"],
+            &[
+                "backend.hub.connect = \"unix:/a.sock\"",
+                "connect to itself",
+            ],
         );
         assert_rejects(
             "[backend.hub]\nsocket_mode = \"0689\"",
@@ -3361,7 +3410,10 @@ mod tests {
             "[backend.hub]\nmax_peers = 0",
             &["config key backend.hub.max_peers = 0 (from file x.toml): must be from 1 to 4096"],
         );
-        assert_eq!("0o755".parse::<SocketMode>().expect("0o prefix"), SocketMode(0o755));
+        assert_eq!(
+            "0o755".parse::<SocketMode>().expect("0o prefix"),
+            SocketMode(0o755)
+        );
         assert_eq!(SocketMode(0o600).to_string(), "0600");
     }
 
@@ -3375,12 +3427,33 @@ mod tests {
             .expect("valid");
             let o = c.capture_options().expect("capturing");
             assert_eq!(o.path, PathBuf::from("/tmp/seg.pcap"));
-            assert_eq!((o.snaplen, o.max_size, o.max_files), (128, Some(10 << 20), 5));
+            assert_eq!(
+                (o.snaplen, o.max_size, o.max_files),
+                (128, Some(10 << 20), 5)
+            );
             let json = serde_json::to_value(&c).expect("serialize");
             assert_eq!(json["capture"]["max_size"], "10MiB");
-            assert_eq!(load_toml(jail, "capture.max_size = 5000").expect("bytes").capture.max_size, Some(5000));
-            assert_eq!(load_toml(jail, "capture.max_size = \"2 MB\"").expect("MB").capture.max_size, Some(2_000_000));
-            assert_eq!(load_toml(jail, "capture.max_size = \"\"").expect("none").capture.max_size, None);
+            assert_eq!(
+                load_toml(jail, "capture.max_size = 5000")
+                    .expect("bytes")
+                    .capture
+                    .max_size,
+                Some(5000)
+            );
+            assert_eq!(
+                load_toml(jail, "capture.max_size = \"2 MB\"")
+                    .expect("MB")
+                    .capture
+                    .max_size,
+                Some(2_000_000)
+            );
+            assert_eq!(
+                load_toml(jail, "capture.max_size = \"\"")
+                    .expect("none")
+                    .capture
+                    .max_size,
+                None
+            );
             Ok(())
         });
         assert_eq!(size_text::parse("64KiB"), Ok(65536));
@@ -3421,9 +3494,15 @@ mod tests {
             assert!(c.nat.allow_host_loopback);
             assert_eq!(
                 c.nat.deny,
-                vec!["10.0.0.0/8".parse::<IpNet>().expect("net"), "fd00::/8".parse().expect("net")]
+                vec![
+                    "10.0.0.0/8".parse::<IpNet>().expect("net"),
+                    "fd00::/8".parse().expect("net")
+                ]
             );
-            assert_eq!((c.nat.max_sessions, c.nat.max_sessions_per_client), (100, 100));
+            assert_eq!(
+                (c.nat.max_sessions, c.nat.max_sessions_per_client),
+                (100, 100)
+            );
             Ok(())
         });
         assert_rejects(

@@ -273,9 +273,16 @@ impl Gateway {
             Stop,
         }
 
-        let mut last_wake_was_timer = false;
         loop {
-            let deadline = shared.core.borrow().poll_timeout();
+            let (deadline, again) = {
+                let core = shared.core.borrow();
+                (core.poll_timeout(), core.wants_poll())
+            };
+            if again {
+                // More to send right away (the last batch was full): let the session tasks run,
+                // then go round without waiting.
+                futures_lite::future::yield_now().await;
+            }
             rx.clear();
             let wake = {
                 let recv = async { Wake::Frames(backend.recv_batch(&mut rx).await) };
@@ -286,12 +293,7 @@ impl Gateway {
                 let timer = async {
                     match deadline {
                         Some(at) => {
-                            let mut delay = Duration::from_micros(u64::try_from(at.total_micros() - now().total_micros()).unwrap_or(0));
-                            if last_wake_was_timer && delay.is_zero() {
-                                // Something stays due after its turn: do not spin, and let the
-                                // session tasks run.
-                                delay = Duration::from_millis(1);
-                            }
+                            let delay = Duration::from_micros(u64::try_from(at.total_micros() - now().total_micros()).unwrap_or(0));
                             Timer::after(delay).await;
                             Wake::Timer
                         }
@@ -305,7 +307,6 @@ impl Gateway {
                 stop.or(recv).or(kick).or(timer).await
             };
             let now = now();
-            last_wake_was_timer = matches!(wake, Wake::Timer);
             {
                 let mut core = shared.core.borrow_mut();
                 match wake {

@@ -10,8 +10,8 @@
 //! `fixtures_work_over_a_direct_route*` run the same checks over a plain kernel route, without
 //! hubnat, so that a failure of the fixtures is told apart from a failure of the NAT.
 //!
-//! Debugging: `HUBNAT_TEST_PCAP=1` captures on the client's TAP and on the gateway's uplink and
-//! keeps the working directory (`HUBNAT_TEST_KEEP=1` keeps it without captures).
+//! Debugging: `TEST_HUBNAT_PCAP=1` captures on the client's TAP and on the gateway's uplink and
+//! keeps the working directory (`TEST_HUBNAT_KEEP=1` keeps it without captures).
 
 mod common;
 
@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::netns::require_root;
+use common::netns::{require_root, wait_until};
 use common::topology::{
     random_file, sha256, Options, Topology, CLOSED_PORT, DNS_NAME, ECHO_PORT, HTTP_PORT, SERVER_IP, VHOST_IP,
 };
@@ -205,6 +205,12 @@ fn check_ping(topo: &Topology) {
     assert!(after >= before + 3, "the server got {} echo requests (a reply not from the server?):\n{text}", after - before);
 }
 
+/// The number in a `key=value` field of a log line (0 when missing).
+fn field(line: &str, key: &str) -> u64 {
+    let prefix = format!("{key}=");
+    line.split(' ').find_map(|w| w.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 fn tap(opts: Options) -> Topology {
     common::netns::require_programs(&["curl", "dig", "ping"]);
     Topology::tap(opts)
@@ -252,6 +258,18 @@ fn tcp_download_and_upload_50_mb() {
     random_file(&topo.path("up-big"), 50 * MB);
     check_download(&topo, "big");
     check_upload(&topo, &topo.path("up-big"), "big");
+    // The session table counted them: once closed, each session is logged with its bytes.
+    let remote = format!("remote={SERVER_IP}:{HTTP_PORT} ");
+    wait_until(Duration::from_secs(15), "both sessions' deletion in the security log", || {
+        let log = topo.security_log();
+        let counts: Vec<(u64, u64)> = log
+            .lines()
+            .filter(|l| l.contains("NAT session deleted") && l.contains("proto=tcp") && l.contains(&remote))
+            .map(|l| (field(l, "bytes_out"), field(l, "bytes_in")))
+            .collect();
+        counts.iter().any(|&(_, i)| i >= 50 * MB) && counts.iter().any(|&(o, _)| o >= 50 * MB)
+    });
+    topo.finish();
 }
 
 #[test]
@@ -263,6 +281,7 @@ fn twenty_parallel_transfers() {
     let topo = tap(Options { files: parallel_files(n, 2 * MB), ..Options::default() });
     make_upload_files(&topo, n, 2 * MB);
     check_parallel(&topo, n);
+    topo.finish();
 }
 
 #[test]
@@ -272,6 +291,11 @@ fn closed_port_is_refused_at_once() {
     }
     let topo = tap(Options::default());
     check_refused(&topo);
+    let remote = format!("remote={SERVER_IP}:{CLOSED_PORT}");
+    wait_until(Duration::from_secs(5), "the failed session in the security log", || {
+        topo.security_log().lines().any(|l| l.contains("NAT session failed") && l.contains(&remote))
+    });
+    topo.finish();
 }
 
 #[test]
@@ -281,6 +305,7 @@ fn udp_echo_of_100_datagrams_up_to_the_mtu() {
     }
     let topo = tap(Options::default());
     check_udp_echo(&topo, max_udp(1500));
+    topo.finish();
 }
 
 #[test]
@@ -290,6 +315,7 @@ fn dns_redirect_over_udp_and_tcp() {
     }
     let topo = tap(Options::default());
     check_dns(&topo, VHOST_IP);
+    topo.finish();
 }
 
 #[test]
@@ -299,6 +325,7 @@ fn ping_the_server_through_the_nat() {
     }
     let topo = tap(Options::default());
     check_ping(&topo);
+    topo.finish();
 }
 
 #[test]
@@ -313,4 +340,17 @@ fn mtu_65520_transfers_and_udp_echo() {
     check_udp_echo(&topo, max_udp(mtu));
     check_download(&topo, "big");
     check_upload(&topo, &topo.path("up-big"), "big");
+    topo.finish();
+}
+
+#[test]
+fn udp_echo_of_fragmented_datagrams() {
+    if !require_root("udp_echo_of_fragmented_datagrams") {
+        return;
+    }
+    // Up to 8000 bytes at MTU 1500: the client's kernel fragments each datagram, hubnat
+    // reassembles it for its host socket, and fragments the echo on its way back.
+    let topo = tap(Options::default());
+    check_udp_echo(&topo, 8000);
+    topo.finish();
 }

@@ -14,8 +14,8 @@
 //! [`unique`]), use only 10.77.x.y and the segment's 192.168.30.0/24, have no link to anything
 //! else, and no command sends traffic outside them. Every process is stopped by its PID and the
 //! namespaces are deleted on drop, also when a test panics. On a panic the tails of the logs
-//! are printed. `HUBNAT_TEST_KEEP=1` keeps the working directory (logs, configs, captures);
-//! `HUBNAT_TEST_PCAP=1` runs tcpdump on the client's interface and the gateway's uplink.
+//! are printed. `TEST_HUBNAT_KEEP=1` keeps the working directory (logs, configs, captures);
+//! `TEST_HUBNAT_PCAP=1` runs tcpdump on the client's interface and the gateway's uplink.
 //!
 //! Reuse: [`Topology::tap`] builds everything for the TAP backend. Other backends build the
 //! servers with [`Topology::new`], link the client with [`Topology::link_gateway_to_client`]
@@ -140,7 +140,7 @@ impl Topology {
         // "1 0" allows nobody, root included). This namespace's setting only.
         // (/proc/sys/net is the writer's namespace's; no procps needed.)
         topo.gw.exec_ok(&["sh", "-c", "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"]);
-        // No DAD delay games: wait until the addresses are usable.
+        // The link works (ARP both ways) before anything starts.
         topo.gw.exec_ok(&["ping", "-c", "1", "-W", "5", SERVER_IP]);
         for (name, size) in topo.opts.files.clone() {
             random_file(&topo.www.join(&name), size);
@@ -276,7 +276,7 @@ level = "{level}"
     pub fn dhcp(&mut self, dev: &str) -> String {
         let events = self.path("udhcpc-events.log");
         let mut cmd = self.client.command("udhcpc");
-        cmd.env("HUBNAT_TEST_EVENTS", &events).args([
+        cmd.env("TEST_HUBNAT_EVENTS", &events).args([
             "-f",
             "-i",
             dev,
@@ -420,9 +420,9 @@ level = "{level}"
         }
     }
 
-    /// With `HUBNAT_TEST_PCAP` set: tcpdump on `dev` in `ns` into the working directory.
+    /// With `TEST_HUBNAT_PCAP` set: tcpdump on `dev` in `ns` into the working directory.
     fn pcap(&self, ns: &Netns, dev: &str, file: &str) -> Option<Proc> {
-        std::env::var_os("HUBNAT_TEST_PCAP")?;
+        std::env::var_os("TEST_HUBNAT_PCAP")?;
         let mut cmd = ns.command("tcpdump");
         cmd.args(["-i", dev, "-n", "-s", "256", "-U", "-w", self.path(file).to_str().unwrap()]);
         let p = Proc::spawn(cmd, "tcpdump", &self.path(&format!("{file}.log")));
@@ -466,7 +466,7 @@ impl Drop for Topology {
             std::thread::sleep(Duration::from_millis(200));
         }
         self.procs.clear();
-        if std::env::var_os("HUBNAT_TEST_KEEP").is_some() || std::env::var_os("HUBNAT_TEST_PCAP").is_some() {
+        if std::env::var_os("TEST_HUBNAT_KEEP").is_some() || std::env::var_os("TEST_HUBNAT_PCAP").is_some() {
             if let Some(dir) = self.dir.take() {
                 eprintln!("topology: kept {}", dir.keep().display());
             }

@@ -198,7 +198,9 @@ impl PcapWriter {
     /// Writes out what is buffered.
     pub fn flush(&mut self) -> io::Result<()> {
         let path = &self.options.path;
-        self.file.flush().map_err(|e| name_error(path, "write to", e))
+        self.file
+            .flush()
+            .map_err(|e| name_error(path, "write to", e))
     }
 
     /// Closes the current file, shifts the older ones and starts a new one.
@@ -363,12 +365,16 @@ mod tests {
     fn parse(bytes: &[u8]) -> Parsed {
         let u32_at = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
         assert_eq!(u32_at(0), MAGIC_MICROS);
-        assert_eq!(&bytes[4..8], &[2u16.to_ne_bytes(), 4u16.to_ne_bytes()].concat()[..]);
+        assert_eq!(
+            &bytes[4..8],
+            &[2u16.to_ne_bytes(), 4u16.to_ne_bytes()].concat()[..]
+        );
         let (snaplen, linktype) = (u32_at(16), u32_at(20));
         let mut records = Vec::new();
         let mut i = 24;
         while i < bytes.len() {
-            let (secs, micros, incl, orig) = (u32_at(i), u32_at(i + 4), u32_at(i + 8), u32_at(i + 12));
+            let (secs, micros, incl, orig) =
+                (u32_at(i), u32_at(i + 4), u32_at(i + 8), u32_at(i + 12));
             let data = bytes[i + 16..i + 16 + incl as usize].to_vec();
             records.push((secs, micros, orig, data));
             i += 16 + incl as usize;
@@ -387,8 +393,11 @@ mod tests {
     fn header_and_records_are_classic_pcap() {
         let dir = tempdir();
         let path = dir.join("a.pcap");
-        let mut w = PcapWriter::create(CaptureOptions { snaplen: 100, ..CaptureOptions::new(&path) })
-            .expect("create");
+        let mut w = PcapWriter::create(CaptureOptions {
+            snaplen: 100,
+            ..CaptureOptions::new(&path)
+        })
+        .expect("create");
         let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
         w.write_frame(t, &frame(1, 60)).expect("write");
         w.write_frame(t, &frame(2, 300)).expect("write");
@@ -415,12 +424,17 @@ mod tests {
         };
         let mut w = PcapWriter::create(options).expect("create");
         for n in 0..9u8 {
-            w.write_frame(SystemTime::now(), &frame(n, 100)).expect("write");
+            w.write_frame(SystemTime::now(), &frame(n, 100))
+                .expect("write");
         }
         w.flush().expect("flush");
         assert_eq!(w.rotations(), 4);
         let firsts = |p: &Path| -> Vec<u8> {
-            parse(&std::fs::read(p).expect("read")).2.iter().map(|r| r.3[6]).collect()
+            parse(&std::fs::read(p).expect("read"))
+                .2
+                .iter()
+                .map(|r| r.3[6])
+                .collect()
         };
         assert_eq!(firsts(&path), vec![8]);
         assert_eq!(firsts(&rotated_path(&path, 1)), vec![6, 7]);
@@ -441,8 +455,10 @@ mod tests {
             ..CaptureOptions::new(&path)
         };
         let mut w = PcapWriter::create(options).expect("create");
-        w.write_frame(SystemTime::now(), &frame(1, 500)).expect("write");
-        w.write_frame(SystemTime::now(), &frame(2, 60)).expect("write");
+        w.write_frame(SystemTime::now(), &frame(1, 500))
+            .expect("write");
+        w.write_frame(SystemTime::now(), &frame(2, 60))
+            .expect("write");
         w.flush().expect("flush");
         let (_, _, records) = parse(&std::fs::read(&path).expect("read"));
         assert_eq!(records.len(), 1);
@@ -493,9 +509,18 @@ mod tests {
     fn capture_records_both_directions_and_passes_frames_through() {
         let dir = tempdir();
         let path = dir.join("c.pcap");
-        let inner = Script { rx: vec![frame(1, 60), frame(2, 70)], sent: Vec::new() };
-        let mut cap = Capture::new(inner, PcapWriter::create(CaptureOptions::new(&path)).expect("create"));
-        assert_eq!(cap.describe(), format!("script (captured to {})", path.display()));
+        let inner = Script {
+            rx: vec![frame(1, 60), frame(2, 70)],
+            sent: Vec::new(),
+        };
+        let mut cap = Capture::new(
+            inner,
+            PcapWriter::create(CaptureOptions::new(&path)).expect("create"),
+        );
+        assert_eq!(
+            cap.describe(),
+            format!("script (captured to {})", path.display())
+        );
         let mut batch = FrameBatch::new(8, 1514);
         batch.push(&frame(0, 50)); // already there: not received now, not recorded
         block_on(cap.recv_batch(&mut batch)).expect("recv");
@@ -514,14 +539,21 @@ mod tests {
     fn a_failing_capture_reports_once_and_stops_without_stopping_frames() {
         let dir = tempdir();
         let path = dir.join("f.pcap");
-        let inner = Script { rx: Vec::new(), sent: Vec::new() };
+        let inner = Script {
+            rx: Vec::new(),
+            sent: Vec::new(),
+        };
         let writer = PcapWriter::create(CaptureOptions::new(&path)).expect("create");
         let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = std::sync::Arc::clone(&errors);
-        let mut cap = Capture::new(inner, writer).on_error(move |e| seen.lock().expect("lock").push(e.to_string()));
+        let mut cap = Capture::new(inner, writer)
+            .on_error(move |e| seen.lock().expect("lock").push(e.to_string()));
         // Replace the file with one that refuses writes: /dev/full.
         cap.writer.as_mut().expect("writer").file = BufWriter::new(
-            OpenOptions::new().write(true).open("/dev/full").expect("/dev/full"),
+            OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .expect("/dev/full"),
         );
         let mut out = FrameBatch::new(8, 1514);
         out.push(&frame(3, 80));

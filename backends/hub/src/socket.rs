@@ -32,8 +32,9 @@
 //!   (the sidecar of a VPN hub) and treats the connection as one more peer. When it fails or
 //!   ends, hubnat dials again after 1 s, doubling up to 30 s while it keeps failing, with a log
 //!   line each time it connects, loses the connection, or first fails.
-//! * **Unix socket files.** A stale socket file (nobody accepting on it) is replaced; a live
-//!   one, or a path that is not a socket, is an error. The socket is created with umask 0177,
+//! * **Unix socket files.** A missing parent directory is created (mode 0755). A stale socket
+//!   file (nobody accepting on it) is replaced; a live one, or a path that is not a socket, is
+//!   an error. The socket is created with umask 0177,
 //!   so it is never more open than owner-only, then set to [`HubSocketConfig::socket_mode`]
 //!   (default 0600). It is removed when the [`HubSocket`] is dropped.
 //!
@@ -49,7 +50,7 @@
 use std::fmt;
 use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
@@ -308,17 +309,18 @@ impl HubSocket {
         };
         for endpoint in &config.listen {
             let bound = match endpoint {
-                Endpoint::Unix(path) => {
-                    bind_unix(endpoint, path, config.socket_mode).map(|l| {
-                        socket_files.push(path.clone());
-                        (Listener::Unix(l, endpoint.clone()), endpoint.clone())
-                    })
-                }
+                Endpoint::Unix(path) => bind_unix(endpoint, path, config.socket_mode).map(|l| {
+                    socket_files.push(path.clone());
+                    (Listener::Unix(l, endpoint.clone()), endpoint.clone())
+                }),
                 Endpoint::Tcp(addr) => bind_tcp(endpoint, *addr).and_then(|l| {
-                    let local = l.get_ref().local_addr().map_err(|cause| HubSocketError::Listen {
-                        endpoint: endpoint.clone(),
-                        cause,
-                    })?;
+                    let local =
+                        l.get_ref()
+                            .local_addr()
+                            .map_err(|cause| HubSocketError::Listen {
+                                endpoint: endpoint.clone(),
+                                cause,
+                            })?;
                     let actual = Endpoint::Tcp(local);
                     Ok((Listener::Tcp(l, actual.clone()), actual))
                 }),
@@ -400,7 +402,11 @@ impl HubSocket {
 
 impl Backend for HubSocket {
     fn describe(&self) -> String {
-        let mut parts: Vec<String> = self.endpoints.iter().map(|e| format!("listen {e}")).collect();
+        let mut parts: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| format!("listen {e}"))
+            .collect();
         if let Some(c) = &self.connect {
             parts.push(format!("connect {c}"));
         }
@@ -461,7 +467,17 @@ fn bind_unix(
             }
         },
         Ok(_) => return Err(HubSocketError::NotASocket(endpoint.clone())),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            // A missing directory (such as /run/hubnat) is created; the socket's own mode
+            // decides who may connect.
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)
+                    .map_err(listen_error)?;
+            }
+        }
         Err(e) => return Err(listen_error(e)),
     }
     // SAFETY: umask only swaps the process's file-creation mask; it cannot fail. The window in
@@ -486,6 +502,12 @@ fn bind_unix(
 }
 
 fn bind_tcp(endpoint: &Endpoint, addr: SocketAddr) -> Result<Async<TcpListener>, HubSocketError> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            endpoint = %endpoint,
+            "hub socket on a non-loopback address: anyone who can reach it joins the segment"
+        );
+    }
     TcpListener::bind(addr)
         .and_then(Async::new)
         .map_err(|cause| HubSocketError::Listen {
@@ -507,11 +529,16 @@ fn serve(
     for listener in listeners {
         // The tasks hold the executor weakly: when `run` returns, dropping `ex` drops every
         // task, and with them every socket.
-        ex.spawn(accept_loop(Rc::downgrade(&ex), Rc::clone(&server), listener))
-            .detach();
+        ex.spawn(accept_loop(
+            Rc::downgrade(&ex),
+            Rc::clone(&server),
+            listener,
+        ))
+        .detach();
     }
     if let Some(endpoint) = connect {
-        ex.spawn(connect_loop(Rc::clone(&server), endpoint)).detach();
+        ex.spawn(connect_loop(Rc::clone(&server), endpoint))
+            .detach();
     }
     async_io::block_on(ex.run(async {
         let _ = stop.recv().await;
@@ -567,9 +594,7 @@ async fn connect_loop(server: Rc<Server>, endpoint: Endpoint) {
     let mut failures = 0u64;
     loop {
         let dialled = match &endpoint {
-            Endpoint::Unix(path) => Async::<UnixStream>::connect(path)
-                .await
-                .map(Stream::Unix),
+            Endpoint::Unix(path) => Async::<UnixStream>::connect(path).await.map(Stream::Unix),
             Endpoint::Tcp(addr) => Async::<TcpStream>::connect(*addr).await.map(|s| {
                 let _ = s.get_ref().set_nodelay(true);
                 Stream::Tcp(s, *addr)
@@ -683,8 +708,9 @@ where
     loop {
         // Every complete frame in the buffer.
         while end - start >= 4 {
-            let len = u32::from_be_bytes([buf[start], buf[start + 1], buf[start + 2], buf[start + 3]])
-                as usize;
+            let len =
+                u32::from_be_bytes([buf[start], buf[start + 1], buf[start + 2], buf[start + 3]])
+                    as usize;
             if !(ETHERNET_HEADER_LEN..=MAX_WIRE_FRAME).contains(&len) {
                 return PeerEnd::BadLength(len);
             }
@@ -765,10 +791,17 @@ mod tests {
             ("udp:127.0.0.1:5", "must start with"),
         ] {
             let err = bad.parse::<Endpoint>().expect_err(bad).to_string();
-            assert!(err.contains(why) && err.contains(&format!("{:?}", bad.trim())), "{bad}: {err}");
+            assert!(
+                err.contains(why) && err.contains(&format!("{:?}", bad.trim())),
+                "{bad}: {err}"
+            );
         }
         let long = format!("unix:/{}", "x".repeat(MAX_UNIX_PATH_LEN));
-        assert!(long.parse::<Endpoint>().expect_err("too long").to_string().contains("at most 107"));
+        assert!(long
+            .parse::<Endpoint>()
+            .expect_err("too long")
+            .to_string()
+            .contains("at most 107"));
     }
 
     #[test]

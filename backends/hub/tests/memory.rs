@@ -287,7 +287,7 @@ fn a_receiver_on_another_thread_is_woken() {
 #[test]
 fn try_recv_swaps_buffers_and_leaves_buf_alone_when_empty() {
     let hub = MemoryHub::new(1500);
-    let (a, mut b) = (hub.connect(), hub.connect());
+    let (a, b) = (hub.connect(), hub.connect());
     let mut buf = vec![9u8; 3];
     assert!(!b.try_recv(&mut buf));
     assert_eq!(buf, vec![9, 9, 9]);

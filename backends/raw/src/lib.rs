@@ -24,8 +24,16 @@
 //! * **Receiving.** After a readability wait, pnet's receiver reads frame after frame (each
 //!   `recvfrom` returns one) into the caller's batch until nothing is left or the batch is full.
 //!   The only await happens before a frame is taken, so the call is cancel-safe. Frames under
-//!   14 bytes or over `mtu + 14` (for example GSO super-frames from a local peer with offloads
-//!   on) are discarded and counted ([`RawBackend::rx_dropped`]).
+//!   14 bytes or over `mtu + 14` are discarded and counted ([`RawBackend::rx_dropped`]).
+//! * **Local senders' offloads.** A process on this host that sends through a veth or a bridge
+//!   (a container, a namespace) hands over frames as the kernel holds them: with a partial
+//!   TCP/UDP checksum, or as a TSO super-frame of up to 64 KiB. The socket is opened with
+//!   `PACKET_VNET_HDR`, so each frame comes with a `virtio_net_hdr` saying what is left to do;
+//!   the backend finishes the checksum, or cuts a TCP/IPv4 super-frame into wire-sized
+//!   segments ([`offload`]), so the core sees what a wire would carry, as with a TAP device.
+//!   Other super-frames (TCP over IPv6, UDP GSO) are dropped and counted. Sent frames get an
+//!   empty header in front (one copy). On a kernel without `PACKET_VNET_HDR` the backend works
+//!   without it, and local peers then need their offloads off (`ethtool -K DEV tx off`).
 //! * **Sending.** One `sendto` per frame through pnet's sender. If the socket's buffer is full
 //!   the backend waits for it at most [`WRITE_STALL_LIMIT`] once per batch, then drops and
 //!   counts, like a congested link.
@@ -39,11 +47,9 @@
 //!
 //! # Limits
 //!
-//! The interface's MTU should equal hubnat's (`nat.mtu`). A local peer (a veth in a container
-//! or namespace) that has transmit checksum offload or TSO on hands over frames with partial
-//! checksums or larger than the MTU, which hubnat cannot use; turn those offloads off on the
-//! peer (`ethtool -K DEV tx off tso off gso off`). Frames arriving from a wire or a VM are
-//! complete. VLAN tags stripped by the NIC are not looked at.
+//! The interface's MTU should equal hubnat's (`nat.mtu`). VLAN tags stripped by the NIC are
+//! not looked at. The receive buffer holds one super-frame (64 KiB); the segmenter keeps a copy
+//! of the one being cut.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -53,6 +59,20 @@ use async_io::{Async, Timer};
 use futures_lite::FutureExt;
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
+
+pub mod offload;
+
+use offload::{
+    finish_checksum, TcpSegmenter, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
+    VNET_HDR_LEN,
+};
+
+/// The largest frame a local sender may hand over with `PACKET_VNET_HDR`: a 64 KiB GSO
+/// super-frame with its headers.
+const MAX_SUPER_FRAME: usize = 65_536 + 64;
+
+/// `SOL_PACKET` option: a `virtio_net_hdr` before each frame.
+const PACKET_VNET_HDR: libc::c_int = 15;
 
 /// How long [`Backend::send_batch`] waits, at most once per batch, for a socket whose send
 /// buffer is full before it drops frames instead.
@@ -106,7 +126,9 @@ pub enum RawError {
         available: Vec<String>,
     },
     /// The MTU is outside [`MIN_MTU`]`..=`[`MAX_MTU`].
-    #[error("invalid MTU {mtu} for interface {name:?}: it must lie between {MIN_MTU} and {MAX_MTU}")]
+    #[error(
+        "invalid MTU {mtu} for interface {name:?}: it must lie between {MIN_MTU} and {MAX_MTU}"
+    )]
     InvalidMtu {
         /// The interface.
         name: String,
@@ -196,6 +218,8 @@ struct Link {
     rx: Box<dyn DataLinkReceiver>,
     index: u32,
     mac: Option<MacAddr>,
+    /// Frames come with, and must be sent with, a `virtio_net_hdr` in front.
+    vnet: bool,
 }
 
 enum State {
@@ -221,6 +245,11 @@ pub struct RawBackend {
     rx_dropped: u64,
     host_frames: u64,
     downs: u64,
+    checksums_finished: u64,
+    super_frames: u64,
+    segmenter: TcpSegmenter,
+    /// A sent frame with its (empty) `virtio_net_hdr` in front.
+    send_buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for RawBackend {
@@ -267,6 +296,10 @@ impl RawBackend {
             rx_dropped: 0,
             host_frames: 0,
             downs: 0,
+            checksums_finished: 0,
+            super_frames: 0,
+            segmenter: TcpSegmenter::new(),
+            send_buf: Vec::new(),
         };
         if iface.is_up() {
             backend.state = State::Up(backend.open_link(iface)?);
@@ -274,7 +307,10 @@ impl RawBackend {
         } else {
             // Still check what can be checked now.
             backend.check_mac(iface)?;
-            tracing::warn!(interface = name, "interface is down; waiting for it to come up");
+            tracing::warn!(
+                interface = name,
+                "interface is down; waiting for it to come up"
+            );
             backend.state = State::Down {
                 next_check: Instant::now() + options.recheck,
             };
@@ -308,6 +344,16 @@ impl RawBackend {
         self.downs
     }
 
+    /// Frames from local senders whose partial checksum the backend finished.
+    pub fn checksums_finished(&self) -> u64 {
+        self.checksums_finished
+    }
+
+    /// TCP super-frames from local senders that the backend cut into segments.
+    pub fn super_frames(&self) -> u64 {
+        self.super_frames
+    }
+
     fn check_mac(&self, iface: &NetworkInterface) -> Result<(), RawError> {
         if let (Some(own), Some(m)) = (self.options.own_mac, iface.mac) {
             if own == m.octets() {
@@ -338,8 +384,26 @@ impl RawBackend {
             unsafe { libc::close(fd) };
             return Err(err("attaching the filter for the host's own frames", cause));
         }
+        let vnet = match set_vnet_hdr(fd) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    interface = %self.name,
+                    error = %e,
+                    "PACKET_VNET_HDR is not available: frames from local senders with checksum \
+                     or segmentation offload on will be unusable (turn those off on them)"
+                );
+                false
+            }
+        };
+        // One byte of room beyond the largest frame tells an oversized frame from a full one.
+        let read_buffer_size = if vnet {
+            VNET_HDR_LEN + MAX_SUPER_FRAME.max(self.max_frame_len) + 1
+        } else {
+            self.max_frame_len + 1
+        };
         let config = pnet_datalink::Config {
-            read_buffer_size: self.max_frame_len + 1,
+            read_buffer_size,
             write_buffer_size: self.max_frame_len,
             // Never block inside pnet: the reactor does the waiting.
             read_timeout: Some(Duration::ZERO),
@@ -359,13 +423,15 @@ impl RawBackend {
             }
             Err(cause) => return Err(err("binding to the interface", cause)),
         };
-        let fd = Async::new(SocketFd(fd)).map_err(|cause| err("registering with the reactor", cause))?;
+        let fd =
+            Async::new(SocketFd(fd)).map_err(|cause| err("registering with the reactor", cause))?;
         Ok(Link {
             fd,
             tx,
             rx,
             index: iface.index,
             mac: iface.mac.map(|m| m.octets()),
+            vnet,
         })
     }
 
@@ -417,41 +483,129 @@ impl RawBackend {
             return Read::Empty;
         };
         let max = self.max_frame_len;
+        let vnet = link.vnet;
         let result = link.rx.next();
-        match result {
-            Ok(frame) => {
-                if frame.len() < ETHERNET_HEADER_LEN || frame.len() > max {
-                    self.rx_dropped += 1;
-                    tracing::trace!(interface = %self.name, len = frame.len(), "discarded a runt or oversized frame");
-                    return Read::Skipped;
-                }
-                let (dst, src) = (&frame[0..6], &frame[6..12]);
-                let host = link.mac.is_some_and(|m| dst == m || src == m)
-                    || self.options.own_mac.is_some_and(|m| src == m);
-                if host {
-                    self.host_frames += 1;
-                    return Read::Skipped;
-                }
-                batch.push(frame);
-                self.stats.rx_frames += 1;
-                self.stats.rx_bytes += frame.len() as u64;
-                Read::Frame
+        let raw = match result {
+            Ok(raw) => raw,
+            Err(e) => {
+                return match e.kind() {
+                    // pnet's zero-timeout poll found nothing.
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Read::Empty,
+                    io::ErrorKind::Interrupted => Read::Skipped,
+                    _ => {
+                        // A poll error (POLLERR) or a failed recvfrom: the pending socket error
+                        // says why, and reading it clears it.
+                        let cause = match e.raw_os_error() {
+                            Some(_) => e,
+                            None => socket_error(link.fd.as_raw_fd()).unwrap_or(e),
+                        };
+                        Read::Down(cause.to_string())
+                    }
+                };
             }
-            Err(e) => match e.kind() {
-                // pnet's zero-timeout poll found nothing.
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Read::Empty,
-                io::ErrorKind::Interrupted => Read::Skipped,
-                _ => {
-                    // A poll error (POLLERR) or a failed recvfrom: the pending socket error says
-                    // why, and reading it clears it.
-                    let cause = match e.raw_os_error() {
-                        Some(_) => e,
-                        None => socket_error(link.fd.as_raw_fd()).unwrap_or(e),
-                    };
-                    Read::Down(cause.to_string())
+        };
+        let (hdr, frame) = if vnet {
+            match VnetHdr::parse(raw) {
+                Some(hdr) => (hdr, &raw[VNET_HDR_LEN..]),
+                None => {
+                    self.rx_dropped += 1;
+                    return Read::Skipped;
                 }
-            },
+            }
+        } else {
+            (VnetHdr::default(), raw)
+        };
+        let super_frame = hdr.gso_type != GSO_NONE;
+        if frame.len() < ETHERNET_HEADER_LEN
+            || (!super_frame && frame.len() > max)
+            || frame.len() > MAX_SUPER_FRAME
+        {
+            self.rx_dropped += 1;
+            tracing::trace!(interface = %self.name, len = frame.len(), "discarded a runt or oversized frame");
+            return Read::Skipped;
         }
+        let (dst, src) = (&frame[0..6], &frame[6..12]);
+        let host = link.mac.is_some_and(|m| dst == m || src == m)
+            || self.options.own_mac.is_some_and(|m| src == m);
+        if host {
+            self.host_frames += 1;
+            return Read::Skipped;
+        }
+        if super_frame {
+            if hdr.gso_type & !GSO_ECN != GSO_TCPV4 {
+                self.rx_dropped += 1;
+                tracing::debug!(interface = %self.name, gso_type = hdr.gso_type, len = frame.len(), "discarded a super-frame of a kind that is not cut (only TCP/IPv4 is)");
+                return Read::Skipped;
+            }
+            if let Err(e) = self.segmenter.start(frame, usize::from(hdr.gso_size), max) {
+                self.rx_dropped += 1;
+                tracing::debug!(interface = %self.name, error = %e, len = frame.len(), "discarded a super-frame");
+                return Read::Skipped;
+            }
+            self.super_frames += 1;
+            if self.super_frames == 1 {
+                tracing::debug!(interface = %self.name, len = frame.len(), gso_size = hdr.gso_size, "a local sender's TCP super-frame: cutting it into segments (and any that follow)");
+            }
+            return if self.emit_segments(batch) > 0 {
+                Read::Frame
+            } else {
+                Read::Skipped
+            };
+        }
+        let needs_csum = hdr.flags & F_NEEDS_CSUM != 0;
+        let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+        let mut finished = true;
+        batch.push_built(frame.len(), |buf| {
+            buf.copy_from_slice(frame);
+            if needs_csum {
+                finished = finish_checksum(buf, start, offset);
+            }
+        });
+        if needs_csum {
+            if finished {
+                self.checksums_finished += 1;
+                if self.checksums_finished == 1 {
+                    tracing::debug!(interface = %self.name, "a local sender's partial checksum: finishing it (and any that follow)");
+                }
+            } else {
+                tracing::debug!(interface = %self.name, start, offset, "a partial checksum's offsets do not fit the frame");
+            }
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += frame.len() as u64;
+        Read::Frame
+    }
+
+    /// Appends what is left of the super-frame being cut; returns how many segments.
+    fn emit_segments(&mut self, batch: &mut FrameBatch) -> usize {
+        let before = batch.len();
+        let n = self.segmenter.emit(batch);
+        for i in before..batch.len() {
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += batch.get(i).map_or(0, |f| f.len() as u64);
+        }
+        n
+    }
+}
+
+/// Asks the kernel for a `virtio_net_hdr` before each frame (and to expect one before each
+/// frame sent).
+fn set_vnet_hdr(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid c_int for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -539,6 +693,11 @@ impl Backend for RawBackend {
             if batch.is_full() {
                 return Ok(());
             }
+            // Segments of a super-frame cut earlier come first.
+            if self.segmenter.is_active() {
+                got_one |= self.emit_segments(batch) > 0;
+                continue;
+            }
             if let State::Down { next_check } = self.state {
                 if got_one {
                     return Ok(());
@@ -578,8 +737,16 @@ impl Backend for RawBackend {
                 self.stats.tx_dropped += 1;
                 continue;
             }
+            let wire: &[u8] = if link.vnet {
+                self.send_buf.clear();
+                self.send_buf.extend_from_slice(&[0u8; VNET_HDR_LEN]);
+                self.send_buf.extend_from_slice(frame);
+                &self.send_buf
+            } else {
+                frame
+            };
             loop {
-                match link.tx.send_to(frame, None) {
+                match link.tx.send_to(wire, None) {
                     Some(Ok(())) => {
                         self.stats.tx_frames += 1;
                         self.stats.tx_bytes += frame.len() as u64;
@@ -589,8 +756,10 @@ impl Backend for RawBackend {
                         self.go_down(&e.to_string());
                     }
                     Some(Err(e))
-                        if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
-                            || e.raw_os_error() == Some(libc::ENOBUFS) =>
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                        ) || e.raw_os_error() == Some(libc::ENOBUFS) =>
                     {
                         if !waited {
                             waited = true;
@@ -641,7 +810,10 @@ mod tests {
     fn a_missing_interface_names_what_exists() {
         let err = RawBackend::open("no-such-if0", RawOptions::new(1500)).expect_err("missing");
         let text = err.to_string();
-        assert!(text.starts_with("interface \"no-such-if0\" does not exist"), "{text}");
+        assert!(
+            text.starts_with("interface \"no-such-if0\" does not exist"),
+            "{text}"
+        );
         assert!(text.contains("lo"), "{text}");
     }
 

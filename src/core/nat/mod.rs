@@ -1057,6 +1057,12 @@ impl VirtualHost {
         }
     }
 
+    /// Whether smoltcp has something to send right now (for instance what did not fit the
+    /// last transmit batch): the driver should poll again as soon as it has sent the batch.
+    pub fn wants_poll(&self) -> bool {
+        self.nat.dirty || self.nat.stack_deadline.is_some_and(|t| t <= self.now)
+    }
+
     /// When the NAT next needs [`handle_timeout`](VirtualHost::handle_timeout).
     pub(super) fn nat_deadline(&self) -> Option<Instant> {
         let nat = &self.nat;

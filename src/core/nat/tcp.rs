@@ -132,6 +132,12 @@ impl Device for PollDevice<'_> {
     }
 
     fn transmit(&mut self, _t: Instant) -> Option<Tx<'_>> {
+        // A full batch says "not now": smoltcp keeps the segment and sends it on the next poll,
+        // after the driver has flushed the batch. (Accepting and dropping it would make smoltcp
+        // think it was sent, and recover with a retransmission and a smaller window.)
+        if self.tx.is_full() {
+            return None;
+        }
         Some(Tx {
             tx: self.tx,
             neighbours: self.neighbours,
