@@ -11,7 +11,7 @@
 //!
 //! KVM is used when it works: on these machines `/dev/kvm` exists but a nested KVM guest hangs
 //! in early boot, so a short probe boot decides (cached per host boot); TCG otherwise.
-//! `HUBNAT_QEMU_ACCEL=kvm|tcg` forces one.
+//! `TEST_HUBNAT_QEMU_ACCEL=kvm|tcg` forces one.
 //!
 //! Per DESIGN.md's safety rules hubnat runs in a namespace of its own (with, in the NAT test,
 //! only a veth to the test's server namespace) and QEMU in an empty one: the guest's only link
@@ -294,7 +294,7 @@ fn guest() -> &'static Guest {
 
 /// KVM if a probe boot with it reaches /init in time, else TCG; remembered per host boot.
 fn choose_accel(guest: &Guest) -> &'static str {
-    match std::env::var("HUBNAT_QEMU_ACCEL").as_deref() {
+    match std::env::var("TEST_HUBNAT_QEMU_ACCEL").as_deref() {
         Ok("kvm") => return "kvm",
         Ok("tcg") => return "tcg",
         _ => {}
