@@ -5,14 +5,13 @@ mod common;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
+use common::inproc::start;
 use common::smol_client::{Got, SmolClient};
 use dhcproto::v4::{DhcpOption, Message, MessageType};
 use dhcproto::{Encodable, Encoder};
 use hubnat::config::Config;
-use hubnat::driver::{Gateway, GatewayError};
 use hubnat_hub::MemoryHub;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::Instant;
@@ -31,30 +30,6 @@ fn config(state: &Path) -> Config {
     c.dhcp.dns = vec![GW, Ipv4Addr::new(192, 168, 30, 2)];
     c.dhcp.lease = Duration::from_secs(3600);
     c
-}
-
-struct Running {
-    stop: async_channel::Sender<()>,
-    thread: JoinHandle<Result<(), GatewayError>>,
-}
-
-fn start(config: Config, hub: &MemoryHub) -> Running {
-    let port = hub.connect();
-    let gateway = Gateway::new(config).expect("gateway starts");
-    let (stop, stopped) = async_channel::bounded::<()>(1);
-    let thread = std::thread::spawn(move || {
-        async_io::block_on(gateway.run(port, async move {
-            let _ = stopped.recv().await;
-        }))
-    });
-    Running { stop, thread }
-}
-
-impl Running {
-    fn stop(self) {
-        self.stop.send_blocking(()).unwrap();
-        self.thread.join().unwrap().expect("gateway ran cleanly");
-    }
 }
 
 /// Polls `client` until it is configured, or panics after `limit`.

@@ -9,28 +9,11 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
+use common::inproc::start;
 use common::smol_client::SmolClient;
 use hubnat::config::Config;
-use hubnat::driver::{Gateway, GatewayError};
 use hubnat_hub::MemoryHub;
 use smoltcp::time::Instant;
-
-struct Running {
-    stop: async_channel::Sender<()>,
-    thread: JoinHandle<Result<(), GatewayError>>,
-}
-
-fn start(config: Config, hub: &MemoryHub) -> Running {
-    let port = hub.connect();
-    let gateway = Gateway::new(config).expect("gateway starts");
-    let (stop, stopped) = async_channel::bounded::<()>(1);
-    let thread = std::thread::spawn(move || {
-        async_io::block_on(gateway.run(port, async move {
-            let _ = stopped.recv().await;
-        }))
-    });
-    Running { stop, thread }
-}
 
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8).collect()
@@ -113,8 +96,7 @@ fn tcp_through_the_driver_with_half_close_both_ways() {
         assert!(StdInstant::now() < deadline, "no RST for a refused connect");
         std::thread::sleep(Duration::from_millis(1));
     }
-    gw.stop.send_blocking(()).unwrap();
-    gw.thread.join().unwrap().unwrap();
+    gw.stop();
     let log = std::fs::read_to_string(state.path().join("security.log")).unwrap();
     assert!(log.contains("NAT session connected: id=1 proto=tcp"), "{log}");
     assert!(log.contains(&format!("NAT session deleted: id=1 proto=tcp client=192.168.30.10:50000 remote=127.0.0.1:{port} bytes_out={} bytes_in={}", data.len(), data.len())), "{log}");

@@ -4,3 +4,4 @@
 pub mod smol_client;
 pub mod netns;
 pub mod topology;
+pub mod inproc;

@@ -423,6 +423,35 @@ impl NatState {
         self.events.push_back(NatEvent::Created { id, key, target, remote_name: name });
     }
 
+    /// The session of a UDP or ICMP flow: found, or created (asking the driver for its socket
+    /// with the op `open` makes); `None` when a limit refuses it.
+    fn datagram_flow(
+        &mut self,
+        key: FlowKey,
+        now: Instant,
+        open: impl FnOnce(SessionId, SocketAddr) -> OpRecord,
+    ) -> Option<SessionId> {
+        if let Some(id) = self.table.find(&key) {
+            return Some(id);
+        }
+        let target = SocketAddr::V4(key.remote);
+        match self.table.insert(key, target, now) {
+            Ok(id) => {
+                self.push_op(open(id, target));
+                self.created(id, key, target);
+                if let Some(s) = self.table.get_mut(id) {
+                    s.state = SessionState::Established;
+                }
+                Some(id)
+            }
+            Err(e) => {
+                self.counters.refused_limits += 1;
+                self.refuse(key, e.to_string(), now);
+                None
+            }
+        }
+    }
+
     fn refuse(&mut self, key: FlowKey, reason: String, now: Instant) {
         let due = self.last_refusal_log.is_none_or(|t| now >= t + REFUSAL_LOG_INTERVAL);
         if due {
@@ -612,24 +641,7 @@ impl VirtualHost {
             }
             return Ok(());
         }
-        let id = match self.nat.table.find(&key) {
-            Some(id) => id,
-            None => match self.nat.table.insert(key, SocketAddr::V4(key.remote), now) {
-                Ok(id) => {
-                    self.nat.push_op(OpRecord::UdpOpen(id, SocketAddr::V4(key.remote)));
-                    self.nat.created(id, key, SocketAddr::V4(key.remote));
-                    if let Some(s) = self.nat.table.get_mut(id) {
-                        s.state = SessionState::Established;
-                    }
-                    id
-                }
-                Err(e) => {
-                    self.nat.counters.refused_limits += 1;
-                    self.nat.refuse(key, e.to_string(), now);
-                    return Ok(());
-                }
-            },
-        };
+        let Some(id) = self.nat.datagram_flow(key, now, OpRecord::UdpOpen) else { return Ok(()) };
         let payload = udp.payload();
         if let Some(s) = self.nat.table.get_mut(id) {
             s.count_out(payload.len(), now);
@@ -666,24 +678,11 @@ impl VirtualHost {
             self.push_to_client(dst, src, &reply);
             return Ok(());
         }
-        let id = match self.nat.table.find(&key) {
-            Some(id) => id,
-            None => match self.nat.table.insert(key, SocketAddr::V4(SocketAddrV4::new(dst, 0)), now) {
-                Ok(id) => {
-                    self.nat.push_op(OpRecord::IcmpOpen(id, dst));
-                    self.nat.created(id, key, SocketAddr::V4(SocketAddrV4::new(dst, 0)));
-                    if let Some(s) = self.nat.table.get_mut(id) {
-                        s.state = SessionState::Established;
-                    }
-                    id
-                }
-                Err(e) => {
-                    self.nat.counters.refused_limits += 1;
-                    self.nat.refuse(key, e.to_string(), now);
-                    return Ok(());
-                }
-            },
+        let open = |id, target: SocketAddr| match target {
+            SocketAddr::V4(v4) => OpRecord::IcmpOpen(id, *v4.ip()),
+            SocketAddr::V6(_) => unreachable!("invariant: the NAT's remotes are IPv4"),
         };
+        let Some(id) = self.nat.datagram_flow(key, now, open) else { return Ok(()) };
         if let Some(s) = self.nat.table.get_mut(id) {
             s.count_out(data.len(), now);
         }
