@@ -368,7 +368,7 @@ struct Shared {
     /// UDP and ICMP sessions' host sockets and their reply tasks.
     sockets: RefCell<HashMap<SessionId, (HostSocket, Task<()>)>>,
     /// DNS query sockets (IPv4, IPv6), opened on first use, with their answer tasks.
-    dns: RefCell<[Option<(Rc<Async<UdpSocket>>, Task<()>)>; 2]>,
+    dns: RefCell<[Option<DnsSocket>; 2]>,
     /// Datagrams the host side could not send.
     send_dropped: Cell<u64>,
     /// When a host socket last failed to open (EMFILE and friends), for rate-limited warnings.
@@ -376,6 +376,9 @@ struct Shared {
     /// Open failures not warned about since the last warning.
     unwarned_open_failures: Cell<u64>,
 }
+
+/// A DNS query socket and the task reading its answers.
+type DnsSocket = (Rc<Async<UdpSocket>>, Task<()>);
 
 #[derive(Clone)]
 enum HostSocket {
@@ -640,7 +643,7 @@ async fn icmp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<socket2:
         }
         let mut any = false;
         loop {
-            match (&*sock.get_ref()).read(&mut buf) {
+            match sock.get_ref().read(&mut buf) {
                 Ok(n) => {
                     shared.core.borrow_mut().nat_icmp_receive(id, now(), &buf[..n]);
                     any = true;

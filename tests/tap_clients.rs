@@ -210,7 +210,7 @@ exit 0
     let renewed = fields(&read(&events), "reason=RENEW").unwrap();
     assert_eq!(renewed["ip"], ip);
     let log = gw.security_log();
-    assert!(log.contains(&format!("DHCP lease created: id=1 mac=")), "{log}");
+    assert!(log.contains(&"DHCP lease created: id=1 mac=".to_string()), "{log}");
     assert!(
         log.lines().any(|l| l.contains("DHCP lease renewed") && l.contains(&format!("ip={ip} ")) && l.contains("hostname=\"dhclient-test\"")),
         "{log}"

@@ -443,11 +443,10 @@ impl DhcpServer {
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
         let mut reply = self.handle(msg, now, events)?;
-        if !msg.giaddr().is_unspecified() || !msg.ciaddr().is_unspecified() {
-            if reply.to.mac != BROADCAST_MAC {
+        if (!msg.giaddr().is_unspecified() || !msg.ciaddr().is_unspecified())
+            && reply.to.mac != BROADCAST_MAC {
                 reply.to.mac = frame_src;
             }
-        }
         Some(reply)
     }
 }

@@ -76,7 +76,7 @@ fn msg_type(r: &Reply) -> MessageType {
     r.msg.opts().msg_type().expect("reply has a type")
 }
 
-fn opt<'a>(r: &'a Reply, code: OptionCode) -> Option<&'a DhcpOption> {
+fn opt(r: &Reply, code: OptionCode) -> Option<&DhcpOption> {
     r.msg.opts().get(code)
 }
 
