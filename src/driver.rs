@@ -5,9 +5,10 @@
 //!
 //! One loop on one thread owns the [`VirtualHost`]. Each turn it waits for the first of: a batch
 //! of frames from the backend, the core's next timeout, or the shutdown signal. It then feeds
-//! the core (every frame of the batch, then the timeout check, all with one timestamp), sends
-//! the frames the core produced as one batch, writes the security log lines of the core's
-//! events, and saves the lease table when it changed. On shutdown the lease table is saved once
+//! the core (every frame of the batch, then the timeout check, all with one timestamp), writes
+//! the security log lines of the core's events and saves the lease table when it changed, and
+//! then sends the frames the core produced as one batch (so a lease is on disk before its ACK
+//! leaves). On shutdown the lease table is saved once
 //! more. No locks: nothing else touches the core.
 
 use std::cell::{Cell, RefCell};
@@ -328,13 +329,15 @@ impl Gateway {
                 core.take_transmit(&mut tx);
             }
             Shared::run_host_ops(shared, ex);
+            // Events first: a lease is on disk before the ACK that grants it leaves, so a crash
+            // right after the ACK cannot lose it.
+            self.drain_events(shared);
             if !tx.is_empty() {
                 if let Err(source) = backend.send_batch(&tx).await {
                     return Err(GatewayError::Backend { backend: backend.describe(), source });
                 }
                 tx.clear();
             }
-            self.drain_events(shared);
         }
     }
 

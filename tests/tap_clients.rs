@@ -13,6 +13,7 @@ use common::netns::{hubnat_bin, read, require_programs, require_root, unique, wa
 
 const HOST_MAC: &str = "00:ac:11:22:33:44";
 const GW: &str = "192.168.30.1";
+const CLIENT_MAC: &str = "52:54:00:aa:bb:cc";
 
 struct TapGateway {
     gw: Netns,
@@ -59,18 +60,17 @@ level = "debug"
             ),
         )
         .unwrap();
-        let mut cmd = gw.command(hubnat_bin().to_str().unwrap());
-        cmd.args(["run", "--config", config.to_str().unwrap()]);
-        let mut hubnat = Proc::spawn(cmd, "hubnat", &dir.path().join("hubnat.log"));
-        let log = dir.path().join("hubnat.log");
-        wait_until(Duration::from_secs(15), "hubnat to open its TAP device", || {
-            assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
-            gw.exec(&["ip", "link", "show", "dev", &tap]).status.success()
-        });
-        // The kernel side of the TAP device becomes the client's network interface.
-        gw.exec_ok(&["ip", "link", "set", &tap, "netns", &client.name]);
-        client.exec_ok(&["ip", "link", "set", &tap, "up"]);
+        let hubnat = launch(&gw, &client, &tap, dir.path());
         TapGateway { gw, client, tap, dir, hubnat: Some(hubnat) }
+    }
+
+    /// Kills hubnat with SIGKILL (no chance to save anything) and starts it again on the same
+    /// configuration and state directory.
+    fn kill_and_restart(&mut self) {
+        let mut old = self.hubnat.take().unwrap();
+        old.signal(libc::SIGKILL);
+        wait_until(Duration::from_secs(10), "hubnat to die", || !old.is_running());
+        self.hubnat = Some(launch(&self.gw, &self.client, &self.tap, self.dir.path()));
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -103,6 +103,25 @@ level = "debug"
         let _ = (&self.gw, &self.client);
         log
     }
+}
+
+/// Starts hubnat on `dir`/hubnat.toml in `gw` and hands its TAP device to `client`.
+fn launch(gw: &Netns, client: &Netns, tap: &str, dir: &Path) -> Proc {
+    let config = dir.join("hubnat.toml");
+    let log = dir.join("hubnat.log");
+    let mut cmd = gw.command(hubnat_bin().to_str().unwrap());
+    cmd.args(["run", "--config", config.to_str().unwrap()]);
+    let mut hubnat = Proc::spawn(cmd, "hubnat", &log);
+    wait_until(Duration::from_secs(15), "hubnat to open its TAP device", || {
+        assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
+        gw.exec(&["ip", "link", "show", "dev", tap]).status.success()
+    });
+    // The kernel side of the TAP device becomes the client's network interface, with a fixed
+    // MAC so that a restarted gateway sees the same client.
+    gw.exec_ok(&["ip", "link", "set", tap, "netns", &client.name]);
+    client.exec_ok(&["ip", "link", "set", tap, "address", CLIENT_MAC]);
+    client.exec_ok(&["ip", "link", "set", tap, "up"]);
+    hubnat
 }
 
 /// `key=value` fields of the last line of `log` that contains `marker`.
@@ -289,5 +308,46 @@ exit 0
         gw.security_log().lines().any(|l| l.contains("DHCP lease released") && l.contains(&format!("ip={ip} ")))
     });
     udhcpc.stop();
+    gw.stop();
+}
+
+#[test]
+fn a_killed_gateway_restarts_with_its_leases() {
+    if !require_root("a_killed_gateway_restarts_with_its_leases") {
+        return;
+    }
+    require_programs(&["udhcpc", "ip"]);
+    let mut gw = TapGateway::start();
+    let events = gw.path("udhcpc-events.log");
+    let script = gw.path("udhcpc-script");
+    write_script(&script, &format!("#!/bin/sh\necho \"event=$1 ip=$ip\" >> {}\nexit 0\n", events.display()));
+    let lease = |gw: &TapGateway| {
+        let out = gw
+            .client
+            .command("udhcpc")
+            .args(["-q", "-f", "-n", "-i", &gw.tap, "-s", script.to_str().unwrap(), "-t", "10", "-T", "1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
+        fields(&read(&events), "event=bound").unwrap()["ip"].clone()
+    };
+    let first = lease(&gw);
+    gw.kill_and_restart();
+    let log = gw.security_log();
+    assert!(log.contains("leases_restored=1"), "{log}");
+    let table = std::process::Command::new(hubnat_bin())
+        .args(["leases", "--state-dir", gw.path("state").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.lines().any(|l| l.contains(&first) && l.contains("bound") && l.contains(CLIENT_MAC)), "{table}");
+    // Another client asks first: the restarted gateway knows the first address is taken.
+    gw.client.exec_ok(&["ip", "link", "set", &gw.tap, "address", "52:54:00:dd:ee:ff"]);
+    let other = lease(&gw);
+    assert_ne!(other, first, "the killed gateway's lease was forgotten");
+    // The first client (udhcpc -q starts from DISCOVER, with no memory of its own) gets its
+    // address back.
+    gw.client.exec_ok(&["ip", "link", "set", &gw.tap, "address", CLIENT_MAC]);
+    assert_eq!(lease(&gw), first);
     gw.stop();
 }
