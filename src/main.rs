@@ -11,8 +11,9 @@ use tracing_subscriber::EnvFilter;
 
 /// hubnat — a user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
 ///
-/// hubnat appears on the segment as one ordinary host: it hands out addresses with DHCP and
-/// answers ARP and ping for itself. Settings come from, in rising order of precedence: built-in
+/// hubnat appears on the segment as one ordinary host: it hands out addresses with DHCP,
+/// answers ARP and ping for itself, forwards DNS, and carries the clients' TCP, UDP and ping to
+/// the outside world through this process's own sockets (a user-mode NAT). Settings come from, in rising order of precedence: built-in
 /// defaults, the file given with --config, HUBNAT_* environment variables (HUBNAT_DHCP__LEASE=1h
 /// sets dhcp.lease), and the flags of the command.
 #[derive(Parser, Debug)]
