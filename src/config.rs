@@ -94,6 +94,13 @@ pub const MAX_TAP_NAME_LEN: usize = 15;
 pub const MAX_NAT_SESSIONS: u32 = 1_000_000;
 /// The most peers `backend.hub.max_peers` may allow.
 pub const MAX_HUB_PEERS: u32 = 4096;
+/// `nat.tcp_buffer` by default: 1 MiB, window scale 5 (see DESIGN.md).
+pub const DEFAULT_TCP_BUFFER: u64 = 1 << 20;
+/// `nat.tcp_buffer` at least (a few segments of a 1500-byte MTU).
+pub const MIN_TCP_BUFFER: u64 = 16 << 10;
+/// `nat.tcp_buffer` at most.
+pub const MAX_TCP_BUFFER: u64 = 64 << 20;
+
 /// The smallest capture file size limit (`capture.max_size`).
 pub const MIN_CAPTURE_SIZE: u64 = 4096;
 /// The most capture files kept when rotating (`capture.max_files`).
@@ -398,6 +405,11 @@ pub struct NatConfig {
     pub max_sessions: u32,
     /// The most NAT sessions one client may hold at once; at most `max_sessions`.
     pub max_sessions_per_client: u32,
+    /// Each TCP session's receive and send buffer in the user-mode stack (bytes, or a size
+    /// such as "1MiB"). It sets the TCP window towards the client: bigger is faster on fast
+    /// segments, and costs up to twice this much memory per busy connection.
+    #[serde(with = "size_required")]
+    pub tcp_buffer: u64,
 }
 
 impl Default for NatConfig {
@@ -411,6 +423,7 @@ impl Default for NatConfig {
             deny: Vec::new(),
             max_sessions: 16384,
             max_sessions_per_client: 4096,
+            tcp_buffer: DEFAULT_TCP_BUFFER,
         }
     }
 }
@@ -1092,6 +1105,18 @@ impl Config {
                 "nat.max_sessions_per_client",
                 nat.max_sessions_per_client,
                 reason,
+            );
+        }
+
+        if !(MIN_TCP_BUFFER..=MAX_TCP_BUFFER).contains(&nat.tcp_buffer) {
+            c.fail(
+                "nat.tcp_buffer",
+                format!("{:?}", size_text::words(nat.tcp_buffer)),
+                format!(
+                    "must be from {} to {}",
+                    size_text::words(MIN_TCP_BUFFER),
+                    size_text::words(MAX_TCP_BUFFER)
+                ),
             );
         }
 
@@ -2043,6 +2068,21 @@ mod duration_text {
 
 /// An optional byte size: `""` (none), a number of bytes, or a string with a unit: `B`,
 /// `kB`/`MB`/`GB` (powers of 1000) or `KiB`/`MiB`/`GiB` (powers of 1024), case-insensitive.
+/// A size that must be given (`size_text` allows "" for none).
+mod size_required {
+    use serde::de::Error;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(size: &u64, s: S) -> Result<S::Ok, S::Error> {
+        super::size_text::serialize(&Some(*size), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        super::size_text::deserialize(d)?
+            .ok_or_else(|| D::Error::custom("a size is needed here, such as \"1MiB\" or \"256KiB\""))
+    }
+}
+
 mod size_text {
     use serde::de::{Error, Visitor};
     use serde::{Deserializer, Serializer};
@@ -2307,6 +2347,7 @@ mod tests {
                 deny: Vec::new(),
                 max_sessions: 16384,
                 max_sessions_per_client: 4096,
+                tcp_buffer: DEFAULT_TCP_BUFFER,
             }
         );
         assert_eq!(c.backend.kind, BackendKind::Tap);
@@ -3529,6 +3570,23 @@ mod tests {
             "[nat]\nmax_sessions_per_client = 0",
             &["config key nat.max_sessions_per_client = 0 (from file x.toml): must be at least 1"],
         );
+        assert_rejects(
+            "[nat]\ntcp_buffer = \"1KiB\"",
+            &["config key nat.tcp_buffer = \"1KiB\" (from file x.toml): must be from 16KiB to 64MiB"],
+        );
+        assert_rejects("[nat]\ntcp_buffer = \"lots\"", &["nat.tcp_buffer", "invalid size \"lots\""]);
+        assert_rejects("[nat]\ntcp_buffer = \"\"", &["nat.tcp_buffer", "a size is needed here"]);
+    }
+
+    #[test]
+    fn tcp_buffer_takes_sizes() {
+        Jail::expect_with(|jail| {
+            let c = load_toml(jail, "[nat]\ntcp_buffer = \"256KiB\"").expect("loads");
+            assert_eq!(c.nat.tcp_buffer, 256 * 1024);
+            let c = load_toml(jail, "[nat]\ntcp_buffer = 65536").expect("loads");
+            assert_eq!(c.nat.tcp_buffer, 65536);
+            Ok(())
+        });
     }
 
     // --- host-derived defaults -----------------------------------------------------------------

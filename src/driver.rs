@@ -118,6 +118,7 @@ pub fn nat_settings(config: &Config, icmp_mode: IcmpMode) -> NatSettings {
             .collect(),
         max_sessions: n.max_sessions as usize,
         max_sessions_per_client: n.max_sessions_per_client as usize,
+        tcp_buffer: n.tcp_buffer as usize,
         dns_upstreams: config.dns.upstream.clone(),
         icmp_mode,
     }

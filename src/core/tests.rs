@@ -41,6 +41,7 @@ fn host() -> VirtualHost {
         deny: vec![],
         max_sessions: 100,
         max_sessions_per_client: 10,
+        tcp_buffer: 1 << 20,
         dns_upstreams: vec![],
         icmp_mode: super::nat::IcmpMode::Synthesized,
     };

@@ -94,6 +94,8 @@ pub struct NatSettings {
     pub max_sessions: usize,
     /// Sessions per client address at most.
     pub max_sessions_per_client: usize,
+    /// Each TCP connection's receive and send buffer in smoltcp, bytes.
+    pub tcp_buffer: usize,
     /// DNS resolvers for the redirect.
     pub dns_upstreams: Vec<SocketAddr>,
     /// How echo to outside hosts works.
@@ -829,7 +831,7 @@ impl VirtualHost {
         let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else { return false };
         let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else { return false };
         let Ok(seg) = TcpPacket::new_checked(p.payload()) else { return false };
-        let handle = self.nat.stack.sockets.add(tcp::listener(p.dst_addr(), seg.dst_port()));
+        let handle = self.nat.stack.sockets.add(tcp::listener(p.dst_addr(), seg.dst_port(), self.nat.settings.tcp_buffer));
         self.nat.tcp_conns.insert(id, TcpConn::Socket(handle));
         // Now the SYN goes in, and the SYN-ACK out with the next poll.
         self.stack_ingress(now, &syn);

@@ -25,9 +25,10 @@
 //! - **End.** A socket that is closed (both FINs, a RST, or an abort) ends the session; its
 //!   handle waits one egress poll in the graveyard so that an abort's RST is still sent.
 //!
-//! Buffers: [`RX_BUFFER`] and [`TX_BUFFER`] bytes per connection. Their memory is committed
-//! only as data flows through (large zeroed allocations are lazily mapped), and their size sets
-//! the window: 1 MiB gives window scale 5, enough for tens of Gbit/s in memory.
+//! Buffers: `nat.tcp_buffer` bytes each way per connection (1 MiB by default). Their size sets
+//! the window towards the client: 1 MiB gives window scale 5, ~10 Gbit/s through a TAP device
+//! at MTU 65520, where 256 KiB gives ~7.5 (`scripts/bench-nat.sh`). `benches/core_sessions.rs`
+//! measures the memory it costs with many sessions.
 
 use hubnat_backend::FrameBatch;
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
@@ -38,17 +39,13 @@ use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRe
 
 use super::super::Neighbours;
 
-/// Receive buffer per connection (client → host), bytes.
-pub const RX_BUFFER: usize = 1 << 20;
-/// Send buffer per connection (host → client), bytes.
-pub const TX_BUFFER: usize = 1 << 20;
 
 /// A fresh socket listening on `(addr, port)`, created when the outbound connect succeeded,
 /// just before the client's SYN is fed to it.
-pub fn listener(addr: std::net::Ipv4Addr, port: u16) -> tcp::Socket<'static> {
+pub fn listener(addr: std::net::Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; RX_BUFFER]),
-        tcp::SocketBuffer::new(vec![0u8; TX_BUFFER]),
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
     );
     s.set_nagle_enabled(true);
     s.set_congestion_control(tcp::CongestionControl::Cubic);

@@ -32,6 +32,7 @@ pub fn settings() -> NatSettings {
         deny: vec![],
         max_sessions: 100,
         max_sessions_per_client: 10,
+        tcp_buffer: 1 << 20,
         dns_upstreams: vec!["10.77.0.53:53".parse().unwrap()],
         icmp_mode: IcmpMode::Real,
     }
