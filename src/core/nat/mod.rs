@@ -34,7 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp as stcp;
 use smoltcp::time::{Duration, Instant};
@@ -314,8 +314,8 @@ pub struct NatCounters {
 enum TcpConn {
     /// Connecting: the SYN (its whole IPv4 packet) waits here; retransmissions are dropped.
     Pending(Vec<u8>),
-    /// Connected: the socket carrying the connection.
-    Socket(SocketHandle),
+    /// Connected: the socket carrying the connection is in its own set in the stack.
+    Socket,
 }
 
 /// The NAT's state, owned by the [`VirtualHost`].
@@ -329,14 +329,11 @@ pub struct NatState {
     ops: VecDeque<OpRecord>,
     op_buf: Vec<u8>,
     pub(super) counters: NatCounters,
-    dirty: bool,
     scratch: Vec<u8>,
     reassembled: Vec<u8>,
     last_refusal_log: Option<Instant>,
     suppressed_refusals: u64,
     pub(super) events: VecDeque<NatEvent>,
-    /// smoltcp's next timer (retransmission, delayed ACK), as of the last poll.
-    stack_deadline: Option<Instant>,
 }
 
 impl std::fmt::Debug for NatState {
@@ -374,20 +371,18 @@ impl NatState {
         NatState {
             table: SessionTable::new(settings.max_sessions, settings.max_sessions_per_client),
             settings,
-            stack: tcp::TcpStack { iface, sockets: SocketSet::new(Vec::new()), graveyard: Vec::new() },
+            stack: tcp::TcpStack::new(iface),
             tcp_conns: HashMap::new(),
             frag: frag::Reassembler::default(),
             dns,
             ops: VecDeque::new(),
             op_buf: Vec::new(),
             counters: NatCounters::default(),
-            dirty: false,
             scratch,
             reassembled: Vec::new(),
             last_refusal_log: None,
             suppressed_refusals: 0,
             events: VecDeque::new(),
-            stack_deadline: None,
         }
     }
 
@@ -533,7 +528,7 @@ impl VirtualHost {
                 s.last_activity = now;
             }
             match self.nat.tcp_conns.get(&id) {
-                Some(TcpConn::Socket(_)) => self.stack_ingress(now, p.as_ref()),
+                Some(TcpConn::Socket) => self.stack_ingress(now, p.as_ref(), Some(id)),
                 Some(TcpConn::Pending(_)) if seg.rst() => {
                     // The client gave up while we connect: forget the flow.
                     self.nat.push_op(OpRecord::Close(id, true));
@@ -575,50 +570,81 @@ impl VirtualHost {
             }
         }
         // A segment nobody owns (or a refused SYN): smoltcp answers it with a RST.
-        self.stack_ingress(now, p.as_ref());
+        self.stack_ingress(now, p.as_ref(), None);
         Ok(())
     }
 
-    fn stack_ingress(&mut self, now: Instant, packet: &[u8]) {
-        let nat = &mut self.nat;
+    /// Feeds one segment to connection `id`'s socket set, or to the empty set (which answers
+    /// with a RST) when no connection owns it.
+    fn stack_ingress(&mut self, now: Instant, packet: &[u8], id: Option<SessionId>) {
+        let VirtualHost { nat, tx, neighbours, host, .. } = self;
         let mut device = tcp::PollDevice {
             rx: Some(packet),
-            tx: &mut self.tx,
-            neighbours: &self.neighbours,
-            our_mac: self.host.mac,
+            tx,
+            neighbours,
+            our_mac: host.mac,
             mtu: nat.settings.mtu,
             scratch: &mut nat.scratch,
             dropped: &mut nat.counters.tx_dropped,
         };
-        let _ = nat.stack.iface.poll_ingress_single(now, &mut device, &mut nat.stack.sockets);
-        nat.dirty = true;
-        nat.stack_deadline = Some(now);
+        let stack = &mut nat.stack;
+        match id.and_then(|id| stack.sets.get_mut(&id).map(|(set, _)| (id, set))) {
+            Some((id, set)) => {
+                let _ = stack.iface.poll_ingress_single(now, &mut device, set);
+                stack.dirty.insert(id);
+            }
+            None => {
+                let _ = stack.iface.poll_ingress_single(now, &mut device, &mut stack.empty);
+            }
+        }
     }
 
-    /// Runs smoltcp's egress (ACKs, data, retransmissions) and frees closed sockets. Call after
-    /// every batch of inputs, before [`take_transmit`](VirtualHost::take_transmit).
+    /// Runs smoltcp's egress (ACKs, data, retransmissions) for the connections that have
+    /// something to send or a timer due, and frees finished ones. Call after every batch of
+    /// inputs, before [`take_transmit`](VirtualHost::take_transmit). When the transmit batch
+    /// fills up, the rest waits for the next call ([`wants_poll`](VirtualHost::wants_poll)).
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
-        let nat = &mut self.nat;
-        let due = nat.stack_deadline.is_some_and(|t| t <= now);
-        if !(nat.dirty || due || !nat.stack.graveyard.is_empty()) {
+        let VirtualHost { nat, tx, neighbours, host, .. } = self;
+        let stack = &mut nat.stack;
+        if stack.dirty.is_empty() && stack.graveyard.is_empty() && stack.next_deadline().is_none_or(|t| t > now) {
             return;
         }
-        nat.dirty = false;
-        let mut device = tcp::PollDevice {
-            rx: None,
-            tx: &mut self.tx,
-            neighbours: &self.neighbours,
-            our_mac: self.host.mac,
-            mtu: nat.settings.mtu,
-            scratch: &mut nat.scratch,
-            dropped: &mut nat.counters.tx_dropped,
-        };
-        nat.stack.iface.poll(now, &mut device, &mut nat.stack.sockets);
-        for handle in nat.stack.graveyard.drain(..) {
-            nat.stack.sockets.remove(handle);
+        let mut ids: Vec<SessionId> = stack.dirty.drain().collect();
+        stack.take_due(now, &mut ids);
+        ids.extend(stack.graveyard.iter().copied());
+        ids.sort_unstable();
+        ids.dedup();
+        for (i, &id) in ids.iter().enumerate() {
+            if tx.is_full() {
+                // Back-pressure: the rest goes out after the driver has sent this batch.
+                stack.dirty.extend(ids[i..].iter().copied());
+                break;
+            }
+            let Some((set, _)) = stack.sets.get_mut(&id) else { continue };
+            let mut device = tcp::PollDevice {
+                rx: None,
+                tx,
+                neighbours,
+                our_mac: host.mac,
+                mtu: nat.settings.mtu,
+                scratch: &mut nat.scratch,
+                dropped: &mut nat.counters.tx_dropped,
+            };
+            // Each egress pass sends at most one segment per socket: go on while it sends.
+            while stack.iface.poll_egress(now, &mut device, set) == smoltcp::iface::PollResult::SocketStateChanged {}
+            let at = stack.iface.poll_at(now, set);
+            stack.set_deadline(id, at);
         }
-        nat.stack_deadline = nat.stack.iface.poll_at(now, &nat.stack.sockets);
+        let graveyard = std::mem::take(&mut stack.graveyard);
+        for id in graveyard {
+            if stack.dirty.contains(&id) {
+                stack.graveyard.push(id);
+            } else {
+                stack.sets.remove(&id);
+                stack.set_deadline(id, None);
+            }
+        }
     }
 
     fn nat_udp_in(&mut self, now: Instant, p: &Ipv4Packet<&[u8]>) -> Result<(), smoltcp::wire::Error> {
@@ -831,10 +857,12 @@ impl VirtualHost {
         let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else { return false };
         let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else { return false };
         let Ok(seg) = TcpPacket::new_checked(p.payload()) else { return false };
-        let handle = self.nat.stack.sockets.add(tcp::listener(p.dst_addr(), seg.dst_port(), self.nat.settings.tcp_buffer));
-        self.nat.tcp_conns.insert(id, TcpConn::Socket(handle));
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let handle = set.add(tcp::listener(p.dst_addr(), seg.dst_port(), self.nat.settings.tcp_buffer));
+        self.nat.stack.sets.insert(id, (set, handle));
+        self.nat.tcp_conns.insert(id, TcpConn::Socket);
         // Now the SYN goes in, and the SYN-ACK out with the next poll.
-        self.stack_ingress(now, &syn);
+        self.stack_ingress(now, &syn, Some(id));
         if let Some(s) = self.nat.table.get_mut(id) {
             s.state = SessionState::Established;
             s.last_activity = now;
@@ -913,23 +941,28 @@ impl VirtualHost {
     /// The relay of TCP session `id`, for one synchronous step; `None` when the session is
     /// gone (end the relay task).
     pub fn nat_tcp_relay(&mut self, id: SessionId, now: Instant) -> Option<TcpRelay<'_>> {
-        let &TcpConn::Socket(handle) = self.nat.tcp_conns.get(&id)? else { return None };
+        let &TcpConn::Socket = self.nat.tcp_conns.get(&id)? else { return None };
         let session = self.nat.table.get_mut(id)?;
-        let socket = self.nat.stack.sockets.get_mut::<stcp::Socket>(handle);
-        Some(TcpRelay { socket, session, now, dirty: &mut self.nat.dirty })
+        let stack = &mut self.nat.stack;
+        let (set, handle) = stack.sets.get_mut(&id)?;
+        let socket = set.get_mut::<stcp::Socket>(*handle);
+        Some(TcpRelay { socket, session, now, dirty: &mut stack.dirty })
     }
 
     /// The relay task of TCP session `id` is done (the connection closed or was reset, or the
     /// host side failed): the session ends. Its socket leaves after the next egress, so a
     /// pending RST or ACK still goes out.
     pub fn nat_tcp_finished(&mut self, id: SessionId, now: Instant) {
-        if let Some(TcpConn::Socket(handle)) = self.nat.tcp_conns.remove(&id) {
-            let socket = self.nat.stack.sockets.get_mut::<stcp::Socket>(handle);
-            if !matches!(socket.state(), stcp::State::Closed | stcp::State::TimeWait) {
-                socket.abort();
+        if let Some(TcpConn::Socket) = self.nat.tcp_conns.remove(&id) {
+            let stack = &mut self.nat.stack;
+            if let Some((set, handle)) = stack.sets.get_mut(&id) {
+                let socket = set.get_mut::<stcp::Socket>(*handle);
+                if !matches!(socket.state(), stcp::State::Closed | stcp::State::TimeWait) {
+                    socket.abort();
+                }
+                stack.graveyard.push(id);
+                stack.dirty.insert(id);
             }
-            self.nat.stack.graveyard.push(handle);
-            self.nat.dirty = true;
         }
         if let Some(s) = self.nat.table.remove(id) {
             let reason = match s.state {
@@ -1011,10 +1044,13 @@ impl VirtualHost {
     /// ICMP sessions are removed and their sockets closed.
     fn end_session(&mut self, id: SessionId, reason: &'static str, abort: bool, now: Instant) {
         match self.nat.tcp_conns.get(&id) {
-            Some(&TcpConn::Socket(handle)) => {
+            Some(&TcpConn::Socket) => {
                 // The relay task sees the abort and finishes the session.
-                self.nat.stack.sockets.get_mut::<stcp::Socket>(handle).abort();
-                self.nat.dirty = true;
+                let stack = &mut self.nat.stack;
+                if let Some((set, handle)) = stack.sets.get_mut(&id) {
+                    set.get_mut::<stcp::Socket>(*handle).abort();
+                    stack.dirty.insert(id);
+                }
                 return;
             }
             Some(TcpConn::Pending(_)) => {
@@ -1061,7 +1097,8 @@ impl VirtualHost {
     /// Whether smoltcp has something to send right now (for instance what did not fit the
     /// last transmit batch): the driver should poll again as soon as it has sent the batch.
     pub fn wants_poll(&self) -> bool {
-        self.nat.dirty || self.nat.stack_deadline.is_some_and(|t| t <= self.now)
+        let stack = &self.nat.stack;
+        !stack.dirty.is_empty() || !stack.graveyard.is_empty() || stack.next_deadline().is_some_and(|t| t <= self.now)
     }
 
     /// When the NAT next needs [`handle_timeout`](VirtualHost::handle_timeout).
@@ -1069,7 +1106,7 @@ impl VirtualHost {
         let nat = &self.nat;
         let s = &nat.settings;
         [
-            nat.stack_deadline,
+            nat.stack.next_deadline(),
             nat.table.next_idle(Protocol::Tcp, s.tcp_timeout),
             nat.table.next_idle(Protocol::Udp, s.udp_timeout),
             nat.table.next_idle(Protocol::Icmp, ICMP_TIMEOUT),

@@ -23,12 +23,17 @@
 //!   driver shuts down the host socket's write side. The host's EOF becomes `close()`: a FIN to
 //!   the client once the buffer is sent.
 //! - **End.** A socket that is closed (both FINs, a RST, or an abort) ends the session; its
-//!   handle waits one egress poll in the graveyard so that an abort's RST is still sent.
+//!   set waits one egress poll in the graveyard so that an abort's RST is still sent.
+//! - **Dispatch.** Each connection has a socket set of its own ([`TcpStack`]): a segment goes
+//!   to its connection's set, and egress polls only the connections that have something to
+//!   send (marked dirty) or a timer due.
 //!
 //! Buffers: `nat.tcp_buffer` bytes each way per connection (1 MiB by default). Their size sets
 //! the window towards the client: 1 MiB gives window scale 5, ~10 Gbit/s through a TAP device
 //! at MTU 65520, where 256 KiB gives ~7.5 (`scripts/bench-nat.sh`). `benches/core_sessions.rs`
 //! measures the memory it costs with many sessions.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use hubnat_backend::FrameBatch;
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
@@ -38,6 +43,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, ETHERNET_HEADER_LEN};
 
 use super::super::Neighbours;
+use super::table::SessionId;
 
 
 /// A fresh socket listening on `(addr, port)`, created when the outbound connect succeeded,
@@ -153,17 +159,77 @@ impl Device for PollDevice<'_> {
     }
 }
 
-/// The smoltcp side of the NAT: the interface and its sockets.
+/// The smoltcp side of the NAT: the interface, and one socket set per connection.
+///
+/// smoltcp looks through the whole socket set for every segment it takes in and on every
+/// egress poll. With a set of one socket per connection, the core finds the set by flow (a
+/// hash lookup) and smoltcp's own search is over a single socket: the cost per segment no
+/// longer grows with the number of connections (`benches/core_sessions.rs`).
 pub struct TcpStack {
     pub iface: Interface,
-    pub sockets: SocketSet<'static>,
-    /// Sockets to drop after the next egress poll (so their RST or last ACK goes out).
-    pub graveyard: Vec<SocketHandle>,
+    /// Each connection's set and the handle of its socket in it.
+    pub sets: HashMap<SessionId, (SocketSet<'static>, SocketHandle)>,
+    /// The set for segments no connection owns: smoltcp answers them with a RST.
+    pub empty: SocketSet<'static>,
+    /// Connections whose socket may have something to send.
+    pub dirty: HashSet<SessionId>,
+    /// Each connection's next timer (retransmission, delayed ACK), ordered.
+    pub deadlines: BTreeSet<(Instant, SessionId)>,
+    /// The timer of each connection that has one, to find it in `deadlines`.
+    pub deadline_of: HashMap<SessionId, Instant>,
+    /// Connections whose set goes after its next egress (so a RST or last ACK still leaves).
+    pub graveyard: Vec<SessionId>,
+}
+
+impl TcpStack {
+    /// A stack around `iface`.
+    pub fn new(iface: Interface) -> Self {
+        TcpStack {
+            iface,
+            sets: HashMap::new(),
+            empty: SocketSet::new(Vec::new()),
+            dirty: HashSet::new(),
+            deadlines: BTreeSet::new(),
+            deadline_of: HashMap::new(),
+            graveyard: Vec::new(),
+        }
+    }
+
+    /// The earliest timer of any connection.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// Records connection `id`'s next timer after a poll.
+    pub fn set_deadline(&mut self, id: SessionId, at: Option<Instant>) {
+        if let Some(old) = self.deadline_of.remove(&id) {
+            self.deadlines.remove(&(old, id));
+        }
+        if let Some(at) = at {
+            self.deadlines.insert((at, id));
+            self.deadline_of.insert(id, at);
+        }
+    }
+
+    /// Connections with a timer due at `now` (their timers are taken off).
+    pub fn take_due(&mut self, now: Instant, out: &mut Vec<SessionId>) {
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            self.deadline_of.remove(&id);
+            out.push(id);
+        }
+    }
 }
 
 impl std::fmt::Debug for TcpStack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpStack").field("graveyard", &self.graveyard.len()).finish_non_exhaustive()
+        f.debug_struct("TcpStack")
+            .field("connections", &self.sets.len())
+            .field("graveyard", &self.graveyard.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -173,7 +239,7 @@ pub struct TcpRelay<'a> {
     pub(super) socket: &'a mut tcp::Socket<'static>,
     pub(super) session: &'a mut super::table::Session,
     pub(super) now: Instant,
-    pub(super) dirty: &'a mut bool,
+    pub(super) dirty: &'a mut HashSet<SessionId>,
 }
 
 impl TcpRelay<'_> {
@@ -218,7 +284,7 @@ impl TcpRelay<'_> {
             .unwrap_or(Ok(0))?;
         if r > 0 {
             self.session.count_out(r, self.now);
-            *self.dirty = true;
+            self.dirty.insert(self.session.id);
         }
         Ok(r)
     }
@@ -238,7 +304,7 @@ impl TcpRelay<'_> {
             .unwrap_or(Ok(0))?;
         if r > 0 {
             self.session.count_in(r, self.now);
-            *self.dirty = true;
+            self.dirty.insert(self.session.id);
         }
         Ok(r)
     }
@@ -251,7 +317,7 @@ impl TcpRelay<'_> {
         } else {
             self.session.state = super::table::SessionState::HostClosed;
         }
-        *self.dirty = true;
+        self.dirty.insert(self.session.id);
     }
 
     /// The client's FIN was carried to the host.
@@ -267,7 +333,7 @@ impl TcpRelay<'_> {
     pub fn host_reset(&mut self) {
         self.socket.abort();
         self.session.state = super::table::SessionState::Closing;
-        *self.dirty = true;
+        self.dirty.insert(self.session.id);
     }
 
     /// Registers `waker` for any change of the connection (data, room, FIN, RST).
