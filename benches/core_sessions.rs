@@ -18,8 +18,8 @@ use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
-    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
+    Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
 const OUR_MAC: EthernetAddress = EthernetAddress([0x00, 0xac, 1, 2, 3, 4]);
@@ -28,7 +28,12 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 
 fn host(max: usize, buffer: usize) -> VirtualHost {
-    let h = HostSettings { mac: OUR_MAC, ip: Ipv4Addr::new(192, 168, 30, 1), mask: Ipv4Addr::new(255, 255, 255, 0), mtu: 1500 };
+    let h = HostSettings {
+        mac: OUR_MAC,
+        ip: Ipv4Addr::new(192, 168, 30, 1),
+        mask: Ipv4Addr::new(255, 255, 255, 0),
+        mtu: 1500,
+    };
     let dhcp = DhcpSettings {
         enabled: false,
         range_start: Ipv4Addr::new(192, 168, 30, 10),
@@ -70,18 +75,39 @@ fn segment(port: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: 
         seq_number: TcpSeqNumber(seq as i32),
         ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
         window_len: 65535,
-        window_scale: if control == TcpControl::Syn { Some(7) } else { None },
-        max_seg_size: if control == TcpControl::Syn { Some(1460) } else { None },
+        window_scale: if control == TcpControl::Syn {
+            Some(7)
+        } else {
+            None
+        },
+        max_seg_size: if control == TcpControl::Syn {
+            Some(1460)
+        } else {
+            None
+        },
         sack_permitted: false,
         sack_ranges: [None, None, None],
         timestamp: None,
         payload,
     };
-    let ip = Ipv4Repr { src_addr: CLIENT, dst_addr: REMOTE, next_header: IpProtocol::Tcp, payload_len: repr.buffer_len(), hop_limit: 64 };
+    let ip = Ipv4Repr {
+        src_addr: CLIENT,
+        dst_addr: REMOTE,
+        next_header: IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    };
     let mut frame = vec![0u8; 14 + 20 + repr.buffer_len()];
-    EthernetRepr { src_addr: CLIENT_MAC, dst_addr: OUR_MAC, ethertype: EthernetProtocol::Ipv4 }
-        .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip.emit(&mut Ipv4Packet::new_unchecked(&mut frame[14..]), &ChecksumCapabilities::default());
+    EthernetRepr {
+        src_addr: CLIENT_MAC,
+        dst_addr: OUR_MAC,
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    ip.emit(
+        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
+        &ChecksumCapabilities::default(),
+    );
     repr.emit(
         &mut TcpPacket::new_unchecked(&mut frame[34..]),
         &IpAddress::Ipv4(CLIENT),
@@ -103,7 +129,11 @@ fn synack_seq(frames: &FrameBatch, port: u16) -> Option<u32> {
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -128,7 +158,10 @@ fn open(n: usize, buffer: usize) -> (VirtualHost, SessionId, u32, u32) {
         h.take_transmit(&mut spare);
         let ours = synack_seq(&spare, port).expect("SYN-ACK");
         spare.clear();
-        h.handle_frame(t(0), &segment(port, TcpControl::None, 1001, Some(ours + 1), &[]));
+        h.handle_frame(
+            t(0),
+            &segment(port, TcpControl::None, 1001, Some(ours + 1), &[]),
+        );
         if first.is_none() {
             first = Some((id, 1001, ours + 1));
         }
@@ -153,7 +186,10 @@ fn measure(n: usize, buffer: usize) -> (f64, f64) {
     let started = StdInstant::now();
     for i in 0..segments {
         let now = t(1 + i64::from(i / 64));
-        h.handle_frame(now, &segment(10000, TcpControl::Psh, seq, Some(ack), &payload));
+        h.handle_frame(
+            now,
+            &segment(10000, TcpControl::Psh, seq, Some(ack), &payload),
+        );
         seq = seq.wrapping_add(payload.len() as u32);
         let mut relay = h.nat_tcp_relay(id, now).expect("session");
         sink += relay.take_client_data(|d| Ok(d.len())).unwrap_or(0);
@@ -164,8 +200,15 @@ fn measure(n: usize, buffer: usize) -> (f64, f64) {
         }
     }
     let took = started.elapsed();
-    assert_eq!(sink, segments as usize * payload.len(), "every byte reached the relay");
-    (took.as_nanos() as f64 / f64::from(segments), grown as f64 / 1024.0)
+    assert_eq!(
+        sink,
+        segments as usize * payload.len(),
+        "every byte reached the relay"
+    );
+    (
+        took.as_nanos() as f64 / f64::from(segments),
+        grown as f64 / 1024.0,
+    )
 }
 
 fn main() {
@@ -179,7 +222,10 @@ fn main() {
         println!("{ns} {mib}");
         return;
     }
-    println!("{:>8} {:>9} {:>11} {:>11} {:>6} {:>16}", "sessions", "buffer", "ns/segment", "Gbit/s eqv", "vs 1", "RSS growth MiB");
+    println!(
+        "{:>8} {:>9} {:>11} {:>11} {:>6} {:>16}",
+        "sessions", "buffer", "ns/segment", "Gbit/s eqv", "vs 1", "RSS growth MiB"
+    );
     let me = std::env::current_exe().expect("own path");
     for buffer in [1usize << 20, 256 << 10] {
         let mut base = None;
@@ -188,14 +234,23 @@ fn main() {
                 .args(["--one", &n.to_string(), &buffer.to_string()])
                 .output()
                 .expect("run a measurement");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let text = String::from_utf8_lossy(&out.stdout);
-            let mut parts = text.split_whitespace().map(|p| p.parse::<f64>().expect("number"));
+            let mut parts = text
+                .split_whitespace()
+                .map(|p| p.parse::<f64>().expect("number"));
             let (ns, mib) = (parts.next().expect("ns"), parts.next().expect("MiB"));
             let gbit = 1400.0 * 8.0 / ns;
             let ratio = base.map_or(1.0, |b: f64| ns / b);
             base.get_or_insert(ns);
-            println!("{n:>8} {:>9} {ns:>11.0} {gbit:>11.2} {ratio:>6.2} {mib:>16.1}", format!("{}KiB", buffer >> 10));
+            println!(
+                "{n:>8} {:>9} {ns:>11.0} {gbit:>11.2} {ratio:>6.2} {mib:>16.1}",
+                format!("{}KiB", buffer >> 10)
+            );
         }
     }
 }

@@ -43,7 +43,11 @@ fn main() -> Result<()> {
     let mut frame = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(2);
     let answer = loop {
-        if me.try_recv(&mut frame) && frame.len() >= 42 && frame[12..14] == [0x08, 0x06] && frame[21] == 2 {
+        if me.try_recv(&mut frame)
+            && frame.len() >= 42
+            && frame[12..14] == [0x08, 0x06]
+            && frame[21] == 2
+        {
             break frame[22..28].to_vec();
         }
         if Instant::now() > deadline {

@@ -181,16 +181,17 @@ fn socket_to_tap(tap: &File, mut sock: UnixStream) -> Result<(), String> {
     let mut buf = vec![0u8; GATHER + 4 + MAX_FRAME];
     let mut filled = 0; // bytes waiting in buf[..filled]: at most one unfinished frame
     loop {
-        let n =
-            match sock.read(&mut buf[filled..]) {
-                Ok(0) if filled == 0 => return Ok(()),
-                Ok(0) => return Err(format!(
+        let n = match sock.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(()),
+            Ok(0) => {
+                return Err(format!(
                     "the hub closed the connection in the middle of a frame ({filled} bytes left)"
-                )),
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("hub -> TAP: reading the socket: {e}")),
-            };
+                ))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("hub -> TAP: reading the socket: {e}")),
+        };
         filled += n;
         let mut start = 0;
         while filled - start >= 4 {

@@ -2078,8 +2078,9 @@ mod size_required {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        super::size_text::deserialize(d)?
-            .ok_or_else(|| D::Error::custom("a size is needed here, such as \"1MiB\" or \"256KiB\""))
+        super::size_text::deserialize(d)?.ok_or_else(|| {
+            D::Error::custom("a size is needed here, such as \"1MiB\" or \"256KiB\"")
+        })
     }
 }
 
@@ -3574,8 +3575,14 @@ mod tests {
             "[nat]\ntcp_buffer = \"1KiB\"",
             &["config key nat.tcp_buffer = \"1KiB\" (from file x.toml): must be from 16KiB to 64MiB"],
         );
-        assert_rejects("[nat]\ntcp_buffer = \"lots\"", &["nat.tcp_buffer", "invalid size \"lots\""]);
-        assert_rejects("[nat]\ntcp_buffer = \"\"", &["nat.tcp_buffer", "a size is needed here"]);
+        assert_rejects(
+            "[nat]\ntcp_buffer = \"lots\"",
+            &["nat.tcp_buffer", "invalid size \"lots\""],
+        );
+        assert_rejects(
+            "[nat]\ntcp_buffer = \"\"",
+            &["nat.tcp_buffer", "a size is needed here"],
+        );
     }
 
     #[test]

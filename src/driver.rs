@@ -88,12 +88,20 @@ pub fn dhcp_settings(config: &Config) -> DhcpSettings {
         routes: d
             .routes
             .iter()
-            .map(|r| StaticRoute { dest: r.dest, prefix_len: r.prefix_len, gateway: r.gateway })
+            .map(|r| StaticRoute {
+                dest: r.dest,
+                prefix_len: r.prefix_len,
+                gateway: r.gateway,
+            })
             .collect(),
         statics: d
             .statics
             .iter()
-            .map(|s| Reservation { mac: s.mac.0, ip: s.ip, hostname: s.hostname.clone() })
+            .map(|s| Reservation {
+                mac: s.mac.0,
+                ip: s.ip,
+                hostname: s.hostname.clone(),
+            })
             .collect(),
     }
 }
@@ -128,7 +136,9 @@ fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         // No random source: the clock still differs between runs.
-        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
         return t.as_nanos() as u64;
     }
     u64::from_le_bytes(b)
@@ -155,8 +165,14 @@ impl Gateway {
         let state = StateDir::open(&config.state.dir)?;
         let mac = state.mac(config.host.mac)?;
         let path = config.security_log_path();
-        let seclog = SecurityLog::open(&path).map_err(|source| GatewayError::SecurityLog { path, source })?;
-        Ok(Gateway { config, state, seclog, mac })
+        let seclog = SecurityLog::open(&path)
+            .map_err(|source| GatewayError::SecurityLog { path, source })?;
+        Ok(Gateway {
+            config,
+            state,
+            seclog,
+            mac,
+        })
     }
 
     /// The virtual host's MAC address.
@@ -171,7 +187,11 @@ impl Gateway {
 
     /// Runs until `shutdown` completes or the backend fails. Leases are saved on every change
     /// and once more on the way out.
-    pub async fn run<B: Backend>(mut self, mut backend: B, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+    pub async fn run<B: Backend>(
+        mut self,
+        mut backend: B,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
         let leases = self.state.load_leases()?;
         let restored = leases.len();
         let (icmp_mode, icmp_err) = host::probe_icmp_mode();
@@ -191,7 +211,9 @@ impl Gateway {
         }
         let d = &self.config.dhcp;
         match &icmp_err {
-            None => info!("icmp: echo to outside hosts goes through unprivileged ICMP sockets (real replies)"),
+            None => info!(
+                "icmp: echo to outside hosts goes through unprivileged ICMP sockets (real replies)"
+            ),
             Some(e) => info!(
                 error = %e,
                 "icmp: this process may not open ICMP sockets (see net.ipv4.ping_group_range); \
@@ -236,14 +258,21 @@ impl Gateway {
             unwarned_open_failures: Cell::new(0),
         });
         let ex = Rc::new(LocalExecutor::new());
-        let result = ex.run(self.main_loop(&shared, &ex, &mut backend, kicked, shutdown)).await;
+        let result = ex
+            .run(self.main_loop(&shared, &ex, &mut backend, kicked, shutdown))
+            .await;
         // Sessions end with the process: their tasks and sockets go with the executor.
         drop(ex);
         self.drain_events(&shared);
         let core = shared.core.borrow();
         self.save(&core);
         let c = core.counters();
-        info!(frames_in = c.frames_in, frames_out = c.frames_out, malformed = c.malformed, "hubnat stopped");
+        info!(
+            frames_in = c.frames_in,
+            frames_out = c.frames_out,
+            malformed = c.malformed,
+            "hubnat stopped"
+        );
         self.seclog.write(
             "GATEWAY",
             "stopped",
@@ -295,7 +324,10 @@ impl Gateway {
                 let timer = async {
                     match deadline {
                         Some(at) => {
-                            let delay = Duration::from_micros(u64::try_from(at.total_micros() - now().total_micros()).unwrap_or(0));
+                            let delay = Duration::from_micros(
+                                u64::try_from(at.total_micros() - now().total_micros())
+                                    .unwrap_or(0),
+                            );
                             Timer::after(delay).await;
                             Wake::Timer
                         }
@@ -318,7 +350,10 @@ impl Gateway {
                         }
                     }
                     Wake::Frames(Err(source)) => {
-                        return Err(GatewayError::Backend { backend: backend.describe(), source });
+                        return Err(GatewayError::Backend {
+                            backend: backend.describe(),
+                            source,
+                        });
                     }
                     Wake::Kick | Wake::Timer => {}
                     Wake::Stop => return Ok(()),
@@ -335,7 +370,10 @@ impl Gateway {
             self.drain_events(shared);
             if !tx.is_empty() {
                 if let Err(source) = backend.send_batch(&tx).await {
-                    return Err(GatewayError::Backend { backend: backend.describe(), source });
+                    return Err(GatewayError::Backend {
+                        backend: backend.describe(),
+                        source,
+                    });
                 }
                 tx.clear();
             }
@@ -399,13 +437,17 @@ impl Shared {
     /// failures in between (a flood must not flood the log too).
     fn warn_open_failure(&self, id: SessionId, e: &io::Error) {
         let now = std::time::Instant::now();
-        let due = self.last_open_warning.get().is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        let due = self
+            .last_open_warning
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
         if due {
             let more = self.unwarned_open_failures.replace(0);
             self.last_open_warning.set(Some(now));
             tracing::warn!(session = %id, error = %e, more, "nat: cannot open a host socket (open-file limit?); session refused");
         } else {
-            self.unwarned_open_failures.set(self.unwarned_open_failures.get() + 1);
+            self.unwarned_open_failures
+                .set(self.unwarned_open_failures.get() + 1);
         }
     }
 
@@ -483,7 +525,11 @@ impl Shared {
         }
     }
 
-    fn dns_socket(shared: &Rc<Shared>, ex: &Rc<LocalExecutor<'static>>, v6: bool) -> io::Result<Rc<Async<UdpSocket>>> {
+    fn dns_socket(
+        shared: &Rc<Shared>,
+        ex: &Rc<LocalExecutor<'static>>,
+        v6: bool,
+    ) -> io::Result<Rc<Async<UdpSocket>>> {
         let mut dns = shared.dns.borrow_mut();
         let slot = &mut dns[usize::from(v6)];
         if let Some((sock, _)) = slot {
@@ -506,7 +552,10 @@ async fn tcp_session(shared: Rc<Shared>, id: SessionId, target: SocketAddr) {
                 shared.warn_open_failure(id, &e);
             }
             tracing::debug!(session = %id, %target, error = %e, "nat: connect failed");
-            shared.core.borrow_mut().nat_tcp_connect_failed(id, failure, now());
+            shared
+                .core
+                .borrow_mut()
+                .nat_tcp_connect_failed(id, failure, now());
             shared.kick();
             return;
         }
@@ -619,7 +668,10 @@ async fn udp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<UdpSocket
         }
         let mut any = false;
         loop {
-            let r = shared.core.borrow_mut().nat_udp_receive(id, now(), |buf| sock.get_ref().recv(buf));
+            let r = shared
+                .core
+                .borrow_mut()
+                .nat_udp_receive(id, now(), |buf| sock.get_ref().recv(buf));
             match r {
                 Ok(_) => any = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -649,7 +701,10 @@ async fn icmp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<socket2:
         loop {
             match sock.get_ref().read(&mut buf) {
                 Ok(n) => {
-                    shared.core.borrow_mut().nat_icmp_receive(id, now(), &buf[..n]);
+                    shared
+                        .core
+                        .borrow_mut()
+                        .nat_icmp_receive(id, now(), &buf[..n]);
                     any = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -669,7 +724,10 @@ async fn dns_answers(shared: Rc<Shared>, sock: Rc<Async<UdpSocket>>) {
     loop {
         match sock.recv_from(&mut buf).await {
             Ok((n, from)) => {
-                shared.core.borrow_mut().nat_dns_answer(from, &buf[..n], now());
+                shared
+                    .core
+                    .borrow_mut()
+                    .nat_dns_answer(from, &buf[..n], now());
                 shared.kick();
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,

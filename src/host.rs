@@ -49,7 +49,12 @@ pub fn udp_connect(target: SocketAddr) -> io::Result<Async<UdpSocket>> {
 
 /// An unbound UDP socket for DNS queries of one address family.
 pub fn udp_any(v6: bool) -> io::Result<Async<UdpSocket>> {
-    let bind: SocketAddr = if v6 { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("invariant: literal");
+    let bind: SocketAddr = if v6 {
+        "[::]:0".parse()
+    } else {
+        "0.0.0.0:0".parse()
+    }
+    .expect("invariant: literal");
     Async::new(UdpSocket::bind(bind)?)
 }
 
@@ -80,14 +85,20 @@ pub fn echo_request(out: &mut Vec<u8>, seq: u16, data: &[u8]) {
 
 /// Raises the soft limit of open files to the hard limit: every NAT session holds a socket.
 pub fn raise_fd_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return Err(io::Error::last_os_error());
         }
         if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -106,25 +106,42 @@ enum FormatArg {
 fn sources(args: &ConfigArgs, extra: Vec<Override>) -> Sources {
     let mut overrides = Vec::new();
     if let Some(dir) = &args.state_dir {
-        overrides.push(Override { key: "state.dir".into(), value: format!("{:?}", dir.display().to_string()) });
+        overrides.push(Override {
+            key: "state.dir".into(),
+            value: format!("{:?}", dir.display().to_string()),
+        });
     }
     overrides.extend(extra);
     // Explicit --set flags come last: they win over the dedicated flags.
     overrides.extend(args.set.iter().cloned());
-    Sources { file: args.config.clone(), env: true, overrides }
+    Sources {
+        file: args.config.clone(),
+        env: true,
+        overrides,
+    }
 }
 
 fn quoted(key: &str, value: &str) -> Override {
-    Override { key: key.into(), value: format!("{value:?}") }
+    Override {
+        key: key.into(),
+        value: format!("{value:?}"),
+    }
 }
 
 fn init_logging(config: &Config) -> Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).with_context(|| format!("RUST_LOG={v:?} is not a valid log filter"))?,
-        _ => EnvFilter::try_new(&config.log.level)
-            .with_context(|| format!("log.level = {:?} is not a valid log filter", config.log.level))?,
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v)
+            .with_context(|| format!("RUST_LOG={v:?} is not a valid log filter"))?,
+        _ => EnvFilter::try_new(&config.log.level).with_context(|| {
+            format!(
+                "log.level = {:?} is not a valid log filter",
+                config.log.level
+            )
+        })?,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -135,12 +152,15 @@ fn init_logging(config: &Config) -> Result<()> {
 fn run(args: RunArgs) -> Result<()> {
     let mut extra = Vec::new();
     if let Some(b) = args.backend {
-        extra.push(quoted("backend.kind", match b {
-            BackendArg::Tap => "tap",
-            BackendArg::Raw => "raw",
-            BackendArg::Hub => "hub",
-            BackendArg::Memory => "memory",
-        }));
+        extra.push(quoted(
+            "backend.kind",
+            match b {
+                BackendArg::Tap => "tap",
+                BackendArg::Raw => "raw",
+                BackendArg::Hub => "hub",
+                BackendArg::Memory => "memory",
+            },
+        ));
     }
     if let Some(name) = &args.tap_name {
         extra.push(quoted("backend.tap.name", name));
@@ -149,7 +169,10 @@ fn run(args: RunArgs) -> Result<()> {
         extra.push(quoted("backend.raw.interface", name));
     }
     if !args.hub_listen.is_empty() {
-        extra.push(Override { key: "backend.hub.listen".into(), value: format!("{:?}", args.hub_listen) });
+        extra.push(Override {
+            key: "backend.hub.listen".into(),
+            value: format!("{:?}", args.hub_listen),
+        });
     }
     if let Some(address) = &args.hub_connect {
         extra.push(quoted("backend.hub.connect", address));
@@ -161,18 +184,22 @@ fn run(args: RunArgs) -> Result<()> {
         extra.push(quoted("log.level", level));
     }
     if let Some(f) = args.log_format {
-        extra.push(quoted("log.format", match f {
-            FormatArg::Text => "text",
-            FormatArg::Json => "json",
-        }));
+        extra.push(quoted(
+            "log.format",
+            match f {
+                FormatArg::Text => "text",
+                FormatArg::Json => "json",
+            },
+        ));
     }
     let config = Config::load(&sources(&args.common, extra))?;
     init_logging(&config)?;
 
     let gateway = Gateway::new(config.clone())?;
     async_io::block_on(async {
-        let signals = async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
-            .context("cannot install the SIGTERM/SIGINT handlers")?;
+        let signals =
+            async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+                .context("cannot install the SIGTERM/SIGINT handlers")?;
         let shutdown = async move {
             use futures_lite::StreamExt;
             let mut signals = signals;
@@ -221,8 +248,12 @@ async fn run_backend<B: hubnat_backend::Backend>(
     match config.capture_options() {
         Some(options) => {
             let path = options.path.clone();
-            let writer = PcapWriter::create(options)
-                .with_context(|| format!("capture.path = {:?}: cannot start the capture", path.display().to_string()))?;
+            let writer = PcapWriter::create(options).with_context(|| {
+                format!(
+                    "capture.path = {:?}: cannot start the capture",
+                    path.display().to_string()
+                )
+            })?;
             tracing::info!(path = %path.display(), "capturing every frame of the segment");
             let backend = Capture::new(backend, writer)
                 .on_error(|e| tracing::error!(error = %e, "the capture stopped; the gateway carries on without it"));
@@ -256,9 +287,17 @@ fn main() -> ExitCode {
 
 fn print_leases(config: &Config) -> Result<()> {
     let leases = hubnat::state::load_leases(&config.state.dir)?;
-    println!("{:<5} {:<17} {:<15} {:<9} {:<20} {:<20} HOSTNAME", "ID", "MAC", "IP", "STATE", "START", "EXPIRES");
+    println!(
+        "{:<5} {:<17} {:<15} {:<9} {:<20} {:<20} HOSTNAME",
+        "ID", "MAC", "IP", "STATE", "START", "EXPIRES"
+    );
     for l in leases {
-        let t = |s: u64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)).to_string();
+        let t = |s: u64| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
+        };
         println!(
             "{:<5} {:<17} {:<15} {:<9} {:<20} {:<20} {}",
             l.id.0,

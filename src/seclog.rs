@@ -31,8 +31,16 @@ impl SecurityLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
-        Ok(SecurityLog { file, path: path.to_owned(), failed: false })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(SecurityLog {
+            file,
+            path: path.to_owned(),
+            failed: false,
+        })
     }
 
     /// The file's path.
@@ -64,7 +72,11 @@ impl SecurityLog {
                 self.write("DHCP", &what, &lease_fields(lease));
             }
             DhcpEvent::PoolExhausted { mac } => {
-                self.write("DHCP", "pool exhausted", &format!("mac={} (no address offered)", fmt_mac(mac)));
+                self.write(
+                    "DHCP",
+                    "pool exhausted",
+                    &format!("mac={} (no address offered)", fmt_mac(mac)),
+                );
             }
         }
     }
@@ -75,19 +87,48 @@ impl SecurityLog {
     /// refused.
     pub fn nat(&mut self, event: &NatEvent) {
         match event {
-            NatEvent::Created { id, key, target, remote_name } => {
-                let via = if target.to_string() != key.remote.to_string() { format!(" via={target}") } else { String::new() };
-                let name = remote_name.as_deref().map(|n| format!(" remote_name={n}")).unwrap_or_default();
-                self.write("NAT", "session created", &format!("id={id} {}{name}{via}", flow_fields(key)));
+            NatEvent::Created {
+                id,
+                key,
+                target,
+                remote_name,
+            } => {
+                let via = if target.to_string() != key.remote.to_string() {
+                    format!(" via={target}")
+                } else {
+                    String::new()
+                };
+                let name = remote_name
+                    .as_deref()
+                    .map(|n| format!(" remote_name={n}"))
+                    .unwrap_or_default();
+                self.write(
+                    "NAT",
+                    "session created",
+                    &format!("id={id} {}{name}{via}", flow_fields(key)),
+                );
             }
             NatEvent::Connected { id, key } => {
-                self.write("NAT", "session connected", &format!("id={id} {}", flow_fields(key)));
+                self.write(
+                    "NAT",
+                    "session connected",
+                    &format!("id={id} {}", flow_fields(key)),
+                );
             }
             NatEvent::Failed { id, key, reason } => {
-                self.write("NAT", "session failed", &format!("id={id} {} reason={reason:?}", flow_fields(key)));
+                self.write(
+                    "NAT",
+                    "session failed",
+                    &format!("id={id} {} reason={reason:?}", flow_fields(key)),
+                );
             }
-            NatEvent::Deleted { session, reason, at } => {
-                let secs = (at.total_millis() - session.created.total_millis()).max(0) as f64 / 1000.0;
+            NatEvent::Deleted {
+                session,
+                reason,
+                at,
+            } => {
+                let secs =
+                    (at.total_millis() - session.created.total_millis()).max(0) as f64 / 1000.0;
                 self.write(
                     "NAT",
                     "session deleted",
@@ -102,9 +143,21 @@ impl SecurityLog {
                     ),
                 );
             }
-            NatEvent::Refused { key, reason, suppressed } => {
-                let more = if *suppressed > 0 { format!(" (and {suppressed} more refused since the last line)") } else { String::new() };
-                self.write("NAT", "session refused", &format!("{} reason={reason:?}{more}", flow_fields(key)));
+            NatEvent::Refused {
+                key,
+                reason,
+                suppressed,
+            } => {
+                let more = if *suppressed > 0 {
+                    format!(" (and {suppressed} more refused since the last line)")
+                } else {
+                    String::new()
+                };
+                self.write(
+                    "NAT",
+                    "session refused",
+                    &format!("{} reason={reason:?}{more}", flow_fields(key)),
+                );
             }
         }
     }
@@ -112,12 +165,18 @@ impl SecurityLog {
 
 /// `proto=… client=… remote=…`.
 fn flow_fields(key: &FlowKey) -> String {
-    format!("proto={} client={} remote={}", key.protocol.as_str(), key.client, key.remote)
+    format!(
+        "proto={} client={} remote={}",
+        key.protocol.as_str(),
+        key.client,
+        key.remote
+    )
 }
 
 /// `id=… mac=… ip=… hostname="…" expires=…`.
 pub fn lease_fields(lease: &Lease) -> String {
-    let expires = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(lease.expires));
+    let expires =
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(lease.expires));
     format!(
         "id={} mac={} ip={} hostname={:?} expires={}",
         lease.id,

@@ -66,8 +66,16 @@ pub struct StateDir {
 impl StateDir {
     /// Creates the directory (mode 0700) if needed and takes its lock.
     pub fn open(path: &Path) -> Result<StateDir, StateError> {
-        let io_err = |what, source| StateError::Io { what, path: path.to_owned(), source };
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(|e| io_err("cannot create", e))?;
+        let io_err = |what, source| StateError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| io_err("cannot create", e))?;
         let lock_path = path.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
@@ -85,7 +93,10 @@ impl StateDir {
                 Err(io_err("cannot lock", e))
             };
         }
-        Ok(StateDir { path: path.to_owned(), _lock: lock })
+        Ok(StateDir {
+            path: path.to_owned(),
+            _lock: lock,
+        })
     }
 
     /// The directory.
@@ -101,10 +112,13 @@ impl StateDir {
         }
         let path = self.path.join(MAC_FILE);
         match fs::read_to_string(&path) {
-            Ok(text) => text.trim().parse::<MacAddr>().map_err(|e| StateError::Corrupt {
-                path: path.clone(),
-                reason: format!("{:?} is not a MAC address: {e}", text.trim()),
-            }),
+            Ok(text) => text
+                .trim()
+                .parse::<MacAddr>()
+                .map_err(|e| StateError::Corrupt {
+                    path: path.clone(),
+                    reason: format!("{:?} is not a MAC address: {e}", text.trim()),
+                }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let mut random = [0u8; 4];
                 getrandom::fill(&mut random).map_err(|e| StateError::Io {
@@ -117,7 +131,11 @@ impl StateDir {
                 tracing::info!(%mac, path = %path.display(), "generated the virtual host's MAC address");
                 Ok(mac)
             }
-            Err(e) => Err(StateError::Io { what: "cannot read", path, source: e }),
+            Err(e) => Err(StateError::Io {
+                what: "cannot read",
+                path,
+                source: e,
+            }),
         }
     }
 
@@ -128,7 +146,10 @@ impl StateDir {
 
     /// Saves the lease table atomically.
     pub fn save_leases(&self, leases: &[Lease]) -> Result<(), StateError> {
-        let file = LeaseFileRef { version: LEASES_VERSION, leases };
+        let file = LeaseFileRef {
+            version: LEASES_VERSION,
+            leases,
+        };
         let json = serde_json::to_vec_pretty(&file).expect("invariant: leases serialize");
         write_atomic(&self.path.join(LEASES_FILE), &json)
     }
@@ -146,14 +167,25 @@ pub fn load_leases(dir: &Path) -> Result<Vec<Lease>, StateError> {
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StateError::Io { what: "cannot read", path, source: e }),
+        Err(e) => {
+            return Err(StateError::Io {
+                what: "cannot read",
+                path,
+                source: e,
+            })
+        }
     };
-    let file: LeaseFile =
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+    let file: LeaseFile = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     if file.version != LEASES_VERSION {
         return Err(StateError::Corrupt {
             path,
-            reason: format!("format version {} is not the supported {LEASES_VERSION}", file.version),
+            reason: format!(
+                "format version {} is not the supported {LEASES_VERSION}",
+                file.version
+            ),
         });
     }
     Ok(file.leases)
@@ -161,7 +193,11 @@ pub fn load_leases(dir: &Path) -> Result<Vec<Lease>, StateError> {
 
 /// Writes `bytes` to `path` so that a crash leaves the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let io_err = |what, source| StateError::Io { what, path: path.to_owned(), source };
+    let io_err = |what, source| StateError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
@@ -175,7 +211,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     f.sync_all().map_err(|e| io_err("cannot sync", e))?;
     drop(f);
     fs::rename(&tmp, path).map_err(|e| io_err("cannot replace", e))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("cannot sync the directory of", e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("cannot sync the directory of", e))?;
     Ok(())
 }
 
@@ -192,7 +230,13 @@ mod tests {
         let again = StateDir::open(dir.path()).unwrap().mac(None).unwrap();
         assert_eq!(first, again);
         let configured = MacAddr([2, 1, 2, 3, 4, 5]);
-        assert_eq!(StateDir::open(dir.path()).unwrap().mac(Some(configured)).unwrap(), configured);
+        assert_eq!(
+            StateDir::open(dir.path())
+                .unwrap()
+                .mac(Some(configured))
+                .unwrap(),
+            configured
+        );
     }
 
     #[test]
@@ -227,6 +271,9 @@ mod tests {
         assert!(!dir.path().join("leases.tmp").exists());
         fs::write(dir.path().join(LEASES_FILE), b"{not json").unwrap();
         let err = state.load_leases().unwrap_err().to_string();
-        assert!(err.contains("leases.json") && err.contains("corrupt"), "{err}");
+        assert!(
+            err.contains("leases.json") && err.contains("corrupt"),
+            "{err}"
+        );
     }
 }

@@ -67,18 +67,24 @@ struct Peer(Box<dyn Stream>);
 
 impl Peer {
     fn unix(path: &Path) -> Peer {
-        Peer(Box::new(UnixStream::connect(path).expect("connect to the hub socket")))
+        Peer(Box::new(
+            UnixStream::connect(path).expect("connect to the hub socket"),
+        ))
     }
 
     fn tcp(endpoint: &Endpoint) -> Peer {
-        let Endpoint::Tcp(addr) = endpoint else { panic!("{endpoint} is not TCP") };
+        let Endpoint::Tcp(addr) = endpoint else {
+            panic!("{endpoint} is not TCP")
+        };
         let s = TcpStream::connect(addr).expect("connect to the hub socket");
         s.set_nodelay(true).unwrap();
         Peer(Box::new(s))
     }
 
     fn send(&mut self, frame: &[u8]) {
-        self.0.write_all(&(frame.len() as u32).to_be_bytes()).unwrap();
+        self.0
+            .write_all(&(frame.len() as u32).to_be_bytes())
+            .unwrap();
         self.0.write_all(frame).unwrap();
     }
 
@@ -88,7 +94,9 @@ impl Peer {
         let mut len = [0u8; 4];
         match self.0.read_exact(&mut len) {
             Ok(()) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return None
+            }
             Err(e) => panic!("peer read failed: {e}"),
         }
         let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -166,7 +174,11 @@ fn several_peers_and_the_virtual_host_switch_like_a_learning_hub() {
     let sock = dir.path().join("hub.sock");
     let tcp = hub.endpoints()[1].clone();
     let (mut a, mut b, mut c) = (Peer::unix(&sock), Peer::unix(&sock), Peer::tcp(&tcp));
-    wait_until(Duration::from_secs(5), "three peers to be connected", || hub.socket_stats().peers == 3);
+    wait_until(
+        Duration::from_secs(5),
+        "three peers to be connected",
+        || hub.socket_stats().peers == 3,
+    );
 
     // Broadcasts reach everyone else, the virtual host included; the hub learns the sources.
     a.send(&frame(BROADCAST, mac(1), 1));
@@ -180,7 +192,10 @@ fn several_peers_and_the_virtual_host_switch_like_a_learning_hub() {
     assert_eq!(c.drain(QUIET), vec![(1, 1), (2, 2)]);
 
     // Unicast from the virtual host goes to the learnt port only.
-    host_send(&mut hub, &[frame(mac(2), HOST, 10), frame(mac(3), HOST, 11)]);
+    host_send(
+        &mut hub,
+        &[frame(mac(2), HOST, 10), frame(mac(3), HOST, 11)],
+    );
     assert_eq!(b.drain(QUIET), vec![(1, 10)]);
     assert_eq!(c.drain(QUIET), vec![(1, 11)]);
     assert_eq!(a.drain(QUIET), vec![], "a saw unicast meant for others");
@@ -201,13 +216,23 @@ fn several_peers_and_the_virtual_host_switch_like_a_learning_hub() {
 
     // A peer that leaves disturbs nobody, and its stations are forgotten (flooded again).
     drop(c);
-    wait_until(Duration::from_secs(5), "the peer to be gone", || hub.socket_stats().peers == 2);
+    wait_until(Duration::from_secs(5), "the peer to be gone", || {
+        hub.socket_stats().peers == 2
+    });
     a.send(&frame(mac(3), mac(1), 40));
-    assert_eq!(host_drain(&mut hub, QUIET), vec![(1, 40)], "mac 3 is unknown again: flooded");
+    assert_eq!(
+        host_drain(&mut hub, QUIET),
+        vec![(1, 40)],
+        "mac 3 is unknown again: flooded"
+    );
     assert_eq!(b.drain(QUIET), vec![(1, 40)]);
     let stats = hub.socket_stats();
     assert_eq!((stats.connected, stats.bad_length), (3, 0));
-    assert!(hub.describe().starts_with("hub listen unix:"), "{}", hub.describe());
+    assert!(
+        hub.describe().starts_with("hub listen unix:"),
+        "{}",
+        hub.describe()
+    );
 }
 
 #[test]
@@ -216,7 +241,9 @@ fn a_malformed_length_disconnects_only_that_peer() {
     let mut hub = start(dir.path(), false);
     let sock = dir.path().join("hub.sock");
     let (mut good, mut bad, mut huge) = (Peer::unix(&sock), Peer::unix(&sock), Peer::unix(&sock));
-    wait_until(Duration::from_secs(5), "three peers", || hub.socket_stats().peers == 3);
+    wait_until(Duration::from_secs(5), "three peers", || {
+        hub.socket_stats().peers == 3
+    });
     good.send(&frame(BROADCAST, mac(1), 1));
     assert_eq!(host_drain(&mut hub, QUIET), vec![(1, 1)]);
 
@@ -227,11 +254,19 @@ fn a_malformed_length_disconnects_only_that_peer() {
     bytes.extend_from_slice(&5u32.to_be_bytes());
     bytes.extend_from_slice(&[0u8; 5]);
     bad.0.write_all(&bytes).unwrap();
-    assert!(bad.closed_by_hub(Duration::from_secs(5)), "the bad peer is disconnected");
+    assert!(
+        bad.closed_by_hub(Duration::from_secs(5)),
+        "the bad peer is disconnected"
+    );
     // A length no frame can have.
     huge.0.write_all(&u32::MAX.to_be_bytes()).unwrap();
-    assert!(huge.closed_by_hub(Duration::from_secs(5)), "the huge peer is disconnected");
-    wait_until(Duration::from_secs(5), "two bad peers counted", || hub.socket_stats().bad_length == 2);
+    assert!(
+        huge.closed_by_hub(Duration::from_secs(5)),
+        "the huge peer is disconnected"
+    );
+    wait_until(Duration::from_secs(5), "two bad peers counted", || {
+        hub.socket_stats().bad_length == 2
+    });
     assert_eq!(hub.socket_stats().peers, 1);
 
     // The good frame before the bad length got through; the good peer carries on.
@@ -258,7 +293,9 @@ fn a_slow_peer_does_not_stall_the_others() {
     let sock = dir.path().join("hub.sock");
     // `slow` never reads.
     let (_slow, mut fast) = (Peer::unix(&sock), Peer::unix(&sock));
-    wait_until(Duration::from_secs(5), "two peers", || hub.socket_stats().peers == 2);
+    wait_until(Duration::from_secs(5), "two peers", || {
+        hub.socket_stats().peers == 2
+    });
     fast.send(&frame(BROADCAST, mac(2), 0));
     assert_eq!(host_drain(&mut hub, QUIET), vec![(2, 0)]);
     // Far more broadcast than the slow peer's socket buffer and queue hold: 20,000 frames of
@@ -283,11 +320,19 @@ fn a_slow_peer_does_not_stall_the_others() {
     }
     host_send(&mut hub, &[frame(BROADCAST, HOST, 0xee)]);
     let (n, mut fast) = reader.join().unwrap();
-    eprintln!("fast peer got {n} of 20000 frames in {:?}; hub {:?}", started.elapsed(), hub.hub_stats());
+    eprintln!(
+        "fast peer got {n} of 20000 frames in {:?}; hub {:?}",
+        started.elapsed(),
+        hub.hub_stats()
+    );
     // Not stalled: the end marker arrived, and most frames did (a busy machine may make the
     // fast peer's own queue overflow now and then, which is allowed).
     assert!(n >= 10_000, "the fast peer got only {n} frames");
-    assert!(hub.hub_stats().queue_full > 0, "the slow peer's queue overflowed: {:?}", hub.hub_stats());
+    assert!(
+        hub.hub_stats().queue_full > 0,
+        "the slow peer's queue overflowed: {:?}",
+        hub.hub_stats()
+    );
     // And the fast peer still talks to the host.
     fast.send(&frame(HOST, mac(2), 9));
     assert_eq!(host_drain(&mut hub, QUIET), vec![(2, 9)]);
@@ -301,14 +346,23 @@ fn peers_beyond_the_limit_are_refused_until_one_leaves() {
     let mut hub = HubSocket::start(config).unwrap();
     let sock = dir.path().join("hub.sock");
     let (a, mut b) = (Peer::unix(&sock), Peer::unix(&sock));
-    wait_until(Duration::from_secs(5), "two peers", || hub.socket_stats().peers == 2);
+    wait_until(Duration::from_secs(5), "two peers", || {
+        hub.socket_stats().peers == 2
+    });
     let mut c = Peer::unix(&sock);
-    assert!(c.closed_by_hub(Duration::from_secs(5)), "the third peer is refused");
+    assert!(
+        c.closed_by_hub(Duration::from_secs(5)),
+        "the third peer is refused"
+    );
     assert_eq!(hub.socket_stats().refused, 1);
     drop(a);
-    wait_until(Duration::from_secs(5), "a to leave", || hub.socket_stats().peers == 1);
+    wait_until(Duration::from_secs(5), "a to leave", || {
+        hub.socket_stats().peers == 1
+    });
     let mut d = Peer::unix(&sock);
-    wait_until(Duration::from_secs(5), "d to join", || hub.socket_stats().peers == 2);
+    wait_until(Duration::from_secs(5), "d to join", || {
+        hub.socket_stats().peers == 2
+    });
     d.send(&frame(BROADCAST, mac(4), 1));
     assert_eq!(host_drain(&mut hub, QUIET), vec![(4, 1)]);
     assert_eq!(b.drain(QUIET), vec![(4, 1)]);
@@ -323,19 +377,34 @@ fn socket_files_are_owner_only_by_default_stale_ones_replaced_and_live_ones_kept
     // A stale socket file (nobody accepts) is replaced.
     drop(UnixListener::bind(&path).unwrap());
     assert!(meta(&path).file_type().is_socket());
-    let hub = HubSocket::start(HubSocketConfig::new(1500, vec![Endpoint::Unix(path.clone())])).expect("replaces the stale file");
+    let hub = HubSocket::start(HubSocketConfig::new(
+        1500,
+        vec![Endpoint::Unix(path.clone())],
+    ))
+    .expect("replaces the stale file");
     assert_eq!(meta(&path).permissions().mode() & 0o7777, 0o600);
 
     // A live one is not stolen.
-    let err = HubSocket::start(HubSocketConfig::new(1500, vec![Endpoint::Unix(path.clone())])).expect_err("in use");
+    let err = HubSocket::start(HubSocketConfig::new(
+        1500,
+        vec![Endpoint::Unix(path.clone())],
+    ))
+    .expect_err("in use");
     assert!(matches!(err, HubSocketError::InUse(_)), "{err}");
-    assert!(err.to_string().contains("another process is listening"), "{err}");
+    assert!(
+        err.to_string().contains("another process is listening"),
+        "{err}"
+    );
     drop(hub);
     assert!(!path.exists(), "the socket file is removed on drop");
 
     // A path that is not a socket is refused.
     std::fs::write(&path, "not a socket").unwrap();
-    let err = HubSocket::start(HubSocketConfig::new(1500, vec![Endpoint::Unix(path.clone())])).expect_err("a file");
+    let err = HubSocket::start(HubSocketConfig::new(
+        1500,
+        vec![Endpoint::Unix(path.clone())],
+    ))
+    .expect_err("a file");
     assert!(matches!(err, HubSocketError::NotASocket(_)), "{err}");
     std::fs::remove_file(&path).unwrap();
 
@@ -347,13 +416,24 @@ fn socket_files_are_owner_only_by_default_stale_ones_replaced_and_live_ones_kept
 
     // A missing directory is created.
     let nested = dir.path().join("run/hubnat/hub.sock");
-    let _nested = HubSocket::start(HubSocketConfig::new(1500, vec![Endpoint::Unix(nested.clone())])).expect("creates the directory");
+    let _nested = HubSocket::start(HubSocketConfig::new(
+        1500,
+        vec![Endpoint::Unix(nested.clone())],
+    ))
+    .expect("creates the directory");
     assert!(meta(&nested).file_type().is_socket());
 
     // No endpoint at all is an error, and an unusable one names itself.
-    assert!(matches!(HubSocket::start(HubSocketConfig::new(1500, vec![])), Err(HubSocketError::NoEndpoint)));
+    assert!(matches!(
+        HubSocket::start(HubSocketConfig::new(1500, vec![])),
+        Err(HubSocketError::NoEndpoint)
+    ));
     std::fs::write(dir.path().join("file"), "").unwrap();
-    let err = HubSocket::start(HubSocketConfig::new(1500, vec![Endpoint::Unix(dir.path().join("file/x.sock"))])).expect_err("not a dir");
+    let err = HubSocket::start(HubSocketConfig::new(
+        1500,
+        vec![Endpoint::Unix(dir.path().join("file/x.sock"))],
+    ))
+    .expect_err("not a dir");
     assert!(err.to_string().contains("file/x.sock"), "{err}");
 }
 
@@ -365,7 +445,10 @@ fn connect_mode_dials_a_listening_hub_and_dials_again_after_it_drops() {
     let mut config = HubSocketConfig::new(1500, vec![]);
     config.connect = Some(Endpoint::Unix(remote.clone()));
     let mut hub = HubSocket::start(config).unwrap();
-    assert_eq!(hub.describe(), format!("hub connect unix:{}", remote.display()));
+    assert_eq!(
+        hub.describe(),
+        format!("hub connect unix:{}", remote.display())
+    );
 
     let accept = |listener: &UnixListener| {
         listener.set_nonblocking(false).unwrap();
@@ -395,7 +478,11 @@ struct Pump {
 }
 
 impl Pump {
-    fn start(port: hubnat_hub::MemoryPort, mut stream: Box<dyn Stream>, mut reader: Box<dyn Stream>) -> Pump {
+    fn start(
+        port: hubnat_hub::MemoryPort,
+        mut stream: Box<dyn Stream>,
+        mut reader: Box<dyn Stream>,
+    ) -> Pump {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         reader.set_timeout(Some(Duration::from_millis(1)));
@@ -424,7 +511,10 @@ impl Pump {
                 }
             }
         });
-        Pump { stop, thread: Some(thread) }
+        Pump {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -446,7 +536,10 @@ fn the_gateway_gives_leases_to_smoltcp_clients_behind_socket_peers() {
     config.host.mac = Some("00:ac:00:00:00:01".parse().unwrap());
     config.dhcp.domain = Some("hubnat.test".into());
     config.dns.upstream = Vec::new();
-    config.backend.hub.listen = vec![Endpoint::Unix(dir.path().join("hub.sock")), "tcp:127.0.0.1:0".parse().unwrap()];
+    config.backend.hub.listen = vec![
+        Endpoint::Unix(dir.path().join("hub.sock")),
+        "tcp:127.0.0.1:0".parse().unwrap(),
+    ];
     let hub = HubSocket::start(config.hub_socket_config()).expect("hub socket");
     let tcp = hub.endpoints()[1].clone();
     let gateway = Gateway::new(config).expect("gateway");
@@ -460,11 +553,21 @@ fn the_gateway_gives_leases_to_smoltcp_clients_behind_socket_peers() {
     // Two clients, each a smoltcp stack on its own little memory hub, pumped over a socket:
     // one over Unix, one over TCP.
     let unix = UnixStream::connect(dir.path().join("hub.sock")).unwrap();
-    let Endpoint::Tcp(addr) = tcp else { unreachable!() };
+    let Endpoint::Tcp(addr) = tcp else {
+        unreachable!()
+    };
     let tcp = TcpStream::connect(addr).unwrap();
     let (la, lb) = (MemoryHub::new(1500), MemoryHub::new(1500));
-    let _pa = Pump::start(la.connect(), Box::new(unix.try_clone().unwrap()), Box::new(unix));
-    let _pb = Pump::start(lb.connect(), Box::new(tcp.try_clone().unwrap()), Box::new(tcp));
+    let _pa = Pump::start(
+        la.connect(),
+        Box::new(unix.try_clone().unwrap()),
+        Box::new(unix),
+    );
+    let _pb = Pump::start(
+        lb.connect(),
+        Box::new(tcp.try_clone().unwrap()),
+        Box::new(tcp),
+    );
     let mut a = SmolClient::new(la.connect(), [0x52, 0x54, 0, 0, 0, 0xa], Instant::now());
     let mut b = SmolClient::new(lb.connect(), [0x52, 0x54, 0, 0, 0, 0xb], Instant::now());
     let deadline = StdInstant::now() + Duration::from_secs(15);
@@ -473,7 +576,10 @@ fn the_gateway_gives_leases_to_smoltcp_clients_behind_socket_peers() {
         b.poll(Instant::now());
         std::thread::sleep(Duration::from_millis(2));
     }
-    let (ga, gb) = (a.got.clone().expect("a leased"), b.got.clone().expect("b leased"));
+    let (ga, gb) = (
+        a.got.clone().expect("a leased"),
+        b.got.clone().expect("b leased"),
+    );
     assert_ne!(ga.address.address(), gb.address.address());
     assert_eq!((ga.router, gb.router), (Some(gw_ip), Some(gw_ip)));
     assert_eq!(ga.domain.as_deref(), Some("hubnat.test"));
@@ -495,5 +601,8 @@ fn the_gateway_gives_leases_to_smoltcp_clients_behind_socket_peers() {
 
     stop.send_blocking(()).unwrap();
     gw_thread.join().unwrap().expect("the gateway ran cleanly");
-    assert!(!dir.path().join("hub.sock").exists(), "the socket file is removed when the gateway stops");
+    assert!(
+        !dir.path().join("hub.sock").exists(),
+        "the socket file is removed when the gateway stops"
+    );
 }

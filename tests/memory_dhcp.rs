@@ -16,8 +16,8 @@ use hubnat_hub::MemoryHub;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
-    UdpPacket, UdpRepr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
+    Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
 };
 
 const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
@@ -65,12 +65,26 @@ fn security_log(state: &Path) -> String {
 /// Sends a RELEASE for `ip` from `client`, built with dhcproto (smoltcp's client never
 /// releases).
 fn release(client: &SmolClient, ip: Ipv4Addr) {
-    let mut msg = Message::new_with_id(7, ip, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &client.mac.0);
-    msg.opts_mut().insert(DhcpOption::MessageType(MessageType::Release));
+    let mut msg = Message::new_with_id(
+        7,
+        ip,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &client.mac.0,
+    );
+    msg.opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Release));
     msg.opts_mut().insert(DhcpOption::ServerIdentifier(GW));
     let mut body = Vec::new();
     msg.encode(&mut Encoder::new(&mut body)).unwrap();
-    let ip_repr = Ipv4Repr { src_addr: ip, dst_addr: GW, next_header: IpProtocol::Udp, payload_len: 8 + body.len(), hop_limit: 64 };
+    let ip_repr = Ipv4Repr {
+        src_addr: ip,
+        dst_addr: GW,
+        next_header: IpProtocol::Udp,
+        payload_len: 8 + body.len(),
+        hop_limit: 64,
+    };
     let mut frame = vec![0u8; 14 + 20 + 8 + body.len()];
     let eth = EthernetRepr {
         src_addr: client.mac,
@@ -78,8 +92,15 @@ fn release(client: &SmolClient, ip: Ipv4Addr) {
         ethertype: EthernetProtocol::Ipv4,
     };
     eth.emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip_repr.emit(&mut Ipv4Packet::new_unchecked(&mut frame[14..]), &ChecksumCapabilities::default());
-    UdpRepr { src_port: 68, dst_port: 67 }.emit(
+    ip_repr.emit(
+        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
+        &ChecksumCapabilities::default(),
+    );
+    UdpRepr {
+        src_port: 68,
+        dst_port: 67,
+    }
+    .emit(
         &mut UdpPacket::new_unchecked(&mut frame[34..]),
         &IpAddress::Ipv4(ip),
         &IpAddress::Ipv4(GW),
@@ -113,7 +134,10 @@ fn smoltcp_client_gets_a_lease_with_the_configured_options_and_can_ping() {
         if let Some(p) = client.take_pong() {
             break p;
         }
-        assert!(StdInstant::now() < deadline, "no echo reply from the virtual host");
+        assert!(
+            StdInstant::now() < deadline,
+            "no echo reply from the virtual host"
+        );
         std::thread::sleep(Duration::from_millis(2));
     };
     assert_eq!(pong, (IpAddress::Ipv4(GW), 1));
@@ -124,7 +148,10 @@ fn smoltcp_client_gets_a_lease_with_the_configured_options_and_can_ping() {
         log.contains("DHCP lease created: id=1 mac=52:54:00:00:00:01 ip=192.168.30.10"),
         "security log:\n{log}"
     );
-    assert!(log.contains("GATEWAY stopped: reason=shutdown"), "security log:\n{log}");
+    assert!(
+        log.contains("GATEWAY stopped: reason=shutdown"),
+        "security log:\n{log}"
+    );
 }
 
 #[test]
@@ -140,11 +167,16 @@ fn two_clients_get_different_addresses() {
         b.poll(Instant::now());
         std::thread::sleep(Duration::from_millis(2));
     }
-    let (ga, gb) = (a.got.clone().expect("a leased"), b.got.clone().expect("b leased"));
+    let (ga, gb) = (
+        a.got.clone().expect("a leased"),
+        b.got.clone().expect("b leased"),
+    );
     assert_ne!(ga.address.address(), gb.address.address());
     for g in [&ga, &gb] {
         let n = u32::from(g.address.address());
-        assert!((u32::from(Ipv4Addr::new(192, 168, 30, 10))..=u32::from(Ipv4Addr::new(192, 168, 30, 200))).contains(&n));
+        assert!((u32::from(Ipv4Addr::new(192, 168, 30, 10))
+            ..=u32::from(Ipv4Addr::new(192, 168, 30, 200)))
+            .contains(&n));
     }
     gw.stop();
 }
@@ -159,7 +191,11 @@ fn a_released_address_is_given_to_the_next_client() {
     let mut a = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xa], Instant::now());
     let got_a = acquire(&mut a, Duration::from_secs(10));
     let mut b = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xb], Instant::now());
-    assert_eq!(try_acquire(&mut b, Duration::from_secs(1)), None, "the pool is full");
+    assert_eq!(
+        try_acquire(&mut b, Duration::from_secs(1)),
+        None,
+        "the pool is full"
+    );
     assert!(security_log(state.path()).contains("DHCP pool exhausted: mac=52:54:00:00:00:0b"));
     release(&a, got_a.address.address());
     drop(a);
@@ -167,7 +203,10 @@ fn a_released_address_is_given_to_the_next_client() {
     assert_eq!(got_b.address.address(), got_a.address.address());
     gw.stop();
     let log = security_log(state.path());
-    assert!(log.contains("DHCP lease released: id=1 mac=52:54:00:00:00:0a ip=192.168.30.10"), "{log}");
+    assert!(
+        log.contains("DHCP lease released: id=1 mac=52:54:00:00:00:0a ip=192.168.30.10"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ use hubnat_hub::MemoryHub;
 use smoltcp::time::Instant;
 
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8).collect()
+    (0..len)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect()
 }
 
 /// A host-side server: reads everything until EOF, then sends it back and closes.
@@ -76,7 +78,11 @@ fn tcp_through_the_driver_with_half_close_both_ways() {
         if !s.may_recv() && closed_ours {
             break; // the host's FIN arrived after all its data
         }
-        assert!(StdInstant::now() < deadline, "transfer stalled: sent {sent}, received {}", received.len());
+        assert!(
+            StdInstant::now() < deadline,
+            "transfer stalled: sent {sent}, received {}",
+            received.len()
+        );
         if !s.can_send() && !s.can_recv() {
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -98,8 +104,14 @@ fn tcp_through_the_driver_with_half_close_both_ways() {
     }
     gw.stop();
     let log = std::fs::read_to_string(state.path().join("security.log")).unwrap();
-    assert!(log.contains("NAT session connected: id=1 proto=tcp"), "{log}");
+    assert!(
+        log.contains("NAT session connected: id=1 proto=tcp"),
+        "{log}"
+    );
     assert!(log.contains(&format!("NAT session deleted: id=1 proto=tcp client=192.168.30.10:50000 remote=127.0.0.1:{port} bytes_out={} bytes_in={}", data.len(), data.len())), "{log}");
     assert!(log.contains("reason=\"closed\""), "{log}");
-    assert!(log.contains("NAT session failed: id=2") && log.contains("reason=\"refused\""), "{log}");
+    assert!(
+        log.contains("NAT session failed: id=2") && log.contains("reason=\"refused\""),
+        "{log}"
+    );
 }

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::{require_root, wait_until};
 use common::topology::{
-    random_file, sha256, Options, Topology, CLOSED_PORT, DNS_NAME, ECHO_PORT, HTTP_PORT, SERVER_IP, VHOST_IP,
+    random_file, sha256, Options, Topology, CLOSED_PORT, DNS_NAME, ECHO_PORT, HTTP_PORT, SERVER_IP,
+    VHOST_IP,
 };
 
 const MB: u64 = 1 << 20;
@@ -33,7 +34,16 @@ fn max_udp(mtu: u32) -> u32 {
 /// curl with the flags every call uses: quiet but with errors, no proxy, bounded in time.
 fn curl(topo: &Topology, args: &[&str]) -> std::process::Command {
     let mut c = topo.client_cmd("curl");
-    c.args(["-sS", "--noproxy", "*", "--connect-timeout", "5", "--max-time", "120"]).args(args);
+    c.args([
+        "-sS",
+        "--noproxy",
+        "*",
+        "--connect-timeout",
+        "5",
+        "--max-time",
+        "120",
+    ])
+    .args(args);
     c
 }
 
@@ -45,9 +55,19 @@ fn url(path: &str) -> String {
 fn check_download(topo: &Topology, name: &str) {
     let out_path = topo.path(&format!("got-{name}"));
     let started = Instant::now();
-    let out = curl(topo, &["--fail", "-o", out_path.to_str().unwrap(), "-w", "%{http_code} %{size_download}", &url(&format!("/files/{name}"))])
-        .output()
-        .unwrap();
+    let out = curl(
+        topo,
+        &[
+            "--fail",
+            "-o",
+            out_path.to_str().unwrap(),
+            "-w",
+            "%{http_code} %{size_download}",
+            &url(&format!("/files/{name}")),
+        ],
+    )
+    .output()
+    .unwrap();
     let took = started.elapsed();
     assert!(
         out.status.success(),
@@ -60,8 +80,15 @@ fn check_download(topo: &Topology, name: &str) {
     let size = std::fs::metadata(&served).unwrap().len();
     let got = std::fs::metadata(&out_path).map(|m| m.len()).unwrap_or(0);
     assert_eq!(got, size, "downloaded {got} of {size} bytes of {name}");
-    assert_eq!(sha256(&out_path), sha256(&served), "SHA-256 of the downloaded {name}");
-    eprintln!("download {name}: {size} bytes in {took:?} ({:.0} Mbit/s)", mbits(size, took));
+    assert_eq!(
+        sha256(&out_path),
+        sha256(&served),
+        "SHA-256 of the downloaded {name}"
+    );
+    eprintln!(
+        "download {name}: {size} bytes in {took:?} ({:.0} Mbit/s)",
+        mbits(size, took)
+    );
     let _ = std::fs::remove_file(&out_path);
 }
 
@@ -71,14 +98,39 @@ fn check_upload(topo: &Topology, local: &Path, name: &str) {
     let size = std::fs::metadata(local).unwrap().len();
     let want = sha256(local);
     let started = Instant::now();
-    let out = curl(topo, &["--fail", "-T", local.to_str().unwrap(), &url(&format!("/upload/{name}"))]).output().unwrap();
+    let out = curl(
+        topo,
+        &[
+            "--fail",
+            "-T",
+            local.to_str().unwrap(),
+            &url(&format!("/upload/{name}")),
+        ],
+    )
+    .output()
+    .unwrap();
     let took = started.elapsed();
     let body = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "upload of {name} failed ({}): {body}{}", out.status, String::from_utf8_lossy(&out.stderr));
-    assert_eq!(body.trim(), format!("{want} {size}"), "the server's SHA-256 and length of the uploaded {name}");
+    assert!(
+        out.status.success(),
+        "upload of {name} failed ({}): {body}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        body.trim(),
+        format!("{want} {size}"),
+        "the server's SHA-256 and length of the uploaded {name}"
+    );
     let logged = topo.received_uploads();
-    assert!(logged.contains(&(name.to_owned(), size, want.clone())), "upload {name} not in the server's log: {logged:?}");
-    eprintln!("upload {name}: {size} bytes in {took:?} ({:.0} Mbit/s)", mbits(size, took));
+    assert!(
+        logged.contains(&(name.to_owned(), size, want.clone())),
+        "upload {name} not in the server's log: {logged:?}"
+    );
+    eprintln!(
+        "upload {name}: {size} bytes in {took:?} ({:.0} Mbit/s)",
+        mbits(size, took)
+    );
 }
 
 fn mbits(bytes: u64, took: Duration) -> f64 {
@@ -92,20 +144,36 @@ fn check_parallel(topo: &Topology, n: usize) {
         if k % 2 == 0 {
             let name = format!("par{k}");
             let out = topo.path(&format!("got-{name}"));
-            let child = curl(topo, &["--fail", "-o", out.to_str().unwrap(), &url(&format!("/files/{name}"))])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let child = curl(
+                topo,
+                &[
+                    "--fail",
+                    "-o",
+                    out.to_str().unwrap(),
+                    &url(&format!("/files/{name}")),
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
             children.push((k, name, child));
         } else {
             let name = format!("par{k}");
             let local = topo.path(&format!("up-{name}"));
-            let child = curl(topo, &["--fail", "-T", local.to_str().unwrap(), &url(&format!("/upload/{name}"))])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let child = curl(
+                topo,
+                &[
+                    "--fail",
+                    "-T",
+                    local.to_str().unwrap(),
+                    &url(&format!("/upload/{name}")),
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
             children.push((k, name, child));
         }
     }
@@ -113,7 +181,11 @@ fn check_parallel(topo: &Topology, n: usize) {
     for (k, name, child) in children {
         let out = child.wait_with_output().unwrap();
         if !out.status.success() {
-            failures.push(format!("{name}: {} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+            failures.push(format!(
+                "{name}: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
             continue;
         }
         if k % 2 == 0 {
@@ -123,19 +195,31 @@ fn check_parallel(topo: &Topology, n: usize) {
             }
         } else {
             let local = topo.path(&format!("up-{name}"));
-            let want = format!("{} {}", sha256(&local), std::fs::metadata(&local).unwrap().len());
+            let want = format!(
+                "{} {}",
+                sha256(&local),
+                std::fs::metadata(&local).unwrap().len()
+            );
             let body = String::from_utf8_lossy(&out.stdout);
             if body.trim() != want {
                 failures.push(format!("{name}: server answered {body:?}, want {want:?}"));
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {n} parallel transfers failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {n} parallel transfers failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// The parallel transfers' files: the served ones (in Options) and the ones to upload.
 fn parallel_files(n: usize, size: u64) -> Vec<(String, u64)> {
-    (0..n).step_by(2).map(|k| (format!("par{k}"), size)).collect()
+    (0..n)
+        .step_by(2)
+        .map(|k| (format!("par{k}"), size))
+        .collect()
 }
 
 fn make_upload_files(topo: &Topology, n: usize, size: u64) {
@@ -148,11 +232,21 @@ fn make_upload_files(topo: &Topology, n: usize, size: u64) {
 /// 7.88 names the errno only in its verbose trace: "connect to ... failed: Connection refused").
 fn check_refused(topo: &Topology) {
     let started = Instant::now();
-    let out = curl(topo, &["-v", &format!("http://{SERVER_IP}:{CLOSED_PORT}/")]).output().unwrap();
+    let out = curl(topo, &["-v", &format!("http://{SERVER_IP}:{CLOSED_PORT}/")])
+        .output()
+        .unwrap();
     let took = started.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(7), "curl to closed port {CLOSED_PORT}: {} after {took:?}: {err}", out.status);
-    assert!(err.contains("Connection refused"), "curl to closed port {CLOSED_PORT} after {took:?}: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl to closed port {CLOSED_PORT}: {} after {took:?}: {err}",
+        out.status
+    );
+    assert!(
+        err.contains("Connection refused"),
+        "curl to closed port {CLOSED_PORT} after {took:?}: {err}"
+    );
     assert!(took < Duration::from_secs(1), "the refusal took {took:?}");
     eprintln!("closed port: refused after {took:?}");
 }
@@ -171,8 +265,16 @@ fn check_udp_echo(topo: &Topology, max: u32) {
         &max.to_string(),
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "UDP echo ({}, {took:?}):\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains(&format!("sent=100 ok=100 lost=0 corrupt=0 max={max}")), "{text}");
+    assert!(
+        out.status.success(),
+        "UDP echo ({}, {took:?}):\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("sent=100 ok=100 lost=0 corrupt=0 max={max}")),
+        "{text}"
+    );
     eprintln!("UDP echo: 100 datagrams up to {max} bytes in {took:?}");
 }
 
@@ -188,8 +290,17 @@ fn check_dns(topo: &Topology, server: &str) {
         let (out, took) = topo.client_run(&args);
         let via = if tcp { "TCP" } else { "UDP" };
         let answer = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "dig over {via} ({}, {took:?}): {answer}{}", out.status, String::from_utf8_lossy(&out.stderr));
-        assert_eq!(answer.trim(), SERVER_IP, "dig @{server} {DNS_NAME} over {via}");
+        assert!(
+            out.status.success(),
+            "dig over {via} ({}, {took:?}): {answer}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            answer.trim(),
+            SERVER_IP,
+            "dig @{server} {DNS_NAME} over {via}"
+        );
         eprintln!("DNS over {via} via {server}: {} in {took:?}", answer.trim());
     }
 }
@@ -199,16 +310,27 @@ fn check_ping(topo: &Topology) {
     let before = topo.server_in_echos();
     let (out, took) = topo.client_run(&["ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER_IP]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ping {SERVER_IP} ({}, {took:?}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "ping {SERVER_IP} ({}, {took:?}):\n{text}",
+        out.status
+    );
     assert!(text.contains("3 received"), "{text}");
     let after = topo.server_in_echos();
-    assert!(after >= before + 3, "the server got {} echo requests (a reply not from the server?):\n{text}", after - before);
+    assert!(
+        after >= before + 3,
+        "the server got {} echo requests (a reply not from the server?):\n{text}",
+        after - before
+    );
 }
 
 /// The number in a `key=value` field of a log line (0 when missing).
 fn field(line: &str, key: &str) -> u64 {
     let prefix = format!("{key}=");
-    line.split(' ').find_map(|w| w.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    line.split(' ')
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn tap(opts: Options) -> Topology {
@@ -221,7 +343,11 @@ fn direct_self_check(mtu: u32, big: u64) {
     let n = 20;
     let mut files = parallel_files(n, 2 * MB);
     files.push(("big".into(), big));
-    let topo = Topology::direct(Options { mtu, files, ..Options::default() });
+    let topo = Topology::direct(Options {
+        mtu,
+        files,
+        ..Options::default()
+    });
     random_file(&topo.path("up-big"), big);
     make_upload_files(&topo, n, 2 * MB);
     check_download(&topo, "big");
@@ -254,21 +380,32 @@ fn tcp_download_and_upload_50_mb() {
     if !require_root("tcp_download_and_upload_50_mb") {
         return;
     }
-    let topo = tap(Options { files: vec![("big".into(), 50 * MB)], ..Options::default() });
+    let topo = tap(Options {
+        files: vec![("big".into(), 50 * MB)],
+        ..Options::default()
+    });
     random_file(&topo.path("up-big"), 50 * MB);
     check_download(&topo, "big");
     check_upload(&topo, &topo.path("up-big"), "big");
     // The session table counted them: once closed, each session is logged with its bytes.
     let remote = format!("remote={SERVER_IP}:{HTTP_PORT} ");
-    wait_until(Duration::from_secs(15), "both sessions' deletion in the security log", || {
-        let log = topo.security_log();
-        let counts: Vec<(u64, u64)> = log
-            .lines()
-            .filter(|l| l.contains("NAT session deleted") && l.contains("proto=tcp") && l.contains(&remote))
-            .map(|l| (field(l, "bytes_out"), field(l, "bytes_in")))
-            .collect();
-        counts.iter().any(|&(_, i)| i >= 50 * MB) && counts.iter().any(|&(o, _)| o >= 50 * MB)
-    });
+    wait_until(
+        Duration::from_secs(15),
+        "both sessions' deletion in the security log",
+        || {
+            let log = topo.security_log();
+            let counts: Vec<(u64, u64)> = log
+                .lines()
+                .filter(|l| {
+                    l.contains("NAT session deleted")
+                        && l.contains("proto=tcp")
+                        && l.contains(&remote)
+                })
+                .map(|l| (field(l, "bytes_out"), field(l, "bytes_in")))
+                .collect();
+            counts.iter().any(|&(_, i)| i >= 50 * MB) && counts.iter().any(|&(o, _)| o >= 50 * MB)
+        },
+    );
     topo.finish();
 }
 
@@ -278,7 +415,10 @@ fn twenty_parallel_transfers() {
         return;
     }
     let n = 20;
-    let topo = tap(Options { files: parallel_files(n, 2 * MB), ..Options::default() });
+    let topo = tap(Options {
+        files: parallel_files(n, 2 * MB),
+        ..Options::default()
+    });
     make_upload_files(&topo, n, 2 * MB);
     check_parallel(&topo, n);
     topo.finish();
@@ -292,9 +432,15 @@ fn closed_port_is_refused_at_once() {
     let topo = tap(Options::default());
     check_refused(&topo);
     let remote = format!("remote={SERVER_IP}:{CLOSED_PORT}");
-    wait_until(Duration::from_secs(5), "the failed session in the security log", || {
-        topo.security_log().lines().any(|l| l.contains("NAT session failed") && l.contains(&remote))
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the failed session in the security log",
+        || {
+            topo.security_log()
+                .lines()
+                .any(|l| l.contains("NAT session failed") && l.contains(&remote))
+        },
+    );
     topo.finish();
 }
 
@@ -334,8 +480,15 @@ fn mtu_65520_transfers_and_udp_echo() {
         return;
     }
     let mtu = 65520;
-    let topo = tap(Options { mtu, files: vec![("big".into(), 20 * MB)], ..Options::default() });
-    assert_eq!(common::topology::link_mtu(&topo.client, topo.client_dev.as_ref().unwrap()), mtu);
+    let topo = tap(Options {
+        mtu,
+        files: vec![("big".into(), 20 * MB)],
+        ..Options::default()
+    });
+    assert_eq!(
+        common::topology::link_mtu(&topo.client, topo.client_dev.as_ref().unwrap()),
+        mtu
+    );
     random_file(&topo.path("up-big"), 20 * MB);
     check_udp_echo(&topo, max_udp(mtu));
     check_download(&topo, "big");

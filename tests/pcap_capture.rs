@@ -27,7 +27,10 @@ fn lease_with_capture(state: &Path, options: CaptureOptions) {
     config.host.mac = Some("00:ac:00:00:00:01".parse().unwrap());
     config.dns.upstream = Vec::new();
     let hub = MemoryHub::new(1500);
-    let port = Capture::new(hub.connect(), PcapWriter::create(options).expect("capture file"));
+    let port = Capture::new(
+        hub.connect(),
+        PcapWriter::create(options).expect("capture file"),
+    );
     let gateway = Gateway::new(config).expect("gateway");
     let (stop, stopped) = async_channel::bounded::<()>(1);
     let thread = std::thread::spawn(move || {
@@ -58,8 +61,18 @@ fn lease_with_capture(state: &Path, options: CaptureOptions) {
 
 /// `tshark -r FILE` with the given arguments; panics if tshark cannot read the file.
 fn tshark(file: &Path, args: &[&str]) -> String {
-    let out = Command::new("tshark").arg("-r").arg(file).args(args).output().expect("run tshark");
-    assert!(out.status.success(), "tshark -r {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(args)
+        .output()
+        .expect("run tshark");
+    assert!(
+        out.status.success(),
+        "tshark -r {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -71,9 +84,16 @@ fn a_dhcp_exchange_captured_opens_in_tshark() {
     lease_with_capture(&dir.path().join("state"), CaptureOptions::new(&pcap));
 
     // The DHCP message types in order: DISCOVER, OFFER, REQUEST, ACK.
-    let types = tshark(&pcap, &["-Y", "dhcp", "-T", "fields", "-e", "dhcp.option.dhcp"]);
+    let types = tshark(
+        &pcap,
+        &["-Y", "dhcp", "-T", "fields", "-e", "dhcp.option.dhcp"],
+    );
     let types: Vec<&str> = types.lines().collect();
-    assert_eq!(types, ["1", "2", "3", "5"], "DHCP message types in the capture");
+    assert_eq!(
+        types,
+        ["1", "2", "3", "5"],
+        "DHCP message types in the capture"
+    );
     // tshark's own summary names them, with both directions' addresses.
     let summary = tshark(&pcap, &["-Y", "dhcp"]);
     for what in ["DHCP Discover", "DHCP Offer", "DHCP Request", "DHCP ACK"] {
@@ -82,24 +102,44 @@ fn a_dhcp_exchange_captured_opens_in_tshark() {
     let client = "52:54:00:00:00:42";
     let server = "00:ac:00:00:00:01";
     let macs = tshark(&pcap, &["-Y", "dhcp", "-T", "fields", "-e", "eth.src"]);
-    assert_eq!(macs.lines().collect::<Vec<_>>(), [client, server, client, server]);
+    assert_eq!(
+        macs.lines().collect::<Vec<_>>(),
+        [client, server, client, server]
+    );
     // The pings are there too, request and reply.
     let icmp = tshark(&pcap, &["-Y", "icmp", "-T", "fields", "-e", "icmp.type"]);
     assert_eq!(icmp.lines().filter(|t| *t == "8").count(), 3, "{icmp}");
     assert_eq!(icmp.lines().filter(|t| *t == "0").count(), 3, "{icmp}");
     // Whole frames: nothing was cut at the default snap length.
-    let lens = tshark(&pcap, &["-T", "fields", "-e", "frame.len", "-e", "frame.cap_len"]);
-    assert!(lens.lines().all(|l| {
-        let mut f = l.split_whitespace();
-        f.next() == f.next()
-    }), "{lens}");
+    let lens = tshark(
+        &pcap,
+        &["-T", "fields", "-e", "frame.len", "-e", "frame.cap_len"],
+    );
+    assert!(
+        lens.lines().all(|l| {
+            let mut f = l.split_whitespace();
+            f.next() == f.next()
+        }),
+        "{lens}"
+    );
 
     // tcpdump reads it as well.
     if Command::new("tcpdump").arg("--version").output().is_ok() {
-        let out = Command::new("tcpdump").args(["-n", "-r"]).arg(&pcap).output().unwrap();
-        assert!(out.status.success(), "tcpdump -r: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&pcap)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tcpdump -r: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("BOOTP/DHCP, Request") && text.contains("BOOTP/DHCP, Reply"), "{text}");
+        assert!(
+            text.contains("BOOTP/DHCP, Request") && text.contains("BOOTP/DHCP, Reply"),
+            "{text}"
+        );
     }
 }
 
@@ -109,15 +149,27 @@ fn a_rotating_capture_keeps_its_files_readable_and_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("rot.pcap");
     // About two DHCP frames per file; small snap length.
-    let options = CaptureOptions { snaplen: 300, max_size: Some(700), max_files: 3, ..CaptureOptions::new(&pcap) };
+    let options = CaptureOptions {
+        snaplen: 300,
+        max_size: Some(700),
+        max_files: 3,
+        ..CaptureOptions::new(&pcap)
+    };
     lease_with_capture(&dir.path().join("state"), options);
     let files = [pcap.clone(), rotated_path(&pcap, 1), rotated_path(&pcap, 2)];
     let mut frames = 0;
     for f in &files {
         assert!(f.exists(), "{} missing", f.display());
-        assert!(std::fs::metadata(f).unwrap().len() <= 700, "{} is over the limit", f.display());
+        assert!(
+            std::fs::metadata(f).unwrap().len() <= 700,
+            "{} is over the limit",
+            f.display()
+        );
         let lens = tshark(f, &["-T", "fields", "-e", "frame.cap_len"]);
-        assert!(lens.lines().all(|l| l.parse::<u32>().unwrap() <= 300), "{lens}");
+        assert!(
+            lens.lines().all(|l| l.parse::<u32>().unwrap() <= 300),
+            "{lens}"
+        );
         frames += lens.lines().count();
     }
     assert!(frames >= 3, "{frames}");

@@ -99,22 +99,45 @@ fn cache_dir() -> PathBuf {
 
 fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(out.status.success(), "{what} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs an apt command; if it fails, refreshes the package lists once and tries again.
 fn apt(args: &[&str], dir: &Path) -> String {
-    let attempt = || Command::new(args[0]).args(&args[1..]).current_dir(dir).output().expect("run apt");
+    let attempt = || {
+        Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(dir)
+            .output()
+            .expect("run apt")
+    };
     let out = attempt();
     let out = if out.status.success() {
         out
     } else {
-        eprintln!("qemu-guest: {} failed ({}); running apt-get update", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update");
+        eprintln!(
+            "qemu-guest: {} failed ({}); running apt-get update",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        run(
+            Command::new("apt-get").args(["update", "-qq"]),
+            "apt-get update",
+        );
         attempt()
     };
-    assert!(out.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -127,7 +150,9 @@ fn kernel_and_modules() -> (PathBuf, PathBuf) {
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))
         .filter(|p| p.starts_with("linux-image-"))
-        .unwrap_or_else(|| panic!("no kernel package in `apt-cache depends linux-image-amd64`: {depends}"))
+        .unwrap_or_else(|| {
+            panic!("no kernel package in `apt-cache depends linux-image-amd64`: {depends}")
+        })
         .to_owned();
     let unpacked = cache.join(&package);
     let (kernel, modules) = (unpacked.join("vmlinuz"), unpacked.join("modules"));
@@ -137,16 +162,26 @@ fn kernel_and_modules() -> (PathBuf, PathBuf) {
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).unwrap();
     let find_deb = || {
-        std::fs::read_dir(&debs).unwrap().filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-        })
+        std::fs::read_dir(&debs)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
     };
     let deb = match find_deb() {
         Some(deb) => deb,
         None => {
             eprintln!("qemu-guest: downloading {package}");
             apt(&["apt-get", "download", &package], &debs);
-            find_deb().unwrap_or_else(|| panic!("apt-get download {package} left no .deb in {}", debs.display()))
+            find_deb().unwrap_or_else(|| {
+                panic!(
+                    "apt-get download {package} left no .deb in {}",
+                    debs.display()
+                )
+            })
         }
     };
     let raw = unpacked.join("raw");
@@ -160,9 +195,16 @@ fn kernel_and_modules() -> (PathBuf, PathBuf) {
         "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' --wildcards {}",
         deb.display(),
         raw.display(),
-        patterns.iter().map(|p| format!("'{p}'")).collect::<Vec<_>>().join(" ")
+        patterns
+            .iter()
+            .map(|p| format!("'{p}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
-    run(Command::new("sh").args(["-c", &script]), "unpacking the kernel package");
+    run(
+        Command::new("sh").args(["-c", &script]),
+        "unpacking the kernel package",
+    );
     std::fs::create_dir_all(&modules).unwrap();
     let mut found = Vec::new();
     collect_files(&raw, &mut found);
@@ -171,15 +213,32 @@ fn kernel_and_modules() -> (PathBuf, PathBuf) {
         if name.starts_with("vmlinuz-") {
             std::fs::rename(&path, &kernel).unwrap();
         } else if let Some(stem) = name.strip_suffix(".ko.xz") {
-            run(Command::new("sh").arg("-c").arg(format!("xz -dc '{}' > '{}'", path.display(), modules.join(format!("{stem}.ko")).display())), "xz -d");
+            run(
+                Command::new("sh").arg("-c").arg(format!(
+                    "xz -dc '{}' > '{}'",
+                    path.display(),
+                    modules.join(format!("{stem}.ko")).display()
+                )),
+                "xz -d",
+            );
         } else if let Some(stem) = name.strip_suffix(".ko.zst") {
-            run(Command::new("zstd").args(["-qdf", "-o"]).arg(modules.join(format!("{stem}.ko"))).arg(&path), "zstd -d");
+            run(
+                Command::new("zstd")
+                    .args(["-qdf", "-o"])
+                    .arg(modules.join(format!("{stem}.ko")))
+                    .arg(&path),
+                "zstd -d",
+            );
         } else if name.ends_with(".ko") {
             std::fs::rename(&path, modules.join(&name)).unwrap();
         }
     }
     assert!(kernel.exists(), "no vmlinuz in {}", deb.display());
-    assert!(modules.join("virtio_net.ko").exists(), "no virtio_net module in {}", deb.display());
+    assert!(
+        modules.join("virtio_net.ko").exists(),
+        "no virtio_net module in {}",
+        deb.display()
+    );
     std::fs::remove_dir_all(&raw).unwrap();
     std::fs::write(unpacked.join("ready"), "").unwrap();
     (kernel, modules)
@@ -204,7 +263,10 @@ struct Cpio {
 
 impl Cpio {
     fn new() -> Cpio {
-        Cpio { out: Vec::new(), ino: 1 }
+        Cpio {
+            out: Vec::new(),
+            ino: 1,
+        }
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
@@ -256,10 +318,17 @@ impl Cpio {
 /// The initramfs: static busybox, the virtio modules, /init and the udhcpc script.
 fn build_initrd(modules: &Path, path: &Path) {
     let busybox = Path::new("/bin/busybox");
-    assert!(busybox.exists(), "/bin/busybox is missing: install busybox-static (scripts/test.sh does)");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: install busybox-static (scripts/test.sh does)"
+    );
     let ldd = Command::new("ldd").arg(busybox).output().expect("ldd");
-    let ldd = String::from_utf8_lossy(&ldd.stdout).to_string() + &String::from_utf8_lossy(&ldd.stderr);
-    assert!(ldd.contains("not a dynamic executable") || ldd.contains("statically linked"), "/bin/busybox is not static ({ldd}); install busybox-static");
+    let ldd =
+        String::from_utf8_lossy(&ldd.stdout).to_string() + &String::from_utf8_lossy(&ldd.stderr);
+    assert!(
+        ldd.contains("not a dynamic executable") || ldd.contains("statically linked"),
+        "/bin/busybox is not static ({ldd}); install busybox-static"
+    );
     let mut cpio = Cpio::new();
     for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
         cpio.dir(d);
@@ -269,7 +338,11 @@ fn build_initrd(modules: &Path, path: &Path) {
     for m in MODULES {
         let ko = modules.join(format!("{m}.ko"));
         if ko.exists() {
-            cpio.file(&format!("lib/modules/{m}.ko"), 0o644, &std::fs::read(ko).unwrap());
+            cpio.file(
+                &format!("lib/modules/{m}.ko"),
+                0o644,
+                &std::fs::read(ko).unwrap(),
+            );
         }
     }
     cpio.file("init", 0o755, INIT.as_bytes());
@@ -285,9 +358,17 @@ fn guest() -> &'static Guest {
         let (kernel, modules) = kernel_and_modules();
         let initrd = cache_dir().join("initrd.cpio");
         build_initrd(&modules, &initrd);
-        let mut guest = Guest { kernel, initrd, accel: "tcg" };
+        let mut guest = Guest {
+            kernel,
+            initrd,
+            accel: "tcg",
+        };
         guest.accel = choose_accel(&guest);
-        eprintln!("qemu-guest: ready in {:?}, accelerator {}", started.elapsed(), guest.accel);
+        eprintln!(
+            "qemu-guest: ready in {:?}, accelerator {}",
+            started.elapsed(),
+            guest.accel
+        );
         guest
     })
 }
@@ -299,7 +380,11 @@ fn choose_accel(guest: &Guest) -> &'static str {
         Ok("tcg") => return "tcg",
         _ => {}
     }
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !usable {
         return "tcg";
     }
@@ -312,7 +397,8 @@ fn choose_accel(guest: &Guest) -> &'static str {
     }
     let log = cache_dir().join("kvm-probe.log");
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(qemu_args(guest, "kvm", "hubnat.probe=1")).args(["-nic", "none"]);
+    cmd.args(qemu_args(guest, "kvm", "hubnat.probe=1"))
+        .args(["-nic", "none"]);
     let mut qemu = Proc::spawn(cmd, "qemu KVM probe", &log);
     let deadline = Instant::now() + KVM_PROBE_LIMIT;
     let ok = loop {
@@ -326,7 +412,10 @@ fn choose_accel(guest: &Guest) -> &'static str {
     };
     drop(qemu); // SIGKILL by PID if it still runs
     let accel = if ok { "kvm" } else { "tcg" };
-    eprintln!("qemu-guest: KVM probe {}: using {accel}", if ok { "booted" } else { "did not boot in time" });
+    eprintln!(
+        "qemu-guest: KVM probe {}: using {accel}",
+        if ok { "booted" } else { "did not boot in time" }
+    );
     std::fs::write(remembered, accel).unwrap();
     accel
 }
@@ -364,30 +453,54 @@ fn run_guest(ns: &Netns, sock: &Path, cmdline: &str, log: &Path) -> String {
     let mut cmd = ns.command("qemu-system-x86_64");
     cmd.args(qemu_args(guest, guest.accel, cmdline)).args([
         "-netdev",
-        &format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", sock.display()),
+        &format!(
+            "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+            sock.display()
+        ),
         "-device",
         &format!("virtio-net-pci,netdev=n0,romfile=,mac={GUEST_MAC}"),
     ]);
     let started = Instant::now();
     let mut qemu = Proc::spawn(cmd, "qemu guest", log);
-    wait_until(GUEST_LIMIT, "the guest to power off", || read(log).contains("HUBNAT-GUEST-DONE") || !qemu.is_running());
-    wait_until(Duration::from_secs(10), "qemu to exit", || !qemu.is_running());
+    wait_until(GUEST_LIMIT, "the guest to power off", || {
+        read(log).contains("HUBNAT-GUEST-DONE") || !qemu.is_running()
+    });
+    wait_until(Duration::from_secs(10), "qemu to exit", || {
+        !qemu.is_running()
+    });
     let console = read(log);
-    eprintln!("qemu-guest: ran in {:?} ({})\n{console}", started.elapsed(), guest.accel);
+    eprintln!(
+        "qemu-guest: ran in {:?} ({})\n{console}",
+        started.elapsed(),
+        guest.accel
+    );
     console
 }
 
 /// `key=value` fields of the console line that starts with `marker`.
 fn fields(console: &str, marker: &str) -> std::collections::HashMap<String, String> {
-    let line = console.lines().find(|l| l.starts_with(marker)).unwrap_or_else(|| panic!("no {marker} line on the console:\n{console}"));
-    line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+    let line = console
+        .lines()
+        .find(|l| l.starts_with(marker))
+        .unwrap_or_else(|| panic!("no {marker} line on the console:\n{console}"));
+    line.split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 fn require_qemu(test: &str) -> bool {
     if !require_root(test) {
         return false;
     }
-    require_programs(&["qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "tar", "ldd"]);
+    require_programs(&[
+        "qemu-system-x86_64",
+        "apt-get",
+        "apt-cache",
+        "dpkg-deb",
+        "tar",
+        "ldd",
+    ]);
     true
 }
 
@@ -441,33 +554,60 @@ level = "debug"
         sock.exists()
     });
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600, "owner only by default");
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "owner only by default"
+    );
     guest_ready.join().expect("the guest builds");
 
     let console = run_guest(&empty, &sock, "", &dir.path().join("qemu.log"));
-    assert!(console.contains("HUBNAT-GUEST-UP"), "the guest did not boot:\n{console}");
-    assert!(!console.contains("HUBNAT-NO-ETH0"), "no virtio-net interface in the guest:\n{console}");
+    assert!(
+        console.contains("HUBNAT-GUEST-UP"),
+        "the guest did not boot:\n{console}"
+    );
+    assert!(
+        !console.contains("HUBNAT-NO-ETH0"),
+        "no virtio-net interface in the guest:\n{console}"
+    );
     let lease = fields(&console, "HUBNAT-LEASE");
     let ip = lease["ip"].clone();
-    let last: u8 = ip.strip_prefix("192.168.30.").and_then(|l| l.parse().ok()).expect("an address on the segment");
+    let last: u8 = ip
+        .strip_prefix("192.168.30.")
+        .and_then(|l| l.parse().ok())
+        .expect("an address on the segment");
     assert!((10..=200).contains(&last), "{ip}");
     assert_eq!(lease["router"], GW);
     assert_eq!(lease["serverid"], GW);
     assert_eq!(lease["mask"], "24");
     assert_eq!(lease["lease"], "600");
     assert_eq!(lease["domain"], "hubnat.test");
-    assert!(console.contains("HUBNAT-PING-OK"), "the guest could not ping {GW}:\n{console}");
+    assert!(
+        console.contains("HUBNAT-PING-OK"),
+        "the guest could not ping {GW}:\n{console}"
+    );
 
     let security = read(&dir.path().join("state/security.log"));
     assert!(
-        security.lines().any(|l| l.contains("DHCP lease created") && l.contains(&format!("mac={GUEST_MAC}")) && l.contains(&format!("ip={ip} ")) && l.contains("hostname=\"qemu-guest\"")),
+        security.lines().any(|l| l.contains("DHCP lease created")
+            && l.contains(&format!("mac={GUEST_MAC}"))
+            && l.contains(&format!("ip={ip} "))
+            && l.contains("hostname=\"qemu-guest\"")),
         "{security}"
     );
     // The guest was one peer, which came and went.
-    wait_until(Duration::from_secs(5), "the peer's disconnection in the log", || read(&log).contains("hub socket: peer disconnected"));
+    wait_until(
+        Duration::from_secs(5),
+        "the peer's disconnection in the log",
+        || read(&log).contains("hub socket: peer disconnected"),
+    );
     assert!(read(&log).contains("hub socket: peer connected"));
     let status = hubnat.stop();
-    assert!(status.success(), "hubnat exit status {status}:\n{}", read(&log));
+    assert!(
+        status.success(),
+        "hubnat exit status {status}:\n{}",
+        read(&log)
+    );
     assert!(!sock.exists(), "the socket file is removed on exit");
     let _ = gw;
 }
@@ -481,19 +621,41 @@ fn qemu_guest_downloads_through_the_nat() {
     }
     let guest_ready = std::thread::spawn(guest);
     let size = 2 << 20;
-    let mut topo = Topology::new(Options { files: vec![("blob".into(), size)], ..Options::default() });
+    let mut topo = Topology::new(Options {
+        files: vec![("blob".into(), size)],
+        ..Options::default()
+    });
     let sock = topo.path("hub.sock");
-    topo.start_hubnat(&format!("[backend]\nkind = \"hub\"\n[backend.hub]\nlisten = \"unix:{}\"\n", sock.display()));
+    topo.start_hubnat(&format!(
+        "[backend]\nkind = \"hub\"\n[backend.hub]\nlisten = \"unix:{}\"\n",
+        sock.display()
+    ));
     let log = topo.hubnat_log.clone();
     wait_until(Duration::from_secs(15), "hubnat's hub socket", || {
-        assert!(topo.hubnat_running(), "hubnat exited early:\n{}", read(&log));
+        assert!(
+            topo.hubnat_running(),
+            "hubnat exited early:\n{}",
+            read(&log)
+        );
         sock.exists()
     });
     guest_ready.join().expect("the guest builds");
     let url = format!("http://{SERVER_IP}:{HTTP_PORT}/files/blob");
-    let console = run_guest(&topo.client, &sock, &format!("hubnat.url={url}"), &topo.path("qemu.log"));
+    let console = run_guest(
+        &topo.client,
+        &sock,
+        &format!("hubnat.url={url}"),
+        &topo.path("qemu.log"),
+    );
     assert!(console.contains("HUBNAT-PING-OK"), "{console}");
-    let line = console.lines().find(|l| l.starts_with("HUBNAT-SHA256 ")).unwrap_or_else(|| panic!("the guest's download failed:\n{console}"));
+    let line = console
+        .lines()
+        .find(|l| l.starts_with("HUBNAT-SHA256 "))
+        .unwrap_or_else(|| panic!("the guest's download failed:\n{console}"));
     let got = line.split_whitespace().nth(1).unwrap();
-    assert_eq!(got, sha256(&topo.www.join("blob")), "the guest downloaded something else");
+    assert_eq!(
+        got,
+        sha256(&topo.www.join("blob")),
+        "the guest downloaded something else"
+    );
 }

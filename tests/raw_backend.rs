@@ -12,7 +12,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::netns::{hubnat_bin, read, require_programs, require_root, unique, wait_until, Netns, Proc};
+use common::netns::{
+    hubnat_bin, read, require_programs, require_root, unique, wait_until, Netns, Proc,
+};
 use common::topology::{fixture, sha256, Options, Topology, HTTP_PORT, SERVER_IP};
 
 const HOST_MAC: &str = "00:ac:11:22:33:55";
@@ -74,11 +76,22 @@ level = "debug"
         cmd.args(["run", "--config", config.to_str().unwrap()]);
         let log = dir.path().join("hubnat.log");
         let mut hubnat = Proc::spawn(cmd, "hubnat", &log);
-        wait_until(Duration::from_secs(15), "hubnat to attach to the interface", || {
-            assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
-            read(&log).contains("hubnat started")
-        });
-        RawGateway { hubnat: Some(hubnat), client, gw, gw_dev, client_dev, dir }
+        wait_until(
+            Duration::from_secs(15),
+            "hubnat to attach to the interface",
+            || {
+                assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
+                read(&log).contains("hubnat started")
+            },
+        );
+        RawGateway {
+            hubnat: Some(hubnat),
+            client,
+            gw,
+            gw_dev,
+            client_dev,
+            dir,
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -118,12 +131,19 @@ level = "debug"
     }
 
     fn ping_gw(&self) -> bool {
-        self.client.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", GW]).status.success()
+        self.client
+            .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", GW])
+            .status
+            .success()
     }
 
     fn stop(mut self) {
         let status = self.hubnat.take().unwrap().stop();
-        assert!(status.success(), "hubnat exit status {status}:\n{}", self.log());
+        assert!(
+            status.success(),
+            "hubnat exit status {status}:\n{}",
+            self.log()
+        );
         let _ = (&self.gw, &self.client);
     }
 }
@@ -138,15 +158,24 @@ impl Drop for RawGateway {
 
 /// A veth pair `a` (in `na`) — `b` (in `nb`), both up.
 fn veth(na: &Netns, a: &str, nb: &Netns, b: &str) {
-    na.exec_ok(&["ip", "link", "add", a, "type", "veth", "peer", "name", b, "netns", &nb.name]);
+    na.exec_ok(&[
+        "ip", "link", "add", a, "type", "veth", "peer", "name", b, "netns", &nb.name,
+    ]);
     na.exec_ok(&["ip", "link", "set", a, "up"]);
     nb.exec_ok(&["ip", "link", "set", b, "up"]);
 }
 
 /// `key=value` fields of the last line of `text` that starts with `marker`.
 fn fields(text: &str, marker: &str) -> std::collections::HashMap<String, String> {
-    let line = text.lines().rev().find(|l| l.starts_with(marker)).unwrap_or_else(|| panic!("no {marker} in {text}"));
-    line.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(marker))
+        .unwrap_or_else(|| panic!("no {marker} in {text}"));
+    line.split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// User plus system CPU time of a process, in clock ticks.
@@ -165,8 +194,15 @@ fn tshark_dhcp_types(pcap: &Path) -> Vec<String> {
         .args(["-Y", "dhcp", "-T", "fields", "-e", "dhcp.option.dhcp"])
         .output()
         .expect("tshark");
-    assert!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -179,40 +215,85 @@ fn udhcpc_gets_a_lease_over_a_veth_and_the_hosts_own_traffic_is_ignored() {
 
     // The gateway namespace's own DHCP client on the very interface hubnat is attached to: its
     // DISCOVERs leave the host (PACKET_OUTGOING), so hubnat must not answer them.
-    let out = gw.gw.exec(&["udhcpc", "-i", &gw.gw_dev, "-n", "-q", "-t", "3", "-T", "1", "-s", "/bin/true"]);
-    assert!(!out.status.success(), "the host's own udhcpc got a lease from hubnat:\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!gw.security_log().contains("DHCP lease created"), "{}", gw.security_log());
+    let out = gw.gw.exec(&[
+        "udhcpc",
+        "-i",
+        &gw.gw_dev,
+        "-n",
+        "-q",
+        "-t",
+        "3",
+        "-T",
+        "1",
+        "-s",
+        "/bin/true",
+    ]);
+    assert!(
+        !out.status.success(),
+        "the host's own udhcpc got a lease from hubnat:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !gw.security_log().contains("DHCP lease created"),
+        "{}",
+        gw.security_log()
+    );
 
     // The client on the other end gets a lease, pings the virtual host, and renews.
     let started = Instant::now();
     let (udhcpc, events) = gw.udhcpc();
-    wait_until(Duration::from_secs(30), "udhcpc to bind", || read(&events).contains("event=bound"));
+    wait_until(Duration::from_secs(30), "udhcpc to bind", || {
+        read(&events).contains("event=bound")
+    });
     let bound = fields(&read(&events), "event=bound");
-    eprintln!("udhcpc over raw: lease in {:?}: {bound:?}", started.elapsed());
+    eprintln!(
+        "udhcpc over raw: lease in {:?}: {bound:?}",
+        started.elapsed()
+    );
     let ip = bound["ip"].clone();
-    let last: u8 = ip.strip_prefix("192.168.30.").and_then(|l| l.parse().ok()).expect("an address on the segment");
+    let last: u8 = ip
+        .strip_prefix("192.168.30.")
+        .and_then(|l| l.parse().ok())
+        .expect("an address on the segment");
     assert!((10..=200).contains(&last), "{ip}");
     assert_eq!(bound["router"], GW);
     assert_eq!(bound["serverid"], GW);
     assert_eq!(bound["lease"], "30");
     assert!(gw.ping_gw(), "ping {GW} over the raw backend failed");
-    let neigh = gw.client.exec_ok(&["ip", "neigh", "show", GW, "dev", &gw.client_dev]);
-    assert!(neigh.contains(&format!("lladdr {HOST_MAC}")), "ARP for {GW}: {neigh:?}");
+    let neigh = gw
+        .client
+        .exec_ok(&["ip", "neigh", "show", GW, "dev", &gw.client_dev]);
+    assert!(
+        neigh.contains(&format!("lladdr {HOST_MAC}")),
+        "ARP for {GW}: {neigh:?}"
+    );
     udhcpc.signal(libc::SIGUSR1);
-    wait_until(Duration::from_secs(20), "udhcpc to renew", || read(&events).contains("event=renew"));
+    wait_until(Duration::from_secs(20), "udhcpc to renew", || {
+        read(&events).contains("event=renew")
+    });
     assert_eq!(fields(&read(&events), "event=renew")["ip"], ip);
 
     // Exactly one client was served: the one behind the veth.
     let log = gw.security_log();
     assert_eq!(log.matches("DHCP lease created").count(), 1, "{log}");
-    assert!(log.contains(&format!("ip={ip} ")) && log.contains("hostname=\"raw-client\""), "{log}");
+    assert!(
+        log.contains(&format!("ip={ip} ")) && log.contains("hostname=\"raw-client\""),
+        "{log}"
+    );
     udhcpc.stop();
 
     // The [capture] of the binary (flushed after every batch) recorded the exchange, both
     // directions, and nothing of the host's own DHCP attempt (which was never the segment's).
     let types = tshark_dhcp_types(&gw.path("segment.pcap"));
-    assert_eq!(&types[..4], ["1", "2", "3", "5"], "DHCP in the capture: {types:?}");
-    assert!(types[4..].windows(2).any(|w| w == ["3", "5"]), "the renewal: {types:?}");
+    assert_eq!(
+        &types[..4],
+        ["1", "2", "3", "5"],
+        "DHCP in the capture: {types:?}"
+    );
+    assert!(
+        types[4..].windows(2).any(|w| w == ["3", "5"]),
+        "the renewal: {types:?}"
+    );
     gw.stop();
 }
 
@@ -224,35 +305,64 @@ fn the_raw_backend_waits_for_a_down_interface_and_resumes() {
     require_programs(&["udhcpc", "ping", "ip"]);
     let gw = RawGateway::start();
     let (udhcpc, events) = gw.udhcpc();
-    wait_until(Duration::from_secs(30), "udhcpc to bind", || read(&events).contains("event=bound"));
+    wait_until(Duration::from_secs(30), "udhcpc to bind", || {
+        read(&events).contains("event=bound")
+    });
     assert!(gw.ping_gw());
 
     // Down: a log line, then quiet waiting (no busy loop).
     gw.gw.exec_ok(&["ip", "link", "set", &gw.gw_dev, "down"]);
-    wait_until(Duration::from_secs(10), "the down log line", || gw.log().contains("interface went down; waiting for it to come back"));
+    wait_until(Duration::from_secs(10), "the down log line", || {
+        gw.log()
+            .contains("interface went down; waiting for it to come back")
+    });
     let before = cpu_ticks(gw.pid());
     std::thread::sleep(Duration::from_secs(2));
     let spent = cpu_ticks(gw.pid()) - before;
-    assert!(spent <= 10, "hubnat used {spent} ticks of CPU in 2 s while waiting: a busy loop");
+    assert!(
+        spent <= 10,
+        "hubnat used {spent} ticks of CPU in 2 s while waiting: a busy loop"
+    );
     assert!(!gw.ping_gw(), "ping worked through a down interface");
 
     // Up again: resumed, with a log line, and the client is served as before.
     gw.gw.exec_ok(&["ip", "link", "set", &gw.gw_dev, "up"]);
-    wait_until(Duration::from_secs(10), "the resume log line", || gw.log().contains("interface is up again; resuming"));
-    wait_until(Duration::from_secs(15), "ping after the interface came back", || gw.ping_gw());
+    wait_until(Duration::from_secs(10), "the resume log line", || {
+        gw.log().contains("interface is up again; resuming")
+    });
+    wait_until(
+        Duration::from_secs(15),
+        "ping after the interface came back",
+        || gw.ping_gw(),
+    );
     let renewals = read(&events).matches("event=renew").count();
     udhcpc.signal(libc::SIGUSR1);
-    wait_until(Duration::from_secs(20), "udhcpc to renew", || read(&events).matches("event=renew").count() > renewals);
+    wait_until(Duration::from_secs(20), "udhcpc to renew", || {
+        read(&events).matches("event=renew").count() > renewals
+    });
 
     // Deleted and created again (a new interface index): the same.
     gw.gw.exec_ok(&["ip", "link", "del", &gw.gw_dev]);
-    wait_until(Duration::from_secs(10), "the second down log line", || gw.log().matches("interface went down").count() >= 2);
+    wait_until(Duration::from_secs(10), "the second down log line", || {
+        gw.log().matches("interface went down").count() >= 2
+    });
     veth(&gw.gw, &gw.gw_dev, &gw.client, &gw.client_dev);
-    wait_until(Duration::from_secs(10), "the second resume", || gw.log().matches("interface is up again; resuming").count() >= 2);
+    wait_until(Duration::from_secs(10), "the second resume", || {
+        gw.log().matches("interface is up again; resuming").count() >= 2
+    });
     // The client's end is new: give it its address again.
     let ip = fields(&read(&events), "event=bound")["ip"].clone();
-    gw.client.exec_ok(&["ip", "addr", "replace", &format!("{ip}/24"), "dev", &gw.client_dev]);
-    wait_until(Duration::from_secs(15), "ping on the new interface", || gw.ping_gw());
+    gw.client.exec_ok(&[
+        "ip",
+        "addr",
+        "replace",
+        &format!("{ip}/24"),
+        "dev",
+        &gw.client_dev,
+    ]);
+    wait_until(Duration::from_secs(15), "ping on the new interface", || {
+        gw.ping_gw()
+    });
     assert!(gw.hubnat.as_ref().is_some());
     udhcpc.stop();
     gw.stop();
@@ -267,11 +377,19 @@ fn raw_client_downloads_through_the_nat() {
     }
     require_programs(&["udhcpc", "curl", "ethtool"]);
     let size = 4 << 20;
-    let options = Options { files: vec![("blob".into(), size)], log_level: "hubnat_raw=debug,info".into(), ..Options::default() };
+    let options = Options {
+        files: vec![("blob".into(), size)],
+        log_level: "hubnat_raw=debug,info".into(),
+        ..Options::default()
+    };
     let mut topo = Topology::new(options);
     let (gw_dev, client_dev) = topo.link_gateway_to_client();
-    topo.start_hubnat(&format!("[backend]\nkind = \"raw\"\n[backend.raw]\ninterface = \"{gw_dev}\"\n"));
-    wait_until(Duration::from_secs(15), "hubnat to start", || read(&topo.hubnat_log).contains("hubnat started"));
+    topo.start_hubnat(&format!(
+        "[backend]\nkind = \"raw\"\n[backend.raw]\ninterface = \"{gw_dev}\"\n"
+    ));
+    wait_until(Duration::from_secs(15), "hubnat to start", || {
+        read(&topo.hubnat_log).contains("hubnat started")
+    });
     topo.dhcp(&client_dev);
     // The client's veth keeps its offloads on (the default): its TCP segments reach the raw
     // backend with partial checksums, and as TSO super-frames once the window opens. The
@@ -280,18 +398,52 @@ fn raw_client_downloads_through_the_nat() {
     assert!(features.contains("tx-checksumming: on"), "{features}");
     let out = topo.path("blob.downloaded");
     let url = format!("http://{SERVER_IP}:{HTTP_PORT}/files/blob");
-    let (result, took) = topo.client_run(&["curl", "-sS", "--max-time", "60", "-o", out.to_str().unwrap(), &url]);
-    assert!(result.status.success(), "curl {url}: {}", String::from_utf8_lossy(&result.stderr));
+    let (result, took) = topo.client_run(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "60",
+        "-o",
+        out.to_str().unwrap(),
+        &url,
+    ]);
+    assert!(
+        result.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     eprintln!("raw: downloaded {size} bytes in {took:?}");
     assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
     assert_eq!(sha256(&out), sha256(&topo.www.join("blob")));
     // And an upload, which is where the client's TSO super-frames come from.
-    let (result, took) = topo.client_run(&["curl", "-sS", "--max-time", "60", "-T", out.to_str().unwrap(), &format!("http://{SERVER_IP}:{HTTP_PORT}/upload/blob")]);
-    assert!(result.status.success(), "curl upload: {}", String::from_utf8_lossy(&result.stderr));
+    let (result, took) = topo.client_run(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "60",
+        "-T",
+        out.to_str().unwrap(),
+        &format!("http://{SERVER_IP}:{HTTP_PORT}/upload/blob"),
+    ]);
+    assert!(
+        result.status.success(),
+        "curl upload: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     eprintln!("raw: uploaded {size} bytes in {took:?}");
     let uploads = topo.received_uploads();
-    assert_eq!(uploads.last().map(|u| (u.1, u.2.clone())), Some((size, sha256(&out))), "{uploads:?}");
+    assert_eq!(
+        uploads.last().map(|u| (u.1, u.2.clone())),
+        Some((size, sha256(&out))),
+        "{uploads:?}"
+    );
     let log = read(&topo.hubnat_log);
-    assert!(log.contains("a local sender's partial checksum: finishing it"), "{log}");
-    assert!(log.contains("a local sender's TCP super-frame: cutting it"), "{log}");
+    assert!(
+        log.contains("a local sender's partial checksum: finishing it"),
+        "{log}"
+    );
+    assert!(
+        log.contains("a local sender's TCP super-frame: cutting it"),
+        "{log}"
+    );
 }

@@ -9,7 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::netns::{hubnat_bin, read, require_programs, require_root, unique, wait_until, Netns, Proc};
+use common::netns::{
+    hubnat_bin, read, require_programs, require_root, unique, wait_until, Netns, Proc,
+};
 
 const HOST_MAC: &str = "00:ac:11:22:33:44";
 const GW: &str = "192.168.30.1";
@@ -61,7 +63,13 @@ level = "debug"
         )
         .unwrap();
         let hubnat = launch(&gw, &client, &tap, dir.path());
-        TapGateway { gw, client, tap, dir, hubnat: Some(hubnat) }
+        TapGateway {
+            gw,
+            client,
+            tap,
+            dir,
+            hubnat: Some(hubnat),
+        }
     }
 
     /// Kills hubnat with SIGKILL (no chance to save anything) and starts it again on the same
@@ -69,7 +77,9 @@ level = "debug"
     fn kill_and_restart(&mut self) {
         let mut old = self.hubnat.take().unwrap();
         old.signal(libc::SIGKILL);
-        wait_until(Duration::from_secs(10), "hubnat to die", || !old.is_running());
+        wait_until(Duration::from_secs(10), "hubnat to die", || {
+            !old.is_running()
+        });
         self.hubnat = Some(launch(&self.gw, &self.client, &self.tap, self.dir.path()));
     }
 
@@ -87,16 +97,31 @@ level = "debug"
 
     /// The client can ping the virtual host, and ARP resolved it to the configured MAC.
     fn check_ping_and_arp(&self) {
-        let out = self.client.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", GW]);
-        assert!(out.status.success(), "ping {GW} failed: {}", String::from_utf8_lossy(&out.stdout));
-        let neigh = self.client.exec_ok(&["ip", "neigh", "show", GW, "dev", &self.tap]);
-        assert!(neigh.contains(&format!("lladdr {HOST_MAC}")), "ARP for {GW}: {neigh:?}");
+        let out = self
+            .client
+            .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", GW]);
+        assert!(
+            out.status.success(),
+            "ping {GW} failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let neigh = self
+            .client
+            .exec_ok(&["ip", "neigh", "show", GW, "dev", &self.tap]);
+        assert!(
+            neigh.contains(&format!("lladdr {HOST_MAC}")),
+            "ARP for {GW}: {neigh:?}"
+        );
     }
 
     /// Stops hubnat by PID with SIGTERM; it must exit cleanly and leave its leases saved.
     fn stop(mut self) -> String {
         let status = self.hubnat.take().unwrap().stop();
-        assert!(status.success(), "hubnat exit status {status}:\n{}", self.hubnat_log());
+        assert!(
+            status.success(),
+            "hubnat exit status {status}:\n{}",
+            self.hubnat_log()
+        );
         let log = self.security_log();
         assert!(log.contains("GATEWAY stopped: reason=shutdown"), "{log}");
         assert!(self.path("state").join("leases.json").exists());
@@ -112,10 +137,16 @@ fn launch(gw: &Netns, client: &Netns, tap: &str, dir: &Path) -> Proc {
     let mut cmd = gw.command(hubnat_bin().to_str().unwrap());
     cmd.args(["run", "--config", config.to_str().unwrap()]);
     let mut hubnat = Proc::spawn(cmd, "hubnat", &log);
-    wait_until(Duration::from_secs(15), "hubnat to open its TAP device", || {
-        assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
-        gw.exec(&["ip", "link", "show", "dev", tap]).status.success()
-    });
+    wait_until(
+        Duration::from_secs(15),
+        "hubnat to open its TAP device",
+        || {
+            assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
+            gw.exec(&["ip", "link", "show", "dev", tap])
+                .status
+                .success()
+        },
+    );
     // The kernel side of the TAP device becomes the client's network interface, with a fixed
     // MAC so that a restarted gateway sees the same client.
     gw.exec_ok(&["ip", "link", "set", tap, "netns", &client.name]);
@@ -148,8 +179,14 @@ fn fields(log: &str, marker: &str) -> Option<std::collections::HashMap<String, S
 }
 
 fn assert_in_range(ip: &str) {
-    let last: u8 = ip.strip_prefix("192.168.30.").and_then(|l| l.parse().ok()).unwrap_or_else(|| panic!("{ip} not in 192.168.30.0/24"));
-    assert!((10..=200).contains(&last), "{ip} outside the range .10-.200");
+    let last: u8 = ip
+        .strip_prefix("192.168.30.")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("{ip} not in 192.168.30.0/24"));
+    assert!(
+        (10..=200).contains(&last),
+        "{ip} outside the range .10-.200"
+    );
 }
 
 fn write_script(path: &Path, body: &str) {
@@ -208,7 +245,9 @@ exit 0
 
     let started = Instant::now();
     let dhclient = Proc::spawn(args(&["-d", "-1"]), "dhclient", &gw.path("dhclient.log"));
-    wait_until(Duration::from_secs(30), "dhclient to bind", || read(&events).contains("reason=BOUND"));
+    wait_until(Duration::from_secs(30), "dhclient to bind", || {
+        read(&events).contains("reason=BOUND")
+    });
     let took = started.elapsed();
     let bound = fields(&read(&events), "reason=BOUND").unwrap();
     eprintln!("dhclient: lease acquired in {took:?}: {bound:?}");
@@ -220,18 +259,27 @@ exit 0
     assert_eq!(bound["lease"], "20");
     assert_eq!(bound["server"], GW);
     let ip = bound["ip"].clone();
-    let addr = gw.client.exec_ok(&["ip", "-4", "addr", "show", "dev", &gw.tap]);
+    let addr = gw
+        .client
+        .exec_ok(&["ip", "-4", "addr", "show", "dev", &gw.tap]);
     assert!(addr.contains(&format!("inet {ip}/24")), "{addr}");
     gw.check_ping_and_arp();
 
     // T1 is half the 20 s lease: dhclient renews by itself.
-    wait_until(Duration::from_secs(30), "dhclient to renew", || read(&events).contains("reason=RENEW"));
+    wait_until(Duration::from_secs(30), "dhclient to renew", || {
+        read(&events).contains("reason=RENEW")
+    });
     let renewed = fields(&read(&events), "reason=RENEW").unwrap();
     assert_eq!(renewed["ip"], ip);
     let log = gw.security_log();
-    assert!(log.contains(&"DHCP lease created: id=1 mac=".to_string()), "{log}");
     assert!(
-        log.lines().any(|l| l.contains("DHCP lease renewed") && l.contains(&format!("ip={ip} ")) && l.contains("hostname=\"dhclient-test\"")),
+        log.contains(&"DHCP lease created: id=1 mac=".to_string()),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("DHCP lease renewed")
+            && l.contains(&format!("ip={ip} "))
+            && l.contains("hostname=\"dhclient-test\"")),
         "{log}"
     );
 
@@ -240,8 +288,16 @@ exit 0
     let _ = status;
     let _ = std::fs::remove_file(&pidfile);
     let out = args(&["-r"]).output().unwrap();
-    assert!(out.status.success(), "dhclient -r: {}", String::from_utf8_lossy(&out.stderr));
-    wait_until(Duration::from_secs(10), "the release in the security log", || gw.security_log().contains("DHCP lease released"));
+    assert!(
+        out.status.success(),
+        "dhclient -r: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the release in the security log",
+        || gw.security_log().contains("DHCP lease released"),
+    );
 
     // The lease table says so too.
     let table = std::process::Command::new(hubnat_bin())
@@ -249,7 +305,12 @@ exit 0
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
-    assert!(table.lines().any(|l| l.contains(&ip) && l.contains("released") && l.contains("dhclient-test")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&ip) && l.contains("released") && l.contains("dhclient-test")),
+        "{table}"
+    );
     gw.stop();
 }
 
@@ -278,9 +339,23 @@ exit 0
     );
     let started = Instant::now();
     let mut cmd = gw.client.command("udhcpc");
-    cmd.args(["-f", "-i", &gw.tap, "-s", script.to_str().unwrap(), "-t", "10", "-T", "1", "-x", "hostname:udhcpc-test"]);
+    cmd.args([
+        "-f",
+        "-i",
+        &gw.tap,
+        "-s",
+        script.to_str().unwrap(),
+        "-t",
+        "10",
+        "-T",
+        "1",
+        "-x",
+        "hostname:udhcpc-test",
+    ]);
     let udhcpc = Proc::spawn(cmd, "udhcpc", &gw.path("udhcpc.log"));
-    wait_until(Duration::from_secs(30), "udhcpc to bind", || read(&events).contains("event=bound"));
+    wait_until(Duration::from_secs(30), "udhcpc to bind", || {
+        read(&events).contains("event=bound")
+    });
     let took = started.elapsed();
     let bound = fields(&read(&events), "event=bound").unwrap();
     eprintln!("udhcpc: lease acquired in {took:?}: {bound:?}");
@@ -296,17 +371,33 @@ exit 0
 
     // SIGUSR1 makes udhcpc renew now.
     udhcpc.signal(libc::SIGUSR1);
-    wait_until(Duration::from_secs(20), "udhcpc to renew", || read(&events).contains("event=renew"));
-    assert_eq!(fields(&read(&events), "event=renew").unwrap()["ip"], ip);
-    wait_until(Duration::from_secs(5), "the renewal in the security log", || {
-        gw.security_log().lines().any(|l| l.contains("DHCP lease renewed") && l.contains(&format!("ip={ip} ")) && l.contains("hostname=\"udhcpc-test\""))
+    wait_until(Duration::from_secs(20), "udhcpc to renew", || {
+        read(&events).contains("event=renew")
     });
+    assert_eq!(fields(&read(&events), "event=renew").unwrap()["ip"], ip);
+    wait_until(
+        Duration::from_secs(5),
+        "the renewal in the security log",
+        || {
+            gw.security_log().lines().any(|l| {
+                l.contains("DHCP lease renewed")
+                    && l.contains(&format!("ip={ip} "))
+                    && l.contains("hostname=\"udhcpc-test\"")
+            })
+        },
+    );
 
     // SIGUSR2 makes udhcpc release.
     udhcpc.signal(libc::SIGUSR2);
-    wait_until(Duration::from_secs(10), "the release in the security log", || {
-        gw.security_log().lines().any(|l| l.contains("DHCP lease released") && l.contains(&format!("ip={ip} ")))
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the release in the security log",
+        || {
+            gw.security_log()
+                .lines()
+                .any(|l| l.contains("DHCP lease released") && l.contains(&format!("ip={ip} ")))
+        },
+    );
     udhcpc.stop();
     gw.stop();
 }
@@ -320,15 +411,37 @@ fn a_killed_gateway_restarts_with_its_leases() {
     let mut gw = TapGateway::start();
     let events = gw.path("udhcpc-events.log");
     let script = gw.path("udhcpc-script");
-    write_script(&script, &format!("#!/bin/sh\necho \"event=$1 ip=$ip\" >> {}\nexit 0\n", events.display()));
+    write_script(
+        &script,
+        &format!(
+            "#!/bin/sh\necho \"event=$1 ip=$ip\" >> {}\nexit 0\n",
+            events.display()
+        ),
+    );
     let lease = |gw: &TapGateway| {
         let out = gw
             .client
             .command("udhcpc")
-            .args(["-q", "-f", "-n", "-i", &gw.tap, "-s", script.to_str().unwrap(), "-t", "10", "-T", "1"])
+            .args([
+                "-q",
+                "-f",
+                "-n",
+                "-i",
+                &gw.tap,
+                "-s",
+                script.to_str().unwrap(),
+                "-t",
+                "10",
+                "-T",
+                "1",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "udhcpc: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "udhcpc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         fields(&read(&events), "event=bound").unwrap()["ip"].clone()
     };
     let first = lease(&gw);
@@ -340,14 +453,21 @@ fn a_killed_gateway_restarts_with_its_leases() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
-    assert!(table.lines().any(|l| l.contains(&first) && l.contains("bound") && l.contains(CLIENT_MAC)), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&first) && l.contains("bound") && l.contains(CLIENT_MAC)),
+        "{table}"
+    );
     // Another client asks first: the restarted gateway knows the first address is taken.
-    gw.client.exec_ok(&["ip", "link", "set", &gw.tap, "address", "52:54:00:dd:ee:ff"]);
+    gw.client
+        .exec_ok(&["ip", "link", "set", &gw.tap, "address", "52:54:00:dd:ee:ff"]);
     let other = lease(&gw);
     assert_ne!(other, first, "the killed gateway's lease was forgotten");
     // The first client (udhcpc -q starts from DISCOVER, with no memory of its own) gets its
     // address back.
-    gw.client.exec_ok(&["ip", "link", "set", &gw.tap, "address", CLIENT_MAC]);
+    gw.client
+        .exec_ok(&["ip", "link", "set", &gw.tap, "address", CLIENT_MAC]);
     assert_eq!(lease(&gw), first);
     gw.stop();
 }

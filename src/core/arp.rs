@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 
 use hubnat_backend::FrameBatch;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
-    ETHERNET_HEADER_LEN,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, ETHERNET_HEADER_LEN,
 };
 
 /// What an ARP packet asked of the virtual host.
@@ -56,7 +56,11 @@ pub fn handle(
         target_protocol_addr: source_protocol_addr,
     };
     tx.push_built(ETHERNET_HEADER_LEN + reply.buffer_len(), |buf| {
-        let eth = EthernetRepr { src_addr: our_mac, dst_addr: source_hardware_addr, ethertype: EthernetProtocol::Arp };
+        let eth = EthernetRepr {
+            src_addr: our_mac,
+            dst_addr: source_hardware_addr,
+            ethertype: EthernetProtocol::Arp,
+        };
         let mut frame = EthernetFrame::new_unchecked(&mut *buf);
         eth.emit(&mut frame);
         reply.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));

@@ -87,7 +87,10 @@ fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
         let len = *msg.get(at)?;
         match len {
             0 => {
-                return Some((if name.is_empty() { ".".into() } else { name }, end.unwrap_or(at + 1)));
+                return Some((
+                    if name.is_empty() { ".".into() } else { name },
+                    end.unwrap_or(at + 1),
+                ));
             }
             l if l & 0xc0 == 0xc0 => {
                 let ptr = usize::from(u16::from_be_bytes([l & 0x3f, *msg.get(at + 1)?]));
@@ -96,7 +99,10 @@ fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
             }
             l => {
                 let label = msg.get(at + 1..at + 1 + usize::from(l))?;
-                if !label.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
+                if !label
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+                {
                     return None;
                 }
                 if !name.is_empty() {
@@ -192,7 +198,12 @@ impl DnsForwarder {
     }
 
     /// A query from `client`. Returns what to send, if anything.
-    pub fn query(&mut self, client: SocketAddrV4, payload: &[u8], now: Instant) -> Option<DnsAction<'_>> {
+    pub fn query(
+        &mut self,
+        client: SocketAddrV4,
+        payload: &[u8],
+        now: Instant,
+    ) -> Option<DnsAction<'_>> {
         self.counters.queries += 1;
         if payload.len() < HEADER_LEN || payload[2] & 0x80 != 0 {
             self.counters.dropped += 1;
@@ -201,7 +212,10 @@ impl DnsForwarder {
         if self.upstreams.is_empty() {
             self.counters.servfails += 1;
             servfail(&mut self.buf, payload);
-            return Some(DnsAction::Answer { client, payload: &self.buf });
+            return Some(DnsAction::Answer {
+                client,
+                payload: &self.buf,
+            });
         }
         if self.pending.len() >= MAX_PENDING {
             self.counters.dropped += 1;
@@ -216,9 +230,21 @@ impl DnsForwarder {
         let mut query = payload.to_vec();
         query[..2].copy_from_slice(&id.to_be_bytes());
         let upstream = self.upstreams[0];
-        self.pending.insert(id, Pending { client, client_id, upstream: 0, deadline: now + QUERY_TIMEOUT, query });
+        self.pending.insert(
+            id,
+            Pending {
+                client,
+                client_id,
+                upstream: 0,
+                deadline: now + QUERY_TIMEOUT,
+                query,
+            },
+        );
         let p = self.pending.get(&id).expect("invariant: just inserted");
-        Some(DnsAction::Send { upstream, payload: &p.query })
+        Some(DnsAction::Send {
+            upstream,
+            payload: &p.query,
+        })
     }
 
     /// An answer from `from`. Returns the answer for the client, if it matches a query.
@@ -228,7 +254,10 @@ impl DnsForwarder {
             return None;
         }
         let id = u16::from_be_bytes([payload[0], payload[1]]);
-        let matches = self.pending.get(&id).is_some_and(|p| same_server(self.upstreams[p.upstream], from));
+        let matches = self
+            .pending
+            .get(&id)
+            .is_some_and(|p| same_server(self.upstreams[p.upstream], from));
         if !matches {
             self.counters.stray_answers += 1;
             return None;
@@ -239,21 +268,34 @@ impl DnsForwarder {
         self.buf.clear();
         self.buf.extend_from_slice(payload);
         self.buf[..2].copy_from_slice(&p.client_id.to_be_bytes());
-        Some(DnsAction::Answer { client: p.client, payload: &self.buf })
+        Some(DnsAction::Answer {
+            client: p.client,
+            payload: &self.buf,
+        })
     }
 
     /// Moves timed-out queries to the next upstream, or answers SERVFAIL after the last one.
     /// Calls `act` for each resulting action.
     pub fn handle_timeout(&mut self, now: Instant, mut act: impl FnMut(DnsAction<'_>)) {
-        let due: Vec<u16> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        let due: Vec<u16> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in due {
-            let Some(p) = self.pending.get_mut(&id) else { continue };
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
             if p.upstream + 1 < self.upstreams.len() {
                 p.upstream += 1;
                 p.deadline = now + QUERY_TIMEOUT;
                 self.counters.failovers += 1;
                 tracing::debug!(upstream = %self.upstreams[p.upstream], "dns: upstream timed out, trying the next");
-                act(DnsAction::Send { upstream: self.upstreams[p.upstream], payload: &p.query });
+                act(DnsAction::Send {
+                    upstream: self.upstreams[p.upstream],
+                    payload: &p.query,
+                });
             } else {
                 let p = self.pending.remove(&id).expect("invariant: present");
                 self.counters.servfails += 1;
@@ -261,7 +303,10 @@ impl DnsForwarder {
                 let mut query = p.query;
                 query[..2].copy_from_slice(&p.client_id.to_be_bytes());
                 servfail(&mut self.buf, &query);
-                act(DnsAction::Answer { client: p.client, payload: &self.buf });
+                act(DnsAction::Answer {
+                    client: p.client,
+                    payload: &self.buf,
+                });
             }
         }
     }
@@ -343,10 +388,13 @@ mod tests {
         let a: SocketAddr = "10.77.0.2:53".parse().unwrap();
         let b: SocketAddr = "10.77.0.3:5353".parse().unwrap();
         let mut f = DnsForwarder::new(vec![a, b], 1);
-        f.query(client(), &query_bytes(7), Instant::from_secs(0)).unwrap();
+        f.query(client(), &query_bytes(7), Instant::from_secs(0))
+            .unwrap();
         assert_eq!(f.next_deadline(), Some(Instant::from_secs(2)));
         let mut actions = Vec::new();
-        f.handle_timeout(Instant::from_secs(2), |act| actions.push(format!("{act:?}")));
+        f.handle_timeout(Instant::from_secs(2), |act| {
+            actions.push(format!("{act:?}"))
+        });
         assert_eq!(actions.len(), 1);
         assert!(actions[0].contains("10.77.0.3:5353"), "{actions:?}");
         let mut answers = Vec::new();
@@ -374,8 +422,14 @@ mod tests {
         }
         let mut cache = NameCache::default();
         cache.learn(&answer);
-        assert_eq!(cache.lookup("10.77.0.2".parse().unwrap()), Some("files.hubnat.test"));
-        assert_eq!(cache.lookup("10.77.0.3".parse().unwrap()), Some("files.hubnat.test"));
+        assert_eq!(
+            cache.lookup("10.77.0.2".parse().unwrap()),
+            Some("files.hubnat.test")
+        );
+        assert_eq!(
+            cache.lookup("10.77.0.3".parse().unwrap()),
+            Some("files.hubnat.test")
+        );
         // A pointer loop or truncation is ignored, not followed forever.
         let mut bad = answer.clone();
         bad[12] = 0xc0;
@@ -389,9 +443,14 @@ mod tests {
         let mut f = DnsForwarder::new(vec!["10.77.0.2:53".parse().unwrap()], 0);
         assert_eq!(f.query(client(), &[1, 2, 3], Instant::from_secs(0)), None);
         for i in 0..MAX_PENDING as u16 {
-            assert!(f.query(client(), &query_bytes(i), Instant::from_secs(0)).is_some());
+            assert!(f
+                .query(client(), &query_bytes(i), Instant::from_secs(0))
+                .is_some());
         }
-        assert_eq!(f.query(client(), &query_bytes(1), Instant::from_secs(0)), None);
+        assert_eq!(
+            f.query(client(), &query_bytes(1), Instant::from_secs(0)),
+            None
+        );
         assert_eq!(f.counters.dropped, 2);
     }
 }

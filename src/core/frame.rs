@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpAddress,
-    IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4Packet, Icmpv4Repr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
 };
 
 /// TTL of the packets the virtual host originates.
@@ -38,7 +38,10 @@ pub fn push_udp(
     let len = ETHERNET_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + payload_len;
     tx.push_built(len, |buf| {
         let ip_buf = emit_headers(buf, src_mac, dst_mac, &ip_repr);
-        let udp_repr = UdpRepr { src_port: src.1, dst_port: dst.1 };
+        let udp_repr = UdpRepr {
+            src_port: src.1,
+            dst_port: dst.1,
+        };
         let mut udp = UdpPacket::new_unchecked(ip_buf);
         udp_repr.emit(
             &mut udp,
@@ -64,7 +67,13 @@ pub fn push_ip(
     payload_len: usize,
     payload: impl FnOnce(&mut [u8]),
 ) -> bool {
-    let ip_repr = Ipv4Repr { src_addr: src, dst_addr: dst, next_header: protocol, payload_len, hop_limit: HOP_LIMIT };
+    let ip_repr = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: protocol,
+        payload_len,
+        hop_limit: HOP_LIMIT,
+    };
     tx.push_built(ETHERNET_HEADER_LEN + IPV4_HEADER_LEN + payload_len, |buf| {
         let ip_buf = emit_headers(buf, src_mac, dst_mac, &ip_repr);
         payload(&mut ip_buf[..payload_len]);
@@ -102,7 +111,11 @@ fn emit_headers<'a>(
     dst_mac: EthernetAddress,
     ip_repr: &Ipv4Repr,
 ) -> &'a mut [u8] {
-    let eth_repr = EthernetRepr { src_addr: src_mac, dst_addr: dst_mac, ethertype: EthernetProtocol::Ipv4 };
+    let eth_repr = EthernetRepr {
+        src_addr: src_mac,
+        dst_addr: dst_mac,
+        ethertype: EthernetProtocol::Ipv4,
+    };
     let mut eth = EthernetFrame::new_unchecked(&mut *buf);
     eth_repr.emit(&mut eth);
     let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETHERNET_HEADER_LEN..]);

@@ -20,9 +20,20 @@ pub fn handle_echo(
 ) -> Result<bool, smoltcp::wire::Error> {
     let packet = Icmpv4Packet::new_checked(payload)?;
     let repr = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())?;
-    let Icmpv4Repr::EchoRequest { ident, seq_no, data } = repr else {
+    let Icmpv4Repr::EchoRequest {
+        ident,
+        seq_no,
+        data,
+    } = repr
+    else {
         return Ok(false);
     };
-    let reply = Icmpv4Repr::EchoReply { ident, seq_no, data };
-    Ok(frame::push_icmp(tx, host.mac, src_mac, host.ip, src_ip, &reply))
+    let reply = Icmpv4Repr::EchoReply {
+        ident,
+        seq_no,
+        data,
+    };
+    Ok(frame::push_icmp(
+        tx, host.mac, src_mac, host.ip, src_ip, &reply,
+    ))
 }

@@ -120,7 +120,12 @@ impl Neighbours {
             return;
         }
         if self.map.len() >= Self::CAPACITY && !self.map.contains_key(&ip) {
-            if let Some(oldest) = self.map.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) {
+            if let Some(oldest) = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(ip, _)| *ip)
+            {
                 self.map.remove(&oldest);
             }
         }
@@ -179,7 +184,10 @@ impl VirtualHost {
         let mut server = DhcpServer::new(dhcp, host.ip, host.mask);
         let skipped = server.restore(leases);
         if skipped > 0 {
-            tracing::warn!(skipped, "dhcp: saved leases outside the configured range or reservations were dropped");
+            tracing::warn!(
+                skipped,
+                "dhcp: saved leases outside the configured range or reservations were dropped"
+            );
         }
         VirtualHost {
             host,
@@ -246,7 +254,10 @@ impl VirtualHost {
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let dhcp = self.dhcp.next_deadline().map(|secs| Instant::from_secs(secs as i64));
+        let dhcp = self
+            .dhcp
+            .next_deadline()
+            .map(|secs| Instant::from_secs(secs as i64));
         [dhcp, self.nat_deadline()].into_iter().flatten().min()
     }
 
@@ -254,7 +265,10 @@ impl VirtualHost {
     /// timeouts, DNS failover, TCP retransmissions.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
-        if self.dhcp.handle_timeout(unix_secs(now), &mut self.dhcp_events) {
+        if self
+            .dhcp
+            .handle_timeout(unix_secs(now), &mut self.dhcp_events)
+        {
             self.events.push_back(Event::LeasesChanged);
         }
         self.flush_dhcp_events();
@@ -291,7 +305,8 @@ impl VirtualHost {
         }
         match eth.ethertype() {
             EthernetProtocol::Arp => {
-                let (outcome, learn) = arp::handle(eth.payload(), self.host.mac, self.host.ip, &mut self.tx)?;
+                let (outcome, learn) =
+                    arp::handle(eth.payload(), self.host.mac, self.host.ip, &mut self.tx)?;
                 if let Some((ip, mac)) = learn {
                     if self.in_subnet(ip) {
                         self.neighbours.learn(ip, mac, now);
@@ -315,7 +330,12 @@ impl VirtualHost {
         u32::from(ip) & m == u32::from(self.host.ip) & m
     }
 
-    fn handle_ipv4(&mut self, now: Instant, src_mac: EthernetAddress, payload: &[u8]) -> Result<(), smoltcp::wire::Error> {
+    fn handle_ipv4(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        payload: &[u8],
+    ) -> Result<(), smoltcp::wire::Error> {
         let packet = Ipv4Packet::new_checked(payload)?;
         if packet.version() != 4 || !packet.verify_checksum() {
             return Err(smoltcp::wire::Error);
@@ -392,7 +412,9 @@ impl VirtualHost {
                 return;
             }
         };
-        let reply = self.dhcp.handle_from(&msg, src_mac.0, unix_secs(now), &mut self.dhcp_events);
+        let reply = self
+            .dhcp
+            .handle_from(&msg, src_mac.0, unix_secs(now), &mut self.dhcp_events);
         if let Some(reply) = reply {
             self.dhcp_buf.clear();
             let mut enc = dhcproto::Encoder::new(&mut self.dhcp_buf);
@@ -414,10 +436,15 @@ impl VirtualHost {
                 self.counters.tx_dropped += 1;
             }
             if !reply.to.ip.is_broadcast() {
-                self.neighbours.learn(reply.to.ip, EthernetAddress(reply.to.mac), now);
+                self.neighbours
+                    .learn(reply.to.ip, EthernetAddress(reply.to.mac), now);
             }
         }
-        if self.dhcp_events.iter().any(|e| matches!(e, DhcpEvent::Lease { .. })) {
+        if self
+            .dhcp_events
+            .iter()
+            .any(|e| matches!(e, DhcpEvent::Lease { .. }))
+        {
             self.events.push_back(Event::LeasesChanged);
         }
         self.flush_dhcp_events();
@@ -430,7 +457,8 @@ impl VirtualHost {
         if changed {
             self.events.pop_back();
         }
-        self.events.extend(self.dhcp_events.drain(..).map(Event::Dhcp));
+        self.events
+            .extend(self.dhcp_events.drain(..).map(Event::Dhcp));
         if changed {
             self.events.push_back(Event::LeasesChanged);
         }

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-pub mod smol_client;
-pub mod netns;
-pub mod topology;
 pub mod inproc;
+pub mod netns;
+pub mod smol_client;
+pub mod topology;

@@ -29,7 +29,10 @@ pub fn require_programs(programs: &[&str]) {
         let found = std::env::var_os("PATH")
             .map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file()))
             .unwrap_or(false);
-        assert!(found, "{p} is not installed: run scripts/test.sh (it installs the test clients)");
+        assert!(
+            found,
+            "{p} is not installed: run scripts/test.sh (it installs the test clients)"
+        );
     }
 }
 
@@ -46,7 +49,12 @@ pub fn unique(prefix: &str) -> String {
 /// Runs `ip` with `args` and returns its output; panics with the command and stderr on failure.
 pub fn ip(args: &[&str]) -> Output {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -73,7 +81,10 @@ impl Netns {
 
     /// Runs a command inside the namespace and returns its output.
     pub fn exec(&self, args: &[&str]) -> Output {
-        self.command(args[0]).args(&args[1..]).output().expect("run command in namespace")
+        self.command(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("run command in namespace")
     }
 
     /// Runs a command inside the namespace and panics if it fails.
@@ -93,14 +104,18 @@ impl Netns {
     /// Waits until `dev` exists in the namespace.
     pub fn wait_for_link(&self, dev: &str, limit: Duration) {
         wait_until(limit, &format!("link {dev} in {}", self.name), || {
-            self.exec(&["ip", "link", "show", "dev", dev]).status.success()
+            self.exec(&["ip", "link", "show", "dev", dev])
+                .status
+                .success()
         });
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -114,8 +129,16 @@ impl Proc {
     pub fn spawn(mut cmd: Command, what: &str, log: &Path) -> Proc {
         let out = std::fs::File::create(log).expect("create log");
         let err = out.try_clone().expect("clone log");
-        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
-        Proc { child, what: what.into() }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        Proc {
+            child,
+            what: what.into(),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -162,7 +185,10 @@ impl Drop for Proc {
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -9,7 +9,8 @@ use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{dhcpv4, icmp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address, Ipv4Cidr,
+    EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address,
+    Ipv4Cidr,
 };
 
 /// A smoltcp device over a memory hub port.
@@ -84,9 +85,14 @@ pub struct SmolClient {
 impl SmolClient {
     pub fn new(port: MemoryPort, mac: [u8; 6], now: Instant) -> Self {
         let mac = EthernetAddress(mac);
-        let mut device = PortDevice { port, buf: Vec::new() };
+        let mut device = PortDevice {
+            port,
+            buf: Vec::new(),
+        };
         let mut config = Config::new(HardwareAddress::Ethernet(mac));
-        config.random_seed = u64::from_le_bytes([mac.0[0], mac.0[1], mac.0[2], mac.0[3], mac.0[4], mac.0[5], 7, 9]);
+        config.random_seed = u64::from_le_bytes([
+            mac.0[0], mac.0[1], mac.0[2], mac.0[3], mac.0[4], mac.0[5], 7, 9,
+        ]);
         let iface = Interface::new(config, &mut device, now);
         let mut sockets = SocketSet::new(Vec::new());
         let mut dhcp = dhcpv4::Socket::new();
@@ -102,9 +108,19 @@ impl SmolClient {
         let icmp_rx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 8], vec![0; 2048]);
         let icmp_tx = icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 8], vec![0; 2048]);
         let mut icmp_socket = icmp::Socket::new(icmp_rx, icmp_tx);
-        icmp_socket.bind(icmp::Endpoint::Ident(0x4242)).expect("bind icmp");
+        icmp_socket
+            .bind(icmp::Endpoint::Ident(0x4242))
+            .expect("bind icmp");
         let icmp = sockets.add(icmp_socket);
-        SmolClient { mac, device, iface, sockets, dhcp, icmp, got: None }
+        SmolClient {
+            mac,
+            device,
+            iface,
+            sockets,
+            dhcp,
+            icmp,
+            got: None,
+        }
     }
 
     /// Polls the stack; returns true when the DHCP client has (just) been configured.
@@ -139,7 +155,10 @@ impl SmolClient {
                     addrs.push(IpCidr::Ipv4(cfg.address)).unwrap();
                 });
                 if let Some(router) = cfg.router {
-                    self.iface.routes_mut().add_default_ipv4_route(router).unwrap();
+                    self.iface
+                        .routes_mut()
+                        .add_default_ipv4_route(router)
+                        .unwrap();
                 }
                 self.got = Some(got);
                 true
@@ -161,7 +180,11 @@ impl SmolClient {
             tcp::SocketBuffer::new(vec![0u8; 256 * 1024]),
         );
         socket
-            .connect(self.iface.context(), (IpAddress::Ipv4(*remote.ip()), remote.port()), local_port)
+            .connect(
+                self.iface.context(),
+                (IpAddress::Ipv4(*remote.ip()), remote.port()),
+                local_port,
+            )
             .expect("tcp connect");
         self.sockets.add(socket)
     }
@@ -174,8 +197,14 @@ impl SmolClient {
     /// Queues an echo request to `dst`.
     pub fn send_ping(&mut self, dst: Ipv4Address, seq: u16) {
         let socket = self.sockets.get_mut::<icmp::Socket>(self.icmp);
-        let repr = Icmpv4Repr::EchoRequest { ident: 0x4242, seq_no: seq, data: b"hubnat-ping" };
-        let buf = socket.send(repr.buffer_len(), IpAddress::Ipv4(dst)).expect("icmp send buffer");
+        let repr = Icmpv4Repr::EchoRequest {
+            ident: 0x4242,
+            seq_no: seq,
+            data: b"hubnat-ping",
+        };
+        let buf = socket
+            .send(repr.buffer_len(), IpAddress::Ipv4(dst))
+            .expect("icmp send buffer");
         let mut pkt = Icmpv4Packet::new_unchecked(buf);
         repr.emit(&mut pkt, &smoltcp::phy::ChecksumCapabilities::default());
     }
@@ -186,7 +215,9 @@ impl SmolClient {
         let (payload, from) = socket.recv().ok()?;
         let pkt = Icmpv4Packet::new_checked(payload).ok()?;
         match Icmpv4Repr::parse(&pkt, &Default::default()).ok()? {
-            Icmpv4Repr::EchoReply { seq_no, data, .. } if data == b"hubnat-ping" => Some((from, seq_no)),
+            Icmpv4Repr::EchoReply { seq_no, data, .. } if data == b"hubnat-ping" => {
+                Some((from, seq_no))
+            }
             _ => None,
         }
     }

@@ -67,7 +67,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { mtu: 1500, files: Vec::new(), iperf: false, config: String::new(), log_level: "info".into() }
+        Options {
+            mtu: 1500,
+            files: Vec::new(),
+            iperf: false,
+            config: String::new(),
+            log_level: "info".into(),
+        }
     }
 }
 
@@ -106,7 +112,10 @@ impl Topology {
             progs.push("iperf3");
         }
         require_programs(&progs);
-        let dir = tempfile::Builder::new().prefix("hubnat-topo-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("hubnat-topo-")
+            .tempdir()
+            .expect("tempdir");
         let path = dir.path().to_path_buf();
         let server = Netns::new("hnsv");
         let gw = Netns::new("hngw");
@@ -133,13 +142,37 @@ impl Topology {
             path,
         };
         let mtu = topo.opts.mtu.to_string();
-        veth(&topo.gw, &topo.uplink_dev, &topo.server, &topo.server_dev, &mtu);
-        topo.gw.exec_ok(&["ip", "addr", "add", &format!("{UPLINK_IP}/24"), "dev", &topo.uplink_dev]);
-        topo.server.exec_ok(&["ip", "addr", "add", &format!("{SERVER_IP}/24"), "dev", &topo.server_dev]);
+        veth(
+            &topo.gw,
+            &topo.uplink_dev,
+            &topo.server,
+            &topo.server_dev,
+            &mtu,
+        );
+        topo.gw.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{UPLINK_IP}/24"),
+            "dev",
+            &topo.uplink_dev,
+        ]);
+        topo.server.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SERVER_IP}/24"),
+            "dev",
+            &topo.server_dev,
+        ]);
         // Let the gateway's host-side pings use an ICMP datagram socket (the default range
         // "1 0" allows nobody, root included). This namespace's setting only.
         // (/proc/sys/net is the writer's namespace's; no procps needed.)
-        topo.gw.exec_ok(&["sh", "-c", "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"]);
+        topo.gw.exec_ok(&[
+            "sh",
+            "-c",
+            "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range",
+        ]);
         // The link works (ARP both ways) before anything starts.
         topo.gw.exec_ok(&["ping", "-c", "1", "-W", "5", SERVER_IP]);
         for (name, size) in topo.opts.files.clone() {
@@ -155,27 +188,42 @@ impl Topology {
         require_programs(&["udhcpc"]);
         let mut topo = Topology::new(opts);
         let tap = unique("hntap");
-        topo.start_hubnat(&format!("[backend]\nkind = \"tap\"\n[backend.tap]\nname = \"{tap}\"\n"));
+        topo.start_hubnat(&format!(
+            "[backend]\nkind = \"tap\"\n[backend.tap]\nname = \"{tap}\"\n"
+        ));
         let log = topo.hubnat_log.clone();
         let hubnat = topo.hubnat.as_mut().unwrap();
-        wait_until(Duration::from_secs(15), "hubnat to open its TAP device", || {
-            assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
-            topo.gw.exec(&["ip", "link", "show", "dev", &tap]).status.success()
-        });
+        wait_until(
+            Duration::from_secs(15),
+            "hubnat to open its TAP device",
+            || {
+                assert!(hubnat.is_running(), "hubnat exited early:\n{}", read(&log));
+                topo.gw
+                    .exec(&["ip", "link", "show", "dev", &tap])
+                    .status
+                    .success()
+            },
+        );
         // The kernel side of the TAP device becomes the client's network interface.
-        topo.gw.exec_ok(&["ip", "link", "set", &tap, "netns", &topo.client.name]);
+        topo.gw
+            .exec_ok(&["ip", "link", "set", &tap, "netns", &topo.client.name]);
         topo.client.wait_for_link(&tap, Duration::from_secs(5));
         let mtu = link_mtu(&topo.client, &tap);
         if mtu != topo.opts.mtu {
-            eprintln!("topology: {tap} has MTU {mtu} after the move, setting {}", topo.opts.mtu);
-            topo.client.exec_ok(&["ip", "link", "set", &tap, "mtu", &topo.opts.mtu.to_string()]);
+            eprintln!(
+                "topology: {tap} has MTU {mtu} after the move, setting {}",
+                topo.opts.mtu
+            );
+            topo.client
+                .exec_ok(&["ip", "link", "set", &tap, "mtu", &topo.opts.mtu.to_string()]);
         }
         topo.client.exec_ok(&["ip", "link", "set", &tap, "up"]);
         topo.client_dev = Some(tap.clone());
         topo.pcap_client();
         topo.dhcp(&tap);
         // The segment itself works before anything goes through the NAT.
-        topo.client.exec_ok(&["ping", "-c", "1", "-W", "3", VHOST_IP]);
+        topo.client
+            .exec_ok(&["ping", "-c", "1", "-W", "3", VHOST_IP]);
         topo
     }
 
@@ -185,11 +233,41 @@ impl Topology {
     pub fn direct(opts: Options) -> Topology {
         let mut topo = Topology::new(opts);
         let (cdev, sdev) = (unique("hndc"), unique("hnds"));
-        veth(&topo.client, &cdev, &topo.server, &sdev, &topo.opts.mtu.to_string());
-        topo.server.exec_ok(&["ip", "addr", "add", &format!("{DIRECT_SERVER_SIDE_IP}/24"), "dev", &sdev]);
-        topo.client.exec_ok(&["ip", "addr", "add", &format!("{DIRECT_CLIENT_IP}/24"), "dev", &cdev]);
-        topo.client.exec_ok(&["ip", "route", "add", "default", "via", DIRECT_SERVER_SIDE_IP, "dev", &cdev]);
-        topo.client.exec_ok(&["ping", "-c", "1", "-W", "5", SERVER_IP]);
+        veth(
+            &topo.client,
+            &cdev,
+            &topo.server,
+            &sdev,
+            &topo.opts.mtu.to_string(),
+        );
+        topo.server.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{DIRECT_SERVER_SIDE_IP}/24"),
+            "dev",
+            &sdev,
+        ]);
+        topo.client.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{DIRECT_CLIENT_IP}/24"),
+            "dev",
+            &cdev,
+        ]);
+        topo.client.exec_ok(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            DIRECT_SERVER_SIDE_IP,
+            "dev",
+            &cdev,
+        ]);
+        topo.client
+            .exec_ok(&["ping", "-c", "1", "-W", "5", SERVER_IP]);
         topo.client_dev = Some(cdev);
         topo.client_ip = Some(DIRECT_CLIENT_IP.into());
         topo.pcap_client();
@@ -239,7 +317,9 @@ level = "{level}"
         );
         let mut table: toml::Table = base.parse().unwrap();
         for extra in [backend, self.opts.config.as_str()] {
-            let extra: toml::Table = extra.parse().unwrap_or_else(|e| panic!("bad TOML for hubnat: {e}\n{extra}"));
+            let extra: toml::Table = extra
+                .parse()
+                .unwrap_or_else(|e| panic!("bad TOML for hubnat: {e}\n{extra}"));
             merge(&mut table, extra);
         }
         toml::to_string(&table).unwrap()
@@ -261,9 +341,17 @@ level = "{level}"
     /// The end of a test: hubnat must still be running (it did not crash under the test), and
     /// must stop cleanly on SIGTERM. Everything else is torn down by the drop.
     pub fn finish(mut self) {
-        assert!(self.hubnat_running(), "hubnat exited during the test:\n{}", read(&self.hubnat_log));
+        assert!(
+            self.hubnat_running(),
+            "hubnat exited during the test:\n{}",
+            read(&self.hubnat_log)
+        );
         let status = self.stop_hubnat();
-        assert!(status.success(), "hubnat exit status {status} on SIGTERM:\n{}", read(&self.hubnat_log));
+        assert!(
+            status.success(),
+            "hubnat exit status {status} on SIGTERM:\n{}",
+            read(&self.hubnat_log)
+        );
     }
 
     /// Stops hubnat with SIGTERM and returns its exit status.
@@ -290,7 +378,8 @@ level = "{level}"
             "hostname:nat-client",
         ]);
         let started = Instant::now();
-        self.procs.push(Proc::spawn(cmd, "udhcpc", &self.path("udhcpc.log")));
+        self.procs
+            .push(Proc::spawn(cmd, "udhcpc", &self.path("udhcpc.log")));
         let log = self.hubnat_log.clone();
         let hubnat = &mut self.hubnat;
         wait_until(Duration::from_secs(30), "udhcpc to get a lease", || {
@@ -299,11 +388,22 @@ level = "{level}"
             }
             read(&events).contains("event=bound")
         });
-        let line = read(&events).lines().find(|l| l.starts_with("event=bound")).unwrap().to_owned();
-        let ip = line.split(' ').find_map(|f| f.strip_prefix("ip=")).unwrap().to_owned();
+        let line = read(&events)
+            .lines()
+            .find(|l| l.starts_with("event=bound"))
+            .unwrap()
+            .to_owned();
+        let ip = line
+            .split(' ')
+            .find_map(|f| f.strip_prefix("ip="))
+            .unwrap()
+            .to_owned();
         eprintln!("topology: {dev} bound in {:?}: {line}", started.elapsed());
         let route = self.client.exec_ok(&["ip", "route", "show", "default"]);
-        assert!(route.contains(&format!("via {VHOST_IP}")), "no default route via {VHOST_IP} after the lease: {route:?}");
+        assert!(
+            route.contains(&format!("via {VHOST_IP}")),
+            "no default route via {VHOST_IP} after the lease: {route:?}"
+        );
         self.client_ip = Some(ip.clone());
         ip
     }
@@ -316,7 +416,12 @@ level = "{level}"
     /// Runs a command in the client namespace; returns its output and how long it took.
     pub fn client_run(&self, args: &[&str]) -> (Output, Duration) {
         let started = Instant::now();
-        let out = self.client_cmd(args[0]).args(&args[1..]).stdin(Stdio::null()).output().expect("run in client namespace");
+        let out = self
+            .client_cmd(args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run in client namespace");
         (out, started.elapsed())
     }
 
@@ -325,7 +430,10 @@ level = "{level}"
         let snmp = self.server.exec_ok(&["cat", "/proc/net/snmp"]);
         let mut lines = snmp.lines().filter(|l| l.starts_with("Icmp:"));
         let (head, vals) = (lines.next().unwrap(), lines.next().unwrap());
-        let i = head.split_whitespace().position(|k| k == "InEchos").unwrap();
+        let i = head
+            .split_whitespace()
+            .position(|k| k == "InEchos")
+            .unwrap();
         vals.split_whitespace().nth(i).unwrap().parse().unwrap()
     }
 
@@ -340,7 +448,11 @@ level = "{level}"
             .lines()
             .filter_map(|l| {
                 let mut f = l.split(' ');
-                Some((f.next()?.to_owned(), f.next()?.parse().ok()?, f.next()?.to_owned()))
+                Some((
+                    f.next()?.to_owned(),
+                    f.next()?.parse().ok()?,
+                    f.next()?.to_owned(),
+                ))
             })
             .collect()
     }
@@ -368,10 +480,20 @@ level = "{level}"
             "--uploads",
             self.uploads.to_str().unwrap(),
         ]);
-        self.procs.push(Proc::spawn(http, "HTTP server", &self.path("http.log")));
+        self.procs
+            .push(Proc::spawn(http, "HTTP server", &self.path("http.log")));
         let mut echo = srv.command("python3");
-        echo.arg(fixture("udp_echo_server.py")).args(["--bind", SERVER_IP, "--port", &ECHO_PORT.to_string()]);
-        self.procs.push(Proc::spawn(echo, "UDP echo server", &self.path("udp-echo.log")));
+        echo.arg(fixture("udp_echo_server.py")).args([
+            "--bind",
+            SERVER_IP,
+            "--port",
+            &ECHO_PORT.to_string(),
+        ]);
+        self.procs.push(Proc::spawn(
+            echo,
+            "UDP echo server",
+            &self.path("udp-echo.log"),
+        ));
         let mut dns = srv.command("dnsmasq");
         dns.args([
             "--keep-in-foreground",
@@ -389,27 +511,43 @@ level = "{level}"
             &format!("--pid-file={}", self.path("dnsmasq.pid").display()),
             "--leasefile-ro",
         ]);
-        self.procs.push(Proc::spawn(dns, "dnsmasq", &self.path("dnsmasq.log")));
+        self.procs
+            .push(Proc::spawn(dns, "dnsmasq", &self.path("dnsmasq.log")));
         if self.opts.iperf {
             let mut iperf = srv.command("iperf3");
             iperf.args(["-s", "-B", SERVER_IP, "-p", &IPERF_PORT.to_string()]);
-            self.procs.push(Proc::spawn(iperf, "iperf3 -s", &self.path("iperf3-server.log")));
+            self.procs.push(Proc::spawn(
+                iperf,
+                "iperf3 -s",
+                &self.path("iperf3-server.log"),
+            ));
         }
-        let mut wanted = vec![("tcp", HTTP_PORT), ("udp", ECHO_PORT), ("udp", 53), ("tcp", 53)];
+        let mut wanted = vec![
+            ("tcp", HTTP_PORT),
+            ("udp", ECHO_PORT),
+            ("udp", 53),
+            ("tcp", 53),
+        ];
         if self.opts.iperf {
             wanted.push(("tcp", IPERF_PORT));
         }
         let procs = &mut self.procs;
-        wait_until(Duration::from_secs(15), "the test servers to listen", || {
-            for p in procs.iter_mut() {
-                assert!(p.is_running(), "{} exited early", p.what);
-            }
-            let ss = srv.exec(&["ss", "-H", "-lntu"]);
-            let ss = String::from_utf8_lossy(&ss.stdout);
-            wanted.iter().all(|(proto, port)| {
-                ss.lines().any(|l| l.starts_with(proto) && l.contains(&format!("{SERVER_IP}:{port} ")))
-            })
-        });
+        wait_until(
+            Duration::from_secs(15),
+            "the test servers to listen",
+            || {
+                for p in procs.iter_mut() {
+                    assert!(p.is_running(), "{} exited early", p.what);
+                }
+                let ss = srv.exec(&["ss", "-H", "-lntu"]);
+                let ss = String::from_utf8_lossy(&ss.stdout);
+                wanted.iter().all(|(proto, port)| {
+                    ss.lines().any(|l| {
+                        l.starts_with(proto) && l.contains(&format!("{SERVER_IP}:{port} "))
+                    })
+                })
+            },
+        );
     }
 
     fn pcap_client(&mut self) {
@@ -424,21 +562,43 @@ level = "{level}"
     fn pcap(&self, ns: &Netns, dev: &str, file: &str) -> Option<Proc> {
         std::env::var_os("TEST_HUBNAT_PCAP")?;
         let mut cmd = ns.command("tcpdump");
-        cmd.args(["-i", dev, "-n", "-s", "256", "-U", "-w", self.path(file).to_str().unwrap()]);
+        cmd.args([
+            "-i",
+            dev,
+            "-n",
+            "-s",
+            "256",
+            "-U",
+            "-w",
+            self.path(file).to_str().unwrap(),
+        ]);
         let p = Proc::spawn(cmd, "tcpdump", &self.path(&format!("{file}.log")));
         std::thread::sleep(Duration::from_millis(300));
         Some(p)
     }
 
     fn dump_logs(&self) {
-        for name in ["hubnat.log", "udhcpc.log", "udhcpc-events.log", "http.log", "udp-echo.log", "dnsmasq.log", "iperf3-server.log"] {
+        for name in [
+            "hubnat.log",
+            "udhcpc.log",
+            "udhcpc-events.log",
+            "http.log",
+            "udp-echo.log",
+            "dnsmasq.log",
+            "iperf3-server.log",
+        ] {
             let text = read(&self.path(name));
             if text.is_empty() {
                 continue;
             }
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
-            eprintln!("---- {name} (last {} of {} lines) ----\n{}", tail.len(), lines.len(), tail.join("\n"));
+            eprintln!(
+                "---- {name} (last {} of {} lines) ----\n{}",
+                tail.len(),
+                lines.len(),
+                tail.join("\n")
+            );
         }
     }
 }
@@ -466,7 +626,9 @@ impl Drop for Topology {
             std::thread::sleep(Duration::from_millis(200));
         }
         self.procs.clear();
-        if std::env::var_os("TEST_HUBNAT_KEEP").is_some() || std::env::var_os("TEST_HUBNAT_PCAP").is_some() {
+        if std::env::var_os("TEST_HUBNAT_KEEP").is_some()
+            || std::env::var_os("TEST_HUBNAT_PCAP").is_some()
+        {
             if let Some(dir) = self.dir.take() {
                 eprintln!("topology: kept {}", dir.keep().display());
             }
@@ -476,14 +638,28 @@ impl Drop for Topology {
 
 /// The path of a file under tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The SHA-256 of a file, in hex (sha256sum).
 pub fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
-    assert!(out.status.success(), "sha256sum {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        out.status.success(),
+        "sha256sum {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 /// Writes `size` random bytes to `path`.
@@ -505,12 +681,19 @@ pub fn random_file(path: &Path, size: u64) {
 pub fn link_mtu(ns: &Netns, dev: &str) -> u32 {
     let out = ns.exec_ok(&["ip", "-o", "link", "show", "dev", dev]);
     let mut words = out.split_whitespace();
-    words.find(|w| *w == "mtu").and_then(|_| words.next()).and_then(|m| m.parse().ok()).unwrap_or_else(|| panic!("no mtu in {out:?}"))
+    words
+        .find(|w| *w == "mtu")
+        .and_then(|_| words.next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no mtu in {out:?}"))
 }
 
 /// A veth pair `a` (in `na`) — `b` (in `nb`), both up at `mtu`.
 fn veth(na: &Netns, a: &str, nb: &Netns, b: &str, mtu: &str) {
-    na.exec_ok(&["ip", "link", "add", a, "mtu", mtu, "type", "veth", "peer", "name", b, "mtu", mtu, "netns", &nb.name]);
+    na.exec_ok(&[
+        "ip", "link", "add", a, "mtu", mtu, "type", "veth", "peer", "name", b, "mtu", mtu, "netns",
+        &nb.name,
+    ]);
     na.exec_ok(&["ip", "link", "set", a, "up"]);
     nb.exec_ok(&["ip", "link", "set", b, "up"]);
 }
@@ -518,7 +701,16 @@ fn veth(na: &Netns, a: &str, nb: &Netns, b: &str, mtu: &str) {
 /// Removes proxy settings from a command's environment: every request goes straight to the
 /// namespaces' own addresses.
 fn clean(mut cmd: Command) -> Command {
-    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"] {
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+    ] {
         cmd.env_remove(v);
     }
     cmd

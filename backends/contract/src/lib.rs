@@ -212,7 +212,10 @@ mod tests {
     #[test]
     fn failed_fill_appends_nothing() {
         let mut b = FrameBatch::new(4, 64);
-        assert_eq!(b.push_with(10, |_| Err::<usize, _>("would block")), Err("would block"));
+        assert_eq!(
+            b.push_with(10, |_| Err::<usize, _>("would block")),
+            Err("would block")
+        );
         assert!(b.is_empty());
         assert!(b.push_built(3, |buf| buf.copy_from_slice(&[7, 8, 9])));
         assert_eq!(b.get(0), Some(&[7u8, 8, 9][..]));

@@ -70,7 +70,11 @@ pub fn effective_routes(settings: &DhcpSettings) -> Vec<StaticRoute> {
     let mut routes = settings.routes.clone();
     if let Some(gw) = settings.gateway {
         if !routes.is_empty() && !routes.iter().any(|r| r.prefix_len == 0) {
-            routes.push(StaticRoute { dest: Ipv4Addr::UNSPECIFIED, prefix_len: 0, gateway: gw });
+            routes.push(StaticRoute {
+                dest: Ipv4Addr::UNSPECIFIED,
+                prefix_len: 0,
+                gateway: gw,
+            });
         }
     }
     routes
@@ -134,7 +138,11 @@ pub fn add_config_options(
         if wanted(prl, OptionCode::ClasslessStaticRoute) {
             let list = routes
                 .iter()
-                .filter_map(|r| Ipv4Net::new(r.dest, r.prefix_len).ok().map(|n| (n, r.gateway)))
+                .filter_map(|r| {
+                    Ipv4Net::new(r.dest, r.prefix_len)
+                        .ok()
+                        .map(|n| (n, r.gateway))
+                })
                 .collect();
             opts.insert(DhcpOption::ClasslessStaticRoute(list));
         }
@@ -154,10 +162,26 @@ mod tests {
     #[test]
     fn rfc3442_encoding_matches_the_rfc_examples() {
         let routes = [
-            StaticRoute { dest: Ipv4Addr::new(10, 0, 0, 0), prefix_len: 8, gateway: Ipv4Addr::new(192, 168, 30, 1) },
-            StaticRoute { dest: Ipv4Addr::new(10, 17, 0, 0), prefix_len: 16, gateway: Ipv4Addr::new(10, 0, 0, 1) },
-            StaticRoute { dest: Ipv4Addr::new(10, 229, 0, 128), prefix_len: 25, gateway: Ipv4Addr::new(10, 0, 0, 1) },
-            StaticRoute { dest: Ipv4Addr::UNSPECIFIED, prefix_len: 0, gateway: Ipv4Addr::new(10, 0, 0, 1) },
+            StaticRoute {
+                dest: Ipv4Addr::new(10, 0, 0, 0),
+                prefix_len: 8,
+                gateway: Ipv4Addr::new(192, 168, 30, 1),
+            },
+            StaticRoute {
+                dest: Ipv4Addr::new(10, 17, 0, 0),
+                prefix_len: 16,
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+            },
+            StaticRoute {
+                dest: Ipv4Addr::new(10, 229, 0, 128),
+                prefix_len: 25,
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+            },
+            StaticRoute {
+                dest: Ipv4Addr::UNSPECIFIED,
+                prefix_len: 0,
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+            },
         ];
         assert_eq!(
             encode_routes(&routes),

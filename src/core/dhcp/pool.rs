@@ -94,7 +94,10 @@ mod hex_bytes {
             return Ok(Vec::new());
         }
         text.split(':')
-            .map(|p| u8::from_str_radix(p, 16).map_err(|_| D::Error::custom(format!("bad hex byte {p:?}"))))
+            .map(|p| {
+                u8::from_str_radix(p, 16)
+                    .map_err(|_| D::Error::custom(format!("bad hex byte {p:?}")))
+            })
             .collect()
     }
 }
@@ -230,8 +233,12 @@ impl LeasePool {
     pub fn restore(&mut self, leases: impl IntoIterator<Item = Lease>) -> usize {
         let mut skipped = 0;
         for lease in leases {
-            let manageable = self.in_range(lease.ip) || self.static_ips.get(&lease.ip) == Some(&lease.mac);
-            let reserved_elsewhere = self.static_ips.get(&lease.ip).is_some_and(|m| *m != lease.mac);
+            let manageable =
+                self.in_range(lease.ip) || self.static_ips.get(&lease.ip) == Some(&lease.mac);
+            let reserved_elsewhere = self
+                .static_ips
+                .get(&lease.ip)
+                .is_some_and(|m| *m != lease.mac);
             if !manageable
                 || reserved_elsewhere
                 || lease.ip == self.excluded
@@ -314,7 +321,10 @@ impl LeasePool {
             pool.check_allowed(mac, ip).is_ok() && pool.check_free(client, ip).is_ok()
         };
         let reservation = self.statics.get(&mac).copied();
-        let previous = self.get(client).filter(|l| l.state != LeaseState::Declined).map(|l| l.ip);
+        let previous = self
+            .get(client)
+            .filter(|l| l.state != LeaseState::Declined)
+            .map(|l| l.ip);
         let ip = if let Some(ip) = reservation.filter(|ip| usable(self, *ip)) {
             ip
         } else if let Some(ip) = previous.filter(|ip| reservation.is_none() && usable(self, *ip)) {
@@ -333,7 +343,11 @@ impl LeasePool {
             return Err(PoolExhausted);
         };
 
-        if self.by_ip.get(&ip).is_some_and(|l| l.client == *client && l.state == LeaseState::Bound) {
+        if self
+            .by_ip
+            .get(&ip)
+            .is_some_and(|l| l.client == *client && l.state == LeaseState::Bound)
+        {
             // Re-offering a live binding: keep it bound; the REQUEST will renew it.
             return Ok(ip);
         }
@@ -359,13 +373,19 @@ impl LeasePool {
     fn never_held(&self) -> Option<Ipv4Addr> {
         (self.range_start..=self.range_end)
             .map(Ipv4Addr::from)
-            .find(|ip| *ip != self.excluded && !self.static_ips.contains_key(ip) && !self.by_ip.contains_key(ip))
+            .find(|ip| {
+                *ip != self.excluded
+                    && !self.static_ips.contains_key(ip)
+                    && !self.by_ip.contains_key(ip)
+            })
     }
 
     fn oldest_remembered(&self, client: &ClientKey) -> Option<Ipv4Addr> {
         self.by_ip
             .values()
-            .filter(|l| l.frees_address() && l.client != *client && !self.static_ips.contains_key(&l.ip))
+            .filter(|l| {
+                l.frees_address() && l.client != *client && !self.static_ips.contains_key(&l.ip)
+            })
             .filter(|l| self.in_range(l.ip))
             .min_by_key(|l| l.expires)
             .map(|l| l.ip)
@@ -414,14 +434,20 @@ impl LeasePool {
     ) -> Result<(Lease, BindOutcome), BindError> {
         self.check_allowed(mac, ip)?;
         self.check_free(client, ip)?;
-        let renewed = self
-            .by_ip
-            .get(&ip)
-            .is_some_and(|l| l.client == *client && l.state == LeaseState::Bound && l.expires > now);
-        let hostname = hostname
-            .map(str::to_owned)
-            .or_else(|| self.by_ip.get(&ip).filter(|l| l.client == *client).and_then(|l| l.hostname.clone()));
-        let start = if renewed { self.by_ip.get(&ip).map_or(now, |l| l.start) } else { now };
+        let renewed = self.by_ip.get(&ip).is_some_and(|l| {
+            l.client == *client && l.state == LeaseState::Bound && l.expires > now
+        });
+        let hostname = hostname.map(str::to_owned).or_else(|| {
+            self.by_ip
+                .get(&ip)
+                .filter(|l| l.client == *client)
+                .and_then(|l| l.hostname.clone())
+        });
+        let start = if renewed {
+            self.by_ip.get(&ip).map_or(now, |l| l.start)
+        } else {
+            now
+        };
         let lease = self
             .put(Lease {
                 id: LeaseId(0),
@@ -435,7 +461,14 @@ impl LeasePool {
                 was_bound: true,
             })
             .clone();
-        Ok((lease, if renewed { BindOutcome::Renewed } else { BindOutcome::Created }))
+        Ok((
+            lease,
+            if renewed {
+                BindOutcome::Renewed
+            } else {
+                BindOutcome::Created
+            },
+        ))
     }
 
     /// Forgets an offer the client did not take (it chose another server).
@@ -528,7 +561,11 @@ impl LeasePool {
 
     /// The records worth saving (everything but pending offers).
     pub fn persistent(&self) -> Vec<Lease> {
-        self.by_ip.values().filter(|l| l.state != LeaseState::Offered || l.was_bound).cloned().collect()
+        self.by_ip
+            .values()
+            .filter(|l| l.state != LeaseState::Offered || l.was_bound)
+            .cloned()
+            .collect()
     }
 }
 
@@ -551,16 +588,26 @@ mod tests {
     #[test]
     fn offers_distinct_addresses_then_exhausts() {
         let mut p = pool();
-        let (a, b, c) = (ClientKey::from_mac(MAC_A), ClientKey::from_mac(MAC_B), ClientKey::from_mac(MAC_C));
+        let (a, b, c) = (
+            ClientKey::from_mac(MAC_A),
+            ClientKey::from_mac(MAC_B),
+            ClientKey::from_mac(MAC_C),
+        );
         assert_eq!(p.offer(&a, MAC_A, None, None, 0), Ok(ip(10)));
         assert_eq!(p.offer(&b, MAC_B, None, None, 0), Ok(ip(11)));
         assert_eq!(p.offer(&c, MAC_C, None, None, 0), Ok(ip(12)));
         let d = ClientKey::from_mac([2, 0, 0, 0, 0, 0xd]);
-        assert_eq!(p.offer(&d, [2, 0, 0, 0, 0, 0xd], None, None, 0), Err(PoolExhausted));
+        assert_eq!(
+            p.offer(&d, [2, 0, 0, 0, 0, 0xd], None, None, 0),
+            Err(PoolExhausted)
+        );
         // Offers time out and free their addresses.
         p.expire(OFFER_HOLD_SECS, |_| {});
         assert!(p.is_empty());
-        assert_eq!(p.offer(&d, [2, 0, 0, 0, 0, 0xd], None, None, OFFER_HOLD_SECS), Ok(ip(10)));
+        assert_eq!(
+            p.offer(&d, [2, 0, 0, 0, 0, 0xd], None, None, OFFER_HOLD_SECS),
+            Ok(ip(10))
+        );
     }
 
     #[test]
@@ -592,12 +639,25 @@ mod tests {
         let b = ClientKey::from_mac(MAC_B);
         p.offer(&a, MAC_A, None, Some("alpha"), 0).unwrap();
         let (l, o) = p.bind(&a, MAC_A, ip(10), Some("alpha"), 100, 1).unwrap();
-        assert_eq!((l.state, o, l.expires, l.hostname.as_deref()), (LeaseState::Bound, BindOutcome::Created, 101, Some("alpha")));
+        assert_eq!(
+            (l.state, o, l.expires, l.hostname.as_deref()),
+            (LeaseState::Bound, BindOutcome::Created, 101, Some("alpha"))
+        );
         let (l2, o) = p.bind(&a, MAC_A, ip(10), None, 100, 50).unwrap();
-        assert_eq!((o, l2.id, l2.expires, l2.start), (BindOutcome::Renewed, l.id, 150, 1));
-        assert_eq!(l2.hostname.as_deref(), Some("alpha"), "host name kept when not resent");
+        assert_eq!(
+            (o, l2.id, l2.expires, l2.start),
+            (BindOutcome::Renewed, l.id, 150, 1)
+        );
+        assert_eq!(
+            l2.hostname.as_deref(),
+            Some("alpha"),
+            "host name kept when not resent"
+        );
         // Another client cannot bind a's address.
-        assert_eq!(p.bind(&b, MAC_B, ip(10), None, 100, 60), Err(BindError::InUse));
+        assert_eq!(
+            p.bind(&b, MAC_B, ip(10), None, 100, 60),
+            Err(BindError::InUse)
+        );
         assert!(p.release(&a, ip(10), 70).is_some());
         // b prefers a never-held address over a's released one.
         assert_eq!(p.offer(&b, MAC_B, None, None, 71), Ok(ip(11)));
@@ -639,12 +699,25 @@ mod tests {
         p.offer(&a, MAC_A, None, None, 0).unwrap();
         p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap();
         assert!(p.decline(&a, ip(10), 5).is_some());
-        assert_eq!(p.offer(&a, MAC_A, None, None, 6), Ok(ip(11)), "declined address is skipped");
+        assert_eq!(
+            p.offer(&a, MAC_A, None, None, 6),
+            Ok(ip(11)),
+            "declined address is skipped"
+        );
         let b = ClientKey::from_mac(MAC_B);
-        assert_eq!(p.offer(&b, MAC_B, Some(ip(10)), None, 7), Err(PoolExhausted));
-        assert_eq!(p.bind(&b, MAC_B, ip(10), None, 100, 7), Err(BindError::InUse));
+        assert_eq!(
+            p.offer(&b, MAC_B, Some(ip(10)), None, 7),
+            Err(PoolExhausted)
+        );
+        assert_eq!(
+            p.bind(&b, MAC_B, ip(10), None, 100, 7),
+            Err(BindError::InUse)
+        );
         p.expire(5 + DECLINE_QUARANTINE_SECS, |_| {});
-        assert_eq!(p.bind(&b, MAC_B, ip(10), None, 100, 700).map(|(l, _)| l.ip), Ok(ip(10)));
+        assert_eq!(
+            p.bind(&b, MAC_B, ip(10), None, 100, 700).map(|(l, _)| l.ip),
+            Ok(ip(10))
+        );
     }
 
     #[test]
@@ -652,12 +725,32 @@ mod tests {
         let mut p = LeasePool::new(ip(10), ip(12), ip(1), [(MAC_A, ip(50)), (MAC_B, ip(11))]);
         let a = ClientKey::from_mac(MAC_A);
         let c = ClientKey::from_mac(MAC_C);
-        assert_eq!(p.offer(&a, MAC_A, Some(ip(10)), None, 0), Ok(ip(50)), "reservation outside the range");
-        assert_eq!(p.offer(&c, MAC_C, Some(ip(11)), None, 0), Ok(ip(10)), "b's reservation is skipped");
-        assert_eq!(p.bind(&c, MAC_C, ip(11), None, 100, 0), Err(BindError::Reserved));
-        assert_eq!(p.bind(&c, MAC_C, ip(50), None, 100, 0), Err(BindError::Reserved));
-        assert_eq!(p.bind(&c, MAC_C, ip(99), None, 100, 0), Err(BindError::NotInPool));
-        assert_eq!(p.bind(&c, MAC_C, ip(1), None, 100, 0), Err(BindError::NotInPool));
+        assert_eq!(
+            p.offer(&a, MAC_A, Some(ip(10)), None, 0),
+            Ok(ip(50)),
+            "reservation outside the range"
+        );
+        assert_eq!(
+            p.offer(&c, MAC_C, Some(ip(11)), None, 0),
+            Ok(ip(10)),
+            "b's reservation is skipped"
+        );
+        assert_eq!(
+            p.bind(&c, MAC_C, ip(11), None, 100, 0),
+            Err(BindError::Reserved)
+        );
+        assert_eq!(
+            p.bind(&c, MAC_C, ip(50), None, 100, 0),
+            Err(BindError::Reserved)
+        );
+        assert_eq!(
+            p.bind(&c, MAC_C, ip(99), None, 100, 0),
+            Err(BindError::NotInPool)
+        );
+        assert_eq!(
+            p.bind(&c, MAC_C, ip(1), None, 100, 0),
+            Err(BindError::NotInPool)
+        );
     }
 
     #[test]

@@ -148,7 +148,14 @@ impl DhcpServer {
             .iter()
             .filter_map(|r| r.hostname.clone().map(|h| (r.mac, h)))
             .collect();
-        DhcpServer { settings, server_ip, subnet_mask, pool, static_names, counters: DhcpCounters::default() }
+        DhcpServer {
+            settings,
+            server_ip,
+            subnet_mask,
+            pool,
+            static_names,
+            counters: DhcpCounters::default(),
+        }
     }
 
     /// The settings in force.
@@ -177,11 +184,19 @@ impl DhcpServer {
     }
 
     /// Handles one message from a client. Returns the reply to send, if any; pushes events.
-    pub fn handle(&mut self, msg: &Message, now: u64, events: &mut VecDeque<DhcpEvent>) -> Option<Reply> {
+    pub fn handle(
+        &mut self,
+        msg: &Message,
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) -> Option<Reply> {
         self.counters.received += 1;
         let Some(client) = ClientView::parse(msg) else {
             self.counters.ignored += 1;
-            debug!(xid = msg.xid(), "dhcp: ignored malformed or non-request message");
+            debug!(
+                xid = msg.xid(),
+                "dhcp: ignored malformed or non-request message"
+            );
             return None;
         };
         let span = tracing::debug_span!("dhcp", mac = %fmt_mac(&client.mac), xid = msg.xid());
@@ -194,7 +209,10 @@ impl DhcpServer {
                     return None;
                 }
                 if let Some(lease) = self.pool.release(&client.key, msg.ciaddr(), now) {
-                    events.push_back(DhcpEvent::Lease { kind: LeaseEventKind::Released, lease });
+                    events.push_back(DhcpEvent::Lease {
+                        kind: LeaseEventKind::Released,
+                        lease,
+                    });
                 }
                 None
             }
@@ -205,7 +223,10 @@ impl DhcpServer {
                 let ip = client.requested.unwrap_or(msg.ciaddr());
                 if let Some(lease) = self.pool.decline(&client.key, ip, now) {
                     warn!(ip = %ip, "dhcp: client declined the address (in use on the segment); quarantined");
-                    events.push_back(DhcpEvent::Lease { kind: LeaseEventKind::Declined, lease });
+                    events.push_back(DhcpEvent::Lease {
+                        kind: LeaseEventKind::Declined,
+                        lease,
+                    });
                 }
                 None
             }
@@ -216,7 +237,13 @@ impl DhcpServer {
                     return None;
                 }
                 let mut reply = self.reply_base(msg, MessageType::Ack);
-                add_config_options(reply.opts_mut(), &self.settings, client.prl.as_deref(), None, None);
+                add_config_options(
+                    reply.opts_mut(),
+                    &self.settings,
+                    client.prl.as_deref(),
+                    None,
+                    None,
+                );
                 self.counters.acks += 1;
                 Some(self.address(msg, reply, Ipv4Addr::UNSPECIFIED, &client))
             }
@@ -227,8 +254,17 @@ impl DhcpServer {
         }
     }
 
-    fn discover(&mut self, msg: &Message, c: &ClientView, now: u64, events: &mut VecDeque<DhcpEvent>) -> Option<Reply> {
-        match self.pool.offer(&c.key, c.mac, c.requested, c.hostname.as_deref(), now) {
+    fn discover(
+        &mut self,
+        msg: &Message,
+        c: &ClientView,
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) -> Option<Reply> {
+        match self
+            .pool
+            .offer(&c.key, c.mac, c.requested, c.hostname.as_deref(), now)
+        {
             Ok(ip) => {
                 let mut reply = self.reply_base(msg, MessageType::Offer);
                 reply.set_yiaddr(ip);
@@ -251,7 +287,13 @@ impl DhcpServer {
         }
     }
 
-    fn request(&mut self, msg: &Message, c: &ClientView, now: u64, events: &mut VecDeque<DhcpEvent>) -> Option<Reply> {
+    fn request(
+        &mut self,
+        msg: &Message,
+        c: &ClientView,
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) -> Option<Reply> {
         let ip = if let Some(server_id) = c.server_id {
             if server_id != self.server_ip {
                 debug!(server = %server_id, "dhcp: client chose another server");
@@ -275,7 +317,10 @@ impl DhcpServer {
             return Some(self.nak(msg, c, ip, "the address is not on this segment's subnet"));
         }
         let lease_secs = self.settings.lease.as_secs();
-        match self.pool.bind(&c.key, c.mac, ip, c.hostname.as_deref(), lease_secs, now) {
+        match self
+            .pool
+            .bind(&c.key, c.mac, ip, c.hostname.as_deref(), lease_secs, now)
+        {
             Ok((lease, outcome)) => {
                 let kind = match outcome {
                     BindOutcome::Created => LeaseEventKind::Created,
@@ -305,11 +350,17 @@ impl DhcpServer {
         info!(requested = %ip, "dhcp: NAK: {reason}");
         self.counters.naks += 1;
         let mut reply = self.reply_base(msg, MessageType::Nak);
-        reply.opts_mut().insert(DhcpOption::Message(reason.to_owned()));
+        reply
+            .opts_mut()
+            .insert(DhcpOption::Message(reason.to_owned()));
         // RFC 2131 §4.1: a NAK is broadcast unless it goes through a relay, which broadcasts it.
         let mut reply = self.address(msg, reply, Ipv4Addr::UNSPECIFIED, c);
         if msg.giaddr().is_unspecified() {
-            reply.to = ReplyTarget { ip: Ipv4Addr::BROADCAST, mac: BROADCAST_MAC, port: CLIENT_PORT };
+            reply.to = ReplyTarget {
+                ip: Ipv4Addr::BROADCAST,
+                mac: BROADCAST_MAC,
+                port: CLIENT_PORT,
+            };
         } else {
             reply.msg.set_flags(Flags::default().set_broadcast());
         }
@@ -318,7 +369,13 @@ impl DhcpServer {
 
     fn add_lease_options(&self, reply: &mut Message, c: &ClientView) {
         let static_name = self.static_names.get(&c.mac).map(String::as_str);
-        add_config_options(reply.opts_mut(), &self.settings, c.prl.as_deref(), Some(self.settings.lease), static_name);
+        add_config_options(
+            reply.opts_mut(),
+            &self.settings,
+            c.prl.as_deref(),
+            Some(self.settings.lease),
+            static_name,
+        );
     }
 
     fn reply_base(&self, req: &Message, kind: MessageType) -> Message {
@@ -337,7 +394,8 @@ impl DhcpServer {
         opts.insert(DhcpOption::MessageType(kind));
         opts.insert(DhcpOption::ServerIdentifier(self.server_ip));
         // RFC 6842: echo the client identifier.
-        if let Some(DhcpOption::ClientIdentifier(id)) = req.opts().get(OptionCode::ClientIdentifier) {
+        if let Some(DhcpOption::ClientIdentifier(id)) = req.opts().get(OptionCode::ClientIdentifier)
+        {
             opts.insert(DhcpOption::ClientIdentifier(id.clone()));
         }
         m
@@ -346,13 +404,29 @@ impl DhcpServer {
     /// Chooses the destination of `reply` per RFC 2131 §4.1.
     fn address(&self, req: &Message, reply: Message, yiaddr: Ipv4Addr, c: &ClientView) -> Reply {
         let to = if !req.giaddr().is_unspecified() {
-            ReplyTarget { ip: req.giaddr(), mac: c.frame_src, port: SERVER_PORT }
+            ReplyTarget {
+                ip: req.giaddr(),
+                mac: c.frame_src,
+                port: SERVER_PORT,
+            }
         } else if !req.ciaddr().is_unspecified() {
-            ReplyTarget { ip: req.ciaddr(), mac: c.frame_src, port: CLIENT_PORT }
+            ReplyTarget {
+                ip: req.ciaddr(),
+                mac: c.frame_src,
+                port: CLIENT_PORT,
+            }
         } else if req.flags().broadcast() || yiaddr.is_unspecified() {
-            ReplyTarget { ip: Ipv4Addr::BROADCAST, mac: BROADCAST_MAC, port: CLIENT_PORT }
+            ReplyTarget {
+                ip: Ipv4Addr::BROADCAST,
+                mac: BROADCAST_MAC,
+                port: CLIENT_PORT,
+            }
         } else {
-            ReplyTarget { ip: yiaddr, mac: c.mac, port: CLIENT_PORT }
+            ReplyTarget {
+                ip: yiaddr,
+                mac: c.mac,
+                port: CLIENT_PORT,
+            }
         };
         Reply { msg: reply, to }
     }
@@ -362,7 +436,10 @@ impl DhcpServer {
     pub fn handle_timeout(&mut self, now: u64, events: &mut VecDeque<DhcpEvent>) -> bool {
         self.pool.expire(now, |lease| {
             info!(mac = %fmt_mac(&lease.mac), ip = %lease.ip, "dhcp: lease expired");
-            events.push_back(DhcpEvent::Lease { kind: LeaseEventKind::Expired, lease: lease.clone() });
+            events.push_back(DhcpEvent::Lease {
+                kind: LeaseEventKind::Expired,
+                lease: lease.clone(),
+            });
         })
     }
 
@@ -413,7 +490,16 @@ impl ClientView {
             Some(DhcpOption::ParameterRequestList(list)) => Some(list.clone()),
             _ => None,
         };
-        Some(ClientView { msg_type, key, mac, frame_src: mac, requested, server_id, hostname, prl })
+        Some(ClientView {
+            msg_type,
+            key,
+            mac,
+            frame_src: mac,
+            requested,
+            server_id,
+            hostname,
+            prl,
+        })
     }
 }
 
@@ -423,13 +509,18 @@ fn sanitize_hostname(name: &str) -> Option<String> {
     let name = name.trim_end_matches('\0').trim();
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
     ok.then(|| name.to_owned())
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn fmt_mac(mac: &[u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+    )
 }
 
 impl DhcpServer {
@@ -444,9 +535,10 @@ impl DhcpServer {
     ) -> Option<Reply> {
         let mut reply = self.handle(msg, now, events)?;
         if (!msg.giaddr().is_unspecified() || !msg.ciaddr().is_unspecified())
-            && reply.to.mac != BROADCAST_MAC {
-                reply.to.mac = frame_src;
-            }
+            && reply.to.mac != BROADCAST_MAC
+        {
+            reply.to.mac = frame_src;
+        }
         Some(reply)
     }
 }

@@ -43,11 +43,16 @@ struct Harness {
 
 impl Harness {
     fn new(settings: DhcpSettings) -> Self {
-        Harness { server: DhcpServer::new(settings, SERVER, MASK), events: VecDeque::new(), now: 1_000_000 }
+        Harness {
+            server: DhcpServer::new(settings, SERVER, MASK),
+            events: VecDeque::new(),
+            now: 1_000_000,
+        }
     }
 
     fn send(&mut self, msg: &Message, from: [u8; 6]) -> Option<Reply> {
-        self.server.handle_from(msg, from, self.now, &mut self.events)
+        self.server
+            .handle_from(msg, from, self.now, &mut self.events)
     }
 
     fn lease_events(&mut self) -> Vec<(LeaseEventKind, Ipv4Addr)> {
@@ -62,7 +67,14 @@ impl Harness {
 }
 
 fn msg(kind: MessageType, mac: [u8; 6]) -> Message {
-    let mut m = Message::new_with_id(0x1234, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+    let mut m = Message::new_with_id(
+        0x1234,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &mac,
+    );
     m.opts_mut().insert(DhcpOption::MessageType(kind));
     m
 }
@@ -82,7 +94,10 @@ fn opt(r: &Reply, code: OptionCode) -> Option<&DhcpOption> {
 
 fn request_selecting(mac: [u8; 6], requested: Ipv4Addr) -> Message {
     with(
-        with(msg(MessageType::Request, mac), DhcpOption::ServerIdentifier(SERVER)),
+        with(
+            msg(MessageType::Request, mac),
+            DhcpOption::ServerIdentifier(SERVER),
+        ),
         DhcpOption::RequestedIpAddress(requested),
     )
 }
@@ -90,38 +105,83 @@ fn request_selecting(mac: [u8; 6], requested: Ipv4Addr) -> Message {
 #[test]
 fn discover_offer_request_ack_with_all_options() {
     let mut s = settings();
-    s.routes = vec![StaticRoute { dest: Ipv4Addr::new(10, 0, 0, 0), prefix_len: 8, gateway: ip(2) }];
+    s.routes = vec![StaticRoute {
+        dest: Ipv4Addr::new(10, 0, 0, 0),
+        prefix_len: 8,
+        gateway: ip(2),
+    }];
     let mut h = Harness::new(s);
-    let offer = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).expect("offer");
+    let offer = h
+        .send(&msg(MessageType::Discover, MAC_A), MAC_A)
+        .expect("offer");
     assert_eq!(msg_type(&offer), MessageType::Offer);
     assert_eq!(offer.msg.opcode(), Opcode::BootReply);
     assert_eq!(offer.msg.xid(), 0x1234);
     assert_eq!(offer.msg.yiaddr(), ip(10));
     // Unicast to the offered address and the client's MAC (no broadcast flag).
-    assert_eq!((offer.to.ip, offer.to.mac, offer.to.port), (ip(10), MAC_A, CLIENT_PORT));
-    assert_eq!(opt(&offer, OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(SERVER)));
-    assert_eq!(opt(&offer, OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(MASK)));
-    assert_eq!(opt(&offer, OptionCode::Router), Some(&DhcpOption::Router(vec![SERVER])));
-    assert_eq!(opt(&offer, OptionCode::DomainNameServer), Some(&DhcpOption::DomainNameServer(vec![SERVER])));
-    assert_eq!(opt(&offer, OptionCode::DomainName), Some(&DhcpOption::DomainName("example.test".into())));
-    assert_eq!(opt(&offer, OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(7200)));
-    assert_eq!(opt(&offer, OptionCode::Renewal), Some(&DhcpOption::Renewal(3600)));
-    assert_eq!(opt(&offer, OptionCode::Rebinding), Some(&DhcpOption::Rebinding(6300)));
+    assert_eq!(
+        (offer.to.ip, offer.to.mac, offer.to.port),
+        (ip(10), MAC_A, CLIENT_PORT)
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(SERVER))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::SubnetMask),
+        Some(&DhcpOption::SubnetMask(MASK))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::Router),
+        Some(&DhcpOption::Router(vec![SERVER]))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::DomainNameServer),
+        Some(&DhcpOption::DomainNameServer(vec![SERVER]))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::DomainName),
+        Some(&DhcpOption::DomainName("example.test".into()))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(7200))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::Renewal),
+        Some(&DhcpOption::Renewal(3600))
+    );
+    assert_eq!(
+        opt(&offer, OptionCode::Rebinding),
+        Some(&DhcpOption::Rebinding(6300))
+    );
     match opt(&offer, OptionCode::ClasslessStaticRoute) {
         Some(DhcpOption::ClasslessStaticRoute(routes)) => {
-            assert_eq!(routes.len(), 2, "configured route + default via the router: {routes:?}");
+            assert_eq!(
+                routes.len(),
+                2,
+                "configured route + default via the router: {routes:?}"
+            );
             assert_eq!(routes[1].0.prefix_len(), 0);
             assert_eq!(routes[1].1, SERVER);
         }
         other => panic!("no option 121: {other:?}"),
     }
-    assert!(opt(&offer, OptionCode::Unknown(249)).is_some(), "option 249 sent");
+    assert!(
+        opt(&offer, OptionCode::Unknown(249)).is_some(),
+        "option 249 sent"
+    );
     assert!(h.events.is_empty(), "an offer is not a lease");
 
-    let ack = h.send(&request_selecting(MAC_A, ip(10)), MAC_A).expect("ack");
+    let ack = h
+        .send(&request_selecting(MAC_A, ip(10)), MAC_A)
+        .expect("ack");
     assert_eq!(msg_type(&ack), MessageType::Ack);
     assert_eq!(ack.msg.yiaddr(), ip(10));
-    assert_eq!(opt(&ack, OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(7200)));
+    assert_eq!(
+        opt(&ack, OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(7200))
+    );
     assert_eq!(h.lease_events(), vec![(LeaseEventKind::Created, ip(10))]);
 }
 
@@ -133,14 +193,30 @@ fn parameter_request_list_is_honoured_and_empty_settings_send_nothing() {
     let mut h = Harness::new(s);
     let discover = with(
         msg(MessageType::Discover, MAC_A),
-        DhcpOption::ParameterRequestList(vec![OptionCode::SubnetMask, OptionCode::Router, OptionCode::DomainNameServer]),
+        DhcpOption::ParameterRequestList(vec![
+            OptionCode::SubnetMask,
+            OptionCode::Router,
+            OptionCode::DomainNameServer,
+        ]),
     );
     let offer = h.send(&discover, MAC_A).unwrap();
-    assert!(opt(&offer, OptionCode::Router).is_none(), "no router configured");
-    assert!(opt(&offer, OptionCode::DomainNameServer).is_none(), "no DNS configured");
-    assert!(opt(&offer, OptionCode::DomainName).is_none(), "domain not requested");
+    assert!(
+        opt(&offer, OptionCode::Router).is_none(),
+        "no router configured"
+    );
+    assert!(
+        opt(&offer, OptionCode::DomainNameServer).is_none(),
+        "no DNS configured"
+    );
+    assert!(
+        opt(&offer, OptionCode::DomainName).is_none(),
+        "domain not requested"
+    );
     assert!(opt(&offer, OptionCode::SubnetMask).is_some());
-    assert!(opt(&offer, OptionCode::AddressLeaseTime).is_some(), "lease time always sent");
+    assert!(
+        opt(&offer, OptionCode::AddressLeaseTime).is_some(),
+        "lease time always sent"
+    );
 }
 
 #[test]
@@ -156,15 +232,29 @@ fn broadcast_flag_makes_replies_broadcast() {
 #[test]
 fn two_clients_get_different_addresses_and_host_names_are_recorded() {
     let mut h = Harness::new(settings());
-    let a = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap().msg.yiaddr();
-    let b = h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap().msg.yiaddr();
+    let a = h
+        .send(&msg(MessageType::Discover, MAC_A), MAC_A)
+        .unwrap()
+        .msg
+        .yiaddr();
+    let b = h
+        .send(&msg(MessageType::Discover, MAC_B), MAC_B)
+        .unwrap()
+        .msg
+        .yiaddr();
     assert_ne!(a, b);
-    let req = with(request_selecting(MAC_B, b), DhcpOption::Hostname("bee".into()));
+    let req = with(
+        request_selecting(MAC_B, b),
+        DhcpOption::Hostname("bee".into()),
+    );
     h.send(&req, MAC_B).unwrap();
     let lease = h.server.pool().get_by_ip(b).unwrap();
     assert_eq!(lease.hostname.as_deref(), Some("bee"));
     // A host name that is not a name is not recorded.
-    let req = with(request_selecting(MAC_A, a), DhcpOption::Hostname("evil\nname".into()));
+    let req = with(
+        request_selecting(MAC_A, a),
+        DhcpOption::Hostname("evil\nname".into()),
+    );
     h.send(&req, MAC_A).unwrap();
     assert_eq!(h.server.pool().get_by_ip(a).unwrap().hostname, None);
 }
@@ -174,7 +264,10 @@ fn request_for_another_server_withdraws_the_offer() {
     let mut h = Harness::new(settings());
     h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
     let other = with(
-        with(msg(MessageType::Request, MAC_A), DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 168, 30, 254))),
+        with(
+            msg(MessageType::Request, MAC_A),
+            DhcpOption::ServerIdentifier(Ipv4Addr::new(192, 168, 30, 254)),
+        ),
         DhcpOption::RequestedIpAddress(ip(10)),
     );
     assert!(h.send(&other, MAC_A).is_none());
@@ -187,7 +280,12 @@ fn init_reboot_acks_own_address_and_naks_foreign_ones() {
     h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
     h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
     h.lease_events();
-    let reboot = |ipaddr| with(msg(MessageType::Request, MAC_A), DhcpOption::RequestedIpAddress(ipaddr));
+    let reboot = |ipaddr| {
+        with(
+            msg(MessageType::Request, MAC_A),
+            DhcpOption::RequestedIpAddress(ipaddr),
+        )
+    };
     let ack = h.send(&reboot(ip(10)), MAC_A).unwrap();
     assert_eq!(msg_type(&ack), MessageType::Ack);
     assert_eq!(h.lease_events(), vec![(LeaseEventKind::Renewed, ip(10))]);
@@ -196,13 +294,25 @@ fn init_reboot_acks_own_address_and_naks_foreign_ones() {
     assert_eq!(msg_type(&nak), MessageType::Nak);
     assert_eq!((nak.to.ip, nak.to.mac), (Ipv4Addr::BROADCAST, BCAST));
     // In the subnet but held by A: B is NAKed.
-    let b_reboot = with(msg(MessageType::Request, MAC_B), DhcpOption::RequestedIpAddress(ip(10)));
-    assert_eq!(msg_type(&h.send(&b_reboot, MAC_B).unwrap()), MessageType::Nak);
+    let b_reboot = with(
+        msg(MessageType::Request, MAC_B),
+        DhcpOption::RequestedIpAddress(ip(10)),
+    );
+    assert_eq!(
+        msg_type(&h.send(&b_reboot, MAC_B).unwrap()),
+        MessageType::Nak
+    );
     // In the subnet, outside the range: NAK.
-    let b_out = with(msg(MessageType::Request, MAC_B), DhcpOption::RequestedIpAddress(ip(100)));
+    let b_out = with(
+        msg(MessageType::Request, MAC_B),
+        DhcpOption::RequestedIpAddress(ip(100)),
+    );
     assert_eq!(msg_type(&h.send(&b_out, MAC_B).unwrap()), MessageType::Nak);
     // In the range and free: ACK (the client kept its address across our restart).
-    let b_free = with(msg(MessageType::Request, MAC_B), DhcpOption::RequestedIpAddress(ip(12)));
+    let b_free = with(
+        msg(MessageType::Request, MAC_B),
+        DhcpOption::RequestedIpAddress(ip(12)),
+    );
     assert_eq!(msg_type(&h.send(&b_free, MAC_B).unwrap()), MessageType::Ack);
 }
 
@@ -217,9 +327,15 @@ fn renewing_and_rebinding_extend_the_lease_by_unicast() {
     renew.set_ciaddr(ip(10));
     let ack = h.send(&renew, MAC_A).unwrap();
     assert_eq!(msg_type(&ack), MessageType::Ack);
-    assert_eq!((ack.to.ip, ack.to.mac, ack.msg.ciaddr()), (ip(10), MAC_A, ip(10)));
+    assert_eq!(
+        (ack.to.ip, ack.to.mac, ack.msg.ciaddr()),
+        (ip(10), MAC_A, ip(10))
+    );
     assert_eq!(h.lease_events(), vec![(LeaseEventKind::Renewed, ip(10))]);
-    assert_eq!(h.server.pool().get_by_ip(ip(10)).unwrap().expires, h.now + 7200);
+    assert_eq!(
+        h.server.pool().get_by_ip(ip(10)).unwrap().expires,
+        h.now + 7200
+    );
     // Renewing an address that is someone else's: NAK.
     let mut wrong = msg(MessageType::Request, MAC_B);
     wrong.set_ciaddr(ip(10));
@@ -231,10 +347,19 @@ fn release_frees_and_expiry_expires() {
     let mut h = Harness::new(settings());
     h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
     h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
-    let mut rel = with(msg(MessageType::Release, MAC_A), DhcpOption::ServerIdentifier(SERVER));
+    let mut rel = with(
+        msg(MessageType::Release, MAC_A),
+        DhcpOption::ServerIdentifier(SERVER),
+    );
     rel.set_ciaddr(ip(10));
     assert!(h.send(&rel, MAC_A).is_none());
-    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Created, ip(10)), (LeaseEventKind::Released, ip(10))]);
+    assert_eq!(
+        h.lease_events(),
+        vec![
+            (LeaseEventKind::Created, ip(10)),
+            (LeaseEventKind::Released, ip(10))
+        ]
+    );
 
     h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap();
     h.send(&request_selecting(MAC_B, ip(11)), MAC_B).unwrap();
@@ -250,11 +375,20 @@ fn decline_quarantines_and_the_client_gets_another_address() {
     h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
     h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
     let decline = with(
-        with(msg(MessageType::Decline, MAC_A), DhcpOption::ServerIdentifier(SERVER)),
+        with(
+            msg(MessageType::Decline, MAC_A),
+            DhcpOption::ServerIdentifier(SERVER),
+        ),
         DhcpOption::RequestedIpAddress(ip(10)),
     );
     assert!(h.send(&decline, MAC_A).is_none());
-    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Created, ip(10)), (LeaseEventKind::Declined, ip(10))]);
+    assert_eq!(
+        h.lease_events(),
+        vec![
+            (LeaseEventKind::Created, ip(10)),
+            (LeaseEventKind::Declined, ip(10))
+        ]
+    );
     let offer = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
     assert_eq!(offer.msg.yiaddr(), ip(11));
 }
@@ -266,7 +400,10 @@ fn full_pool_gets_no_offer_and_an_event() {
     let mut h = Harness::new(s);
     assert!(h.send(&msg(MessageType::Discover, MAC_A), MAC_A).is_some());
     assert!(h.send(&msg(MessageType::Discover, MAC_B), MAC_B).is_none());
-    assert_eq!(h.events.pop_front(), Some(DhcpEvent::PoolExhausted { mac: MAC_B }));
+    assert_eq!(
+        h.events.pop_front(),
+        Some(DhcpEvent::PoolExhausted { mac: MAC_B })
+    );
     assert_eq!(h.server.counters().exhausted, 1);
 }
 
@@ -288,24 +425,39 @@ fn inform_gets_options_without_a_lease() {
 fn client_identifier_is_the_key_and_is_echoed() {
     let mut h = Harness::new(settings());
     let id = DhcpOption::ClientIdentifier(b"\x00my-client".to_vec());
-    let offer = h.send(&with(msg(MessageType::Discover, MAC_A), id.clone()), MAC_A).unwrap();
+    let offer = h
+        .send(&with(msg(MessageType::Discover, MAC_A), id.clone()), MAC_A)
+        .unwrap();
     assert_eq!(opt(&offer, OptionCode::ClientIdentifier), Some(&id));
-    h.send(&with(request_selecting(MAC_A, ip(10)), id.clone()), MAC_A).unwrap();
+    h.send(&with(request_selecting(MAC_A, ip(10)), id.clone()), MAC_A)
+        .unwrap();
     // The same client id from another MAC (a moved VM) keeps its address.
-    let offer = h.send(&with(msg(MessageType::Discover, MAC_B), id), MAC_B).unwrap();
+    let offer = h
+        .send(&with(msg(MessageType::Discover, MAC_B), id), MAC_B)
+        .unwrap();
     assert_eq!(offer.msg.yiaddr(), ip(10));
 }
 
 #[test]
 fn static_reservation_with_host_name() {
     let mut s = settings();
-    s.statics = vec![Reservation { mac: MAC_B, ip: ip(50), hostname: Some("printer".into()) }];
+    s.statics = vec![Reservation {
+        mac: MAC_B,
+        ip: ip(50),
+        hostname: Some("printer".into()),
+    }];
     let mut h = Harness::new(s);
     let offer = h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap();
     assert_eq!(offer.msg.yiaddr(), ip(50));
-    assert_eq!(opt(&offer, OptionCode::Hostname), Some(&DhcpOption::Hostname("printer".into())));
+    assert_eq!(
+        opt(&offer, OptionCode::Hostname),
+        Some(&DhcpOption::Hostname("printer".into()))
+    );
     // Someone else asking for it is NAKed.
-    let steal = with(msg(MessageType::Request, MAC_A), DhcpOption::RequestedIpAddress(ip(50)));
+    let steal = with(
+        msg(MessageType::Request, MAC_A),
+        DhcpOption::RequestedIpAddress(ip(50)),
+    );
     assert_eq!(msg_type(&h.send(&steal, MAC_A).unwrap()), MessageType::Nak);
 }
 
@@ -316,7 +468,10 @@ fn relayed_messages_are_answered_to_the_relay() {
     let mut d = msg(MessageType::Discover, MAC_A);
     d.set_giaddr(ip(254));
     let offer = h.send(&d, relay_mac).unwrap();
-    assert_eq!((offer.to.ip, offer.to.mac, offer.to.port), (ip(254), relay_mac, SERVER_PORT));
+    assert_eq!(
+        (offer.to.ip, offer.to.mac, offer.to.port),
+        (ip(254), relay_mac, SERVER_PORT)
+    );
     assert_eq!(offer.msg.giaddr(), ip(254));
 }
 
@@ -329,7 +484,14 @@ fn non_requests_and_bad_hardware_are_ignored() {
     let mut odd = msg(MessageType::Discover, MAC_A);
     odd.set_chaddr(&[1, 2, 3]);
     assert!(h.send(&odd, MAC_A).is_none());
-    let no_type = Message::new_with_id(1, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &MAC_A);
+    let no_type = Message::new_with_id(
+        1,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &MAC_A,
+    );
     assert!(h.send(&no_type, MAC_A).is_none());
     assert_eq!(h.server.counters().ignored, 3);
 }

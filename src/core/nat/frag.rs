@@ -82,7 +82,9 @@ impl Reassembler {
         let offset = usize::from(packet.frag_offset());
         let data = packet.payload();
         let end = offset + data.len();
-        if end > MAX_LEN - usize::from(packet.header_len()) || (packet.more_frags() && data.len() % 8 != 0) {
+        if end > MAX_LEN - usize::from(packet.header_len())
+            || (packet.more_frags() && data.len() % 8 != 0)
+        {
             self.dropped += 1;
             return false;
         }
@@ -93,7 +95,14 @@ impl Reassembler {
                     self.datagrams.remove(0);
                     self.dropped += 1;
                 }
-                self.datagrams.push(Datagram { key, started: now, header: None, payload: Vec::new(), ranges: Vec::new(), total: None });
+                self.datagrams.push(Datagram {
+                    key,
+                    started: now,
+                    header: None,
+                    payload: Vec::new(),
+                    ranges: Vec::new(),
+                    total: None,
+                });
                 self.datagrams.len() - 1
             }
         };
@@ -114,8 +123,12 @@ impl Reassembler {
             return false;
         }
         let d = self.datagrams.swap_remove(index);
-        let header = d.header.expect("invariant: complete datagrams have a header");
-        let total = d.total.expect("invariant: complete datagrams have a length");
+        let header = d
+            .header
+            .expect("invariant: complete datagrams have a header");
+        let total = d
+            .total
+            .expect("invariant: complete datagrams have a length");
         out.clear();
         out.extend_from_slice(&header);
         out.extend_from_slice(&d.payload[..total]);
@@ -199,20 +212,32 @@ mod tests {
         let frags = fragments(&payload, 1480);
         let mut r = Reassembler::default();
         let mut out = Vec::new();
-        assert!(!r.add(&Ipv4Packet::new_checked(&frags[0][..]).unwrap(), Instant::from_secs(0), &mut out));
+        assert!(!r.add(
+            &Ipv4Packet::new_checked(&frags[0][..]).unwrap(),
+            Instant::from_secs(0),
+            &mut out
+        ));
         assert_eq!(r.next_deadline(), Some(Instant::from_secs(0) + TIMEOUT));
         r.expire(Instant::from_secs(31));
         assert_eq!(r.dropped, 1);
         // The rest arrives too late: never completes.
         for f in &frags[1..] {
-            assert!(!r.add(&Ipv4Packet::new_checked(&f[..]).unwrap(), Instant::from_secs(31), &mut out));
+            assert!(!r.add(
+                &Ipv4Packet::new_checked(&f[..]).unwrap(),
+                Instant::from_secs(31),
+                &mut out
+            ));
         }
         for i in 0..(MAX_DATAGRAMS as u16 + 5) {
             let mut f = frags[0].clone();
             let mut p = Ipv4Packet::new_unchecked(&mut f[..]);
             p.set_ident(i);
             p.fill_checksum();
-            r.add(&Ipv4Packet::new_checked(&f[..]).unwrap(), Instant::from_secs(40), &mut out);
+            r.add(
+                &Ipv4Packet::new_checked(&f[..]).unwrap(),
+                Instant::from_secs(40),
+                &mut out,
+            );
         }
         assert!(r.datagrams.len() <= MAX_DATAGRAMS);
     }

@@ -39,9 +39,9 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp as stcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    EthernetAddress, HardwareAddress, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr,
-    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
-    ETHERNET_HEADER_LEN,
+    EthernetAddress, HardwareAddress, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress,
+    IpCidr, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
 };
 use tracing::{debug, warn};
 
@@ -104,7 +104,12 @@ pub struct NatSettings {
 
 impl NatSettings {
     /// Whether `dst` may be reached from the segment `subnet`/`mask`; `Err` says why not.
-    pub fn check_outbound(&self, dst: Ipv4Addr, host_ip: Ipv4Addr, mask: Ipv4Addr) -> Result<(), &'static str> {
+    pub fn check_outbound(
+        &self,
+        dst: Ipv4Addr,
+        host_ip: Ipv4Addr,
+        mask: Ipv4Addr,
+    ) -> Result<(), &'static str> {
         let m = u32::from(mask);
         let d = u32::from(dst);
         if d & m == u32::from(host_ip) & m {
@@ -120,7 +125,11 @@ impl NatSettings {
             return Err("destination is the host's loopback (nat.allow_host_loopback = false)");
         }
         for &(net, len) in &self.deny {
-            let nm = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let nm = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             if d & nm == u32::from(net) & nm {
                 return Err("destination is in nat.deny");
             }
@@ -147,7 +156,9 @@ impl ConnectFailure {
     pub fn from_io(e: &io::Error) -> Self {
         match e.raw_os_error() {
             Some(libc::ECONNREFUSED) => ConnectFailure::Refused,
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => ConnectFailure::Unreachable,
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                ConnectFailure::Unreachable
+            }
             Some(libc::ETIMEDOUT) => ConnectFailure::TimedOut,
             _ if e.kind() == io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
             _ => ConnectFailure::Local,
@@ -338,14 +349,23 @@ pub struct NatState {
 
 impl std::fmt::Debug for NatState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatState").field("sessions", &self.table.len()).field("counters", &self.counters).finish_non_exhaustive()
+        f.debug_struct("NatState")
+            .field("sessions", &self.table.len())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
     }
 }
 
 impl NatState {
     /// A NAT for the host at `host_ip`/`mask`, with `seed` for smoltcp's initial sequence
     /// numbers (take it from a real random source).
-    pub fn new(settings: NatSettings, host_ip: Ipv4Addr, mask: Ipv4Addr, seed: u64, now: Instant) -> Self {
+    pub fn new(
+        settings: NatSettings,
+        host_ip: Ipv4Addr,
+        mask: Ipv4Addr,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
         let mut config = IfaceConfig::new(HardwareAddress::Ip);
         config.random_seed = seed;
         let mut scratch = Vec::new();
@@ -417,7 +437,12 @@ impl NatState {
         if let Some(s) = self.table.get_mut(id) {
             s.remote_name = name.clone();
         }
-        self.events.push_back(NatEvent::Created { id, key, target, remote_name: name });
+        self.events.push_back(NatEvent::Created {
+            id,
+            key,
+            target,
+            remote_name: name,
+        });
     }
 
     /// The session of a UDP or ICMP flow: found, or created (asking the driver for its socket
@@ -450,12 +475,18 @@ impl NatState {
     }
 
     fn refuse(&mut self, key: FlowKey, reason: String, now: Instant) {
-        let due = self.last_refusal_log.is_none_or(|t| now >= t + REFUSAL_LOG_INTERVAL);
+        let due = self
+            .last_refusal_log
+            .is_none_or(|t| now >= t + REFUSAL_LOG_INTERVAL);
         if due {
             warn!(client = %key.client, remote = %key.remote, protocol = key.protocol.as_str(), "nat: flow refused: {reason}");
             self.last_refusal_log = Some(now);
             let suppressed = std::mem::take(&mut self.suppressed_refusals);
-            self.events.push_back(NatEvent::Refused { key, reason, suppressed });
+            self.events.push_back(NatEvent::Refused {
+                key,
+                reason,
+                suppressed,
+            });
         } else {
             self.suppressed_refusals += 1;
         }
@@ -481,7 +512,11 @@ impl VirtualHost {
     }
 
     /// Hands an IPv4 packet (trimmed to its total length) from a client to the NAT.
-    pub(super) fn nat_ipv4(&mut self, now: Instant, packet: &[u8]) -> Result<(), smoltcp::wire::Error> {
+    pub(super) fn nat_ipv4(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+    ) -> Result<(), smoltcp::wire::Error> {
         self.nat.counters.packets += 1;
         if !self.nat.settings.enabled {
             self.nat.counters.disabled += 1;
@@ -516,7 +551,11 @@ impl VirtualHost {
         }
     }
 
-    fn nat_tcp_in(&mut self, now: Instant, p: &Ipv4Packet<&[u8]>) -> Result<(), smoltcp::wire::Error> {
+    fn nat_tcp_in(
+        &mut self,
+        now: Instant,
+        p: &Ipv4Packet<&[u8]>,
+    ) -> Result<(), smoltcp::wire::Error> {
         let seg = TcpPacket::new_checked(p.payload())?;
         let key = FlowKey {
             protocol: Protocol::Tcp,
@@ -542,9 +581,15 @@ impl VirtualHost {
         if seg.syn() && !seg.ack() && !seg.rst() {
             let target = if p.dst_addr() == self.host.ip {
                 // TCP to us: only port 53 is served (by the DNS upstreams); smoltcp resets the rest.
-                (seg.dst_port() == 53).then(|| self.nat.settings.dns_upstreams.first().copied()).flatten()
+                (seg.dst_port() == 53)
+                    .then(|| self.nat.settings.dns_upstreams.first().copied())
+                    .flatten()
             } else {
-                match self.nat.settings.check_outbound(p.dst_addr(), self.host.ip, self.host.mask) {
+                match self
+                    .nat
+                    .settings
+                    .check_outbound(p.dst_addr(), self.host.ip, self.host.mask)
+                {
                     Ok(()) => Some(SocketAddr::V4(key.remote)),
                     Err(reason) => {
                         self.nat.counters.refused_rules += 1;
@@ -557,7 +602,9 @@ impl VirtualHost {
                 match self.nat.table.insert(key, target, now) {
                     Ok(id) => {
                         // SYN deferral: the SYN waits until the outbound connect succeeds.
-                        self.nat.tcp_conns.insert(id, TcpConn::Pending(p.as_ref().to_vec()));
+                        self.nat
+                            .tcp_conns
+                            .insert(id, TcpConn::Pending(p.as_ref().to_vec()));
                         self.nat.push_op(OpRecord::TcpConnect(id, target));
                         self.nat.created(id, key, target);
                         return Ok(());
@@ -577,7 +624,13 @@ impl VirtualHost {
     /// Feeds one segment to connection `id`'s socket set, or to the empty set (which answers
     /// with a RST) when no connection owns it.
     fn stack_ingress(&mut self, now: Instant, packet: &[u8], id: Option<SessionId>) {
-        let VirtualHost { nat, tx, neighbours, host, .. } = self;
+        let VirtualHost {
+            nat,
+            tx,
+            neighbours,
+            host,
+            ..
+        } = self;
         let mut device = tcp::PollDevice {
             rx: Some(packet),
             tx,
@@ -594,7 +647,9 @@ impl VirtualHost {
                 stack.dirty.insert(id);
             }
             None => {
-                let _ = stack.iface.poll_ingress_single(now, &mut device, &mut stack.empty);
+                let _ = stack
+                    .iface
+                    .poll_ingress_single(now, &mut device, &mut stack.empty);
             }
         }
     }
@@ -605,9 +660,18 @@ impl VirtualHost {
     /// fills up, the rest waits for the next call ([`wants_poll`](VirtualHost::wants_poll)).
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
-        let VirtualHost { nat, tx, neighbours, host, .. } = self;
+        let VirtualHost {
+            nat,
+            tx,
+            neighbours,
+            host,
+            ..
+        } = self;
         let stack = &mut nat.stack;
-        if stack.dirty.is_empty() && stack.graveyard.is_empty() && stack.next_deadline().is_none_or(|t| t > now) {
+        if stack.dirty.is_empty()
+            && stack.graveyard.is_empty()
+            && stack.next_deadline().is_none_or(|t| t > now)
+        {
             return;
         }
         let mut ids: Vec<SessionId> = stack.dirty.drain().collect();
@@ -621,7 +685,9 @@ impl VirtualHost {
                 stack.dirty.extend(ids[i..].iter().copied());
                 break;
             }
-            let Some((set, _)) = stack.sets.get_mut(&id) else { continue };
+            let Some((set, _)) = stack.sets.get_mut(&id) else {
+                continue;
+            };
             let mut device = tcp::PollDevice {
                 rx: None,
                 tx,
@@ -632,7 +698,9 @@ impl VirtualHost {
                 dropped: &mut nat.counters.tx_dropped,
             };
             // Each egress pass sends at most one segment per socket: go on while it sends.
-            while stack.iface.poll_egress(now, &mut device, set) == smoltcp::iface::PollResult::SocketStateChanged {}
+            while stack.iface.poll_egress(now, &mut device, set)
+                == smoltcp::iface::PollResult::SocketStateChanged
+            {}
             let at = stack.iface.poll_at(now, set);
             stack.set_deadline(id, at);
         }
@@ -647,10 +715,19 @@ impl VirtualHost {
         }
     }
 
-    fn nat_udp_in(&mut self, now: Instant, p: &Ipv4Packet<&[u8]>) -> Result<(), smoltcp::wire::Error> {
+    fn nat_udp_in(
+        &mut self,
+        now: Instant,
+        p: &Ipv4Packet<&[u8]>,
+    ) -> Result<(), smoltcp::wire::Error> {
         let udp = UdpPacket::new_checked(p.payload())?;
         let (src, dst) = (p.src_addr(), p.dst_addr());
-        UdpRepr::parse(&udp, &IpAddress::Ipv4(src), &IpAddress::Ipv4(dst), &ChecksumCapabilities::default())?;
+        UdpRepr::parse(
+            &udp,
+            &IpAddress::Ipv4(src),
+            &IpAddress::Ipv4(dst),
+            &ChecksumCapabilities::default(),
+        )?;
         let client = SocketAddrV4::new(src, udp.src_port());
         if dst == self.host.ip {
             if udp.dst_port() == 53 {
@@ -660,8 +737,16 @@ impl VirtualHost {
             }
             return Ok(());
         }
-        let key = FlowKey { protocol: Protocol::Udp, client, remote: SocketAddrV4::new(dst, udp.dst_port()) };
-        if let Err(reason) = self.nat.settings.check_outbound(dst, self.host.ip, self.host.mask) {
+        let key = FlowKey {
+            protocol: Protocol::Udp,
+            client,
+            remote: SocketAddrV4::new(dst, udp.dst_port()),
+        };
+        if let Err(reason) = self
+            .nat
+            .settings
+            .check_outbound(dst, self.host.ip, self.host.mask)
+        {
             self.nat.counters.refused_rules += 1;
             self.nat.refuse(key, reason.to_owned(), now);
             if !(dst.is_broadcast() || dst.is_multicast()) {
@@ -669,7 +754,9 @@ impl VirtualHost {
             }
             return Ok(());
         }
-        let Some(id) = self.nat.datagram_flow(key, now, OpRecord::UdpOpen) else { return Ok(()) };
+        let Some(id) = self.nat.datagram_flow(key, now, OpRecord::UdpOpen) else {
+            return Ok(());
+        };
         let payload = udp.payload();
         if let Some(s) = self.nat.table.get_mut(id) {
             s.count_out(payload.len(), now);
@@ -679,10 +766,19 @@ impl VirtualHost {
         Ok(())
     }
 
-    fn nat_icmp_in(&mut self, now: Instant, p: &Ipv4Packet<&[u8]>) -> Result<(), smoltcp::wire::Error> {
+    fn nat_icmp_in(
+        &mut self,
+        now: Instant,
+        p: &Ipv4Packet<&[u8]>,
+    ) -> Result<(), smoltcp::wire::Error> {
         let packet = Icmpv4Packet::new_checked(p.payload())?;
         let repr = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())?;
-        let Icmpv4Repr::EchoRequest { ident, seq_no, data } = repr else {
+        let Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no,
+            data,
+        } = repr
+        else {
             self.nat.counters.unsupported += 1;
             return Ok(());
         };
@@ -692,7 +788,11 @@ impl VirtualHost {
             client: SocketAddrV4::new(src, ident),
             remote: SocketAddrV4::new(dst, 0),
         };
-        if let Err(reason) = self.nat.settings.check_outbound(dst, self.host.ip, self.host.mask) {
+        if let Err(reason) = self
+            .nat
+            .settings
+            .check_outbound(dst, self.host.ip, self.host.mask)
+        {
             self.nat.counters.refused_rules += 1;
             self.nat.refuse(key, reason.to_owned(), now);
             if !(dst.is_broadcast() || dst.is_multicast()) {
@@ -702,7 +802,11 @@ impl VirtualHost {
         }
         if self.nat.settings.icmp_mode == IcmpMode::Synthesized {
             self.nat.counters.echo_synthesized += 1;
-            let reply = Icmpv4Repr::EchoReply { ident, seq_no, data };
+            let reply = Icmpv4Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
             self.push_to_client(dst, src, &reply);
             return Ok(());
         }
@@ -710,7 +814,9 @@ impl VirtualHost {
             SocketAddr::V4(v4) => OpRecord::IcmpOpen(id, *v4.ip()),
             SocketAddr::V6(_) => unreachable!("invariant: the NAT's remotes are IPv4"),
         };
-        let Some(id) = self.nat.datagram_flow(key, now, open) else { return Ok(()) };
+        let Some(id) = self.nat.datagram_flow(key, now, open) else {
+            return Ok(());
+        };
         if let Some(s) = self.nat.table.get_mut(id) {
             s.count_out(data.len(), now);
         }
@@ -731,10 +837,16 @@ impl VirtualHost {
 
     /// ICMP destination unreachable about `original` (a packet a client sent), from us.
     fn push_unreachable(&mut self, original: &Ipv4Packet<&[u8]>, reason: Icmpv4DstUnreachable) {
-        let Ok(header) = Ipv4Repr::parse(original, &ChecksumCapabilities::ignored()) else { return };
+        let Ok(header) = Ipv4Repr::parse(original, &ChecksumCapabilities::ignored()) else {
+            return;
+        };
         let payload = original.payload();
         let data = &payload[..payload.len().min(8)];
-        let icmp = Icmpv4Repr::DstUnreachable { reason, header, data };
+        let icmp = Icmpv4Repr::DstUnreachable {
+            reason,
+            header,
+            data,
+        };
         self.push_to_client(self.host.ip, original.src_addr(), &icmp);
     }
 
@@ -761,14 +873,28 @@ impl VirtualHost {
     }
 
     /// A UDP datagram to a client, fragmented if it does not fit the MTU.
-    fn push_udp_to_client(&mut self, from: SocketAddrV4, to: SocketAddrV4, len: usize, fill: impl FnOnce(&mut [u8])) {
+    fn push_udp_to_client(
+        &mut self,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
         let Some(mac) = self.neighbours.lookup(*to.ip()) else {
             self.nat.counters.tx_dropped += 1;
             return;
         };
         let fits = 20 + 8 + len <= self.nat.settings.mtu;
         if fits {
-            if !frame::push_udp(&mut self.tx, self.host.mac, mac, (*from.ip(), from.port()), (*to.ip(), to.port()), len, fill) {
+            if !frame::push_udp(
+                &mut self.tx,
+                self.host.mac,
+                mac,
+                (*from.ip(), from.port()),
+                (*to.ip(), to.port()),
+                len,
+                fill,
+            ) {
                 self.nat.counters.tx_dropped += 1;
             }
             return;
@@ -779,7 +905,11 @@ impl VirtualHost {
         datagram.resize(8 + len, 0);
         {
             let mut udp = UdpPacket::new_unchecked(&mut datagram[..]);
-            UdpRepr { src_port: from.port(), dst_port: to.port() }.emit(
+            UdpRepr {
+                src_port: from.port(),
+                dst_port: to.port(),
+            }
+            .emit(
                 &mut udp,
                 &IpAddress::Ipv4(*from.ip()),
                 &IpAddress::Ipv4(*to.ip()),
@@ -795,29 +925,33 @@ impl VirtualHost {
             let end = (offset + chunk).min(datagram.len());
             let more = end < datagram.len();
             let part = &datagram[offset..end];
-            let ok = self.tx.push_built(ETHERNET_HEADER_LEN + 20 + part.len(), |buf| {
-                let eth = smoltcp::wire::EthernetRepr {
-                    src_addr: self.host.mac,
-                    dst_addr: mac,
-                    ethertype: smoltcp::wire::EthernetProtocol::Ipv4,
-                };
-                eth.emit(&mut smoltcp::wire::EthernetFrame::new_unchecked(&mut buf[..]));
-                let repr = Ipv4Repr {
-                    src_addr: *from.ip(),
-                    dst_addr: *to.ip(),
-                    next_header: IpProtocol::Udp,
-                    payload_len: part.len(),
-                    hop_limit: frame::HOP_LIMIT,
-                };
-                let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETHERNET_HEADER_LEN..]);
-                repr.emit(&mut ip, &ChecksumCapabilities::ignored());
-                ip.set_ident(ident);
-                ip.set_dont_frag(false);
-                ip.set_more_frags(more);
-                ip.set_frag_offset(offset as u16);
-                ip.payload_mut()[..part.len()].copy_from_slice(part);
-                ip.fill_checksum();
-            });
+            let ok = self
+                .tx
+                .push_built(ETHERNET_HEADER_LEN + 20 + part.len(), |buf| {
+                    let eth = smoltcp::wire::EthernetRepr {
+                        src_addr: self.host.mac,
+                        dst_addr: mac,
+                        ethertype: smoltcp::wire::EthernetProtocol::Ipv4,
+                    };
+                    eth.emit(&mut smoltcp::wire::EthernetFrame::new_unchecked(
+                        &mut buf[..],
+                    ));
+                    let repr = Ipv4Repr {
+                        src_addr: *from.ip(),
+                        dst_addr: *to.ip(),
+                        next_header: IpProtocol::Udp,
+                        payload_len: part.len(),
+                        hop_limit: frame::HOP_LIMIT,
+                    };
+                    let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETHERNET_HEADER_LEN..]);
+                    repr.emit(&mut ip, &ChecksumCapabilities::ignored());
+                    ip.set_ident(ident);
+                    ip.set_dont_frag(false);
+                    ip.set_more_frags(more);
+                    ip.set_frag_offset(offset as u16);
+                    ip.payload_mut()[..part.len()].copy_from_slice(part);
+                    ip.fill_checksum();
+                });
             if !ok {
                 self.nat.counters.tx_dropped += 1;
             }
@@ -839,10 +973,20 @@ impl VirtualHost {
             match op {
                 OpRecord::TcpConnect(id, target) => f(HostOp::TcpConnect { id, target }),
                 OpRecord::UdpOpen(id, target) => f(HostOp::UdpOpen { id, target }),
-                OpRecord::UdpSend(id, r) => f(HostOp::UdpSend { id, payload: &buf[r] }),
+                OpRecord::UdpSend(id, r) => f(HostOp::UdpSend {
+                    id,
+                    payload: &buf[r],
+                }),
                 OpRecord::IcmpOpen(id, target) => f(HostOp::IcmpOpen { id, target }),
-                OpRecord::IcmpSend(id, seq, r) => f(HostOp::IcmpSend { id, seq, payload: &buf[r] }),
-                OpRecord::DnsSend(upstream, r) => f(HostOp::DnsSend { upstream, payload: &buf[r] }),
+                OpRecord::IcmpSend(id, seq, r) => f(HostOp::IcmpSend {
+                    id,
+                    seq,
+                    payload: &buf[r],
+                }),
+                OpRecord::DnsSend(upstream, r) => f(HostOp::DnsSend {
+                    upstream,
+                    payload: &buf[r],
+                }),
                 OpRecord::Close(id, abort) => f(HostOp::Close { id, abort }),
             }
         }
@@ -853,12 +997,24 @@ impl VirtualHost {
     /// when the session is gone (the client gave up): close the host socket.
     pub fn nat_tcp_connected(&mut self, id: SessionId, now: Instant) -> bool {
         self.now = now;
-        let Some(TcpConn::Pending(_)) = self.nat.tcp_conns.get(&id) else { return false };
-        let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else { return false };
-        let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else { return false };
-        let Ok(seg) = TcpPacket::new_checked(p.payload()) else { return false };
+        let Some(TcpConn::Pending(_)) = self.nat.tcp_conns.get(&id) else {
+            return false;
+        };
+        let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else {
+            return false;
+        };
+        let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else {
+            return false;
+        };
+        let Ok(seg) = TcpPacket::new_checked(p.payload()) else {
+            return false;
+        };
         let mut set = SocketSet::new(Vec::with_capacity(1));
-        let handle = set.add(tcp::listener(p.dst_addr(), seg.dst_port(), self.nat.settings.tcp_buffer));
+        let handle = set.add(tcp::listener(
+            p.dst_addr(),
+            seg.dst_port(),
+            self.nat.settings.tcp_buffer,
+        ));
         self.nat.stack.sets.insert(id, (set, handle));
         self.nat.tcp_conns.insert(id, TcpConn::Socket);
         // Now the SYN goes in, and the SYN-ACK out with the next poll.
@@ -877,7 +1033,9 @@ impl VirtualHost {
     /// or an ICMP host unreachable (unreachable, timed out) and the session ends.
     pub fn nat_tcp_connect_failed(&mut self, id: SessionId, failure: ConnectFailure, now: Instant) {
         self.now = now;
-        let Some(session) = self.nat.table.get(id).cloned() else { return };
+        let Some(session) = self.nat.table.get(id).cloned() else {
+            return;
+        };
         if session.key.remote.port() == 53 && *session.key.remote.ip() == self.host.ip {
             let ups = &self.nat.settings.dns_upstreams;
             if let Some(pos) = ups.iter().position(|u| *u == session.target) {
@@ -891,8 +1049,14 @@ impl VirtualHost {
                 }
             }
         }
-        self.nat.events.push_back(NatEvent::Failed { id, key: session.key, reason: failure.as_str().to_owned() });
-        let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else { return };
+        self.nat.events.push_back(NatEvent::Failed {
+            id,
+            key: session.key,
+            reason: failure.as_str().to_owned(),
+        });
+        let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else {
+            return;
+        };
         if let Ok(p) = Ipv4Packet::new_checked(&syn[..]) {
             match failure {
                 ConnectFailure::Refused | ConnectFailure::Local => self.push_rst_for_syn(&p),
@@ -902,14 +1066,22 @@ impl VirtualHost {
             }
         }
         if let Some(s) = self.nat.table.remove(id) {
-            self.nat.events.push_back(NatEvent::Deleted { session: Box::new(s), reason: "connect failed", at: now });
+            self.nat.events.push_back(NatEvent::Deleted {
+                session: Box::new(s),
+                reason: "connect failed",
+                at: now,
+            });
         }
     }
 
     /// A RST answering the client's SYN in `p`, from the address it dialled.
     fn push_rst_for_syn(&mut self, p: &Ipv4Packet<&[u8]>) {
-        let Ok(seg) = TcpPacket::new_checked(p.payload()) else { return };
-        let Some(mac) = self.neighbours.lookup(p.src_addr()) else { return };
+        let Ok(seg) = TcpPacket::new_checked(p.payload()) else {
+            return;
+        };
+        let Some(mac) = self.neighbours.lookup(p.src_addr()) else {
+            return;
+        };
         let rst = TcpRepr {
             src_port: seg.dst_port(),
             dst_port: seg.src_port(),
@@ -925,14 +1097,23 @@ impl VirtualHost {
             payload: &[],
         };
         let (src, dst) = (p.dst_addr(), p.src_addr());
-        let ok = frame::push_ip(&mut self.tx, self.host.mac, mac, src, dst, IpProtocol::Tcp, rst.buffer_len(), |buf| {
-            rst.emit(
-                &mut TcpPacket::new_unchecked(buf),
-                &IpAddress::Ipv4(src),
-                &IpAddress::Ipv4(dst),
-                &ChecksumCapabilities::default(),
-            )
-        });
+        let ok = frame::push_ip(
+            &mut self.tx,
+            self.host.mac,
+            mac,
+            src,
+            dst,
+            IpProtocol::Tcp,
+            rst.buffer_len(),
+            |buf| {
+                rst.emit(
+                    &mut TcpPacket::new_unchecked(buf),
+                    &IpAddress::Ipv4(src),
+                    &IpAddress::Ipv4(dst),
+                    &ChecksumCapabilities::default(),
+                )
+            },
+        );
         if !ok {
             self.nat.counters.tx_dropped += 1;
         }
@@ -941,12 +1122,19 @@ impl VirtualHost {
     /// The relay of TCP session `id`, for one synchronous step; `None` when the session is
     /// gone (end the relay task).
     pub fn nat_tcp_relay(&mut self, id: SessionId, now: Instant) -> Option<TcpRelay<'_>> {
-        let &TcpConn::Socket = self.nat.tcp_conns.get(&id)? else { return None };
+        let &TcpConn::Socket = self.nat.tcp_conns.get(&id)? else {
+            return None;
+        };
         let session = self.nat.table.get_mut(id)?;
         let stack = &mut self.nat.stack;
         let (set, handle) = stack.sets.get_mut(&id)?;
         let socket = set.get_mut::<stcp::Socket>(*handle);
-        Some(TcpRelay { socket, session, now, dirty: &mut stack.dirty })
+        Some(TcpRelay {
+            socket,
+            session,
+            now,
+            dirty: &mut stack.dirty,
+        })
     }
 
     /// The relay task of TCP session `id` is done (the connection closed or was reset, or the
@@ -970,7 +1158,11 @@ impl VirtualHost {
                 SessionState::Closing => "closed",
                 _ => "reset",
             };
-            self.nat.events.push_back(NatEvent::Deleted { session: Box::new(s), reason, at: now });
+            self.nat.events.push_back(NatEvent::Deleted {
+                session: Box::new(s),
+                reason,
+                at: now,
+            });
         }
     }
 
@@ -1008,15 +1200,25 @@ impl VirtualHost {
     /// kernel delivers it). Echo replies go to the client with its own identifier.
     pub fn nat_icmp_receive(&mut self, id: SessionId, now: Instant, message: &[u8]) {
         self.now = now;
-        let Some(s) = self.nat.table.get_mut(id) else { return };
+        let Some(s) = self.nat.table.get_mut(id) else {
+            return;
+        };
         let key = s.key;
-        let Ok(packet) = Icmpv4Packet::new_checked(message) else { return };
+        let Ok(packet) = Icmpv4Packet::new_checked(message) else {
+            return;
+        };
         // Ping sockets rewrite the identifier; the checksum is the kernel's business here.
-        let Ok(Icmpv4Repr::EchoReply { seq_no, data, .. }) = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::ignored()) else {
+        let Ok(Icmpv4Repr::EchoReply { seq_no, data, .. }) =
+            Icmpv4Repr::parse(&packet, &ChecksumCapabilities::ignored())
+        else {
             return;
         };
         s.count_in(data.len(), now);
-        let reply = Icmpv4Repr::EchoReply { ident: key.client.port(), seq_no, data };
+        let reply = Icmpv4Repr::EchoReply {
+            ident: key.client.port(),
+            seq_no,
+            data,
+        };
         self.push_to_client(*key.remote.ip(), *key.client.ip(), &reply);
     }
 
@@ -1026,7 +1228,11 @@ impl VirtualHost {
         self.now = now;
         if let Some(s) = self.nat.table.get(id) {
             let key = s.key;
-            self.nat.events.push_back(NatEvent::Failed { id, key, reason: error.to_string() });
+            self.nat.events.push_back(NatEvent::Failed {
+                id,
+                key,
+                reason: error.to_string(),
+            });
         }
         self.end_session(id, "host socket failed", false, now);
     }
@@ -1063,7 +1269,11 @@ impl VirtualHost {
         }
         if let Some(s) = self.nat.table.remove(id) {
             self.nat.push_op(OpRecord::Close(id, abort));
-            self.nat.events.push_back(NatEvent::Deleted { session: Box::new(s), reason, at: now });
+            self.nat.events.push_back(NatEvent::Deleted {
+                session: Box::new(s),
+                reason,
+                at: now,
+            });
         }
     }
 
@@ -1072,7 +1282,12 @@ impl VirtualHost {
         let s = &self.nat.settings;
         let (tcp_t, udp_t) = (s.tcp_timeout, s.udp_timeout);
         for id in self.nat.table.idle(Protocol::Tcp, tcp_t, now) {
-            if self.nat.table.get(id).is_some_and(|s| s.state != SessionState::Connecting) {
+            if self
+                .nat
+                .table
+                .get(id)
+                .is_some_and(|s| s.state != SessionState::Connecting)
+            {
                 self.end_session(id, "idle timeout", true, now);
             }
         }
@@ -1083,13 +1298,20 @@ impl VirtualHost {
             self.end_session(id, "idle timeout", false, now);
         }
         let mut actions = Vec::new();
-        self.nat.dns.handle_timeout(now, |a| actions.push(own_action(a)));
+        self.nat
+            .dns
+            .handle_timeout(now, |a| actions.push(own_action(a)));
         for a in actions {
             self.apply_dns(a);
         }
         self.nat.frag.expire(now);
         // Tell the security log about flows refused since the last line.
-        if self.nat.suppressed_refusals > 0 && self.nat.last_refusal_log.is_some_and(|t| now >= t + REFUSAL_LOG_INTERVAL) {
+        if self.nat.suppressed_refusals > 0
+            && self
+                .nat
+                .last_refusal_log
+                .is_some_and(|t| now >= t + REFUSAL_LOG_INTERVAL)
+        {
             self.nat.last_refusal_log = None;
         }
     }
@@ -1098,7 +1320,9 @@ impl VirtualHost {
     /// last transmit batch): the driver should poll again as soon as it has sent the batch.
     pub fn wants_poll(&self) -> bool {
         let stack = &self.nat.stack;
-        !stack.dirty.is_empty() || !stack.graveyard.is_empty() || stack.next_deadline().is_some_and(|t| t <= self.now)
+        !stack.dirty.is_empty()
+            || !stack.graveyard.is_empty()
+            || stack.next_deadline().is_some_and(|t| t <= self.now)
     }
 
     /// When the NAT next needs [`handle_timeout`](VirtualHost::handle_timeout).

@@ -205,14 +205,22 @@ impl SessionTable {
     }
 
     /// Adds a session for `key`, unless a limit says no.
-    pub fn insert(&mut self, key: FlowKey, target: SocketAddr, now: Instant) -> Result<SessionId, LimitError> {
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        target: SocketAddr,
+        now: Instant,
+    ) -> Result<SessionId, LimitError> {
         if self.sessions.len() >= self.max_sessions {
             return Err(LimitError::Global(self.max_sessions));
         }
         let client = *key.client.ip();
         let count = self.per_client.get(&client).copied().unwrap_or(0);
         if count >= self.max_per_client {
-            return Err(LimitError::PerClient { client, limit: self.max_per_client });
+            return Err(LimitError::PerClient {
+                client,
+                limit: self.max_per_client,
+            });
         }
         let id = SessionId(self.next_id);
         self.next_id += 1;
@@ -257,7 +265,11 @@ impl SessionTable {
     pub fn idle(&self, protocol: Protocol, timeout: Duration, now: Instant) -> Vec<SessionId> {
         self.sessions
             .values()
-            .filter(|s| s.key.protocol == protocol && now - s.last_activity >= timeout && now >= s.last_activity)
+            .filter(|s| {
+                s.key.protocol == protocol
+                    && now - s.last_activity >= timeout
+                    && now >= s.last_activity
+            })
             .map(|s| s.id)
             .collect()
     }
@@ -299,7 +311,10 @@ mod tests {
         let now = Instant::from_secs(0);
         let a = t.insert(key(1), target(), now).unwrap();
         t.insert(key(2), target(), now).unwrap();
-        assert!(matches!(t.insert(key(3), target(), now), Err(LimitError::PerClient { limit: 2, .. })));
+        assert!(matches!(
+            t.insert(key(3), target(), now),
+            Err(LimitError::PerClient { limit: 2, .. })
+        ));
         let mut other = key(4);
         other.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 11), 4);
         t.insert(other, target(), now).unwrap();
@@ -319,9 +334,17 @@ mod tests {
         let b = t.insert(key(2), target(), Instant::from_secs(0)).unwrap();
         t.get_mut(b).unwrap().count_out(10, Instant::from_secs(50));
         let timeout = Duration::from_secs(60);
-        assert_eq!(t.next_idle(Protocol::Udp, timeout), Some(Instant::from_secs(60)));
-        assert_eq!(t.idle(Protocol::Udp, timeout, Instant::from_secs(60)), vec![a]);
-        assert!(t.idle(Protocol::Tcp, timeout, Instant::from_secs(600)).is_empty());
+        assert_eq!(
+            t.next_idle(Protocol::Udp, timeout),
+            Some(Instant::from_secs(60))
+        );
+        assert_eq!(
+            t.idle(Protocol::Udp, timeout, Instant::from_secs(60)),
+            vec![a]
+        );
+        assert!(t
+            .idle(Protocol::Tcp, timeout, Instant::from_secs(600))
+            .is_empty());
         // Ids are never reused.
         t.remove(a);
         let c = t.insert(key(3), target(), Instant::from_secs(61)).unwrap();

@@ -40,11 +40,12 @@ use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, ETHERNET_HEADER_LEN};
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, ETHERNET_HEADER_LEN,
+};
 
 use super::super::Neighbours;
 use super::table::SessionId;
-
 
 /// A fresh socket listening on `(addr, port)`, created when the outbound connect succeeded,
 /// just before the client's SYN is fed to it.
@@ -55,8 +56,11 @@ pub fn listener(addr: std::net::Ipv4Addr, port: u16, buffer: usize) -> tcp::Sock
     );
     s.set_nagle_enabled(true);
     s.set_congestion_control(tcp::CongestionControl::Cubic);
-    s.listen(smoltcp::wire::IpListenEndpoint { addr: Some(addr.into()), port })
-        .expect("invariant: a fresh socket with a non-zero port can listen");
+    s.listen(smoltcp::wire::IpListenEndpoint {
+        addr: Some(addr.into()),
+        port,
+    })
+    .expect("invariant: a fresh socket with a non-zero port can listen");
     s
 }
 
@@ -96,8 +100,15 @@ impl phy::TxToken for Tx<'_> {
             let (head, packet) = buf.split_at_mut(ETHERNET_HEADER_LEN);
             result = Some((f.take().expect("invariant: called once"))(packet));
             let dst_ip = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-            let dst_mac = self.neighbours.lookup(dst_ip).unwrap_or(EthernetAddress::BROADCAST);
-            let eth = EthernetRepr { src_addr: self.our_mac, dst_addr: dst_mac, ethertype: EthernetProtocol::Ipv4 };
+            let dst_mac = self
+                .neighbours
+                .lookup(dst_ip)
+                .unwrap_or(EthernetAddress::BROADCAST);
+            let eth = EthernetRepr {
+                src_addr: self.our_mac,
+                dst_addr: dst_mac,
+                ethertype: EthernetProtocol::Ipv4,
+            };
             eth.emit(&mut EthernetFrame::new_unchecked(head));
         });
         if pushed {
@@ -251,7 +262,9 @@ impl TcpRelay<'_> {
     /// The client has sent its FIN and every byte before it was taken: shut down the host
     /// socket's write side.
     pub fn client_finished(&self) -> bool {
-        !self.socket.may_recv() && !self.socket.can_recv() && self.socket.state() != tcp::State::SynReceived
+        !self.socket.may_recv()
+            && !self.socket.can_recv()
+            && self.socket.state() != tcp::State::SynReceived
     }
 
     /// There is room for bytes from the host.
@@ -266,7 +279,10 @@ impl TcpRelay<'_> {
 
     /// The connection is over (closed, reset, timed out): end the relay.
     pub fn is_closed(&self) -> bool {
-        matches!(self.socket.state(), tcp::State::Closed | tcp::State::TimeWait)
+        matches!(
+            self.socket.state(),
+            tcp::State::Closed | tcp::State::TimeWait
+        )
     }
 
     /// Hands the client's bytes to `write` (which returns how many it took). The taken bytes

@@ -8,8 +8,8 @@ use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
-    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
+    Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
 use super::super::dhcp::DhcpSettings;
@@ -39,7 +39,12 @@ pub fn settings() -> NatSettings {
 }
 
 pub fn host_with(nat: NatSettings) -> VirtualHost {
-    let host = HostSettings { mac: OUR_MAC, ip: OUR_IP, mask: Ipv4Addr::new(255, 255, 255, 0), mtu: nat.mtu };
+    let host = HostSettings {
+        mac: OUR_MAC,
+        ip: OUR_IP,
+        mask: Ipv4Addr::new(255, 255, 255, 0),
+        mtu: nat.mtu,
+    };
     let dhcp = DhcpSettings {
         enabled: true,
         range_start: Ipv4Addr::new(192, 168, 30, 10),
@@ -60,17 +65,42 @@ pub fn t(ms: i64) -> Instant {
 }
 
 /// An Ethernet frame carrying an IPv4 packet from the client.
-pub fn ip_frame(dst: Ipv4Addr, protocol: IpProtocol, payload_len: usize, emit: impl FnOnce(&mut [u8])) -> Vec<u8> {
-    let ip = Ipv4Repr { src_addr: CLIENT_IP, dst_addr: dst, next_header: protocol, payload_len, hop_limit: 64 };
+pub fn ip_frame(
+    dst: Ipv4Addr,
+    protocol: IpProtocol,
+    payload_len: usize,
+    emit: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
+    let ip = Ipv4Repr {
+        src_addr: CLIENT_IP,
+        dst_addr: dst,
+        next_header: protocol,
+        payload_len,
+        hop_limit: 64,
+    };
     let mut frame = vec![0u8; 14 + 20 + payload_len];
-    EthernetRepr { src_addr: CLIENT_MAC, dst_addr: OUR_MAC, ethertype: EthernetProtocol::Ipv4 }
-        .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip.emit(&mut Ipv4Packet::new_unchecked(&mut frame[14..]), &ChecksumCapabilities::default());
+    EthernetRepr {
+        src_addr: CLIENT_MAC,
+        dst_addr: OUR_MAC,
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    ip.emit(
+        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
+        &ChecksumCapabilities::default(),
+    );
     emit(&mut frame[34..]);
     frame
 }
 
-pub fn tcp_frame(dst: SocketAddrV4, sport: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
+pub fn tcp_frame(
+    dst: SocketAddrV4,
+    sport: u16,
+    control: TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    payload: &[u8],
+) -> Vec<u8> {
     let repr = TcpRepr {
         src_port: sport,
         dst_port: dst.port(),
@@ -79,7 +109,11 @@ pub fn tcp_frame(dst: SocketAddrV4, sport: u16, control: TcpControl, seq: u32, a
         ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
         window_len: 64000,
         window_scale: None,
-        max_seg_size: if control == TcpControl::Syn { Some(1460) } else { None },
+        max_seg_size: if control == TcpControl::Syn {
+            Some(1460)
+        } else {
+            None
+        },
         sack_permitted: false,
         sack_ranges: [None, None, None],
         timestamp: None,
@@ -104,7 +138,16 @@ pub fn sent(h: &mut VirtualHost, now: Instant) -> Vec<Vec<u8>> {
 }
 
 /// The TCP segments among `frames`: (src, dst, control, seq, ack, payload length).
-pub fn tcp_segments(frames: &[Vec<u8>]) -> Vec<(SocketAddrV4, SocketAddrV4, TcpControl, u32, Option<u32>, usize)> {
+pub fn tcp_segments(
+    frames: &[Vec<u8>],
+) -> Vec<(
+    SocketAddrV4,
+    SocketAddrV4,
+    TcpControl,
+    u32,
+    Option<u32>,
+    usize,
+)> {
     frames
         .iter()
         .filter_map(|f| {
@@ -154,26 +197,46 @@ fn connect_op(h: &mut VirtualHost) -> (SessionId, SocketAddr) {
 fn syn_is_deferred_until_the_connect_succeeds() {
     let mut h = host_with(settings());
     let remote = SocketAddrV4::new(REMOTE, 80);
-    h.handle_frame(t(0), &tcp_frame(remote, 40000, TcpControl::Syn, 1000, None, &[]));
-    assert!(tcp_segments(&sent(&mut h, t(0))).is_empty(), "no SYN-ACK before the connect");
+    h.handle_frame(
+        t(0),
+        &tcp_frame(remote, 40000, TcpControl::Syn, 1000, None, &[]),
+    );
+    assert!(
+        tcp_segments(&sent(&mut h, t(0))).is_empty(),
+        "no SYN-ACK before the connect"
+    );
     let (id, target) = connect_op(&mut h);
     assert_eq!(target, SocketAddr::V4(remote));
     // A retransmitted SYN does not create a second session.
-    h.handle_frame(t(1000), &tcp_frame(remote, 40000, TcpControl::Syn, 1000, None, &[]));
+    h.handle_frame(
+        t(1000),
+        &tcp_frame(remote, 40000, TcpControl::Syn, 1000, None, &[]),
+    );
     assert!(ops(&mut h).is_empty());
     assert_eq!(h.nat().table().len(), 1);
     assert!(h.nat_tcp_connected(id, t(1100)));
     let segs = tcp_segments(&sent(&mut h, t(1100)));
     assert_eq!(segs.len(), 1, "{segs:?}");
     let (src, dst, control, _, ack, _) = segs[0];
-    assert_eq!((src, dst, control, ack), (remote, SocketAddrV4::new(CLIENT_IP, 40000), TcpControl::Syn, Some(1001)));
+    assert_eq!(
+        (src, dst, control, ack),
+        (
+            remote,
+            SocketAddrV4::new(CLIENT_IP, 40000),
+            TcpControl::Syn,
+            Some(1001)
+        )
+    );
 }
 
 #[test]
 fn refused_connect_becomes_a_rst() {
     let mut h = host_with(settings());
     let remote = SocketAddrV4::new(REMOTE, 9);
-    h.handle_frame(t(0), &tcp_frame(remote, 40001, TcpControl::Syn, 5000, None, &[]));
+    h.handle_frame(
+        t(0),
+        &tcp_frame(remote, 40001, TcpControl::Syn, 5000, None, &[]),
+    );
     let (id, _) = connect_op(&mut h);
     h.nat_tcp_connect_failed(id, ConnectFailure::Refused, t(5));
     let segs = tcp_segments(&sent(&mut h, t(5)));
@@ -193,20 +256,46 @@ struct Client {
 
 impl Client {
     /// Opens a connection through the NAT; returns the client and the session id.
-    fn connect(h: &mut VirtualHost, remote: SocketAddrV4, port: u16, now: Instant) -> (Client, SessionId) {
+    fn connect(
+        h: &mut VirtualHost,
+        remote: SocketAddrV4,
+        port: u16,
+        now: Instant,
+    ) -> (Client, SessionId) {
         let isn = 7000;
-        h.handle_frame(now, &tcp_frame(remote, port, TcpControl::Syn, isn, None, &[]));
+        h.handle_frame(
+            now,
+            &tcp_frame(remote, port, TcpControl::Syn, isn, None, &[]),
+        );
         let (id, _) = connect_op(h);
         assert!(h.nat_tcp_connected(id, now));
         let segs = tcp_segments(&sent(h, now));
-        let synack = segs.iter().find(|s| s.2 == TcpControl::Syn).expect("SYN-ACK");
-        let mut c = Client { remote, port, seq: isn + 1, ack: synack.3.wrapping_add(1) };
+        let synack = segs
+            .iter()
+            .find(|s| s.2 == TcpControl::Syn)
+            .expect("SYN-ACK");
+        let mut c = Client {
+            remote,
+            port,
+            seq: isn + 1,
+            ack: synack.3.wrapping_add(1),
+        };
         c.send(h, TcpControl::None, &[], now);
         (c, id)
     }
 
     fn send(&mut self, h: &mut VirtualHost, control: TcpControl, data: &[u8], now: Instant) {
-        h.handle_frame(now, &tcp_frame(self.remote, self.port, control, self.seq, Some(self.ack), data));
+        h.handle_frame(
+            now,
+            &tcp_frame(
+                self.remote,
+                self.port,
+                control,
+                self.seq,
+                Some(self.ack),
+                data,
+            ),
+        );
         self.seq = self.seq.wrapping_add(data.len() as u32);
         if matches!(control, TcpControl::Fin) {
             self.seq = self.seq.wrapping_add(1);
@@ -272,7 +361,10 @@ fn data_flows_both_ways_and_the_client_half_closes_first() {
     let _ = c.receive(&mut h, t(2));
     assert!(h.nat_tcp_relay(id, t(2)).unwrap().client_finished());
     h.nat_tcp_relay(id, t(2)).unwrap().client_finish_done();
-    assert_eq!(relay_give(&mut h, id, b"HTTP/1.0 200 OK\r\n\r\nhello", t(3)), 24);
+    assert_eq!(
+        relay_give(&mut h, id, b"HTTP/1.0 200 OK\r\n\r\nhello", t(3)),
+        24
+    );
     let (bytes, fin, _) = c.receive(&mut h, t(3));
     assert_eq!((bytes, fin), (24, false));
     // Host EOF: FIN to the client, which acknowledges it; the connection is over.
@@ -321,16 +413,25 @@ fn resets_are_carried_both_ways() {
 fn unreachable_connect_becomes_icmp_host_unreachable() {
     let mut h = host_with(settings());
     let remote = SocketAddrV4::new(REMOTE, 443);
-    h.handle_frame(t(0), &tcp_frame(remote, 40014, TcpControl::Syn, 9000, None, &[]));
+    h.handle_frame(
+        t(0),
+        &tcp_frame(remote, 40014, TcpControl::Syn, 9000, None, &[]),
+    );
     let (id, _) = connect_op(&mut h);
     h.nat_tcp_connect_failed(id, ConnectFailure::TimedOut, t(30_000));
     let frames = sent(&mut h, t(30_000));
     assert_eq!(frames.len(), 1);
     let eth = EthernetFrame::new_checked(&frames[0][..]).unwrap();
     let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
-    assert_eq!((ip.src_addr(), ip.dst_addr(), ip.next_header()), (OUR_IP, CLIENT_IP, IpProtocol::Icmp));
+    assert_eq!(
+        (ip.src_addr(), ip.dst_addr(), ip.next_header()),
+        (OUR_IP, CLIENT_IP, IpProtocol::Icmp)
+    );
     let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
-    assert_eq!((icmp.msg_type(), icmp.msg_code()), (smoltcp::wire::Icmpv4Message::DstUnreachable, 1));
+    assert_eq!(
+        (icmp.msg_type(), icmp.msg_code()),
+        (smoltcp::wire::Icmpv4Message::DstUnreachable, 1)
+    );
     // The quoted SYN carries the client's sequence number, so its stack matches the error.
     let quoted = &icmp.data()[20..28];
     assert_eq!(&quoted[4..8], &9000u32.to_be_bytes());
@@ -344,7 +445,10 @@ fn idle_tcp_sessions_are_reset_and_idle_udp_sessions_closed() {
     s.udp_timeout = Duration::from_secs(30);
     let mut h = host_with(s);
     let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 80), 40015, t(0));
-    h.handle_frame(t(0), &udp_frame(SocketAddrV4::new(REMOTE, 5000), 41000, b"ping"));
+    h.handle_frame(
+        t(0),
+        &udp_frame(SocketAddrV4::new(REMOTE, 5000), 41000, b"ping"),
+    );
     let _ = ops(&mut h);
     assert_eq!(h.nat().table().len(), 2);
     let deadline = h.poll_timeout().expect("a deadline");
@@ -365,13 +469,37 @@ fn session_limits_refuse_new_flows() {
     s.max_sessions_per_client = 2;
     let mut h = host_with(s);
     for port in [40020, 40021] {
-        h.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(REMOTE, 80), port, TcpControl::Syn, 1, None, &[]));
+        h.handle_frame(
+            t(0),
+            &tcp_frame(
+                SocketAddrV4::new(REMOTE, 80),
+                port,
+                TcpControl::Syn,
+                1,
+                None,
+                &[],
+            ),
+        );
     }
     assert_eq!(ops(&mut h).len(), 2);
-    h.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(REMOTE, 80), 40022, TcpControl::Syn, 1, None, &[]));
+    h.handle_frame(
+        t(0),
+        &tcp_frame(
+            SocketAddrV4::new(REMOTE, 80),
+            40022,
+            TcpControl::Syn,
+            1,
+            None,
+            &[],
+        ),
+    );
     assert!(ops(&mut h).is_empty(), "no connect for the third");
     let segs = tcp_segments(&sent(&mut h, t(0)));
-    assert!(segs.iter().any(|s| s.2 == TcpControl::Rst && s.1.port() == 40022), "{segs:?}");
+    assert!(
+        segs.iter()
+            .any(|s| s.2 == TcpControl::Rst && s.1.port() == 40022),
+        "{segs:?}"
+    );
     h.handle_frame(t(0), &udp_frame(SocketAddrV4::new(REMOTE, 53), 41001, b"x"));
     assert!(ops(&mut h).is_empty(), "no UDP flow either");
     assert_eq!(h.nat().counters().refused_limits, 2);
@@ -382,12 +510,39 @@ fn loopback_and_denied_networks_are_refused() {
     let mut s = settings();
     s.deny = vec![(Ipv4Addr::new(10, 99, 0, 0), 16)];
     let mut h = host_with(s);
-    h.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22), 40030, TcpControl::Syn, 1, None, &[]));
-    h.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 1), 22), 40031, TcpControl::Syn, 1, None, &[]));
+    h.handle_frame(
+        t(0),
+        &tcp_frame(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22),
+            40030,
+            TcpControl::Syn,
+            1,
+            None,
+            &[],
+        ),
+    );
+    h.handle_frame(
+        t(0),
+        &tcp_frame(
+            SocketAddrV4::new(Ipv4Addr::new(10, 99, 1, 1), 22),
+            40031,
+            TcpControl::Syn,
+            1,
+            None,
+            &[],
+        ),
+    );
     assert!(ops(&mut h).is_empty());
     let segs = tcp_segments(&sent(&mut h, t(0)));
-    assert_eq!(segs.iter().filter(|s| s.2 == TcpControl::Rst).count(), 2, "{segs:?}");
-    h.handle_frame(t(0), &udp_frame(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53), 41002, b"x"));
+    assert_eq!(
+        segs.iter().filter(|s| s.2 == TcpControl::Rst).count(),
+        2,
+        "{segs:?}"
+    );
+    h.handle_frame(
+        t(0),
+        &udp_frame(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53), 41002, b"x"),
+    );
     assert!(ops(&mut h).is_empty());
     let frames = sent(&mut h, t(0));
     let eth = EthernetFrame::new_checked(&frames[0][..]).unwrap();
@@ -399,14 +554,28 @@ fn loopback_and_denied_networks_are_refused() {
     let mut s = settings();
     s.allow_host_loopback = true;
     let mut h = host_with(s);
-    h.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22), 40032, TcpControl::Syn, 1, None, &[]));
+    h.handle_frame(
+        t(0),
+        &tcp_frame(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22),
+            40032,
+            TcpControl::Syn,
+            1,
+            None,
+            &[],
+        ),
+    );
     assert_eq!(ops(&mut h).len(), 1);
 }
 
 pub fn udp_frame(dst: SocketAddrV4, sport: u16, payload: &[u8]) -> Vec<u8> {
     use smoltcp::wire::{UdpPacket, UdpRepr};
     ip_frame(*dst.ip(), IpProtocol::Udp, 8 + payload.len(), |buf| {
-        UdpRepr { src_port: sport, dst_port: dst.port() }.emit(
+        UdpRepr {
+            src_port: sport,
+            dst_port: dst.port(),
+        }
+        .emit(
             &mut UdpPacket::new_unchecked(buf),
             &IpAddress::Ipv4(CLIENT_IP),
             &IpAddress::Ipv4(*dst.ip()),
@@ -440,7 +609,10 @@ fn udp_datagrams(frames: &[Vec<u8>]) -> Vec<(SocketAddrV4, SocketAddrV4, Vec<u8>
             continue;
         }
         let udp = UdpPacket::new_checked(ip.payload()).unwrap();
-        assert!(udp.verify_checksum(&IpAddress::Ipv4(ip.src_addr()), &IpAddress::Ipv4(ip.dst_addr())));
+        assert!(udp.verify_checksum(
+            &IpAddress::Ipv4(ip.src_addr()),
+            &IpAddress::Ipv4(ip.dst_addr())
+        ));
         out.push((
             SocketAddrV4::new(ip.src_addr(), udp.src_port()),
             SocketAddrV4::new(ip.dst_addr(), udp.dst_port()),
@@ -458,7 +630,11 @@ fn udp_flows_are_relayed_and_replies_come_from_the_remote() {
     h.handle_frame(t(1), &udp_frame(remote, 41010, b"two"));
     let o = ops(&mut h);
     assert_eq!(o.len(), 3, "{o:?}");
-    assert!(o[0].starts_with("UdpOpen") && o[1].contains("[111, 110, 101]") && o[2].starts_with("UdpSend"));
+    assert!(
+        o[0].starts_with("UdpOpen")
+            && o[1].contains("[111, 110, 101]")
+            && o[2].starts_with("UdpSend")
+    );
     let id = h.nat().table().iter().next().unwrap().id;
     let n = h.nat_udp_receive(id, t(2), |buf| {
         buf[..5].copy_from_slice(b"reply");
@@ -466,9 +642,19 @@ fn udp_flows_are_relayed_and_replies_come_from_the_remote() {
     });
     assert_eq!(n.unwrap(), 5);
     let d = udp_datagrams(&sent(&mut h, t(2)));
-    assert_eq!(d, vec![(remote, SocketAddrV4::new(CLIENT_IP, 41010), b"reply".to_vec())]);
+    assert_eq!(
+        d,
+        vec![(
+            remote,
+            SocketAddrV4::new(CLIENT_IP, 41010),
+            b"reply".to_vec()
+        )]
+    );
     let s = h.nat().table().get(id).unwrap();
-    assert_eq!((s.bytes_out, s.bytes_in, s.packets_out, s.packets_in), (6, 5, 2, 1));
+    assert_eq!(
+        (s.bytes_out, s.bytes_in, s.packets_out, s.packets_in),
+        (6, 5, 2, 1)
+    );
 }
 
 #[test]
@@ -483,7 +669,9 @@ fn fragmented_datagrams_are_reassembled_and_big_replies_fragmented() {
     let mut ident = 0x4242u16;
     while offset < udp_bytes.len() {
         let end = (offset + 1480).min(udp_bytes.len());
-        let frame = ip_frame(*remote.ip(), IpProtocol::Udp, end - offset, |buf| buf.copy_from_slice(&udp_bytes[offset..end]));
+        let frame = ip_frame(*remote.ip(), IpProtocol::Udp, end - offset, |buf| {
+            buf.copy_from_slice(&udp_bytes[offset..end])
+        });
         let mut frame = frame;
         let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
         ip.set_ident(ident);
@@ -521,12 +709,18 @@ fn fragmented_datagrams_are_reassembled_and_big_replies_fragmented() {
 #[test]
 fn dns_over_udp_fails_over_to_the_next_upstream() {
     let mut s = settings();
-    let (a, b): (SocketAddr, SocketAddr) = ("10.77.0.53:53".parse().unwrap(), "10.77.0.54:5353".parse().unwrap());
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.77.0.53:53".parse().unwrap(),
+        "10.77.0.54:5353".parse().unwrap(),
+    );
     s.dns_upstreams = vec![a, b];
     let mut h = host_with(s);
     let mut query = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     query.extend_from_slice(b"\x05files\x06hubnat\x04test\x00\x00\x01\x00\x01");
-    h.handle_frame(t(0), &udp_frame(SocketAddrV4::new(OUR_IP, 53), 41030, &query));
+    h.handle_frame(
+        t(0),
+        &udp_frame(SocketAddrV4::new(OUR_IP, 53), 41030, &query),
+    );
     let mut sends = Vec::new();
     h.drain_host_ops(|op| {
         if let HostOp::DnsSend { upstream, payload } = op {
@@ -548,7 +742,10 @@ fn dns_over_udp_fails_over_to_the_next_upstream() {
     answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 77, 0, 2]);
     answer[7] = 1;
     h.nat_dns_answer(a, &answer, t(2100));
-    assert!(udp_datagrams(&sent(&mut h, t(2100))).is_empty(), "the first upstream is no longer asked");
+    assert!(
+        udp_datagrams(&sent(&mut h, t(2100))).is_empty(),
+        "the first upstream is no longer asked"
+    );
     h.nat_dns_answer(b, &answer, t(2100));
     let d = udp_datagrams(&sent(&mut h, t(2100)));
     assert_eq!(d.len(), 1);
@@ -559,10 +756,23 @@ fn dns_over_udp_fails_over_to_the_next_upstream() {
 #[test]
 fn dns_over_tcp_goes_to_the_upstreams_in_turn() {
     let mut s = settings();
-    let (a, b): (SocketAddr, SocketAddr) = ("10.77.0.53:53".parse().unwrap(), "10.77.0.54:53".parse().unwrap());
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.77.0.53:53".parse().unwrap(),
+        "10.77.0.54:53".parse().unwrap(),
+    );
     s.dns_upstreams = vec![a, b];
     let mut h = host_with(s);
-    h.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(OUR_IP, 53), 40040, TcpControl::Syn, 1, None, &[]));
+    h.handle_frame(
+        t(0),
+        &tcp_frame(
+            SocketAddrV4::new(OUR_IP, 53),
+            40040,
+            TcpControl::Syn,
+            1,
+            None,
+            &[],
+        ),
+    );
     let (id, target) = connect_op(&mut h);
     assert_eq!(target, a);
     h.nat_tcp_connect_failed(id, ConnectFailure::Refused, t(1));
@@ -570,11 +780,27 @@ fn dns_over_tcp_goes_to_the_upstreams_in_turn() {
     assert_eq!((id2, target), (id, b));
     assert!(h.nat_tcp_connected(id, t(2)));
     let segs = tcp_segments(&sent(&mut h, t(2)));
-    assert_eq!(segs[0].0, SocketAddrV4::new(OUR_IP, 53), "SYN-ACK from the virtual host");
+    assert_eq!(
+        segs[0].0,
+        SocketAddrV4::new(OUR_IP, 53),
+        "SYN-ACK from the virtual host"
+    );
     // TCP to any other port of ours is reset.
-    h.handle_frame(t(3), &tcp_frame(SocketAddrV4::new(OUR_IP, 22), 40041, TcpControl::Syn, 1, None, &[]));
+    h.handle_frame(
+        t(3),
+        &tcp_frame(
+            SocketAddrV4::new(OUR_IP, 22),
+            40041,
+            TcpControl::Syn,
+            1,
+            None,
+            &[],
+        ),
+    );
     assert!(ops(&mut h).is_empty());
-    assert!(tcp_segments(&sent(&mut h, t(3))).iter().any(|s| s.2 == TcpControl::Rst));
+    assert!(tcp_segments(&sent(&mut h, t(3)))
+        .iter()
+        .any(|s| s.2 == TcpControl::Rst));
 }
 
 #[test]
@@ -582,7 +808,17 @@ fn nat_disabled_carries_nothing() {
     let mut s = settings();
     s.enabled = false;
     let mut h = host_with(s);
-    h.handle_frame(t(0), &tcp_frame(SocketAddrV4::new(REMOTE, 80), 40050, TcpControl::Syn, 1, None, &[]));
+    h.handle_frame(
+        t(0),
+        &tcp_frame(
+            SocketAddrV4::new(REMOTE, 80),
+            40050,
+            TcpControl::Syn,
+            1,
+            None,
+            &[],
+        ),
+    );
     h.handle_frame(t(0), &udp_frame(SocketAddrV4::new(REMOTE, 53), 41050, b"x"));
     assert!(ops(&mut h).is_empty());
     assert!(sent(&mut h, t(0)).is_empty());
