@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
 use common::netns::wait_until;
-use common::smol_client::SmolClient;
+use common::smol_client::{acquire_all, Got, SmolClient};
 use futures_lite::FutureExt;
 use hubnat::config::Config;
 use hubnat::driver::{Gateway, GatewayError};
@@ -570,16 +570,9 @@ fn the_gateway_gives_leases_to_smoltcp_clients_behind_socket_peers() {
     );
     let mut a = SmolClient::new(la.connect(), [0x52, 0x54, 0, 0, 0, 0xa], Instant::now());
     let mut b = SmolClient::new(lb.connect(), [0x52, 0x54, 0, 0, 0, 0xb], Instant::now());
-    let deadline = StdInstant::now() + Duration::from_secs(15);
-    while (a.got.is_none() || b.got.is_none()) && StdInstant::now() < deadline {
-        a.poll(Instant::now());
-        b.poll(Instant::now());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let (ga, gb) = (
-        a.got.clone().expect("a leased"),
-        b.got.clone().expect("b leased"),
-    );
+    let [ga, gb]: [Got; 2] = acquire_all(&mut [&mut a, &mut b], Duration::from_secs(15))
+        .try_into()
+        .unwrap();
     assert_ne!(ga.address.address(), gb.address.address());
     assert_eq!((ga.router, gb.router), (Some(gw_ip), Some(gw_ip)));
     assert_eq!(ga.domain.as_deref(), Some("hubnat.test"));

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant as StdInstant};
 
 use common::inproc::start;
-use common::smol_client::{Got, SmolClient};
+use common::smol_client::{acquire, acquire_all, try_acquire, Got, SmolClient};
 use dhcproto::v4::{DhcpOption, Message, MessageType};
 use dhcproto::{Encodable, Encoder};
 use hubnat::config::Config;
@@ -30,32 +30,6 @@ fn config(state: &Path) -> Config {
     c.dhcp.dns = vec![GW, Ipv4Addr::new(192, 168, 30, 2)];
     c.dhcp.lease = Duration::from_secs(3600);
     c
-}
-
-/// Polls `client` until it is configured, or panics after `limit`.
-fn acquire(client: &mut SmolClient, limit: Duration) -> Got {
-    let deadline = StdInstant::now() + limit;
-    while StdInstant::now() < deadline {
-        client.poll(Instant::now());
-        if let Some(got) = &client.got {
-            return got.clone();
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    panic!("client {} got no lease within {limit:?}", client.mac);
-}
-
-/// Polls `client` for `period` and says whether it got configured.
-fn try_acquire(client: &mut SmolClient, period: Duration) -> Option<Got> {
-    let deadline = StdInstant::now() + period;
-    while StdInstant::now() < deadline {
-        client.poll(Instant::now());
-        if client.got.is_some() {
-            return client.got.clone();
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    None
 }
 
 fn security_log(state: &Path) -> String {
@@ -161,16 +135,9 @@ fn two_clients_get_different_addresses() {
     let gw = start(config(state.path()), &hub);
     let mut a = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xa], Instant::now());
     let mut b = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xb], Instant::now());
-    let deadline = StdInstant::now() + Duration::from_secs(10);
-    while (a.got.is_none() || b.got.is_none()) && StdInstant::now() < deadline {
-        a.poll(Instant::now());
-        b.poll(Instant::now());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let (ga, gb) = (
-        a.got.clone().expect("a leased"),
-        b.got.clone().expect("b leased"),
-    );
+    let [ga, gb]: [Got; 2] = acquire_all(&mut [&mut a, &mut b], Duration::from_secs(10))
+        .try_into()
+        .unwrap();
     assert_ne!(ga.address.address(), gb.address.address());
     for g in [&ga, &gb] {
         let n = u32::from(g.address.address());

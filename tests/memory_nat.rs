@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
 use common::inproc::start;
-use common::smol_client::SmolClient;
+use common::smol_client::{acquire, SmolClient};
 use hubnat::config::Config;
 use hubnat_hub::MemoryHub;
 use smoltcp::time::Instant;
@@ -47,12 +47,7 @@ fn tcp_through_the_driver_with_half_close_both_ways() {
     let server = echo_after_eof(listener);
 
     let mut client = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0x77], Instant::now());
-    let deadline = StdInstant::now() + Duration::from_secs(10);
-    while client.got.is_none() {
-        client.poll(Instant::now());
-        assert!(StdInstant::now() < deadline, "no lease");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    acquire(&mut client, Duration::from_secs(10));
     let data = pattern(4 << 20);
     let h = client.tcp_connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), 50000);
     let (mut sent, mut received, mut closed_ours) = (0usize, Vec::new(), false);

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant as StdInstant};
 
 use common::netns::require_programs;
-use common::smol_client::SmolClient;
+use common::smol_client::{acquire, SmolClient};
 use hubnat::config::Config;
 use hubnat::driver::Gateway;
 use hubnat_backend::capture::{rotated_path, Capture, CaptureOptions, PcapWriter};
@@ -39,12 +39,7 @@ fn lease_with_capture(state: &Path, options: CaptureOptions) {
         }))
     });
     let mut client = SmolClient::new(hub.connect(), CLIENT_MAC, Instant::now());
-    let deadline = StdInstant::now() + Duration::from_secs(10);
-    while client.got.is_none() {
-        assert!(StdInstant::now() < deadline, "no lease");
-        client.poll(Instant::now());
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    acquire(&mut client, Duration::from_secs(10));
     let gw = smoltcp::wire::Ipv4Address::new(192, 168, 30, 1);
     for seq in 1..=3 {
         client.send_ping(gw, seq);

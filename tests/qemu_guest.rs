@@ -25,7 +25,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::netns::{hubnat_bin, read, require_programs, require_root, wait_until, Netns, Proc};
+use common::netns::{
+    fields, hubnat_bin, read, require_programs, require_root, wait_until, Netns, Proc,
+};
 use common::topology::{sha256, Options, Topology, HTTP_PORT, SERVER_IP};
 
 const GUEST_MAC: &str = "52:54:00:77:00:01";
@@ -475,18 +477,6 @@ fn run_guest(ns: &Netns, sock: &Path, cmdline: &str, log: &Path) -> String {
         guest.accel
     );
     console
-}
-
-/// `key=value` fields of the console line that starts with `marker`.
-fn fields(console: &str, marker: &str) -> std::collections::HashMap<String, String> {
-    let line = console
-        .lines()
-        .find(|l| l.starts_with(marker))
-        .unwrap_or_else(|| panic!("no {marker} line on the console:\n{console}"));
-    line.split(' ')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 fn require_qemu(test: &str) -> bool {

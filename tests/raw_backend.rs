@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    hubnat_bin, read, require_programs, require_root, unique, wait_until, Netns, Proc,
+    fields, hubnat_bin, read, require_programs, require_root, unique, veth, wait_until, Netns, Proc,
 };
 use common::topology::{fixture, sha256, Options, Topology, HTTP_PORT, SERVER_IP};
 
@@ -37,7 +37,7 @@ impl RawGateway {
         let gw = Netns::new("hrgw");
         let client = Netns::new("hrcl");
         let (gw_dev, client_dev) = (unique("hrg"), unique("hrc"));
-        veth(&gw, &gw_dev, &client, &client_dev);
+        veth(&gw, &gw_dev, &client, &client_dev, "1500");
         let config = dir.path().join("hubnat.toml");
         std::fs::write(
             &config,
@@ -154,28 +154,6 @@ impl Drop for RawGateway {
             eprintln!("---- hubnat.log ----\n{}", self.log());
         }
     }
-}
-
-/// A veth pair `a` (in `na`) — `b` (in `nb`), both up.
-fn veth(na: &Netns, a: &str, nb: &Netns, b: &str) {
-    na.exec_ok(&[
-        "ip", "link", "add", a, "type", "veth", "peer", "name", b, "netns", &nb.name,
-    ]);
-    na.exec_ok(&["ip", "link", "set", a, "up"]);
-    nb.exec_ok(&["ip", "link", "set", b, "up"]);
-}
-
-/// `key=value` fields of the last line of `text` that starts with `marker`.
-fn fields(text: &str, marker: &str) -> std::collections::HashMap<String, String> {
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with(marker))
-        .unwrap_or_else(|| panic!("no {marker} in {text}"));
-    line.split(' ')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 /// User plus system CPU time of a process, in clock ticks.
@@ -346,7 +324,7 @@ fn the_raw_backend_waits_for_a_down_interface_and_resumes() {
     wait_until(Duration::from_secs(10), "the second down log line", || {
         gw.log().matches("interface went down").count() >= 2
     });
-    veth(&gw.gw, &gw.gw_dev, &gw.client, &gw.client_dev);
+    veth(&gw.gw, &gw.gw_dev, &gw.client, &gw.client_dev, "1500");
     wait_until(Duration::from_secs(10), "the second resume", || {
         gw.log().matches("interface is up again; resuming").count() >= 2
     });

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    hubnat_bin, read, require_programs, require_root, unique, wait_until, Netns, Proc,
+    fields, hubnat_bin, read, require_programs, require_root, unique, wait_until, Netns, Proc,
 };
 
 const HOST_MAC: &str = "00:ac:11:22:33:44";
@@ -155,29 +155,6 @@ fn launch(gw: &Netns, client: &Netns, tap: &str, dir: &Path) -> Proc {
     hubnat
 }
 
-/// `key=value` fields of the last line of `log` that contains `marker`.
-fn fields(log: &str, marker: &str) -> Option<std::collections::HashMap<String, String>> {
-    let line = log.lines().rev().find(|l| l.contains(marker))?;
-    let mut map = std::collections::HashMap::new();
-    let mut key = None::<String>;
-    for part in line.split(' ') {
-        match (part.split_once('='), &key) {
-            (Some((k, v)), _) => {
-                map.insert(k.to_owned(), v.to_owned());
-                key = Some(k.to_owned());
-            }
-            (None, Some(k)) => {
-                // A value with spaces (a list of DNS servers) continues the previous key.
-                let entry = map.get_mut(k).unwrap();
-                entry.push(' ');
-                entry.push_str(part);
-            }
-            (None, None) => {}
-        }
-    }
-    Some(map)
-}
-
 fn assert_in_range(ip: &str) {
     let last: u8 = ip
         .strip_prefix("192.168.30.")
@@ -249,7 +226,7 @@ exit 0
         read(&events).contains("reason=BOUND")
     });
     let took = started.elapsed();
-    let bound = fields(&read(&events), "reason=BOUND").unwrap();
+    let bound = fields(&read(&events), "reason=BOUND");
     eprintln!("dhclient: lease acquired in {took:?}: {bound:?}");
     assert_in_range(&bound["ip"]);
     assert_eq!(bound["mask"], "255.255.255.0");
@@ -269,7 +246,7 @@ exit 0
     wait_until(Duration::from_secs(30), "dhclient to renew", || {
         read(&events).contains("reason=RENEW")
     });
-    let renewed = fields(&read(&events), "reason=RENEW").unwrap();
+    let renewed = fields(&read(&events), "reason=RENEW");
     assert_eq!(renewed["ip"], ip);
     let log = gw.security_log();
     assert!(
@@ -357,7 +334,7 @@ exit 0
         read(&events).contains("event=bound")
     });
     let took = started.elapsed();
-    let bound = fields(&read(&events), "event=bound").unwrap();
+    let bound = fields(&read(&events), "event=bound");
     eprintln!("udhcpc: lease acquired in {took:?}: {bound:?}");
     assert_in_range(&bound["ip"]);
     assert_eq!(bound["subnet"], "255.255.255.0");
@@ -374,7 +351,7 @@ exit 0
     wait_until(Duration::from_secs(20), "udhcpc to renew", || {
         read(&events).contains("event=renew")
     });
-    assert_eq!(fields(&read(&events), "event=renew").unwrap()["ip"], ip);
+    assert_eq!(fields(&read(&events), "event=renew")["ip"], ip);
     wait_until(
         Duration::from_secs(5),
         "the renewal in the security log",
@@ -442,7 +419,7 @@ fn a_killed_gateway_restarts_with_its_leases() {
             "udhcpc: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        fields(&read(&events), "event=bound").unwrap()["ip"].clone()
+        fields(&read(&events), "event=bound")["ip"].clone()
     };
     let first = lease(&gw);
     gw.kill_and_restart();

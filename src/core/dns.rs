@@ -434,8 +434,13 @@ mod tests {
         let mut bad = answer.clone();
         bad[12] = 0xc0;
         bad[13] = 0x0c;
-        cache.learn(&bad);
-        cache.learn(&answer[..20]);
+        let mut fresh = NameCache::default();
+        fresh.learn(&bad);
+        fresh.learn(&answer[..20]);
+        assert!(
+            fresh.map.is_empty(),
+            "nothing learnt from malformed answers"
+        );
     }
 
     #[test]

@@ -68,6 +68,14 @@ pub struct HostSettings {
     pub mtu: usize,
 }
 
+impl HostSettings {
+    /// Whether `ip` is in the segment's subnet (`ip`/`mask`).
+    pub fn on_segment(&self, ip: Ipv4Addr) -> bool {
+        let m = u32::from(self.mask);
+        u32::from(ip) & m == u32::from(self.ip) & m
+    }
+}
+
 /// What the driver must act on.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -326,8 +334,7 @@ impl VirtualHost {
     }
 
     fn in_subnet(&self, ip: Ipv4Addr) -> bool {
-        let m = u32::from(self.host.mask);
-        u32::from(ip) & m == u32::from(self.host.ip) & m
+        self.host.on_segment(ip)
     }
 
     fn handle_ipv4(

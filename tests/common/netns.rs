@@ -202,3 +202,41 @@ pub fn read(path: &Path) -> String {
 pub fn hubnat_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hubnat"))
 }
+
+/// The `key=value` fields of the last line of `text` that starts with `marker`. A word without
+/// `=` continues the value before it (a list of DNS servers). Panics, showing `text`, when no
+/// line starts with `marker`.
+pub fn fields(text: &str, marker: &str) -> std::collections::HashMap<String, String> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(marker))
+        .unwrap_or_else(|| panic!("no line starting with {marker:?} in:\n{text}"));
+    let mut map = std::collections::HashMap::new();
+    let mut last: Option<String> = None;
+    for part in line.split(' ') {
+        match (part.split_once('='), &last) {
+            (Some((k, v)), _) => {
+                map.insert(k.to_owned(), v.to_owned());
+                last = Some(k.to_owned());
+            }
+            (None, Some(k)) => {
+                let value: &mut String = map.get_mut(k).expect("invariant: inserted above");
+                value.push(' ');
+                value.push_str(part);
+            }
+            (None, None) => {}
+        }
+    }
+    map
+}
+
+/// A veth pair `a` (in `na`) — `b` (in `nb`), both up at `mtu`.
+pub fn veth(na: &Netns, a: &str, nb: &Netns, b: &str, mtu: &str) {
+    na.exec_ok(&[
+        "ip", "link", "add", a, "mtu", mtu, "type", "veth", "peer", "name", b, "mtu", mtu, "netns",
+        &nb.name,
+    ]);
+    na.exec_ok(&["ip", "link", "set", a, "up"]);
+    nb.exec_ok(&["ip", "link", "set", b, "up"]);
+}

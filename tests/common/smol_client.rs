@@ -222,3 +222,44 @@ impl SmolClient {
         }
     }
 }
+
+/// Polls every client until each is configured; panics naming the first one without a lease
+/// after `limit`. Returns what each got, in order.
+pub fn acquire_all(clients: &mut [&mut SmolClient], limit: std::time::Duration) -> Vec<Got> {
+    let deadline = std::time::Instant::now() + limit;
+    while clients.iter().any(|c| c.got.is_none()) {
+        if std::time::Instant::now() >= deadline {
+            let c = clients
+                .iter()
+                .find(|c| c.got.is_none())
+                .expect("invariant: one is missing");
+            panic!("client {} got no lease within {limit:?}", c.mac);
+        }
+        for c in clients.iter_mut() {
+            c.poll(Instant::now());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    clients
+        .iter()
+        .map(|c| c.got.clone().expect("invariant: configured"))
+        .collect()
+}
+
+/// Polls `client` until it is configured, or panics after `limit`.
+pub fn acquire(client: &mut SmolClient, limit: std::time::Duration) -> Got {
+    acquire_all(&mut [client], limit).remove(0)
+}
+
+/// Polls `client` for `period` and says whether it got configured.
+pub fn try_acquire(client: &mut SmolClient, period: std::time::Duration) -> Option<Got> {
+    let deadline = std::time::Instant::now() + period;
+    while std::time::Instant::now() < deadline {
+        client.poll(Instant::now());
+        if client.got.is_some() {
+            return client.got.clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    None
+}

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::netns::{hubnat_bin, read, require_programs, unique, wait_until, Netns, Proc};
+use super::netns::{hubnat_bin, read, require_programs, unique, veth, wait_until, Netns, Proc};
 
 /// The test server's address (on its veth to the gateway).
 pub const SERVER_IP: &str = "10.77.0.2";
@@ -686,16 +686,6 @@ pub fn link_mtu(ns: &Netns, dev: &str) -> u32 {
         .and_then(|_| words.next())
         .and_then(|m| m.parse().ok())
         .unwrap_or_else(|| panic!("no mtu in {out:?}"))
-}
-
-/// A veth pair `a` (in `na`) — `b` (in `nb`), both up at `mtu`.
-fn veth(na: &Netns, a: &str, nb: &Netns, b: &str, mtu: &str) {
-    na.exec_ok(&[
-        "ip", "link", "add", a, "mtu", mtu, "type", "veth", "peer", "name", b, "mtu", mtu, "netns",
-        &nb.name,
-    ]);
-    na.exec_ok(&["ip", "link", "set", a, "up"]);
-    nb.exec_ok(&["ip", "link", "set", b, "up"]);
 }
 
 /// Removes proxy settings from a command's environment: every request goes straight to the

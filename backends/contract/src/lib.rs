@@ -32,7 +32,12 @@ pub const ETHERNET_HEADER_LEN: usize = 14;
 /// A reusable batch of frames stored back to back in one buffer.
 #[derive(Debug, Default, Clone)]
 pub struct FrameBatch {
+    /// Storage. Its length is the most ever used: bytes past `used` are stale frames, kept
+    /// initialized so that [`push_with`](Self::push_with) can lend them out without zeroing
+    /// `max_len` bytes for every frame (64 KiB per read at MTU 65520).
     buf: Vec<u8>,
+    /// Bytes of `buf` holding this batch's frames.
+    used: usize,
     ends: Vec<usize>,
     max_frames: usize,
 }
@@ -44,6 +49,7 @@ impl FrameBatch {
         let max_frames = max_frames.max(1);
         FrameBatch {
             buf: Vec::with_capacity(max_frames * frame_len),
+            used: 0,
             ends: Vec::with_capacity(max_frames),
             max_frames,
         }
@@ -51,7 +57,7 @@ impl FrameBatch {
 
     /// Removes every frame; keeps the allocated memory.
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.used = 0;
         self.ends.clear();
     }
 
@@ -75,18 +81,35 @@ impl FrameBatch {
         self.max_frames
     }
 
+    /// The `len` bytes after the last frame, growing the storage if needed. Their content is
+    /// whatever an earlier frame left there.
+    fn room(&mut self, len: usize) -> &mut [u8] {
+        let end = self.used + len;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        &mut self.buf[self.used..end]
+    }
+
+    /// Appends the `len` bytes after the last frame as a frame.
+    fn commit(&mut self, len: usize) {
+        self.used += len;
+        self.ends.push(self.used);
+    }
+
     /// Appends a copy of `frame`. Returns false (and appends nothing) when the batch is full.
     pub fn push(&mut self, frame: &[u8]) -> bool {
         if self.is_full() {
             return false;
         }
-        self.buf.extend_from_slice(frame);
-        self.ends.push(self.buf.len());
+        self.room(frame.len()).copy_from_slice(frame);
+        self.commit(frame.len());
         true
     }
 
     /// Appends a frame of at most `max_len` bytes written in place by `fill`, which returns how
-    /// many bytes it wrote. If `fill` fails, or the batch is full, nothing is appended.
+    /// many bytes it wrote. `fill` gets a buffer with stale content, not a zeroed one. If `fill`
+    /// fails, or the batch is full, nothing is appended.
     ///
     /// This is how a backend reads from a descriptor without an intermediate copy.
     pub fn push_with<E>(
@@ -97,20 +120,9 @@ impl FrameBatch {
         if self.is_full() {
             return Ok(None);
         }
-        let start = self.buf.len();
-        self.buf.resize(start + max_len, 0);
-        match fill(&mut self.buf[start..]) {
-            Ok(n) => {
-                let n = n.min(max_len);
-                self.buf.truncate(start + n);
-                self.ends.push(start + n);
-                Ok(Some(n))
-            }
-            Err(e) => {
-                self.buf.truncate(start);
-                Err(e)
-            }
-        }
+        let n = fill(self.room(max_len))?.min(max_len);
+        self.commit(n);
+        Ok(Some(n))
     }
 
     /// Appends a frame built in place by `build`, which gets a zeroed buffer of exactly `len`
@@ -119,10 +131,10 @@ impl FrameBatch {
         if self.is_full() {
             return false;
         }
-        let start = self.buf.len();
-        self.buf.resize(start + len, 0);
-        build(&mut self.buf[start..]);
-        self.ends.push(self.buf.len());
+        let room = self.room(len);
+        room.fill(0);
+        build(room);
+        self.commit(len);
         true
     }
 
@@ -207,6 +219,25 @@ mod tests {
         assert_eq!(b.get(2), None);
         b.clear();
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn reused_storage_shows_only_what_was_written() {
+        let mut b = FrameBatch::new(4, 64);
+        assert!(b.push(&[0xee; 32]));
+        b.clear();
+        let n = b.push_with(32, |buf| {
+            buf[..3].copy_from_slice(&[1, 2, 3]);
+            Ok::<_, ()>(3)
+        });
+        assert_eq!(n, Ok(Some(3)));
+        assert!(b.push_built(4, |buf| assert_eq!(
+            buf,
+            &[0u8; 4][..],
+            "built frames start zeroed"
+        )));
+        let frames: Vec<&[u8]> = b.iter().collect();
+        assert_eq!(frames, vec![&[1u8, 2, 3][..], &[0u8; 4][..]]);
     }
 
     #[test]

@@ -132,6 +132,9 @@ pub struct DhcpServer {
     pool: LeasePool,
     static_names: HashMap<[u8; 6], String>,
     counters: DhcpCounters,
+    /// The pool's next deadline, recomputed after every change (the driver asks on every
+    /// wake-up; the pool answers in O(leases)).
+    deadline: Option<u64>,
 }
 
 impl DhcpServer {
@@ -155,6 +158,7 @@ impl DhcpServer {
             pool,
             static_names,
             counters: DhcpCounters::default(),
+            deadline: None,
         }
     }
 
@@ -170,7 +174,9 @@ impl DhcpServer {
 
     /// Loads saved leases; returns how many were skipped (no longer manageable).
     pub fn restore(&mut self, leases: Vec<Lease>) -> usize {
-        self.pool.restore(leases)
+        let skipped = self.pool.restore(leases);
+        self.deadline = self.pool.next_deadline();
+        skipped
     }
 
     /// The counters.
@@ -185,6 +191,17 @@ impl DhcpServer {
 
     /// Handles one message from a client. Returns the reply to send, if any; pushes events.
     pub fn handle(
+        &mut self,
+        msg: &Message,
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) -> Option<Reply> {
+        let reply = self.handle_message(msg, now, events);
+        self.deadline = self.pool.next_deadline();
+        reply
+    }
+
+    fn handle_message(
         &mut self,
         msg: &Message,
         now: u64,
@@ -434,18 +451,20 @@ impl DhcpServer {
     /// Moves leases whose time is up along; pushes an event per expired binding. Returns true
     /// when the table changed.
     pub fn handle_timeout(&mut self, now: u64, events: &mut VecDeque<DhcpEvent>) -> bool {
-        self.pool.expire(now, |lease| {
+        let changed = self.pool.expire(now, |lease| {
             info!(mac = %fmt_mac(&lease.mac), ip = %lease.ip, "dhcp: lease expired");
             events.push_back(DhcpEvent::Lease {
                 kind: LeaseEventKind::Expired,
                 lease: lease.clone(),
             });
-        })
+        });
+        self.deadline = self.pool.next_deadline();
+        changed
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work (Unix seconds).
     pub fn next_deadline(&self) -> Option<u64> {
-        self.pool.next_deadline()
+        self.deadline
     }
 }
 

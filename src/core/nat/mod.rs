@@ -49,7 +49,7 @@ pub use table::{FlowKey, LimitError, Protocol, Session, SessionId, SessionState,
 pub use tcp::TcpRelay;
 
 use super::dns::{DnsAction, DnsForwarder};
-use super::{frame, Event, VirtualHost};
+use super::{frame, Event, HostSettings, VirtualHost};
 
 /// Idle time after which an ICMP echo session (and its ping socket) goes.
 pub const ICMP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -103,16 +103,10 @@ pub struct NatSettings {
 }
 
 impl NatSettings {
-    /// Whether `dst` may be reached from the segment `subnet`/`mask`; `Err` says why not.
-    pub fn check_outbound(
-        &self,
-        dst: Ipv4Addr,
-        host_ip: Ipv4Addr,
-        mask: Ipv4Addr,
-    ) -> Result<(), &'static str> {
-        let m = u32::from(mask);
+    /// Whether `dst` may be reached from the segment of `host`; `Err` says why not.
+    pub fn check_outbound(&self, dst: Ipv4Addr, host: &HostSettings) -> Result<(), &'static str> {
         let d = u32::from(dst);
-        if d & m == u32::from(host_ip) & m {
+        if host.on_segment(dst) {
             return Err("destination is on the virtual segment itself");
         }
         if dst.is_broadcast() || dst.is_multicast() || d >> 28 == 0xf {
@@ -319,22 +313,14 @@ pub struct NatCounters {
     pub reassembled: u64,
 }
 
-/// A TCP session's link to smoltcp: the client's SYN while the outbound connect is under way,
-/// then the socket that took it.
-#[derive(Debug)]
-enum TcpConn {
-    /// Connecting: the SYN (its whole IPv4 packet) waits here; retransmissions are dropped.
-    Pending(Vec<u8>),
-    /// Connected: the socket carrying the connection is in its own set in the stack.
-    Socket,
-}
-
 /// The NAT's state, owned by the [`VirtualHost`].
 pub struct NatState {
     pub(super) settings: NatSettings,
     pub(super) table: SessionTable,
     stack: tcp::TcpStack,
-    tcp_conns: HashMap<SessionId, TcpConn>,
+    /// The SYN (its whole IPv4 packet) of each TCP session whose outbound connect is under
+    /// way; retransmissions are dropped. A connected session has its socket set in `stack`.
+    pending_syns: HashMap<SessionId, Vec<u8>>,
     frag: frag::Reassembler,
     pub(super) dns: DnsForwarder,
     ops: VecDeque<OpRecord>,
@@ -345,6 +331,10 @@ pub struct NatState {
     last_refusal_log: Option<Instant>,
     suppressed_refusals: u64,
     pub(super) events: VecDeque<NatEvent>,
+    /// When the next session may have gone idle: a sweep of the table is due then. Never
+    /// later than the truth (activity only pushes sessions' times out), so a sweep may find
+    /// nothing and set the next one.
+    idle_deadline: Option<Instant>,
 }
 
 impl std::fmt::Debug for NatState {
@@ -392,7 +382,7 @@ impl NatState {
             table: SessionTable::new(settings.max_sessions, settings.max_sessions_per_client),
             settings,
             stack: tcp::TcpStack::new(iface),
-            tcp_conns: HashMap::new(),
+            pending_syns: HashMap::new(),
             frag: frag::Reassembler::default(),
             dns,
             ops: VecDeque::new(),
@@ -403,6 +393,7 @@ impl NatState {
             last_refusal_log: None,
             suppressed_refusals: 0,
             events: VecDeque::new(),
+            idle_deadline: None,
         }
     }
 
@@ -432,6 +423,34 @@ impl NatState {
     }
 
     /// Records a new session's remote name (from the DNS cache) and tells the security log.
+    /// The idle timeout of a session, or `None` while it is not to be timed out: a TCP session
+    /// still connecting (the connect has its own timeout), or one whose connection is already
+    /// over (its relay task is finishing it).
+    fn idle_timeout(&self, s: &Session) -> Option<Duration> {
+        match s.key.protocol {
+            Protocol::Tcp if s.state == SessionState::Connecting => None,
+            Protocol::Tcp => {
+                let (set, handle) = self.stack.sets.get(&s.id)?;
+                let open = !matches!(
+                    set.get::<stcp::Socket>(*handle).state(),
+                    stcp::State::Closed | stcp::State::TimeWait
+                );
+                open.then_some(self.settings.tcp_timeout)
+            }
+            Protocol::Udp => Some(self.settings.udp_timeout),
+            Protocol::Icmp => Some(ICMP_TIMEOUT),
+        }
+    }
+
+    /// Session `id` became subject to its idle timeout at `now`: the next sweep is no later.
+    fn schedule_idle(&mut self, id: SessionId, now: Instant) {
+        let Some(t) = self.table.get(id).and_then(|s| self.idle_timeout(s)) else {
+            return;
+        };
+        let at = now + t;
+        self.idle_deadline = Some(self.idle_deadline.map_or(at, |d| d.min(at)));
+    }
+
     fn created(&mut self, id: SessionId, key: FlowKey, target: SocketAddr) {
         let name = self.dns.names.lookup(*key.remote.ip()).map(str::to_owned);
         if let Some(s) = self.table.get_mut(id) {
@@ -464,6 +483,7 @@ impl NatState {
                 if let Some(s) = self.table.get_mut(id) {
                     s.state = SessionState::Established;
                 }
+                self.schedule_idle(id, now);
                 Some(id)
             }
             Err(e) => {
@@ -566,16 +586,15 @@ impl VirtualHost {
             if let Some(s) = self.nat.table.get_mut(id) {
                 s.last_activity = now;
             }
-            match self.nat.tcp_conns.get(&id) {
-                Some(TcpConn::Socket) => self.stack_ingress(now, p.as_ref(), Some(id)),
-                Some(TcpConn::Pending(_)) if seg.rst() => {
-                    // The client gave up while we connect: forget the flow.
-                    self.nat.push_op(OpRecord::Close(id, true));
-                    self.nat_tcp_finished(id, now);
-                }
-                // A retransmitted SYN while we connect: the SYN-ACK comes when the connect does.
-                Some(TcpConn::Pending(_)) | None => {}
+            if self.nat.stack.sets.contains_key(&id) {
+                self.stack_ingress(now, p.as_ref(), Some(id));
+            } else if seg.rst() {
+                // The client gave up while we connect: forget the flow.
+                self.nat.push_op(OpRecord::Close(id, true));
+                self.nat_tcp_finished(id, now);
             }
+            // Otherwise a retransmitted SYN while we connect: the SYN-ACK comes when the
+            // connect does.
             return Ok(());
         }
         if seg.syn() && !seg.ack() && !seg.rst() {
@@ -585,26 +604,13 @@ impl VirtualHost {
                     .then(|| self.nat.settings.dns_upstreams.first().copied())
                     .flatten()
             } else {
-                match self
-                    .nat
-                    .settings
-                    .check_outbound(p.dst_addr(), self.host.ip, self.host.mask)
-                {
-                    Ok(()) => Some(SocketAddr::V4(key.remote)),
-                    Err(reason) => {
-                        self.nat.counters.refused_rules += 1;
-                        self.nat.refuse(key, reason.to_owned(), now);
-                        None
-                    }
-                }
+                (!self.refused_outbound(key, p, now, false)).then_some(SocketAddr::V4(key.remote))
             };
             if let Some(target) = target {
                 match self.nat.table.insert(key, target, now) {
                     Ok(id) => {
                         // SYN deferral: the SYN waits until the outbound connect succeeds.
-                        self.nat
-                            .tcp_conns
-                            .insert(id, TcpConn::Pending(p.as_ref().to_vec()));
+                        self.nat.pending_syns.insert(id, p.as_ref().to_vec());
                         self.nat.push_op(OpRecord::TcpConnect(id, target));
                         self.nat.created(id, key, target);
                         return Ok(());
@@ -742,16 +748,7 @@ impl VirtualHost {
             client,
             remote: SocketAddrV4::new(dst, udp.dst_port()),
         };
-        if let Err(reason) = self
-            .nat
-            .settings
-            .check_outbound(dst, self.host.ip, self.host.mask)
-        {
-            self.nat.counters.refused_rules += 1;
-            self.nat.refuse(key, reason.to_owned(), now);
-            if !(dst.is_broadcast() || dst.is_multicast()) {
-                self.push_unreachable(p, Icmpv4DstUnreachable::CommProhibited);
-            }
+        if self.refused_outbound(key, p, now, true) {
             return Ok(());
         }
         let Some(id) = self.nat.datagram_flow(key, now, OpRecord::UdpOpen) else {
@@ -788,16 +785,7 @@ impl VirtualHost {
             client: SocketAddrV4::new(src, ident),
             remote: SocketAddrV4::new(dst, 0),
         };
-        if let Err(reason) = self
-            .nat
-            .settings
-            .check_outbound(dst, self.host.ip, self.host.mask)
-        {
-            self.nat.counters.refused_rules += 1;
-            self.nat.refuse(key, reason.to_owned(), now);
-            if !(dst.is_broadcast() || dst.is_multicast()) {
-                self.push_unreachable(p, Icmpv4DstUnreachable::CommProhibited);
-            }
+        if self.refused_outbound(key, p, now, true) {
             return Ok(());
         }
         if self.nat.settings.icmp_mode == IcmpMode::Synthesized {
@@ -823,6 +811,28 @@ impl VirtualHost {
         let range = self.nat.stash(data);
         self.nat.push_op(OpRecord::IcmpSend(id, seq_no, range));
         Ok(())
+    }
+
+    /// Applies the safety rules to a new flow from packet `p`. A refused flow is counted and
+    /// logged; with `answer`, the client also gets ICMP "administratively prohibited" (TCP
+    /// gets smoltcp's RST instead). Returns true when the flow is refused.
+    fn refused_outbound(
+        &mut self,
+        key: FlowKey,
+        p: &Ipv4Packet<&[u8]>,
+        now: Instant,
+        answer: bool,
+    ) -> bool {
+        let dst = p.dst_addr();
+        let Err(reason) = self.nat.settings.check_outbound(dst, &self.host) else {
+            return false;
+        };
+        self.nat.counters.refused_rules += 1;
+        self.nat.refuse(key, reason.to_owned(), now);
+        if answer && !(dst.is_broadcast() || dst.is_multicast()) {
+            self.push_unreachable(p, Icmpv4DstUnreachable::CommProhibited);
+        }
+        true
     }
 
     fn push_to_client(&mut self, from: Ipv4Addr, to: Ipv4Addr, icmp: &Icmpv4Repr<'_>) {
@@ -997,10 +1007,7 @@ impl VirtualHost {
     /// when the session is gone (the client gave up): close the host socket.
     pub fn nat_tcp_connected(&mut self, id: SessionId, now: Instant) -> bool {
         self.now = now;
-        let Some(TcpConn::Pending(_)) = self.nat.tcp_conns.get(&id) else {
-            return false;
-        };
-        let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else {
+        let Some(syn) = self.nat.pending_syns.remove(&id) else {
             return false;
         };
         let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else {
@@ -1016,7 +1023,6 @@ impl VirtualHost {
             self.nat.settings.tcp_buffer,
         ));
         self.nat.stack.sets.insert(id, (set, handle));
-        self.nat.tcp_conns.insert(id, TcpConn::Socket);
         // Now the SYN goes in, and the SYN-ACK out with the next poll.
         self.stack_ingress(now, &syn, Some(id));
         if let Some(s) = self.nat.table.get_mut(id) {
@@ -1025,6 +1031,7 @@ impl VirtualHost {
             let key = s.key;
             self.nat.events.push_back(NatEvent::Connected { id, key });
         }
+        self.nat.schedule_idle(id, now);
         true
     }
 
@@ -1054,7 +1061,7 @@ impl VirtualHost {
             key: session.key,
             reason: failure.as_str().to_owned(),
         });
-        let Some(TcpConn::Pending(syn)) = self.nat.tcp_conns.remove(&id) else {
+        let Some(syn) = self.nat.pending_syns.remove(&id) else {
             return;
         };
         if let Ok(p) = Ipv4Packet::new_checked(&syn[..]) {
@@ -1122,9 +1129,6 @@ impl VirtualHost {
     /// The relay of TCP session `id`, for one synchronous step; `None` when the session is
     /// gone (end the relay task).
     pub fn nat_tcp_relay(&mut self, id: SessionId, now: Instant) -> Option<TcpRelay<'_>> {
-        let &TcpConn::Socket = self.nat.tcp_conns.get(&id)? else {
-            return None;
-        };
         let session = self.nat.table.get_mut(id)?;
         let stack = &mut self.nat.stack;
         let (set, handle) = stack.sets.get_mut(&id)?;
@@ -1141,7 +1145,9 @@ impl VirtualHost {
     /// host side failed): the session ends. Its socket leaves after the next egress, so a
     /// pending RST or ACK still goes out.
     pub fn nat_tcp_finished(&mut self, id: SessionId, now: Instant) {
-        if let Some(TcpConn::Socket) = self.nat.tcp_conns.remove(&id) {
+        self.nat.pending_syns.remove(&id);
+        // Only a live session's socket is aborted and buried (once: the session goes below).
+        if self.nat.table.get(id).is_some() {
             let stack = &mut self.nat.stack;
             if let Some((set, handle)) = stack.sets.get_mut(&id) {
                 let socket = set.get_mut::<stcp::Socket>(*handle);
@@ -1249,23 +1255,18 @@ impl VirtualHost {
     /// Ends a session: TCP sockets are aborted (the relay task sees it and finishes), UDP and
     /// ICMP sessions are removed and their sockets closed.
     fn end_session(&mut self, id: SessionId, reason: &'static str, abort: bool, now: Instant) {
-        match self.nat.tcp_conns.get(&id) {
-            Some(&TcpConn::Socket) => {
-                // The relay task sees the abort and finishes the session.
-                let stack = &mut self.nat.stack;
-                if let Some((set, handle)) = stack.sets.get_mut(&id) {
-                    set.get_mut::<stcp::Socket>(*handle).abort();
-                    stack.dirty.insert(id);
-                }
-                return;
-            }
-            Some(TcpConn::Pending(_)) => {
-                // Still connecting: no relay task yet; the connect task finds the session gone.
-                self.nat.push_op(OpRecord::Close(id, true));
-                self.nat_tcp_finished(id, now);
-                return;
-            }
-            None => {}
+        let stack = &mut self.nat.stack;
+        if let Some((set, handle)) = stack.sets.get_mut(&id) {
+            // The relay task sees the abort and finishes the session.
+            set.get_mut::<stcp::Socket>(*handle).abort();
+            stack.dirty.insert(id);
+            return;
+        }
+        if self.nat.pending_syns.contains_key(&id) {
+            // Still connecting: no relay task yet; the connect task finds the session gone.
+            self.nat.push_op(OpRecord::Close(id, true));
+            self.nat_tcp_finished(id, now);
+            return;
         }
         if let Some(s) = self.nat.table.remove(id) {
             self.nat.push_op(OpRecord::Close(id, abort));
@@ -1279,23 +1280,18 @@ impl VirtualHost {
 
     /// NAT timers: idle sessions, DNS failover, fragment expiry.
     pub(super) fn nat_timeout(&mut self, now: Instant) {
-        let s = &self.nat.settings;
-        let (tcp_t, udp_t) = (s.tcp_timeout, s.udp_timeout);
-        for id in self.nat.table.idle(Protocol::Tcp, tcp_t, now) {
-            if self
-                .nat
-                .table
-                .get(id)
-                .is_some_and(|s| s.state != SessionState::Connecting)
-            {
-                self.end_session(id, "idle timeout", true, now);
+        if self.nat.idle_deadline.is_some_and(|t| t <= now) {
+            let nat = &self.nat;
+            let (idle, next) = nat.table.sweep(now, |s| nat.idle_timeout(s));
+            self.nat.idle_deadline = next;
+            for id in idle {
+                let abort = self
+                    .nat
+                    .table
+                    .get(id)
+                    .is_some_and(|s| s.key.protocol == Protocol::Tcp);
+                self.end_session(id, "idle timeout", abort, now);
             }
-        }
-        for id in self.nat.table.idle(Protocol::Udp, udp_t, now) {
-            self.end_session(id, "idle timeout", false, now);
-        }
-        for id in self.nat.table.idle(Protocol::Icmp, ICMP_TIMEOUT, now) {
-            self.end_session(id, "idle timeout", false, now);
         }
         let mut actions = Vec::new();
         self.nat
@@ -1305,15 +1301,6 @@ impl VirtualHost {
             self.apply_dns(a);
         }
         self.nat.frag.expire(now);
-        // Tell the security log about flows refused since the last line.
-        if self.nat.suppressed_refusals > 0
-            && self
-                .nat
-                .last_refusal_log
-                .is_some_and(|t| now >= t + REFUSAL_LOG_INTERVAL)
-        {
-            self.nat.last_refusal_log = None;
-        }
     }
 
     /// Whether smoltcp has something to send right now (for instance what did not fit the
@@ -1328,12 +1315,9 @@ impl VirtualHost {
     /// When the NAT next needs [`handle_timeout`](VirtualHost::handle_timeout).
     pub(super) fn nat_deadline(&self) -> Option<Instant> {
         let nat = &self.nat;
-        let s = &nat.settings;
         [
             nat.stack.next_deadline(),
-            nat.table.next_idle(Protocol::Tcp, s.tcp_timeout),
-            nat.table.next_idle(Protocol::Udp, s.udp_timeout),
-            nat.table.next_idle(Protocol::Icmp, ICMP_TIMEOUT),
+            nat.idle_deadline,
             nat.dns.next_deadline(),
             nat.frag.next_deadline(),
         ]

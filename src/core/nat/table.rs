@@ -10,7 +10,7 @@
 //!
 //! The table refuses a new session when it holds `max_sessions`, or when the client already
 //! has `max_sessions_per_client`; the caller refuses the flow (RST, or a dropped datagram).
-//! Idle sessions are found by [`SessionTable::idle`] from their last activity.
+//! Idle sessions are found by [`SessionTable::sweep`] from their last activity.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -261,26 +261,27 @@ impl SessionTable {
         Some(s)
     }
 
-    /// Sessions of `protocol` idle for `timeout` or longer at `now`.
-    pub fn idle(&self, protocol: Protocol, timeout: Duration, now: Instant) -> Vec<SessionId> {
-        self.sessions
-            .values()
-            .filter(|s| {
-                s.key.protocol == protocol
-                    && now - s.last_activity >= timeout
-                    && now >= s.last_activity
-            })
-            .map(|s| s.id)
-            .collect()
-    }
-
-    /// The earliest time a session of `protocol` becomes idle for `timeout`.
-    pub fn next_idle(&self, protocol: Protocol, timeout: Duration) -> Option<Instant> {
-        self.sessions
-            .values()
-            .filter(|s| s.key.protocol == protocol)
-            .map(|s| s.last_activity + timeout)
-            .min()
+    /// One pass over the table at `now`: the sessions idle for their timeout or longer, and
+    /// the earliest time another one will be. `timeout` gives a session's idle timeout, or
+    /// `None` for a session that is not to be timed out (yet). The caller runs this when the
+    /// time it returned last has come, not on every wake-up: it is O(sessions).
+    pub fn sweep(
+        &self,
+        now: Instant,
+        timeout: impl Fn(&Session) -> Option<Duration>,
+    ) -> (Vec<SessionId>, Option<Instant>) {
+        let mut idle = Vec::new();
+        let mut next: Option<Instant> = None;
+        for s in self.sessions.values() {
+            let Some(t) = timeout(s) else { continue };
+            let at = s.last_activity + t;
+            if at <= now {
+                idle.push(s.id);
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        (idle, next)
     }
 
     /// Sessions held by `client`.
@@ -333,18 +334,19 @@ mod tests {
         let a = t.insert(key(1), target(), Instant::from_secs(0)).unwrap();
         let b = t.insert(key(2), target(), Instant::from_secs(0)).unwrap();
         t.get_mut(b).unwrap().count_out(10, Instant::from_secs(50));
-        let timeout = Duration::from_secs(60);
+        let udp_only =
+            |s: &Session| (s.key.protocol == Protocol::Udp).then_some(Duration::from_secs(60));
         assert_eq!(
-            t.next_idle(Protocol::Udp, timeout),
-            Some(Instant::from_secs(60))
+            t.sweep(Instant::from_secs(59), udp_only),
+            (vec![], Some(Instant::from_secs(60)))
         );
         assert_eq!(
-            t.idle(Protocol::Udp, timeout, Instant::from_secs(60)),
-            vec![a]
+            t.sweep(Instant::from_secs(60), udp_only),
+            (vec![a], Some(Instant::from_secs(110)))
         );
-        assert!(t
-            .idle(Protocol::Tcp, timeout, Instant::from_secs(600))
-            .is_empty());
+        let tcp_only =
+            |s: &Session| (s.key.protocol == Protocol::Tcp).then_some(Duration::from_secs(60));
+        assert_eq!(t.sweep(Instant::from_secs(600), tcp_only), (vec![], None));
         // Ids are never reused.
         t.remove(a);
         let c = t.insert(key(3), target(), Instant::from_secs(61)).unwrap();

@@ -164,6 +164,9 @@ impl Device for PollDevice<'_> {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
+        // The core verified the IPv4 header checksum of every packet it hands over; smoltcp
+        // still checks TCP checksums, and fills in both on the way out.
+        caps.checksum.ipv4 = phy::Checksum::Tx;
         caps.max_transmission_unit = self.mtu;
         caps.max_burst_size = None;
         caps
