@@ -8,62 +8,30 @@
 //! ratio to N = 1, and the resident memory after opening the sessions. smoltcp looks through
 //! its socket set for each segment, so the cost is expected to grow with N: this says how much.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::{Duration as StdDuration, Instant as StdInstant};
+use std::net::SocketAddrV4;
+use std::time::Instant as StdInstant;
 
-use hubnat::core::dhcp::DhcpSettings;
-use hubnat::core::nat::{HostOp, IcmpMode, NatSettings, SessionId};
-use hubnat::core::{HostSettings, VirtualHost};
+use hubnat::core::nat::{HostEvent, HostOp, IcmpMode, SessionId};
+use hubnat::core::testkit::{self, t, CLIENT_IP as CLIENT, CLIENT_MAC, OUR_MAC, REMOTE};
+use hubnat::core::VirtualHost;
 use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
-    Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
+    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
-const OUR_MAC: EthernetAddress = EthernetAddress([0x00, 0xac, 1, 2, 3, 4]);
-const CLIENT_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0, 0, 1]);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
-const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-
+/// The shared fixture's virtual host, with room for `max` sessions of `buffer`-byte buffers.
 fn host(max: usize, buffer: usize) -> VirtualHost {
-    let h = HostSettings {
-        mac: OUR_MAC,
-        ip: Ipv4Addr::new(192, 168, 30, 1),
-        mask: Ipv4Addr::new(255, 255, 255, 0),
-        mtu: 1500,
-    };
-    let dhcp = DhcpSettings {
-        enabled: false,
-        range_start: Ipv4Addr::new(192, 168, 30, 10),
-        range_end: Ipv4Addr::new(192, 168, 30, 200),
-        mask: Ipv4Addr::new(255, 255, 255, 0),
-        lease: StdDuration::from_secs(7200),
-        gateway: None,
-        dns: vec![],
-        domain: None,
-        routes: vec![],
-        statics: vec![],
-    };
-    let nat = NatSettings {
-        enabled: true,
-        mtu: 1500,
-        tcp_timeout: Duration::from_secs(7200),
-        udp_timeout: Duration::from_secs(600),
-        allow_host_loopback: false,
-        deny: vec![],
-        max_sessions: max,
-        max_sessions_per_client: max,
-        tcp_buffer: buffer,
-        dns_upstreams: vec![],
-        icmp_mode: IcmpMode::Synthesized,
-    };
-    VirtualHost::new(h, dhcp, Vec::new(), nat, 7, t(0))
-}
-
-fn t(ms: i64) -> Instant {
-    Instant::from_millis(1_700_000_000_000i64 + ms)
+    let mut s = testkit::settings();
+    s.dhcp.enabled = false;
+    s.nat.max_sessions = max;
+    s.nat.max_sessions_per_client = max;
+    s.nat.tcp_buffer = buffer;
+    s.nat.dns_upstreams = vec![];
+    let mut h = VirtualHost::new(s, Vec::new(), 7, t(0));
+    h.set_icmp_mode(IcmpMode::Synthesized);
+    h
 }
 
 fn segment(port: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
@@ -152,7 +120,7 @@ fn open(n: usize, buffer: usize) -> (VirtualHost, SessionId, u32, u32) {
             }
         });
         let id = id.expect("a connect request");
-        assert!(h.nat_tcp_connected(id, t(0)));
+        h.nat_host_event(id, HostEvent::Connected, t(0));
         h.poll(t(0));
         spare.clear();
         h.take_transmit(&mut spare);

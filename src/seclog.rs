@@ -64,12 +64,12 @@ impl SecurityLog {
         }
     }
 
-    /// Logs a DHCP server event.
-    pub fn dhcp(&mut self, event: &DhcpEvent) {
+    /// Logs a DHCP server event; `to_wall` gives a lease with its times on the wall clock.
+    pub fn dhcp(&mut self, event: &DhcpEvent, to_wall: impl Fn(&Lease) -> Lease) {
         match event {
             DhcpEvent::Lease { kind, lease } => {
                 let what = format!("lease {}", kind.as_str());
-                self.write("DHCP", &what, &lease_fields(lease));
+                self.write("DHCP", &what, &lease_fields(&to_wall(lease)));
             }
             DhcpEvent::PoolExhausted { mac } => {
                 self.write(
@@ -92,6 +92,7 @@ impl SecurityLog {
                 key,
                 target,
                 remote_name,
+                redirected_by,
             } => {
                 let via = if target.to_string() != key.remote.to_string() {
                     format!(" via={target}")
@@ -102,10 +103,14 @@ impl SecurityLog {
                     .as_deref()
                     .map(|n| format!(" remote_name={n}"))
                     .unwrap_or_default();
+                let policy = redirected_by
+                    .as_deref()
+                    .map(|p| format!(" redirected_by_policy={p:?}"))
+                    .unwrap_or_default();
                 self.write(
                     "NAT",
                     "session created",
-                    &format!("id={id} {}{name}{via}", flow_fields(key)),
+                    &format!("id={id} {}{name}{via}{policy}", flow_fields(key)),
                 );
             }
             NatEvent::Connected { id, key } => {
@@ -122,7 +127,7 @@ impl SecurityLog {
                     &format!("id={id} {} reason={reason:?}", flow_fields(key)),
                 );
             }
-            NatEvent::Deleted {
+            NatEvent::Ended {
                 session,
                 reason,
                 at,
@@ -133,19 +138,21 @@ impl SecurityLog {
                     "NAT",
                     "session deleted",
                     &format!(
-                        "id={} {} bytes_out={} bytes_in={} packets_out={} packets_in={} duration={secs:.1}s reason={reason:?}",
+                        "id={} {} bytes_out={} bytes_in={} packets_out={} packets_in={} duration={secs:.1}s reason={:?}",
                         session.id,
                         flow_fields(&session.key),
                         session.bytes_out,
                         session.bytes_in,
                         session.packets_out,
-                        session.packets_in
+                        session.packets_in,
+                        reason.as_str()
                     ),
                 );
             }
             NatEvent::Refused {
                 key,
                 reason,
+                detail,
                 suppressed,
             } => {
                 let more = if *suppressed > 0 {
@@ -156,7 +163,11 @@ impl SecurityLog {
                 self.write(
                     "NAT",
                     "session refused",
-                    &format!("{} reason={reason:?}{more}", flow_fields(key)),
+                    &format!(
+                        "{} reason={:?} detail={detail:?}{more}",
+                        flow_fields(key),
+                        reason.as_str()
+                    ),
                 );
             }
         }
@@ -185,4 +196,49 @@ pub fn lease_fields(lease: &Lease) -> String {
         lease.hostname.as_deref().unwrap_or(""),
         expires
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::dhcp::{ClientKey, LeaseEventKind, LeaseId, LeaseState};
+
+    #[test]
+    fn lease_events_are_logged_with_their_kind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("security.log");
+        let mut log = SecurityLog::open(&path).expect("open");
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let lease = Lease {
+            id: LeaseId(7),
+            client: ClientKey::from_mac(mac),
+            mac,
+            ip: std::net::Ipv4Addr::new(192, 168, 30, 10),
+            hostname: Some("vm1".into()),
+            state: LeaseState::Bound,
+            start: 0,
+            expires: 7200,
+            was_bound: true,
+        };
+        for kind in [LeaseEventKind::ReleasedByOperator, LeaseEventKind::Revoked] {
+            log.dhcp(
+                &DhcpEvent::Lease {
+                    kind,
+                    lease: lease.clone(),
+                },
+                Lease::clone,
+            );
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        let fields = "id=7 mac=52:54:00:00:00:01 ip=192.168.30.10 hostname=\"vm1\" \
+                      expires=1970-01-01T02:00:00Z";
+        assert!(
+            text.contains(&format!(" DHCP lease released by operator: {fields}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(" DHCP lease revoked: {fields}\n")),
+            "{text}"
+        );
+    }
 }

@@ -104,7 +104,7 @@ fn tcp_through_the_driver_with_half_close_both_ways() {
         "{log}"
     );
     assert!(log.contains(&format!("NAT session deleted: id=1 proto=tcp client=192.168.30.10:50000 remote=127.0.0.1:{port} bytes_out={} bytes_in={}", data.len(), data.len())), "{log}");
-    assert!(log.contains("reason=\"closed\""), "{log}");
+    assert!(log.contains("reason=\"closed by client\""), "{log}");
     assert!(
         log.contains("NAT session failed: id=2") && log.contains("reason=\"refused\""),
         "{log}"

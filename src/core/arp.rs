@@ -20,6 +20,8 @@ pub enum ArpOutcome {
     Answered,
     /// A packet about someone else (or a reply): nothing to send.
     NotForUs,
+    /// A request for our address, but the transmit queue was full: no answer.
+    QueueFull,
 }
 
 /// Parses an ARP payload; returns the sender to learn (if it has an address) and whether the
@@ -55,7 +57,7 @@ pub fn handle(
         target_hardware_addr: source_hardware_addr,
         target_protocol_addr: source_protocol_addr,
     };
-    tx.push_built(ETHERNET_HEADER_LEN + reply.buffer_len(), |buf| {
+    let pushed = tx.push_built(ETHERNET_HEADER_LEN + reply.buffer_len(), |buf| {
         let eth = EthernetRepr {
             src_addr: our_mac,
             dst_addr: source_hardware_addr,
@@ -65,5 +67,10 @@ pub fn handle(
         eth.emit(&mut frame);
         reply.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
     });
-    Ok((ArpOutcome::Answered, learn))
+    let outcome = if pushed {
+        ArpOutcome::Answered
+    } else {
+        ArpOutcome::QueueFull
+    };
+    Ok((outcome, learn))
 }

@@ -120,6 +120,9 @@ fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
 struct Pending {
     client: SocketAddrV4,
     client_id: u16,
+    /// The resolvers this query may go to, in order (the settings' upstreams when it was
+    /// asked, or the one a policy redirected it to), and the one it went to last.
+    upstreams: Vec<SocketAddr>,
     upstream: usize,
     deadline: Instant,
     query: Vec<u8>,
@@ -164,7 +167,6 @@ pub enum DnsAction<'a> {
 /// The UDP DNS forwarder.
 #[derive(Debug)]
 pub struct DnsForwarder {
-    upstreams: Vec<SocketAddr>,
     pending: HashMap<u16, Pending>,
     next_id: u16,
     buf: Vec<u8>,
@@ -175,10 +177,9 @@ pub struct DnsForwarder {
 }
 
 impl DnsForwarder {
-    /// A forwarder to `upstreams`, tried in order.
-    pub fn new(upstreams: Vec<SocketAddr>, seed: u16) -> Self {
+    /// A forwarder; `seed` starts its query ids.
+    pub fn new(seed: u16) -> Self {
         DnsForwarder {
-            upstreams,
             pending: HashMap::new(),
             next_id: seed,
             buf: Vec::new(),
@@ -187,21 +188,17 @@ impl DnsForwarder {
         }
     }
 
-    /// The upstream resolvers.
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
-    }
-
     /// Queries waiting for an answer.
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
 
-    /// A query from `client`. Returns what to send, if anything.
+    /// A query from `client`, to go to `upstreams` in turn. Returns what to send, if anything.
     pub fn query(
         &mut self,
         client: SocketAddrV4,
         payload: &[u8],
+        upstreams: &[SocketAddr],
         now: Instant,
     ) -> Option<DnsAction<'_>> {
         self.counters.queries += 1;
@@ -209,7 +206,7 @@ impl DnsForwarder {
             self.counters.dropped += 1;
             return None;
         }
-        if self.upstreams.is_empty() {
+        if upstreams.is_empty() {
             self.counters.servfails += 1;
             servfail(&mut self.buf, payload);
             return Some(DnsAction::Answer {
@@ -229,12 +226,13 @@ impl DnsForwarder {
         self.next_id = id.wrapping_add(1);
         let mut query = payload.to_vec();
         query[..2].copy_from_slice(&id.to_be_bytes());
-        let upstream = self.upstreams[0];
+        let upstream = upstreams[0];
         self.pending.insert(
             id,
             Pending {
                 client,
                 client_id,
+                upstreams: upstreams.to_vec(),
                 upstream: 0,
                 deadline: now + QUERY_TIMEOUT,
                 query,
@@ -257,7 +255,7 @@ impl DnsForwarder {
         let matches = self
             .pending
             .get(&id)
-            .is_some_and(|p| same_server(self.upstreams[p.upstream], from));
+            .is_some_and(|p| same_server(p.upstreams[p.upstream], from));
         if !matches {
             self.counters.stray_answers += 1;
             return None;
@@ -287,13 +285,13 @@ impl DnsForwarder {
             let Some(p) = self.pending.get_mut(&id) else {
                 continue;
             };
-            if p.upstream + 1 < self.upstreams.len() {
+            if p.upstream + 1 < p.upstreams.len() {
                 p.upstream += 1;
                 p.deadline = now + QUERY_TIMEOUT;
                 self.counters.failovers += 1;
-                tracing::debug!(upstream = %self.upstreams[p.upstream], "dns: upstream timed out, trying the next");
+                tracing::debug!(upstream = %p.upstreams[p.upstream], "dns: upstream timed out, trying the next");
                 act(DnsAction::Send {
-                    upstream: self.upstreams[p.upstream],
+                    upstream: p.upstreams[p.upstream],
                     payload: &p.query,
                 });
             } else {
@@ -358,8 +356,8 @@ mod tests {
     #[test]
     fn answers_return_with_the_clients_id() {
         let up: SocketAddr = "10.77.0.2:53".parse().unwrap();
-        let mut f = DnsForwarder::new(vec![up], 100);
-        let sent = match f.query(client(), &query_bytes(0xbeef), Instant::from_secs(0)) {
+        let (mut f, ups): (_, Vec<SocketAddr>) = (DnsForwarder::new(100), vec![up]);
+        let sent = match f.query(client(), &query_bytes(0xbeef), &ups, Instant::from_secs(0)) {
             Some(DnsAction::Send { upstream, payload }) => {
                 assert_eq!(upstream, up);
                 payload.to_vec()
@@ -387,8 +385,8 @@ mod tests {
     fn fails_over_then_servfails() {
         let a: SocketAddr = "10.77.0.2:53".parse().unwrap();
         let b: SocketAddr = "10.77.0.3:5353".parse().unwrap();
-        let mut f = DnsForwarder::new(vec![a, b], 1);
-        f.query(client(), &query_bytes(7), Instant::from_secs(0))
+        let (mut f, ups): (_, Vec<SocketAddr>) = (DnsForwarder::new(1), vec![a, b]);
+        f.query(client(), &query_bytes(7), &ups, Instant::from_secs(0))
             .unwrap();
         assert_eq!(f.next_deadline(), Some(Instant::from_secs(2)));
         let mut actions = Vec::new();
@@ -445,15 +443,15 @@ mod tests {
 
     #[test]
     fn bounded_and_malformed() {
-        let mut f = DnsForwarder::new(vec!["10.77.0.2:53".parse().unwrap()], 0);
-        assert_eq!(f.query(client(), &[1, 2, 3], Instant::from_secs(0)), None);
+        let (mut f, ups): (_, Vec<SocketAddr>) = (DnsForwarder::new(0), vec!["10.77.0.2:53".parse().unwrap()]);
+        assert_eq!(f.query(client(), &[1, 2, 3], &ups, Instant::from_secs(0)), None);
         for i in 0..MAX_PENDING as u16 {
             assert!(f
-                .query(client(), &query_bytes(i), Instant::from_secs(0))
+                .query(client(), &query_bytes(i), &ups, Instant::from_secs(0))
                 .is_some());
         }
         assert_eq!(
-            f.query(client(), &query_bytes(1), Instant::from_secs(0)),
+            f.query(client(), &query_bytes(1), &ups, Instant::from_secs(0)),
             None
         );
         assert_eq!(f.counters.dropped, 2);

@@ -9,15 +9,16 @@ use smoltcp::wire::{EthernetAddress, Icmpv4Packet, Icmpv4Repr};
 
 use super::{frame, HostSettings};
 
-/// Handles an ICMP packet addressed to the virtual host. Returns true when it was an echo
-/// request and the reply was queued; false for other ICMP messages (ignored).
+/// Handles an ICMP packet addressed to the virtual host. Returns `Some(queued)` when it was an
+/// echo request (`queued`: the reply fit the transmit queue); `None` for other ICMP messages
+/// (ignored).
 pub fn handle_echo(
     payload: &[u8],
     host: &HostSettings,
     src_mac: EthernetAddress,
     src_ip: Ipv4Addr,
     tx: &mut FrameBatch,
-) -> Result<bool, smoltcp::wire::Error> {
+) -> Result<Option<bool>, smoltcp::wire::Error> {
     let packet = Icmpv4Packet::new_checked(payload)?;
     let repr = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())?;
     let Icmpv4Repr::EchoRequest {
@@ -26,14 +27,14 @@ pub fn handle_echo(
         data,
     } = repr
     else {
-        return Ok(false);
+        return Ok(None);
     };
     let reply = Icmpv4Repr::EchoReply {
         ident,
         seq_no,
         data,
     };
-    Ok(frame::push_icmp(
+    Ok(Some(frame::push_icmp(
         tx, host.mac, src_mac, host.ip, src_ip, &reply,
-    ))
+    )))
 }

@@ -7,13 +7,23 @@
 //!
 //! - **in:** [`handle_frame`](VirtualHost::handle_frame) for each frame from the segment,
 //!   [`handle_timeout`](VirtualHost::handle_timeout) when [`poll_timeout`](VirtualHost::poll_timeout)
-//!   comes due;
+//!   comes due, [`nat_host_event`](VirtualHost::nat_host_event) and the other `nat_*` methods
+//!   for what the host sockets did, [`handle_verdict`](VirtualHost::handle_verdict) for a
+//!   policy's late answer, [`apply_settings`](VirtualHost::apply_settings) for a change of the
+//!   live settings;
 //! - **out:** [`take_transmit`](VirtualHost::take_transmit) for the frames to send (call it after
-//!   every batch of inputs), [`poll_event`](VirtualHost::poll_event) for what the security log
-//!   and the lease store need to know, until it returns `None`.
+//!   every batch of inputs), [`drain_host_ops`](VirtualHost::drain_host_ops) for the host
+//!   sockets to open, use and close, [`poll_event`](VirtualHost::poll_event) for what the
+//!   security log and the lease store need to know, until it returns `None`.
 //!
-//! Time is a [`Instant`] counted from the Unix epoch (the driver passes wall-clock time), so
-//! lease expiry times survive a restart.
+//! Time is an [`Instant`] from a monotonic clock that the driver passes in. The driver's
+//! clock starts at the Unix time of the process start, so the seconds the DHCP server stores
+//! read as Unix times, but a step of the wall clock (NTP, suspend) never reaches the core: no
+//! timer expires or stalls because of one. Wall time is used only where a lease expiry is
+//! saved or shown, by the driver.
+//!
+//! The core has one settings value, [`Settings`], and one way to change it,
+//! [`apply_settings`](VirtualHost::apply_settings); no subsystem keeps a copy.
 //!
 //! What the host does with a frame:
 //!
@@ -22,23 +32,30 @@
 //! | ARP request for our address             | [`arp`]: reply                  |
 //! | ICMP echo request to our address        | [`icmp`]: reply                 |
 //! | UDP to port 67 (broadcast or ours)      | [`dhcp`]: the DHCP server       |
+//! | TCP/UDP to our port 53                  | [`nat`]: the DNS redirect       |
+//! | IPv4 to an outside address              | [`nat`]: the virtual NAT        |
 //! | anything else                           | dropped and counted             |
 //!
 //! A frame that does not parse is dropped and counted in [`Counters::malformed`]; nothing a
 //! client sends can make the core panic. Frames for other MAC addresses (the segment is a hub)
-//! are counted in [`Counters::not_for_us`] and ignored.
+//! are counted in [`Counters::not_for_us`] and ignored. Every frame in is in `frames_in`;
+//! every frame that leaves is in `frames_out` (counted when the driver takes it); every frame
+//! the core could not send is in [`LinkCounters`].
 
 pub mod arp;
 pub mod dhcp;
 pub mod dns;
 mod frame;
 pub mod icmp;
+pub mod link;
 pub mod nat;
+#[doc(hidden)]
+pub mod testkit;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
 use dhcproto::{Decodable, Decoder, Encodable};
@@ -53,7 +70,9 @@ use tracing::{debug, trace};
 pub use smoltcp::time::Instant;
 
 use dhcp::{DhcpEvent, DhcpServer, DhcpSettings, Lease};
-use nat::{NatEvent, NatSettings, NatState};
+use link::Link;
+pub use link::{LinkCounters, Neighbours, TX_QUEUE_FRAMES};
+use nat::{EndReason, NatEvent, NatSettings, NatState};
 
 /// The virtual host's own identity on the segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +95,30 @@ impl HostSettings {
     }
 }
 
+/// Every setting of the virtual host that can change while it runs: one value, changed only
+/// through [`VirtualHost::apply_settings`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The whole function (SecureNAT's enable/disable): when off, the virtual host is not on
+    /// the segment at all (no ARP, no DHCP, no NAT).
+    pub enabled: bool,
+    /// The virtual host's identity.
+    pub host: HostSettings,
+    /// The DHCP server.
+    pub dhcp: DhcpSettings,
+    /// The NAT and the DNS redirect.
+    pub nat: NatSettings,
+}
+
+/// Which lease an operator means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseTarget {
+    /// The lease of this client MAC address.
+    Mac([u8; 6]),
+    /// The lease of this address.
+    Ip(Ipv4Addr),
+}
+
 /// What the driver must act on.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -87,20 +130,23 @@ pub enum Event {
     LeasesChanged,
 }
 
-/// Counters of the core; every dropped frame is in exactly one of them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Counters of the core; every frame in is in `frames_in`, and every dropped one in exactly
+/// one other counter (or, for frames the NAT takes, in [`nat::NatCounters`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     /// Frames handed to the core.
     pub frames_in: u64,
-    /// Frames the core produced.
+    /// Frames the core produced and the driver took to send.
     pub frames_out: u64,
-    /// Frames that failed to parse (bad lengths, checksums, versions).
+    /// Frames that failed to parse (bad lengths, checksums, versions; undecodable DHCP).
     pub malformed: u64,
     /// Frames addressed to another host on the segment.
     pub not_for_us: u64,
-    /// Frames for us that nothing handles (yet): other protocols, ports.
+    /// Frames for us that nothing handles: other protocols, ports.
     pub unhandled: u64,
-    /// IPv4 fragments addressed to the virtual host (not reassembled for its own services).
+    /// Frames dropped because the whole function is disabled.
+    pub disabled: u64,
+    /// IPv4 fragments addressed to the virtual host or beyond (handed to the NAT).
     pub fragments: u64,
     /// ARP requests answered.
     pub arp_replies: u64,
@@ -108,88 +154,29 @@ pub struct Counters {
     pub echo_replies: u64,
     /// DHCP messages that arrived while the DHCP server was disabled.
     pub dhcp_disabled: u64,
-    /// Frames dropped because the transmit batch was full.
-    pub tx_dropped: u64,
-}
-
-/// The neighbour table: where each address on the segment is. Learnt from ARP and from the
-/// source of IPv4 frames. Bounded: the oldest entry goes when it is full.
-#[derive(Debug, Default)]
-pub struct Neighbours {
-    map: HashMap<Ipv4Addr, (EthernetAddress, Instant)>,
-}
-
-impl Neighbours {
-    /// At most this many entries.
-    pub const CAPACITY: usize = 4096;
-
-    fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) {
-        if !mac.is_unicast() || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-            return;
-        }
-        if self.map.len() >= Self::CAPACITY && !self.map.contains_key(&ip) {
-            if let Some(oldest) = self
-                .map
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(ip, _)| *ip)
-            {
-                self.map.remove(&oldest);
-            }
-        }
-        self.map.insert(ip, (mac, now));
-    }
-
-    /// The MAC of `ip`, if known.
-    pub fn lookup(&self, ip: Ipv4Addr) -> Option<EthernetAddress> {
-        self.map.get(&ip).map(|(mac, _)| *mac)
-    }
-
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
 }
 
 /// The virtual host. See the module documentation.
 #[derive(Debug)]
 pub struct VirtualHost {
-    host: HostSettings,
+    settings: Settings,
+    link: Link,
     dhcp: DhcpServer,
-    neighbours: Neighbours,
-    tx: FrameBatch,
+    nat: NatState,
     events: VecDeque<Event>,
     dhcp_events: VecDeque<DhcpEvent>,
     counters: Counters,
     dhcp_buf: Vec<u8>,
-    nat: NatState,
     /// The latest time passed in.
     now: Instant,
-    /// IPv4 identification of the fragmented datagrams we originate.
-    ident: u16,
 }
 
-/// How many frames the core queues between two [`VirtualHost::take_transmit`] calls.
-pub const TX_QUEUE_FRAMES: usize = 256;
-
 impl VirtualHost {
-    /// A host with the given identity, DHCP server and NAT settings, and the leases saved
-    /// earlier. `seed` seeds smoltcp's initial sequence numbers and DNS ids: take it from a
-    /// real random source.
-    pub fn new(
-        host: HostSettings,
-        dhcp: DhcpSettings,
-        leases: Vec<Lease>,
-        nat: NatSettings,
-        seed: u64,
-        now: Instant,
-    ) -> Self {
-        let mut server = DhcpServer::new(dhcp, host.ip, host.mask);
+    /// A host with the given settings and the leases saved earlier. `seed` seeds smoltcp's
+    /// initial sequence numbers and DNS ids: take it from a real random source.
+    pub fn new(settings: Settings, leases: Vec<Lease>, seed: u64, now: Instant) -> Self {
+        let host = settings.host;
+        let mut server = DhcpServer::new(&settings.dhcp, host.ip, host.mask);
         let skipped = server.restore(leases);
         if skipped > 0 {
             tracing::warn!(
@@ -198,23 +185,26 @@ impl VirtualHost {
             );
         }
         VirtualHost {
-            host,
+            link: Link::new(host.mtu, seed as u16),
             dhcp: server,
-            neighbours: Neighbours::default(),
-            tx: FrameBatch::new(TX_QUEUE_FRAMES, host.mtu + 14),
+            nat: NatState::new(&host, seed, now),
             events: VecDeque::new(),
             dhcp_events: VecDeque::new(),
             counters: Counters::default(),
             dhcp_buf: Vec::with_capacity(1024),
-            nat: NatState::new(nat, host.ip, host.mask, seed, now),
             now,
-            ident: seed as u16,
+            settings,
         }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The host's identity.
     pub fn host(&self) -> &HostSettings {
-        &self.host
+        &self.settings.host
     }
 
     /// The counters.
@@ -222,28 +212,88 @@ impl VirtualHost {
         &self.counters
     }
 
-    /// The DHCP server (settings, lease table, counters).
+    /// Frames the link could not send.
+    pub fn link_counters(&self) -> &LinkCounters {
+        &self.link.counters
+    }
+
+    /// The DHCP server (lease table, counters).
     pub fn dhcp(&self) -> &DhcpServer {
         &self.dhcp
     }
 
     /// The neighbour table.
     pub fn neighbours(&self) -> &Neighbours {
-        &self.neighbours
+        &self.link.neighbours
+    }
+
+    /// Replaces the settings (the caller validated them: see `Config::with_changes`). Each
+    /// change takes effect as a user expects:
+    ///
+    /// - the whole function or the NAT turned off: every session ends ("nat disabled") and
+    ///   flows waiting for a verdict are dropped; turned on: new flows are carried;
+    /// - the host's address or mask: smoltcp and the DHCP server answer from the new one;
+    /// - `dhcp.*`: a new range, lease time or reservation applies to new leases and renewals;
+    ///   leases are kept;
+    /// - `nat.*` timeouts: every session, at once; limits, `nat.deny`, the TCP buffer and the
+    ///   DNS upstreams: new flows; the MTU: new segments and datagrams.
+    pub fn apply_settings(&mut self, new: Settings, now: Instant) {
+        self.now = now;
+        let old = std::mem::replace(&mut self.settings, new);
+        let (was_on, is_on) = (
+            old.enabled && old.nat.enabled,
+            self.settings.enabled && self.settings.nat.enabled,
+        );
+        if was_on && !is_on {
+            self.end_all_sessions(EndReason::NatDisabled, now);
+        }
+        let host = self.settings.host;
+        if old.host.ip != host.ip || old.host.mask != host.mask || old.host.mtu != host.mtu {
+            self.nat_link_changed(now);
+        }
+        if old.dhcp != self.settings.dhcp || old.host.ip != host.ip || old.host.mask != host.mask
+        {
+            // Leases and counters stay; a record the new settings no longer allow is dropped
+            // (and the table saved).
+            if self.dhcp.reconfigure(&self.settings.dhcp, host.ip, host.mask) {
+                self.events.push_back(Event::LeasesChanged);
+            }
+        }
+        let nat = &self.settings.nat;
+        if old.nat.tcp_timeout != nat.tcp_timeout || old.nat.udp_timeout != nat.udp_timeout {
+            self.nat_timeouts_changed(now);
+        }
+        self.flush_nat_events();
     }
 
     /// Turns the DHCP server on or off at run time; leases are kept either way.
     pub fn set_dhcp_enabled(&mut self, enabled: bool) {
-        self.dhcp_settings_mut(|s| s.enabled = enabled);
+        let mut new = self.settings.clone();
+        new.dhcp.enabled = enabled;
+        self.apply_settings(new, self.now);
     }
 
-    fn dhcp_settings_mut(&mut self, f: impl FnOnce(&mut DhcpSettings)) {
-        let mut settings = self.dhcp.settings().clone();
-        f(&mut settings);
-        let leases = self.dhcp.pool().iter().cloned().collect();
-        let mut server = DhcpServer::new(settings, self.host.ip, self.host.mask);
-        server.restore(leases);
-        self.dhcp = server;
+    /// Turns the NAT on or off at run time. Turning it off resets every TCP connection and
+    /// closes every session.
+    pub fn set_nat_enabled(&mut self, enabled: bool, now: Instant) {
+        let mut new = self.settings.clone();
+        new.nat.enabled = enabled;
+        self.apply_settings(new, now);
+    }
+
+    /// Releases the lease of `mac` (or, with `ip`, of that address) at an operator's request,
+    /// as if the client had sent a RELEASE. Returns the lease released, if there was one.
+    pub fn release_lease(&mut self, target: LeaseTarget, now: Instant) -> Option<Lease> {
+        self.now = now;
+        let lease = match target {
+            LeaseTarget::Mac(mac) => self.dhcp.release_by_mac(mac, secs(now), &mut self.dhcp_events),
+            LeaseTarget::Ip(ip) => self.dhcp.release_by_ip(ip, secs(now), &mut self.dhcp_events),
+        };
+        if lease.is_some() {
+            self.events.push_back(Event::LeasesChanged);
+        }
+        self.flush_dhcp_events();
+        lease
     }
 
     /// Swaps the queued outgoing frames into `spare` (which must be empty): no copy. Send them,
@@ -251,7 +301,8 @@ impl VirtualHost {
     pub fn take_transmit(&mut self, spare: &mut FrameBatch) {
         debug_assert!(spare.is_empty(), "take_transmit wants an empty batch");
         spare.clear();
-        std::mem::swap(&mut self.tx, spare);
+        std::mem::swap(&mut self.link.tx, spare);
+        self.counters.frames_out += spare.len() as u64;
     }
 
     /// The next event, if any. Call until `None` after every batch of inputs.
@@ -275,7 +326,7 @@ impl VirtualHost {
         self.now = now;
         if self
             .dhcp
-            .handle_timeout(unix_secs(now), &mut self.dhcp_events)
+            .handle_timeout(secs(now), &mut self.dhcp_events)
         {
             self.events.push_back(Event::LeasesChanged);
         }
@@ -289,14 +340,13 @@ impl VirtualHost {
     pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
         self.now = now;
         self.counters.frames_in += 1;
-        let before = self.tx.len();
+        if !self.settings.enabled {
+            self.counters.disabled += 1;
+            return;
+        }
         if self.dispatch(now, frame).is_err() {
             self.counters.malformed += 1;
             trace!(len = frame.len(), "dropped malformed frame");
-        }
-        self.counters.frames_out += (self.tx.len() - before) as u64;
-        if self.tx.is_full() {
-            self.counters.tx_dropped += 1;
         }
     }
 
@@ -307,21 +357,26 @@ impl VirtualHost {
         if !src.is_unicast() {
             return Err(smoltcp::wire::Error);
         }
-        if dst != self.host.mac && !dst.is_broadcast() && !dst.is_multicast() {
+        let host = self.settings.host;
+        if dst != host.mac && !dst.is_broadcast() && !dst.is_multicast() {
             self.counters.not_for_us += 1;
             return Ok(());
         }
         match eth.ethertype() {
             EthernetProtocol::Arp => {
                 let (outcome, learn) =
-                    arp::handle(eth.payload(), self.host.mac, self.host.ip, &mut self.tx)?;
+                    arp::handle(eth.payload(), host.mac, host.ip, &mut self.link.tx)?;
                 if let Some((ip, mac)) = learn {
                     if self.in_subnet(ip) {
-                        self.neighbours.learn(ip, mac, now);
+                        self.link.neighbours.learn(ip, mac, now);
                     }
                 }
-                if outcome == arp::ArpOutcome::Answered {
-                    self.counters.arp_replies += 1;
+                match outcome {
+                    arp::ArpOutcome::Answered => self.counters.arp_replies += 1,
+                    arp::ArpOutcome::QueueFull => {
+                        self.link.pushed(false);
+                    }
+                    arp::ArpOutcome::NotForUs => {}
                 }
                 Ok(())
             }
@@ -334,7 +389,7 @@ impl VirtualHost {
     }
 
     fn in_subnet(&self, ip: Ipv4Addr) -> bool {
-        self.host.on_segment(ip)
+        self.settings.host.on_segment(ip)
     }
 
     fn handle_ipv4(
@@ -351,26 +406,29 @@ impl VirtualHost {
         let payload = &payload[..usize::from(packet.total_len())];
         let packet = Ipv4Packet::new_checked(payload)?;
         let (src, dst) = (packet.src_addr(), packet.dst_addr());
-        if self.in_subnet(src) && src != self.host.ip {
-            self.neighbours.learn(src, src_mac, now);
+        let host = self.settings.host;
+        if self.in_subnet(src) && src != host.ip {
+            self.link.neighbours.learn(src, src_mac, now);
         }
-        let to_us = dst == self.host.ip;
+        let to_us = dst == host.ip;
         let broadcast = dst.is_broadcast() || dst == self.subnet_broadcast();
         let fragment = packet.more_frags() || packet.frag_offset() != 0;
         if fragment {
             if to_us || !self.in_subnet(dst) && !broadcast {
                 self.counters.fragments += 1;
-                return self.nat_ipv4(now, payload);
+                return self.nat_ipv4(now, src_mac.0, payload);
             }
             self.counters.unhandled += 1;
             return Ok(());
         }
         match packet.next_header() {
             IpProtocol::Icmp if to_us => {
-                if icmp::handle_echo(packet.payload(), &self.host, src_mac, src, &mut self.tx)? {
-                    self.counters.echo_replies += 1;
-                } else {
-                    self.counters.unhandled += 1;
+                match icmp::handle_echo(packet.payload(), &host, src_mac, src, &mut self.link.tx)? {
+                    Some(true) => self.counters.echo_replies += 1,
+                    Some(false) => {
+                        self.link.pushed(false);
+                    }
+                    None => self.counters.unhandled += 1,
                 }
                 Ok(())
             }
@@ -386,28 +444,29 @@ impl VirtualHost {
                     self.handle_dhcp(now, src_mac, udp.payload());
                     Ok(())
                 } else if to_us && udp_repr.dst_port == 53 {
-                    self.nat_ipv4(now, payload)
+                    self.nat_ipv4(now, src_mac.0, payload)
                 } else {
                     self.counters.unhandled += 1;
                     Ok(())
                 }
             }
             // TCP to us: port 53 is the DNS redirect; smoltcp answers the rest with RST.
-            IpProtocol::Tcp if to_us => self.nat_ipv4(now, payload),
+            IpProtocol::Tcp if to_us => self.nat_ipv4(now, src_mac.0, payload),
             _ if to_us || broadcast || dst.is_multicast() || self.in_subnet(dst) => {
                 self.counters.unhandled += 1;
                 Ok(())
             }
-            _ => self.nat_ipv4(now, payload),
+            _ => self.nat_ipv4(now, src_mac.0, payload),
         }
     }
 
     fn subnet_broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.host.ip) | !u32::from(self.host.mask))
+        let host = &self.settings.host;
+        Ipv4Addr::from(u32::from(host.ip) | !u32::from(host.mask))
     }
 
     fn handle_dhcp(&mut self, now: Instant, src_mac: EthernetAddress, payload: &[u8]) {
-        if !self.dhcp.settings().enabled {
+        if !self.settings.dhcp.enabled {
             self.counters.dhcp_disabled += 1;
             return;
         }
@@ -421,7 +480,13 @@ impl VirtualHost {
         };
         let reply = self
             .dhcp
-            .handle_from(&msg, src_mac.0, unix_secs(now), &mut self.dhcp_events);
+            .handle_from(
+                &self.settings.dhcp,
+                &msg,
+                src_mac.0,
+                secs(now),
+                &mut self.dhcp_events,
+            );
         if let Some(reply) = reply {
             self.dhcp_buf.clear();
             let mut enc = dhcproto::Encoder::new(&mut self.dhcp_buf);
@@ -430,20 +495,20 @@ impl VirtualHost {
                 return;
             }
             let body = &self.dhcp_buf;
+            let host = self.settings.host;
             let pushed = frame::push_udp(
-                &mut self.tx,
-                self.host.mac,
+                &mut self.link.tx,
+                host.mac,
                 EthernetAddress(reply.to.mac),
-                (self.host.ip, dhcp::server::SERVER_PORT),
+                (host.ip, dhcp::server::SERVER_PORT),
                 (reply.to.ip, reply.to.port),
                 body.len(),
                 |buf| buf.copy_from_slice(body),
             );
-            if !pushed {
-                self.counters.tx_dropped += 1;
-            }
+            self.link.pushed(pushed);
             if !reply.to.ip.is_broadcast() {
-                self.neighbours
+                self.link
+                    .neighbours
                     .learn(reply.to.ip, EthernetAddress(reply.to.mac), now);
             }
         }
@@ -477,7 +542,8 @@ impl VirtualHost {
     }
 }
 
-/// Seconds since the Unix epoch of a core timestamp.
-pub fn unix_secs(t: Instant) -> u64 {
+/// The whole seconds of a core timestamp: what the DHCP server keeps its times in. (The
+/// driver's clock makes them read as Unix times; see the module documentation.)
+pub fn secs(t: Instant) -> u64 {
     u64::try_from(t.secs()).unwrap_or(0)
 }

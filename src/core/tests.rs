@@ -1,7 +1,6 @@
 //! Frame-level tests of the virtual host: fixed frames in, frames out, counters checked.
 
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
@@ -10,8 +9,7 @@ use smoltcp::wire::{
     EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
 };
 
-use super::dhcp::DhcpSettings;
-use super::{HostSettings, Instant, VirtualHost};
+use super::{Instant, VirtualHost};
 
 const OUR_MAC: EthernetAddress = EthernetAddress([0x00, 0xac, 1, 2, 3, 4]);
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
@@ -19,38 +17,11 @@ const CLIENT_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0, 0, 1]);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
 
 fn host() -> VirtualHost {
-    let settings = HostSettings {
-        mac: OUR_MAC,
-        ip: OUR_IP,
-        mask: Ipv4Addr::new(255, 255, 255, 0),
-        mtu: 1500,
-    };
-    let dhcp = DhcpSettings {
-        enabled: true,
-        range_start: Ipv4Addr::new(192, 168, 30, 10),
-        range_end: Ipv4Addr::new(192, 168, 30, 200),
-        mask: Ipv4Addr::new(255, 255, 255, 0),
-        lease: Duration::from_secs(7200),
-        gateway: Some(OUR_IP),
-        dns: vec![OUR_IP],
-        domain: None,
-        routes: vec![],
-        statics: vec![],
-    };
-    let nat = super::nat::NatSettings {
-        enabled: true,
-        mtu: 1500,
-        tcp_timeout: smoltcp::time::Duration::from_secs(7200),
-        udp_timeout: smoltcp::time::Duration::from_secs(600),
-        allow_host_loopback: false,
-        deny: vec![],
-        max_sessions: 100,
-        max_sessions_per_client: 10,
-        tcp_buffer: 1 << 20,
-        dns_upstreams: vec![],
-        icmp_mode: super::nat::IcmpMode::Synthesized,
-    };
-    VirtualHost::new(settings, dhcp, Vec::new(), nat, 1, now())
+    let mut settings = super::testkit::settings();
+    settings.nat.dns_upstreams = vec![];
+    let mut h = VirtualHost::new(settings, Vec::new(), 1, now());
+    h.set_icmp_mode(super::nat::IcmpMode::Synthesized);
+    h
 }
 
 fn now() -> Instant {

@@ -2,27 +2,54 @@
 //!
 //! # Theory of operation
 //!
-//! The pool holds at most one record per address and at most one record per client, so its
-//! size is bounded by the number of addresses it manages (the configured range plus the static
-//! reservations). A client is known by its [`ClientKey`]: the client identifier (option 61)
-//! when it sends one, else the hardware type and address, which is what RFC 2132 recommends
-//! clients send anyway, so both forms of the same Ethernet client compare equal.
+//! The pool manages the addresses of the dynamic range and of the static reservations (by
+//! MAC), minus the server's own address. It holds at most one record per address and at most
+//! one record per client, so its size is bounded by the number of addresses it manages plus the
+//! bindings left over from an earlier range (see *Reconfiguration*). A client is known by its
+//! [`ClientKey`]: the client identifier (option 61) when it sends one, else the hardware type
+//! and address, which is what RFC 2132 recommends clients send anyway, so both forms of the
+//! same Ethernet client compare equal.
 //!
 //! A record is in one of these states:
 //!
 //! | state      | the address is          | ends                                               |
 //! |------------|-------------------------|----------------------------------------------------|
 //! | `Offered`  | held for the client     | REQUEST → `Bound`; after [`OFFER_HOLD`] → removed (or back to `Expired` if it was bound before) |
-//! | `Bound`    | the client's            | RELEASE → `Released`; expiry → `Expired`; DECLINE → `Declined` |
+//! | `Bound`    | the client's            | RELEASE (by the client or the operator) → `Released`; expiry → `Expired`; DECLINE → `Declined`; refused renewal → removed ([`revoke`](LeasePool::revoke)) |
 //! | `Released` | free, remembered        | taken by another client only when no address without a record is left |
 //! | `Expired`  | free, remembered        | as `Released`                                      |
 //! | `Declined` | quarantined (in use by an unknown host) | after [`DECLINE_QUARANTINE`] → removed |
 //!
 //! Remembered records make addresses sticky: a returning client is offered its previous address
 //! when it is still free, and new clients get addresses that nobody held before as long as there
-//! are any. Static reservations (by MAC) are never given to anyone else.
+//! are any.
 //!
-//! All times are seconds since the Unix epoch, passed in by the caller; the pool reads no clock.
+//! Which addresses a client may have: its static reservation if it has one; an address of the
+//! range that is nobody's reservation otherwise, and also while its reservation is held by
+//! another client's live record (so a new reservation on a busy address does not leave the
+//! client without any). Once its reservation is free, a client with a reservation may no longer
+//! keep a dynamic address: its renewal is refused and it moves to the reserved one. A reserved
+//! address is never given to anyone else.
+//!
+//! # Reconfiguration
+//!
+//! [`reconfigure`](LeasePool::reconfigure) swaps in a new range, reservations and server
+//! address and keeps every record that still means something:
+//!
+//! - a `Bound` record the new settings no longer give its client (outside the range, reserved
+//!   for another MAC, or the client's reservation is now elsewhere) stays bound: the client
+//!   keeps its address until it renews, when [`bind`](LeasePool::bind) refuses it (the server
+//!   answers NAK and calls [`revoke`](LeasePool::revoke)), or until it expires, when the record
+//!   is removed rather than remembered. It is never offered again;
+//! - `Declined` records stay until their quarantine ends: the address is in use on the wire
+//!   whatever the settings say;
+//! - `Offered`, `Released` and `Expired` records for addresses the pool no longer manages for
+//!   their client are removed.
+//!
+//! New records are only made for managed addresses, so the records left over from an earlier
+//! range can only shrink, and the bound above holds across any number of changes.
+//!
+//! All times are seconds passed in by the caller; the pool reads no clock.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -183,6 +210,9 @@ pub enum BindError {
     /// The address is reserved for another client's MAC.
     #[error("address is reserved for another client")]
     Reserved,
+    /// The client has a static reservation for another address, and that address is free.
+    #[error("the client has a reservation for another address")]
+    ReservedElsewhere,
 }
 
 /// No address is left to offer.
@@ -196,7 +226,7 @@ pub struct LeasePool {
     range_start: u32,
     range_end: u32,
     excluded: Ipv4Addr,
-    /// Static reservations: MAC → (address, host name).
+    /// Static reservations: MAC → address, and the reverse.
     statics: HashMap<[u8; 6], Ipv4Addr>,
     static_ips: HashMap<Ipv4Addr, [u8; 6]>,
     by_ip: BTreeMap<Ipv4Addr, Lease>,
@@ -213,18 +243,49 @@ impl LeasePool {
         excluded: Ipv4Addr,
         statics: impl IntoIterator<Item = ([u8; 6], Ipv4Addr)>,
     ) -> Self {
-        let statics: HashMap<[u8; 6], Ipv4Addr> = statics.into_iter().collect();
-        let static_ips = statics.iter().map(|(m, ip)| (*ip, *m)).collect();
-        LeasePool {
+        let mut pool = LeasePool {
             range_start: u32::from(range_start),
             range_end: u32::from(range_end),
             excluded,
-            statics,
-            static_ips,
+            statics: HashMap::new(),
+            static_ips: HashMap::new(),
             by_ip: BTreeMap::new(),
             by_client: HashMap::new(),
             next_id: 1,
+        };
+        pool.reconfigure(range_start, range_end, excluded, statics);
+        pool
+    }
+
+    /// Swaps in a new range, server address and reservations, keeping every record that still
+    /// means something and every binding (see *Reconfiguration* in the module documentation).
+    /// Returns true when records were removed, i.e. when the records worth saving changed.
+    pub fn reconfigure(
+        &mut self,
+        range_start: Ipv4Addr,
+        range_end: Ipv4Addr,
+        excluded: Ipv4Addr,
+        statics: impl IntoIterator<Item = ([u8; 6], Ipv4Addr)>,
+    ) -> bool {
+        self.range_start = u32::from(range_start);
+        self.range_end = u32::from(range_end);
+        self.excluded = excluded;
+        self.statics = statics.into_iter().collect();
+        self.static_ips = self.statics.iter().map(|(m, ip)| (*ip, *m)).collect();
+        let stale: Vec<Ipv4Addr> = self
+            .by_ip
+            .values()
+            .filter(|l| match l.state {
+                LeaseState::Bound | LeaseState::Declined => false,
+                LeaseState::Offered => self.check_allowed(&l.client, l.mac, l.ip).is_err(),
+                LeaseState::Released | LeaseState::Expired => !self.manages(l.mac, l.ip),
+            })
+            .map(|l| l.ip)
+            .collect();
+        for ip in &stale {
+            self.remove(*ip);
         }
+        !stale.is_empty()
     }
 
     /// Loads records saved earlier. Records for addresses this pool no longer manages (the
@@ -233,15 +294,7 @@ impl LeasePool {
     pub fn restore(&mut self, leases: impl IntoIterator<Item = Lease>) -> usize {
         let mut skipped = 0;
         for lease in leases {
-            let manageable =
-                self.in_range(lease.ip) || self.static_ips.get(&lease.ip) == Some(&lease.mac);
-            let reserved_elsewhere = self
-                .static_ips
-                .get(&lease.ip)
-                .is_some_and(|m| *m != lease.mac);
-            if !manageable
-                || reserved_elsewhere
-                || lease.ip == self.excluded
+            if !self.manages(lease.mac, lease.ip)
                 || self.by_ip.contains_key(&lease.ip)
                 || self.by_client.contains_key(&lease.client)
             {
@@ -260,14 +313,45 @@ impl LeasePool {
         n >= self.range_start && n <= self.range_end && ip != self.excluded
     }
 
-    /// Whether `ip` could be this client's (in range or its reservation, and not reserved for
-    /// someone else).
-    fn check_allowed(&self, mac: [u8; 6], ip: Ipv4Addr) -> Result<(), BindError> {
+    /// Whether the pool manages `ip` for a client with hardware address `mac` at all: the
+    /// client's reservation, or in the range and nobody's reservation; never the server's own
+    /// address. Unlike [`check_allowed`](Self::check_allowed), it does not ask whether the
+    /// client should rather have its reservation.
+    fn manages(&self, mac: [u8; 6], ip: Ipv4Addr) -> bool {
+        if ip == self.excluded {
+            return false;
+        }
         match self.static_ips.get(&ip) {
-            Some(owner) if *owner == mac => Ok(()),
-            Some(_) => Err(BindError::Reserved),
-            None if self.in_range(ip) => Ok(()),
-            None => Err(BindError::NotInPool),
+            Some(owner) => *owner == mac,
+            None => self.in_range(ip),
+        }
+    }
+
+    /// Whether `ip` may be this client's under the current settings: its reservation; else an
+    /// address of the range that is nobody's reservation, provided the client's own reservation
+    /// (if any) is held by someone else.
+    fn check_allowed(
+        &self,
+        client: &ClientKey,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+    ) -> Result<(), BindError> {
+        if ip == self.excluded {
+            return Err(BindError::NotInPool);
+        }
+        match self.static_ips.get(&ip) {
+            Some(owner) if *owner == mac => return Ok(()),
+            Some(_) => return Err(BindError::Reserved),
+            None if !self.in_range(ip) => return Err(BindError::NotInPool),
+            None => {}
+        }
+        match self.statics.get(&mac) {
+            Some(&reserved)
+                if reserved != self.excluded && self.check_free(client, reserved).is_ok() =>
+            {
+                Err(BindError::ReservedElsewhere)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -307,8 +391,10 @@ impl LeasePool {
     }
 
     /// Chooses the address to offer: the client's reservation; else its current or previous
-    /// address while free; else `requested` if free; else an address nobody held; else the
-    /// address remembered longest for another client. The choice is held for [`OFFER_HOLD`].
+    /// address while it may have it and it is free; else `requested` if so; else an address
+    /// nobody held; else the address remembered longest for another client. A client whose
+    /// reservation is held by another client's live record gets a dynamic address meanwhile.
+    /// The choice is held for [`OFFER_HOLD`].
     pub fn offer(
         &mut self,
         client: &ClientKey,
@@ -318,7 +404,7 @@ impl LeasePool {
         now: u64,
     ) -> Result<Ipv4Addr, PoolExhausted> {
         let usable = |pool: &Self, ip: Ipv4Addr| {
-            pool.check_allowed(mac, ip).is_ok() && pool.check_free(client, ip).is_ok()
+            pool.check_allowed(client, mac, ip).is_ok() && pool.check_free(client, ip).is_ok()
         };
         let reservation = self.statics.get(&mac).copied();
         let previous = self
@@ -327,14 +413,10 @@ impl LeasePool {
             .map(|l| l.ip);
         let ip = if let Some(ip) = reservation.filter(|ip| usable(self, *ip)) {
             ip
-        } else if let Some(ip) = previous.filter(|ip| reservation.is_none() && usable(self, *ip)) {
+        } else if let Some(ip) = previous.filter(|ip| usable(self, *ip)) {
             ip
-        } else if let Some(ip) = requested.filter(|ip| reservation.is_none() && usable(self, *ip)) {
+        } else if let Some(ip) = requested.filter(|ip| usable(self, *ip)) {
             ip
-        } else if reservation.is_some() {
-            // The reserved address is held by someone else (a stale record): take it back
-            // unless it is really bound to another client.
-            return Err(PoolExhausted);
         } else if let Some(ip) = self.never_held() {
             ip
         } else if let Some(ip) = self.oldest_remembered(client) {
@@ -415,6 +497,15 @@ impl LeasePool {
         self.by_ip.get(&ip).expect("invariant: just inserted")
     }
 
+    /// Removes the record of `ip` and its client's index entry.
+    fn remove(&mut self, ip: Ipv4Addr) -> Option<Lease> {
+        let l = self.by_ip.remove(&ip)?;
+        if self.by_client.get(&l.client) == Some(&ip) {
+            self.by_client.remove(&l.client);
+        }
+        Some(l)
+    }
+
     fn allocate_id(&mut self) -> LeaseId {
         let id = LeaseId(self.next_id);
         self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -422,7 +513,7 @@ impl LeasePool {
     }
 
     /// Binds `ip` to the client for `lease_secs` (REQUEST → ACK). Fails when the address is
-    /// not the client's to have; the caller answers NAK.
+    /// not the client's to have; the caller answers NAK (and calls [`revoke`](Self::revoke)).
     pub fn bind(
         &mut self,
         client: &ClientKey,
@@ -432,7 +523,7 @@ impl LeasePool {
         lease_secs: u64,
         now: u64,
     ) -> Result<(Lease, BindOutcome), BindError> {
-        self.check_allowed(mac, ip)?;
+        self.check_allowed(client, mac, ip)?;
         self.check_free(client, ip)?;
         let renewed = self.by_ip.get(&ip).is_some_and(|l| {
             l.client == *client && l.state == LeaseState::Bound && l.expires > now
@@ -471,6 +562,24 @@ impl LeasePool {
         ))
     }
 
+    /// Ends the client's binding (or offer) when its address is no longer one the client may
+    /// have: the settings changed since (see *Reconfiguration*). The record is removed, not
+    /// remembered, so the address is not offered to the client again; it is returned when it
+    /// was bound. `mac` is the hardware address the client uses now.
+    ///
+    /// Call it when refusing the client's REQUEST (NAK) and before offering it an address, so
+    /// that no binding ends without an event.
+    pub fn revoke(&mut self, client: &ClientKey, mac: [u8; 6]) -> Option<Lease> {
+        let ip = *self.by_client.get(client)?;
+        let l = self.by_ip.get(&ip)?;
+        if !matches!(l.state, LeaseState::Bound | LeaseState::Offered)
+            || self.check_allowed(client, mac, ip).is_ok()
+        {
+            return None;
+        }
+        self.remove(ip).filter(|l| l.state == LeaseState::Bound)
+    }
+
     /// Forgets an offer the client did not take (it chose another server).
     pub fn withdraw_offer(&mut self, client: &ClientKey) {
         if let Some(ip) = self.by_client.get(client).copied() {
@@ -489,14 +598,39 @@ impl LeasePool {
 
     /// RELEASE: the client gives `ip` back. Returns the record as it was when bound.
     pub fn release(&mut self, client: &ClientKey, ip: Ipv4Addr, now: u64) -> Option<Lease> {
-        let l = self.by_ip.get_mut(&ip)?;
-        if l.client != *client || l.state != LeaseState::Bound {
+        if self.by_ip.get(&ip)?.client != *client {
+            return None;
+        }
+        self.release_ip(ip, now)
+    }
+
+    /// Ends the binding of `ip`, whoever holds it, as a RELEASE from its client would (the
+    /// operator's release). Returns the record as it was when bound; `None` when `ip` is not
+    /// bound. The record is remembered as `Released` (or removed when the pool no longer
+    /// manages the address for its client).
+    pub fn release_ip(&mut self, ip: Ipv4Addr, now: u64) -> Option<Lease> {
+        let l = self.by_ip.get(&ip)?;
+        if l.state != LeaseState::Bound {
             return None;
         }
         let before = l.clone();
-        l.state = LeaseState::Released;
-        l.expires = now;
+        if self.manages(l.mac, ip) {
+            let l = self.by_ip.get_mut(&ip).expect("invariant: looked up above");
+            l.state = LeaseState::Released;
+            l.expires = now;
+        } else {
+            self.remove(ip);
+        }
         Some(before)
+    }
+
+    /// The lowest address bound to a client with hardware address `mac`, if any. (A MAC can
+    /// hold more than one binding when clients behind it send different client identifiers.)
+    pub fn bound_to_mac(&self, mac: [u8; 6]) -> Option<Ipv4Addr> {
+        self.by_ip
+            .values()
+            .find(|l| l.mac == mac && l.state == LeaseState::Bound)
+            .map(|l| l.ip)
     }
 
     /// DECLINE: the client found `ip` in use. The address is quarantined and the client loses
@@ -514,40 +648,51 @@ impl LeasePool {
     }
 
     /// Moves every record whose time is up to its next state. Calls `report` with each bound
-    /// lease that expired (the record before the change).
+    /// lease that expired (the record before the change). A record the pool no longer manages
+    /// for its client (the settings changed) is removed instead of remembered. Returns true
+    /// when the records worth saving changed.
     pub fn expire(&mut self, now: u64, mut report: impl FnMut(&Lease)) -> bool {
+        let due: Vec<Ipv4Addr> = self
+            .by_ip
+            .values()
+            .filter(|l| l.expires <= now && !l.frees_address())
+            .map(|l| l.ip)
+            .collect();
         let mut changed = false;
-        let mut remove = Vec::new();
-        for (ip, l) in self.by_ip.iter_mut() {
-            if l.expires > now {
+        for ip in due {
+            let Some(l) = self.by_ip.get(&ip) else {
                 continue;
-            }
+            };
+            let remembered = self.manages(l.mac, ip);
             match l.state {
                 LeaseState::Bound => {
                     report(l);
-                    l.state = LeaseState::Expired;
                     changed = true;
+                    self.forget_or_expire(ip, remembered);
                 }
                 LeaseState::Offered if l.was_bound => {
-                    l.state = LeaseState::Expired;
                     changed = true;
+                    self.forget_or_expire(ip, remembered);
                 }
-                LeaseState::Offered => remove.push(*ip),
+                LeaseState::Offered => {
+                    self.remove(ip);
+                }
                 LeaseState::Declined => {
-                    remove.push(*ip);
+                    self.remove(ip);
                     changed = true;
                 }
                 LeaseState::Released | LeaseState::Expired => {}
             }
         }
-        for ip in remove {
-            if let Some(l) = self.by_ip.remove(&ip) {
-                if self.by_client.get(&l.client) == Some(&ip) {
-                    self.by_client.remove(&l.client);
-                }
-            }
-        }
         changed
+    }
+
+    fn forget_or_expire(&mut self, ip: Ipv4Addr, remembered: bool) {
+        if !remembered {
+            self.remove(ip);
+        } else if let Some(l) = self.by_ip.get_mut(&ip) {
+            l.state = LeaseState::Expired;
+        }
     }
 
     /// The next time [`expire`](Self::expire) has work to do.
@@ -773,5 +918,200 @@ mod tests {
         let b = ClientKey::from_mac(MAC_B);
         q.offer(&b, MAC_B, None, None, 1).unwrap();
         assert!(q.get(&b).unwrap().id.0 > q.get(&a).unwrap().id.0);
+    }
+
+    #[test]
+    fn reconfigure_keeps_bindings_and_drops_what_it_no_longer_manages() {
+        let mut p = LeasePool::new(ip(10), ip(14), ip(1), []);
+        let (a, b, c, d) = (
+            ClientKey::from_mac(MAC_A),
+            ClientKey::from_mac(MAC_B),
+            ClientKey::from_mac(MAC_C),
+            ClientKey::from_mac([2, 0, 0, 0, 0, 0xd]),
+        );
+        p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap(); // bound
+        p.bind(&b, MAC_B, ip(11), None, 100, 0).unwrap();
+        p.release(&b, ip(11), 1).unwrap(); // remembered
+        p.offer(&c, MAC_C, Some(ip(12)), None, 1).unwrap(); // offered
+        p.bind(&d, [2, 0, 0, 0, 0, 0xd], ip(13), None, 100, 0)
+            .unwrap();
+        p.decline(&d, ip(13), 2).unwrap(); // quarantined
+        let id_a = p.get(&a).unwrap().id;
+
+        // The range moves away from all of them.
+        assert!(p.reconfigure(ip(20), ip(22), ip(1), []), "records dropped");
+        assert_eq!(
+            p.get(&a).map(|l| (l.state, l.id)),
+            Some((LeaseState::Bound, id_a))
+        );
+        assert!(
+            p.get(&b).is_none(),
+            "remembered record outside the range dropped"
+        );
+        assert!(p.get(&c).is_none(), "offer outside the range withdrawn");
+        assert_eq!(
+            p.get_by_ip(ip(13)).map(|l| l.state),
+            Some(LeaseState::Declined)
+        );
+        // Nothing more to drop the second time.
+        assert!(!p.reconfigure(ip(20), ip(22), ip(1), []));
+
+        // a keeps its address until it renews, then it is refused and revoked.
+        assert_eq!(
+            p.bind(&a, MAC_A, ip(10), None, 100, 50),
+            Err(BindError::NotInPool)
+        );
+        assert_eq!(p.revoke(&a, MAC_A).map(|l| l.ip), Some(ip(10)));
+        assert!(p.get(&a).is_none() && p.get_by_ip(ip(10)).is_none());
+        assert_eq!(p.revoke(&a, MAC_A), None, "nothing left to revoke");
+        // It is not offered its old address again, even when asking for it.
+        assert_eq!(p.offer(&a, MAC_A, Some(ip(10)), None, 51), Ok(ip(20)));
+        // New ids continue.
+        assert!(p.get(&a).unwrap().id.0 > id_a.0);
+    }
+
+    #[test]
+    fn a_binding_left_outside_the_range_expires_without_being_remembered() {
+        let mut p = pool();
+        let a = ClientKey::from_mac(MAC_A);
+        p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap();
+        p.reconfigure(ip(20), ip(22), ip(1), []);
+        let mut expired = Vec::new();
+        assert!(p.expire(100, |l| expired.push(l.ip)));
+        assert_eq!(expired, vec![ip(10)]);
+        assert!(p.is_empty());
+        // The same within the range: remembered.
+        p.bind(&a, MAC_A, ip(20), None, 100, 200).unwrap();
+        p.expire(300, |_| {});
+        assert_eq!(p.get(&a).map(|l| l.state), Some(LeaseState::Expired));
+    }
+
+    #[test]
+    fn revoke_leaves_allowed_bindings_alone() {
+        let mut p = pool();
+        let a = ClientKey::from_mac(MAC_A);
+        assert_eq!(p.revoke(&a, MAC_A), None, "no record");
+        p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap();
+        assert_eq!(p.revoke(&a, MAC_A), None);
+        assert_eq!(p.get(&a).map(|l| l.state), Some(LeaseState::Bound));
+        // An offer that is no longer allowed is removed, but it was no lease.
+        let b = ClientKey::from_mac(MAC_B);
+        p.offer(&b, MAC_B, None, None, 0).unwrap();
+        p.reconfigure(ip(10), ip(12), ip(1), [(MAC_C, ip(11))]);
+        assert!(
+            p.get(&b).is_none(),
+            "offer of an address now reserved withdrawn"
+        );
+    }
+
+    #[test]
+    fn a_new_reservation_moves_its_client_and_its_holder_at_renewal() {
+        let mut p = pool();
+        let (a, b) = (ClientKey::from_mac(MAC_A), ClientKey::from_mac(MAC_B));
+        p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap();
+        p.bind(&b, MAC_B, ip(11), None, 100, 0).unwrap();
+        // a's address is now reserved for b.
+        p.reconfigure(ip(10), ip(12), ip(1), [(MAC_B, ip(10))]);
+        // b keeps its dynamic address while its reservation is bound to a.
+        assert_eq!(
+            p.bind(&b, MAC_B, ip(11), None, 100, 10).map(|(l, _)| l.ip),
+            Ok(ip(11))
+        );
+        // a's renewal is refused; its record goes.
+        assert_eq!(
+            p.bind(&a, MAC_A, ip(10), None, 100, 20),
+            Err(BindError::Reserved)
+        );
+        assert!(p.revoke(&a, MAC_A).is_some());
+        // Now b's reservation is free: b may no longer keep its dynamic address.
+        assert_eq!(
+            p.bind(&b, MAC_B, ip(11), None, 100, 30),
+            Err(BindError::ReservedElsewhere)
+        );
+        assert_eq!(p.revoke(&b, MAC_B).map(|l| l.ip), Some(ip(11)));
+        assert_eq!(p.offer(&b, MAC_B, None, None, 31), Ok(ip(10)));
+        // a gets a dynamic address, never b's reservation.
+        assert_eq!(p.offer(&a, MAC_A, Some(ip(10)), None, 32), Ok(ip(11)));
+    }
+
+    #[test]
+    fn a_client_whose_reservation_is_held_gets_a_dynamic_address_meanwhile() {
+        let mut p = pool();
+        let (a, b) = (ClientKey::from_mac(MAC_A), ClientKey::from_mac(MAC_B));
+        p.bind(&a, MAC_A, ip(12), None, 100, 0).unwrap();
+        p.reconfigure(ip(10), ip(12), ip(1), [(MAC_B, ip(12))]);
+        assert_eq!(p.offer(&b, MAC_B, None, None, 1), Ok(ip(10)));
+        assert_eq!(
+            p.bind(&b, MAC_B, ip(10), None, 100, 1).map(|(l, _)| l.ip),
+            Ok(ip(10))
+        );
+    }
+
+    #[test]
+    fn removed_reservations_free_their_addresses_for_new_offers() {
+        let mut p = LeasePool::new(ip(10), ip(11), ip(1), [(MAC_A, ip(11)), (MAC_B, ip(50))]);
+        let (a, b, c) = (
+            ClientKey::from_mac(MAC_A),
+            ClientKey::from_mac(MAC_B),
+            ClientKey::from_mac(MAC_C),
+        );
+        p.bind(&a, MAC_A, ip(11), None, 100, 0).unwrap();
+        p.bind(&b, MAC_B, ip(50), None, 100, 0).unwrap();
+        p.offer(&c, MAC_C, None, None, 0).unwrap(); // .10
+        assert_eq!(
+            p.offer(
+                &ClientKey::from_mac([2, 0, 0, 0, 0, 0xd]),
+                [2, 0, 0, 0, 0, 0xd],
+                None,
+                None,
+                0
+            ),
+            Err(PoolExhausted)
+        );
+        p.reconfigure(ip(10), ip(11), ip(1), []);
+        // a's address is in the range: a keeps it, as a dynamic one.
+        assert_eq!(
+            p.bind(&a, MAC_A, ip(11), None, 100, 10).map(|(_, o)| o),
+            Ok(BindOutcome::Renewed)
+        );
+        // b's was outside: refused at renewal.
+        assert_eq!(
+            p.bind(&b, MAC_B, ip(50), None, 100, 10),
+            Err(BindError::NotInPool)
+        );
+        // Once a releases, its former reservation goes to anyone.
+        p.release(&a, ip(11), 20).unwrap();
+        assert_eq!(
+            p.offer(
+                &ClientKey::from_mac([2, 0, 0, 0, 0, 0xd]),
+                [2, 0, 0, 0, 0, 0xd],
+                None,
+                None,
+                21
+            ),
+            Ok(ip(11))
+        );
+    }
+
+    #[test]
+    fn operator_release_by_address_and_by_mac() {
+        let mut p = pool();
+        let (a, b) = (ClientKey::from_mac(MAC_A), ClientKey::from_mac(MAC_B));
+        p.bind(&a, MAC_A, ip(10), None, 100, 0).unwrap();
+        p.offer(&b, MAC_B, None, None, 0).unwrap();
+        assert_eq!(p.bound_to_mac(MAC_A), Some(ip(10)));
+        assert_eq!(p.bound_to_mac(MAC_B), None, "an offer is not a binding");
+        assert_eq!(p.release_ip(ip(11), 5), None, "offers are left alone");
+        assert_eq!(p.release_ip(ip(99), 5), None);
+        let before = p.release_ip(ip(10), 5).expect("bound");
+        assert_eq!((before.state, before.expires), (LeaseState::Bound, 100));
+        assert_eq!(p.get(&a).map(|l| l.state), Some(LeaseState::Released));
+        assert_eq!(p.bound_to_mac(MAC_A), None);
+        assert_eq!(p.release_ip(ip(10), 6), None, "already released");
+        // The client may have it back while nobody else took it.
+        assert_eq!(
+            p.bind(&a, MAC_A, ip(10), None, 100, 7).map(|(_, o)| o),
+            Ok(BindOutcome::Created)
+        );
     }
 }

@@ -11,7 +11,8 @@
 //!   - *selecting* (server identifier present): ours → bind the requested address, ACK or NAK;
 //!     another server's → the client chose it, our offer is withdrawn, no reply;
 //!   - *init-reboot* (requested address, no `ciaddr`): an address outside our subnet → NAK;
-//!     the client's own or a free address in the pool → ACK; anything else → NAK;
+//!     the client's own or a free address that the settings give the client (see
+//!     [`LeasePool`]) → ACK; anything else → NAK;
 //!   - *renewing/rebinding* (`ciaddr` set): the same test on `ciaddr`.
 //! - **RELEASE** → the lease is released (kept for stickiness). No reply.
 //! - **DECLINE** → the address is quarantined. No reply.
@@ -22,9 +23,57 @@
 //! offered address and the client's MAC (the client cannot ARP yet, so the frame goes to its
 //! hardware address directly).
 //!
-//! Times are Unix seconds passed in by the caller.
+//! # Settings
+//!
+//! The server keeps no copy of its [`DhcpSettings`]: the caller owns them and passes them to
+//! every call that answers a client, so a new lease time, router, DNS, domain or route list
+//! applies to the very next reply (and a new lease time to every new lease and every renewal,
+//! T1 and T2 following it). Whether the server is enabled is the caller's business too: it
+//! simply does not call the server while disabled, and nothing is rebuilt either way.
+//!
+//! What the lease pool must index — the range, the static reservations, and the server's own
+//! address and subnet, which never change while the host runs — is set by
+//! [`DhcpServer::new`] and changed only by [`DhcpServer::reconfigure`], which keeps every
+//! lease and every counter. After a change:
+//!
+//! - a new range or new reservations apply to new offers at once;
+//! - a client bound to an address the settings no longer give it (outside the range, now
+//!   reserved for another MAC, or it now has a free reservation elsewhere) keeps the address
+//!   until it renews; the renewal gets a NAK and the binding ends with a
+//!   [`LeaseEventKind::Revoked`] event, so the client rediscovers and gets an address the new
+//!   settings give it. The old address is never offered to it again. A binding that runs out
+//!   first just expires;
+//! - a client whose new reservation is held by another client's binding gets a dynamic address
+//!   until that binding ends.
+//!
+//! # Operator release
+//!
+//! [`DhcpServer::release_by_mac`] and [`DhcpServer::release_by_ip`] end a binding as the
+//! client's RELEASE would, with a [`LeaseEventKind::ReleasedByOperator`] event. The client is
+//! not told (a server cannot push to a client without RFC 3203's FORCERENEW, which needs RFC
+//! 3118 authentication that clients rarely do), so it keeps using the address until it renews
+//! at T1. The address is free at once but remembered, so new clients take it only when no
+//! never-held address is left. When the client renews (or reboots, or rebinds), RFC 2131
+//! §4.3.2 has the server NAK a request whose address is *incorrect* for the client (another
+//! network, or not the client's to have); a binding that merely ended on the server's side is
+//! no such reason while the address is still free, just as after an expiry. So the renewal is
+//! ACKed as a new binding ([`LeaseEventKind::Created`]) when the address is still free and
+//! still one the settings give the client, and NAKed when another client has it meanwhile (or
+//! the settings changed): the client never keeps an address that someone else holds. To take
+//! an address away from a client for good, change the settings (a reservation, the range).
+//!
+//! # Counters
+//!
+//! [`DhcpCounters`] counts every message handed to the server once by its type (option 53),
+//! every reply once by its type, and every message that got no reply and changed no lease
+//! once by the reason it was dropped; the RELEASEs and DECLINEs that took effect are the rest
+//! (and have their events). Messages that never reach the server (not for us, undecodable,
+//! server disabled) are the caller's to count.
+//!
+//! Times are seconds passed in by the caller (the same clock for every call, since lease
+//! expiry times are compared with them); the server reads no clock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
 use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
@@ -47,6 +96,11 @@ pub enum LeaseEventKind {
     Renewed,
     /// The client gave it back.
     Released,
+    /// The operator ended it ([`DhcpServer::release_by_mac`], [`DhcpServer::release_by_ip`]).
+    ReleasedByOperator,
+    /// The settings no longer give the client this address: the server refused its renewal
+    /// (NAK) or offered it another one, and the binding ended.
+    Revoked,
     /// The client found the address in use; it is quarantined.
     Declined,
     /// It ran out.
@@ -60,6 +114,8 @@ impl LeaseEventKind {
             LeaseEventKind::Created => "created",
             LeaseEventKind::Renewed => "renewed",
             LeaseEventKind::Released => "released",
+            LeaseEventKind::ReleasedByOperator => "released by operator",
+            LeaseEventKind::Revoked => "revoked",
             LeaseEventKind::Declined => "declined",
             LeaseEventKind::Expired => "expired",
         }
@@ -70,7 +126,7 @@ impl LeaseEventKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DhcpEvent {
     /// A lease changed state; `lease` is the record after the change (before, for
-    /// released/declined/expired, so its expiry is the one the client had).
+    /// released/revoked/declined/expired, so its expiry is the one the client had).
     Lease {
         /// What happened.
         kind: LeaseEventKind,
@@ -104,33 +160,79 @@ pub struct Reply {
     pub to: ReplyTarget,
 }
 
-/// Counters of the DHCP server.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Counters of the DHCP server; see *Counters* in the module documentation.
+///
+/// Each message handed to the server is in exactly one of the received counters; each reply
+/// in exactly one of the sent counters; each message that got no reply and changed no lease in
+/// exactly one of the dropped counters (a REQUEST for another server, which withdraws our
+/// offer, is in [`other_server`](Self::other_server)). So `received() == sent() + dropped()`
+/// plus the RELEASEs and DECLINEs that took effect.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct DhcpCounters {
-    /// Messages handled (any type).
-    pub received: u64,
-    /// Messages ignored as malformed or not for a server.
-    pub ignored: u64,
-    /// OFFERs sent.
+    /// DHCPDISCOVER received.
+    pub discovers: u64,
+    /// DHCPREQUEST received.
+    pub requests: u64,
+    /// DHCPDECLINE received.
+    pub declines: u64,
+    /// DHCPRELEASE received.
+    pub releases: u64,
+    /// DHCPINFORM received.
+    pub informs: u64,
+    /// Messages of any other type received: server messages (OFFER, ACK, NAK), unknown types,
+    /// and messages without option 53.
+    pub other_types: u64,
+    /// DHCPOFFER sent.
     pub offers: u64,
-    /// ACKs sent.
+    /// DHCPACK sent (to REQUEST and to INFORM).
     pub acks: u64,
-    /// NAKs sent.
+    /// DHCPNAK sent.
     pub naks: u64,
-    /// DISCOVERs that found the pool full.
+    /// Dropped: not a usable client request — not a BOOTREQUEST, hardware other than
+    /// Ethernet, no message type or a type a server does not take, a REQUEST naming no
+    /// address, an INFORM without a usable `ciaddr`.
+    pub ignored: u64,
+    /// Dropped: a REQUEST, RELEASE or DECLINE naming another server in option 54.
+    pub other_server: u64,
+    /// Dropped: a RELEASE or DECLINE for an address the client holds no lease (or offer) on.
+    pub no_lease: u64,
+    /// Dropped: a DISCOVER that found no address to offer.
     pub exhausted: u64,
+}
+
+impl DhcpCounters {
+    /// Messages handed to the server, any type.
+    pub fn received(&self) -> u64 {
+        self.discovers
+            + self.requests
+            + self.declines
+            + self.releases
+            + self.informs
+            + self.other_types
+    }
+
+    /// Replies, any type.
+    pub fn sent(&self) -> u64 {
+        self.offers + self.acks + self.naks
+    }
+
+    /// Messages dropped, any reason.
+    pub fn dropped(&self) -> u64 {
+        self.ignored + self.other_server + self.no_lease + self.exhausted
+    }
 }
 
 const BROADCAST_MAC: [u8; 6] = [0xff; 6];
 
-/// The virtual DHCP server.
+/// The virtual DHCP server. It holds the lease table and the counters, and no settings: see
+/// *Settings* in the module documentation.
 #[derive(Debug)]
 pub struct DhcpServer {
-    settings: DhcpSettings,
+    /// The address the server answers as (option 54), set by `new` and `reconfigure`.
     server_ip: Ipv4Addr,
+    /// The mask of the segment's subnet, set by `new` and `reconfigure`.
     subnet_mask: Ipv4Addr,
     pool: LeasePool,
-    static_names: HashMap<[u8; 6], String>,
     counters: DhcpCounters,
     /// The pool's next deadline, recomputed after every change (the driver asks on every
     /// wake-up; the pool answers in O(leases)).
@@ -138,38 +240,60 @@ pub struct DhcpServer {
 }
 
 impl DhcpServer {
-    /// A server answering as `server_ip` on the subnet `server_ip/subnet_mask`.
-    pub fn new(settings: DhcpSettings, server_ip: Ipv4Addr, subnet_mask: Ipv4Addr) -> Self {
-        let pool = LeasePool::new(
-            settings.range_start,
-            settings.range_end,
-            server_ip,
-            settings.statics.iter().map(|r| (r.mac, r.ip)),
-        );
-        let static_names = settings
-            .statics
-            .iter()
-            .filter_map(|r| r.hostname.clone().map(|h| (r.mac, h)))
-            .collect();
+    /// A server answering as `server_ip` on the subnet `server_ip/subnet_mask`, managing the
+    /// range and reservations of `settings` (the rest of `settings` is read per call).
+    pub fn new(settings: &DhcpSettings, server_ip: Ipv4Addr, subnet_mask: Ipv4Addr) -> Self {
         DhcpServer {
-            settings,
             server_ip,
             subnet_mask,
-            pool,
-            static_names,
+            pool: LeasePool::new(
+                settings.range_start,
+                settings.range_end,
+                server_ip,
+                reservations(settings),
+            ),
             counters: DhcpCounters::default(),
             deadline: None,
         }
     }
 
-    /// The settings in force.
-    pub fn settings(&self) -> &DhcpSettings {
-        &self.settings
+    /// Takes a change of the range or the static reservations (and of the server's address,
+    /// should it ever change) into account. Every binding, every other record that still means
+    /// something, and every counter is kept; see *Settings* in the module documentation for
+    /// what changes for clients. Call it after any change of `settings.range_start`,
+    /// `range_end` or `statics`; the other settings need no call, they are read per message.
+    ///
+    /// Returns true when records were dropped (remembered or offered addresses the pool no
+    /// longer manages), i.e. when the lease table to save changed.
+    pub fn reconfigure(
+        &mut self,
+        settings: &DhcpSettings,
+        server_ip: Ipv4Addr,
+        subnet_mask: Ipv4Addr,
+    ) -> bool {
+        self.server_ip = server_ip;
+        self.subnet_mask = subnet_mask;
+        let changed = self.pool.reconfigure(
+            settings.range_start,
+            settings.range_end,
+            server_ip,
+            reservations(settings),
+        );
+        self.deadline = self.pool.next_deadline();
+        changed
     }
 
     /// The lease table.
     pub fn pool(&self) -> &LeasePool {
         &self.pool
+    }
+
+    /// Every record of the lease table, by address, for the control API: each with its MAC,
+    /// address, host name, state, start and expiry. Bound leases are the records in state
+    /// [`Bound`](super::pool::LeaseState::Bound); the others are offers, remembered records
+    /// and quarantined addresses.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.pool.iter()
     }
 
     /// Loads saved leases; returns how many were skipped (no longer manageable).
@@ -189,25 +313,59 @@ impl DhcpServer {
         u32::from(ip) & m == u32::from(self.server_ip) & m
     }
 
-    /// Handles one message from a client. Returns the reply to send, if any; pushes events.
+    /// Handles one message from a client under `settings`. Returns the reply to send, if any;
+    /// pushes events. The caller checks `settings.enabled` first.
     pub fn handle(
         &mut self,
+        settings: &DhcpSettings,
         msg: &Message,
         now: u64,
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
-        let reply = self.handle_message(msg, now, events);
+        let reply = self.handle_message(settings, msg, now, events);
         self.deadline = self.pool.next_deadline();
         reply
     }
 
+    /// Handles a message carried in a frame from `frame_src`: like [`handle`](Self::handle),
+    /// but replies to a relay go back to the MAC the message came from.
+    pub fn handle_from(
+        &mut self,
+        settings: &DhcpSettings,
+        msg: &Message,
+        frame_src: [u8; 6],
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) -> Option<Reply> {
+        let mut reply = self.handle(settings, msg, now, events)?;
+        if (!msg.giaddr().is_unspecified() || !msg.ciaddr().is_unspecified())
+            && reply.to.mac != BROADCAST_MAC
+        {
+            reply.to.mac = frame_src;
+        }
+        Some(reply)
+    }
+
+    fn count_received(&mut self, msg: &Message) {
+        let c = &mut self.counters;
+        match msg.opts().msg_type() {
+            Some(MessageType::Discover) => c.discovers += 1,
+            Some(MessageType::Request) => c.requests += 1,
+            Some(MessageType::Decline) => c.declines += 1,
+            Some(MessageType::Release) => c.releases += 1,
+            Some(MessageType::Inform) => c.informs += 1,
+            _ => c.other_types += 1,
+        }
+    }
+
     fn handle_message(
         &mut self,
+        settings: &DhcpSettings,
         msg: &Message,
         now: u64,
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
-        self.counters.received += 1;
+        self.count_received(msg);
         let Some(client) = ClientView::parse(msg) else {
             self.counters.ignored += 1;
             debug!(
@@ -219,31 +377,37 @@ impl DhcpServer {
         let span = tracing::debug_span!("dhcp", mac = %fmt_mac(&client.mac), xid = msg.xid());
         let _enter = span.enter();
         match client.msg_type {
-            MessageType::Discover => self.discover(msg, &client, now, events),
-            MessageType::Request => self.request(msg, &client, now, events),
+            MessageType::Discover => self.discover(settings, msg, &client, now, events),
+            MessageType::Request => self.request(settings, msg, &client, now, events),
             MessageType::Release => {
                 if client.server_id.is_some_and(|s| s != self.server_ip) {
+                    self.counters.other_server += 1;
                     return None;
                 }
-                if let Some(lease) = self.pool.release(&client.key, msg.ciaddr(), now) {
-                    events.push_back(DhcpEvent::Lease {
+                match self.pool.release(&client.key, msg.ciaddr(), now) {
+                    Some(lease) => events.push_back(DhcpEvent::Lease {
                         kind: LeaseEventKind::Released,
                         lease,
-                    });
+                    }),
+                    None => self.counters.no_lease += 1,
                 }
                 None
             }
             MessageType::Decline => {
                 if client.server_id.is_some_and(|s| s != self.server_ip) {
+                    self.counters.other_server += 1;
                     return None;
                 }
                 let ip = client.requested.unwrap_or(msg.ciaddr());
-                if let Some(lease) = self.pool.decline(&client.key, ip, now) {
-                    warn!(ip = %ip, "dhcp: client declined the address (in use on the segment); quarantined");
-                    events.push_back(DhcpEvent::Lease {
-                        kind: LeaseEventKind::Declined,
-                        lease,
-                    });
+                match self.pool.decline(&client.key, ip, now) {
+                    Some(lease) => {
+                        warn!(ip = %ip, "dhcp: client declined the address (in use on the segment); quarantined");
+                        events.push_back(DhcpEvent::Lease {
+                            kind: LeaseEventKind::Declined,
+                            lease,
+                        });
+                    }
+                    None => self.counters.no_lease += 1,
                 }
                 None
             }
@@ -256,7 +420,7 @@ impl DhcpServer {
                 let mut reply = self.reply_base(msg, MessageType::Ack);
                 add_config_options(
                     reply.opts_mut(),
-                    &self.settings,
+                    settings,
                     client.prl.as_deref(),
                     None,
                     None,
@@ -273,11 +437,15 @@ impl DhcpServer {
 
     fn discover(
         &mut self,
+        settings: &DhcpSettings,
         msg: &Message,
         c: &ClientView,
         now: u64,
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
+        // A binding the settings no longer give the client ends here, with an event, before
+        // the client is offered another address.
+        self.revoke(c, events);
         match self
             .pool
             .offer(&c.key, c.mac, c.requested, c.hostname.as_deref(), now)
@@ -285,7 +453,7 @@ impl DhcpServer {
             Ok(ip) => {
                 let mut reply = self.reply_base(msg, MessageType::Offer);
                 reply.set_yiaddr(ip);
-                self.add_lease_options(&mut reply, c);
+                add_lease_options(&mut reply, settings, c);
                 self.counters.offers += 1;
                 debug!(ip = %ip, "dhcp: offer");
                 Some(self.address(msg, reply, ip, c))
@@ -293,8 +461,8 @@ impl DhcpServer {
             Err(e) => {
                 self.counters.exhausted += 1;
                 warn!(
-                    range_start = %self.settings.range_start,
-                    range_end = %self.settings.range_end,
+                    range_start = %settings.range_start,
+                    range_end = %settings.range_end,
                     "dhcp: no address for client {}: {e} (every address is bound, offered or quarantined)",
                     fmt_mac(&c.mac)
                 );
@@ -306,6 +474,7 @@ impl DhcpServer {
 
     fn request(
         &mut self,
+        settings: &DhcpSettings,
         msg: &Message,
         c: &ClientView,
         now: u64,
@@ -314,6 +483,7 @@ impl DhcpServer {
         let ip = if let Some(server_id) = c.server_id {
             if server_id != self.server_ip {
                 debug!(server = %server_id, "dhcp: client chose another server");
+                self.counters.other_server += 1;
                 self.pool.withdraw_offer(&c.key);
                 return None;
             }
@@ -331,9 +501,10 @@ impl DhcpServer {
             return None;
         }
         if !self.in_subnet(ip) {
+            self.revoke(c, events);
             return Some(self.nak(msg, c, ip, "the address is not on this segment's subnet"));
         }
-        let lease_secs = self.settings.lease.as_secs();
+        let lease_secs = settings.lease.as_secs();
         match self
             .pool
             .bind(&c.key, c.mac, ip, c.hostname.as_deref(), lease_secs, now)
@@ -348,7 +519,7 @@ impl DhcpServer {
                 let mut reply = self.reply_base(msg, MessageType::Ack);
                 reply.set_yiaddr(ip);
                 reply.set_ciaddr(msg.ciaddr());
-                self.add_lease_options(&mut reply, c);
+                add_lease_options(&mut reply, settings, c);
                 self.counters.acks += 1;
                 Some(self.address(msg, reply, ip, c))
             }
@@ -357,9 +528,24 @@ impl DhcpServer {
                     BindError::NotInPool => "the address is not in the pool",
                     BindError::InUse => "the address is in use by another client",
                     BindError::Reserved => "the address is reserved for another client",
+                    BindError::ReservedElsewhere => {
+                        "the client has a reservation for another address"
+                    }
                 };
+                self.revoke(c, events);
                 Some(self.nak(msg, c, ip, reason))
             }
+        }
+    }
+
+    /// Ends the client's binding if the settings no longer give it its address.
+    fn revoke(&mut self, c: &ClientView, events: &mut VecDeque<DhcpEvent>) {
+        if let Some(lease) = self.pool.revoke(&c.key, c.mac) {
+            info!(ip = %lease.ip, "dhcp: lease revoked: the settings no longer give the client this address");
+            events.push_back(DhcpEvent::Lease {
+                kind: LeaseEventKind::Revoked,
+                lease,
+            });
         }
     }
 
@@ -382,17 +568,6 @@ impl DhcpServer {
             reply.msg.set_flags(Flags::default().set_broadcast());
         }
         reply
-    }
-
-    fn add_lease_options(&self, reply: &mut Message, c: &ClientView) {
-        let static_name = self.static_names.get(&c.mac).map(String::as_str);
-        add_config_options(
-            reply.opts_mut(),
-            &self.settings,
-            c.prl.as_deref(),
-            Some(self.settings.lease),
-            static_name,
-        );
     }
 
     fn reply_base(&self, req: &Message, kind: MessageType) -> Message {
@@ -462,10 +637,70 @@ impl DhcpServer {
         changed
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) next has work (Unix seconds).
+    /// When [`handle_timeout`](Self::handle_timeout) next has work (seconds, the caller's
+    /// clock).
     pub fn next_deadline(&self) -> Option<u64> {
         self.deadline
     }
+
+    /// The operator's release of the lease bound to `mac` (the control API's
+    /// `dhcp release MAC`): ends it as a client RELEASE would and pushes a
+    /// [`LeaseEventKind::ReleasedByOperator`] event; see *Operator release* in the module
+    /// documentation for what the client sees. Returns the lease as it was, or `None` when
+    /// `mac` holds no bound lease (offers, remembered and quarantined records are left alone).
+    ///
+    /// A MAC holds more than one binding only when clients behind it send different client
+    /// identifiers; each call then releases the one with the lowest address: call again until
+    /// `None` to release them all.
+    pub fn release_by_mac(
+        &mut self,
+        mac: [u8; 6],
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) -> Option<Lease> {
+        let ip = self.pool.bound_to_mac(mac)?;
+        self.release_by_ip(ip, now, events)
+    }
+
+    /// The operator's release of the lease bound at `ip` (the control API's
+    /// `dhcp release IP`); otherwise as [`release_by_mac`](Self::release_by_mac).
+    pub fn release_by_ip(
+        &mut self,
+        ip: Ipv4Addr,
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) -> Option<Lease> {
+        let lease = self.pool.release_ip(ip, now)?;
+        info!(mac = %fmt_mac(&lease.mac), ip = %ip, "dhcp: lease released by operator");
+        events.push_back(DhcpEvent::Lease {
+            kind: LeaseEventKind::ReleasedByOperator,
+            lease: lease.clone(),
+        });
+        self.deadline = self.pool.next_deadline();
+        Some(lease)
+    }
+}
+
+/// The static reservations of `settings` as the pool indexes them.
+fn reservations(settings: &DhcpSettings) -> impl Iterator<Item = ([u8; 6], Ipv4Addr)> + '_ {
+    settings.statics.iter().map(|r| (r.mac, r.ip))
+}
+
+/// Adds the options of an OFFER or ACK: the configuration under `settings`, its lease time,
+/// and the host name of the client's static reservation, if any.
+fn add_lease_options(reply: &mut Message, settings: &DhcpSettings, c: &ClientView) {
+    let static_name = settings
+        .statics
+        .iter()
+        .find(|r| r.mac == c.mac)
+        .and_then(|r| r.hostname.as_deref());
+    add_config_options(
+        reply.opts_mut(),
+        settings,
+        c.prl.as_deref(),
+        Some(settings.lease),
+        static_name,
+    );
 }
 
 /// What the server needs from a client message, validated.
@@ -540,24 +775,4 @@ pub fn fmt_mac(mac: &[u8; 6]) -> String {
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     )
-}
-
-impl DhcpServer {
-    /// Handles a message carried in a frame from `frame_src`: like [`handle`](Self::handle),
-    /// but replies to a relay go back to the MAC the message came from.
-    pub fn handle_from(
-        &mut self,
-        msg: &Message,
-        frame_src: [u8; 6],
-        now: u64,
-        events: &mut VecDeque<DhcpEvent>,
-    ) -> Option<Reply> {
-        let mut reply = self.handle(msg, now, events)?;
-        if (!msg.giaddr().is_unspecified() || !msg.ciaddr().is_unspecified())
-            && reply.to.mac != BROADCAST_MAC
-        {
-            reply.to.mac = frame_src;
-        }
-        Some(reply)
-    }
 }

@@ -36,6 +36,8 @@ fn settings() -> DhcpSettings {
 }
 
 struct Harness {
+    /// The settings in force: the caller's, as in the core.
+    settings: DhcpSettings,
     server: DhcpServer,
     events: VecDeque<DhcpEvent>,
     now: u64,
@@ -44,7 +46,8 @@ struct Harness {
 impl Harness {
     fn new(settings: DhcpSettings) -> Self {
         Harness {
-            server: DhcpServer::new(settings, SERVER, MASK),
+            server: DhcpServer::new(&settings, SERVER, MASK),
+            settings,
             events: VecDeque::new(),
             now: 1_000_000,
         }
@@ -52,7 +55,13 @@ impl Harness {
 
     fn send(&mut self, msg: &Message, from: [u8; 6]) -> Option<Reply> {
         self.server
-            .handle_from(msg, from, self.now, &mut self.events)
+            .handle_from(&self.settings, msg, from, self.now, &mut self.events)
+    }
+
+    /// Changes the settings as the core does: edit, then reconfigure.
+    fn change(&mut self, f: impl FnOnce(&mut DhcpSettings)) -> bool {
+        f(&mut self.settings);
+        self.server.reconfigure(&self.settings, SERVER, MASK)
     }
 
     fn lease_events(&mut self) -> Vec<(LeaseEventKind, Ipv4Addr)> {
@@ -494,4 +503,511 @@ fn non_requests_and_bad_hardware_are_ignored() {
     );
     assert!(h.send(&no_type, MAC_A).is_none());
     assert_eq!(h.server.counters().ignored, 3);
+}
+
+// ---- live settings ----------------------------------------------------------------------
+
+/// DISCOVER then selecting REQUEST; returns the bound address.
+fn bind(h: &mut Harness, mac: [u8; 6]) -> Ipv4Addr {
+    let offered = h
+        .send(&msg(MessageType::Discover, mac), mac)
+        .expect("offer")
+        .msg
+        .yiaddr();
+    let ack = h.send(&request_selecting(mac, offered), mac).expect("ack");
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    offered
+}
+
+fn renew(mac: [u8; 6], ciaddr: Ipv4Addr) -> Message {
+    let mut m = msg(MessageType::Request, mac);
+    m.set_ciaddr(ciaddr);
+    m
+}
+
+#[test]
+fn a_new_range_applies_to_new_leases_and_old_ones_are_naked_at_renewal() {
+    let mut h = Harness::new(settings());
+    assert_eq!(bind(&mut h, MAC_A), ip(10));
+    h.lease_events();
+    let counters = h.server.counters();
+    assert!(!h.change(|s| {
+        s.range_start = ip(20);
+        s.range_end = ip(22);
+    }));
+    assert_eq!(h.server.counters(), counters, "counters kept");
+    // A's binding is still there and still A's.
+    let lease = h.server.pool().get_by_ip(ip(10)).expect("kept");
+    assert_eq!(lease.state, super::LeaseState::Bound);
+    // A new client gets an address in the new range.
+    assert_eq!(bind(&mut h, MAC_B), ip(20));
+    h.lease_events();
+    // A renews: NAK, and its binding ends with an event.
+    h.now += 3600;
+    let nak = h.send(&renew(MAC_A, ip(10)), MAC_A).expect("nak");
+    assert_eq!(msg_type(&nak), MessageType::Nak);
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Revoked, ip(10))]);
+    assert!(h.server.pool().get_by_ip(ip(10)).is_none());
+    // A rediscovers, asking for its old address: it is not offered again.
+    let discover = with(
+        msg(MessageType::Discover, MAC_A),
+        DhcpOption::RequestedIpAddress(ip(10)),
+    );
+    assert_eq!(h.send(&discover, MAC_A).unwrap().msg.yiaddr(), ip(21));
+    // Nor is it ACKed on an init-reboot.
+    let reboot = with(
+        msg(MessageType::Request, MAC_A),
+        DhcpOption::RequestedIpAddress(ip(10)),
+    );
+    assert_eq!(msg_type(&h.send(&reboot, MAC_A).unwrap()), MessageType::Nak);
+}
+
+#[test]
+fn a_client_outside_the_new_range_that_rediscovers_gets_a_new_address_and_an_event() {
+    let mut h = Harness::new(settings());
+    bind(&mut h, MAC_A);
+    h.lease_events();
+    h.change(|s| {
+        s.range_start = ip(20);
+        s.range_end = ip(22);
+    });
+    // A rebooted and forgot its lease.
+    assert_eq!(bind(&mut h, MAC_A), ip(20));
+    assert_eq!(
+        h.lease_events(),
+        vec![
+            (LeaseEventKind::Revoked, ip(10)),
+            (LeaseEventKind::Created, ip(20))
+        ]
+    );
+}
+
+#[test]
+fn an_address_now_reserved_for_another_mac_is_naked_at_renewal() {
+    let mut h = Harness::new(settings());
+    assert_eq!(bind(&mut h, MAC_A), ip(10));
+    h.lease_events();
+    h.change(|s| {
+        s.statics = vec![Reservation {
+            mac: MAC_B,
+            ip: ip(10),
+            hostname: None,
+        }]
+    });
+    // B's reservation is A's binding for now: B gets a dynamic address meanwhile.
+    assert_eq!(bind(&mut h, MAC_B), ip(11));
+    h.lease_events();
+    // A renews: NAK; the address is free for B.
+    let nak = h.send(&renew(MAC_A, ip(10)), MAC_A).unwrap();
+    assert_eq!(msg_type(&nak), MessageType::Nak);
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Revoked, ip(10))]);
+    // B renews its dynamic address: NAK, it has a free reservation now; it moves there.
+    let nak = h.send(&renew(MAC_B, ip(11)), MAC_B).unwrap();
+    assert_eq!(msg_type(&nak), MessageType::Nak);
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Revoked, ip(11))]);
+    assert_eq!(bind(&mut h, MAC_B), ip(10));
+    // A rediscovers and gets another address.
+    assert_eq!(bind(&mut h, MAC_A), ip(11));
+}
+
+#[test]
+fn a_new_lease_time_applies_to_new_leases_and_renewals() {
+    let mut h = Harness::new(settings());
+    bind(&mut h, MAC_A);
+    assert!(!h.change(|s| s.lease = Duration::from_secs(600)));
+    let check = |r: &Reply| {
+        assert_eq!(
+            (
+                opt(r, OptionCode::AddressLeaseTime),
+                opt(r, OptionCode::Renewal),
+                opt(r, OptionCode::Rebinding)
+            ),
+            (
+                Some(&DhcpOption::AddressLeaseTime(600)),
+                Some(&DhcpOption::Renewal(300)),
+                Some(&DhcpOption::Rebinding(525))
+            )
+        );
+    };
+    // A renewal.
+    h.now += 100;
+    let ack = h.send(&renew(MAC_A, ip(10)), MAC_A).unwrap();
+    check(&ack);
+    assert_eq!(
+        h.server.pool().get_by_ip(ip(10)).unwrap().expires,
+        h.now + 600
+    );
+    // A new lease.
+    let offer = h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap();
+    check(&offer);
+    let ack = h.send(&request_selecting(MAC_B, ip(11)), MAC_B).unwrap();
+    check(&ack);
+    assert_eq!(
+        h.server.pool().get_by_ip(ip(11)).unwrap().expires,
+        h.now + 600
+    );
+    assert_eq!(h.server.next_deadline(), Some(h.now + 600));
+}
+
+#[test]
+fn new_and_removed_reservations_apply_to_new_offers_at_once() {
+    let mut h = Harness::new(settings());
+    h.change(|s| {
+        s.statics = vec![Reservation {
+            mac: MAC_A,
+            ip: ip(50),
+            hostname: Some("nas".into()),
+        }]
+    });
+    let offer = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    assert_eq!(offer.msg.yiaddr(), ip(50));
+    assert_eq!(
+        opt(&offer, OptionCode::Hostname),
+        Some(&DhcpOption::Hostname("nas".into()))
+    );
+    h.send(&request_selecting(MAC_A, ip(50)), MAC_A).unwrap();
+    h.lease_events();
+    // Removed: the next offer is dynamic, without the host name; the binding outside the
+    // range is refused at renewal.
+    h.change(|s| s.statics.clear());
+    let nak = h.send(&renew(MAC_A, ip(50)), MAC_A).unwrap();
+    assert_eq!(msg_type(&nak), MessageType::Nak);
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Revoked, ip(50))]);
+    let offer = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    assert_eq!(offer.msg.yiaddr(), ip(10));
+    assert!(opt(&offer, OptionCode::Hostname).is_none());
+    // Another client asking for the former reservation is refused: outside the range.
+    let steal = with(
+        msg(MessageType::Request, MAC_B),
+        DhcpOption::RequestedIpAddress(ip(50)),
+    );
+    assert_eq!(msg_type(&h.send(&steal, MAC_B).unwrap()), MessageType::Nak);
+}
+
+#[test]
+fn new_options_apply_to_the_next_reply() {
+    let mut h = Harness::new(settings());
+    bind(&mut h, MAC_A);
+    // No reconfigure: options are read per message.
+    h.settings.gateway = Some(ip(254));
+    h.settings.dns = vec![ip(2), ip(3)];
+    h.settings.domain = Some("new.test".into());
+    h.settings.routes = vec![StaticRoute {
+        dest: Ipv4Addr::new(10, 0, 0, 0),
+        prefix_len: 8,
+        gateway: ip(253),
+    }];
+    let ack = h.send(&renew(MAC_A, ip(10)), MAC_A).unwrap();
+    assert_eq!(
+        opt(&ack, OptionCode::Router),
+        Some(&DhcpOption::Router(vec![ip(254)]))
+    );
+    assert_eq!(
+        opt(&ack, OptionCode::DomainNameServer),
+        Some(&DhcpOption::DomainNameServer(vec![ip(2), ip(3)]))
+    );
+    assert_eq!(
+        opt(&ack, OptionCode::DomainName),
+        Some(&DhcpOption::DomainName("new.test".into()))
+    );
+    match opt(&ack, OptionCode::ClasslessStaticRoute) {
+        Some(DhcpOption::ClasslessStaticRoute(routes)) => {
+            assert_eq!(routes.len(), 2, "route + default via the new router");
+            assert_eq!(routes[0].1, ip(253));
+            assert_eq!(routes[1].1, ip(254));
+        }
+        other => panic!("no option 121: {other:?}"),
+    }
+    // Emptied: not sent any more, to INFORM either.
+    h.settings.gateway = None;
+    h.settings.dns.clear();
+    h.settings.domain = None;
+    h.settings.routes.clear();
+    let mut inform = msg(MessageType::Inform, MAC_A);
+    inform.set_ciaddr(ip(10));
+    let ack = h.send(&inform, MAC_A).unwrap();
+    for code in [
+        OptionCode::Router,
+        OptionCode::DomainNameServer,
+        OptionCode::DomainName,
+        OptionCode::ClasslessStaticRoute,
+    ] {
+        assert!(opt(&ack, code).is_none(), "{code:?} still sent");
+    }
+}
+
+#[test]
+fn reconfigure_keeps_leases_counters_and_ids() {
+    let mut h = Harness::new(settings());
+    bind(&mut h, MAC_A);
+    bind(&mut h, MAC_B);
+    let leases: Vec<_> = h.server.leases().cloned().collect();
+    let counters = h.server.counters();
+    // Growing the range keeps everything as it was.
+    assert!(!h.change(|s| s.range_end = ip(200)));
+    assert_eq!(h.server.leases().cloned().collect::<Vec<_>>(), leases);
+    assert_eq!(h.server.counters(), counters);
+    assert_eq!(h.server.next_deadline(), Some(h.now + 7200));
+}
+
+// ---- counters ---------------------------------------------------------------------------
+
+#[test]
+fn every_message_is_counted_once_by_type_and_outcome() {
+    let mut s = settings();
+    s.range_end = ip(11);
+    let mut h = Harness::new(s);
+    let other = Ipv4Addr::new(192, 168, 30, 254);
+    let expect = |h: &Harness, f: &dyn Fn(&mut super::DhcpCounters)| {
+        let mut want = super::DhcpCounters::default();
+        f(&mut want);
+        assert_eq!(h.server.counters(), want);
+    };
+
+    // DISCOVER → OFFER.
+    h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
+    expect(&h, &|c| {
+        c.discovers = 1;
+        c.offers = 1;
+    });
+    // REQUEST → ACK.
+    h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
+    // REQUEST → NAK (outside the range).
+    h.send(&renew(MAC_B, ip(99)), MAC_B).unwrap();
+    // REQUEST for another server: dropped, offer withdrawn.
+    let to_other = with(
+        with(
+            msg(MessageType::Request, MAC_B),
+            DhcpOption::ServerIdentifier(other),
+        ),
+        DhcpOption::RequestedIpAddress(ip(11)),
+    );
+    assert!(h.send(&to_other, MAC_B).is_none());
+    // REQUEST naming no address: ignored.
+    assert!(h.send(&msg(MessageType::Request, MAC_B), MAC_B).is_none());
+    expect(&h, &|c| {
+        c.discovers = 1;
+        c.offers = 1;
+        c.requests = 4;
+        c.acks = 1;
+        c.naks = 1;
+        c.other_server = 1;
+        c.ignored = 1;
+    });
+
+    // INFORM → ACK; INFORM without ciaddr: ignored.
+    let mut inform = msg(MessageType::Inform, MAC_A);
+    inform.set_ciaddr(ip(10));
+    h.send(&inform, MAC_A).unwrap();
+    assert!(h.send(&msg(MessageType::Inform, MAC_A), MAC_A).is_none());
+    // RELEASE of nothing; RELEASE for another server; RELEASE that takes effect.
+    let release = |mac, server, ciaddr| {
+        let mut m = with(
+            msg(MessageType::Release, mac),
+            DhcpOption::ServerIdentifier(server),
+        );
+        m.set_ciaddr(ciaddr);
+        m
+    };
+    assert!(h.send(&release(MAC_B, SERVER, ip(11)), MAC_B).is_none());
+    assert!(h.send(&release(MAC_A, other, ip(10)), MAC_A).is_none());
+    assert!(h.send(&release(MAC_A, SERVER, ip(10)), MAC_A).is_none());
+    // DECLINE of nothing; DECLINE for another server; DECLINE that takes effect.
+    let decline = |mac, server, requested| {
+        with(
+            with(
+                msg(MessageType::Decline, mac),
+                DhcpOption::ServerIdentifier(server),
+            ),
+            DhcpOption::RequestedIpAddress(requested),
+        )
+    };
+    assert!(h.send(&decline(MAC_B, SERVER, ip(11)), MAC_B).is_none());
+    assert!(h.send(&decline(MAC_A, other, ip(10)), MAC_A).is_none());
+    h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap(); // offer .11 to B
+    assert!(h.send(&decline(MAC_B, SERVER, ip(11)), MAC_B).is_none());
+    // Other types: a server's message, no type at all, a bad hardware address.
+    let mut offer = msg(MessageType::Offer, MAC_A);
+    offer.set_opcode(Opcode::BootReply);
+    assert!(h.send(&offer, MAC_A).is_none());
+    let no_type = Message::new_with_id(
+        1,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &MAC_A,
+    );
+    assert!(h.send(&no_type, MAC_A).is_none());
+    // A DISCOVER that is not from Ethernet hardware counts as a DISCOVER, then is ignored.
+    let mut odd = msg(MessageType::Discover, MAC_A);
+    odd.set_chaddr(&[1, 2, 3]);
+    assert!(h.send(&odd, MAC_A).is_none());
+    // A full pool: .10 released by A is taken by C, .11 is quarantined; D gets nothing.
+    let mac_c = [0x52, 0x54, 0, 0, 0, 0xc];
+    let mac_d = [0x52, 0x54, 0, 0, 0, 0xd];
+    h.send(&msg(MessageType::Discover, mac_c), mac_c).unwrap();
+    assert!(h.send(&msg(MessageType::Discover, mac_d), mac_d).is_none());
+
+    let want = super::DhcpCounters {
+        discovers: 5,
+        requests: 4,
+        declines: 3,
+        releases: 3,
+        informs: 2,
+        other_types: 2,
+        offers: 3,
+        acks: 2,
+        naks: 1,
+        ignored: 5,
+        other_server: 3,
+        no_lease: 2,
+        exhausted: 1,
+    };
+    assert_eq!(h.server.counters(), want);
+    assert_eq!(want.received(), 19);
+    assert_eq!(want.sent(), 6);
+    assert_eq!(want.dropped(), 11);
+    // Every message is accounted for: replies, drops, and the RELEASE and DECLINE that took
+    // effect.
+    assert_eq!(want.received(), want.sent() + want.dropped() + 2);
+}
+
+// ---- operator release and the lease table -----------------------------------------------
+
+#[test]
+fn operator_release_frees_the_lease_with_its_own_event() {
+    let mut h = Harness::new(settings());
+    let a = bind_named(&mut h, MAC_A, "alpha");
+    let b = bind(&mut h, MAC_B);
+    h.lease_events();
+    let counters = h.server.counters();
+
+    // By MAC.
+    let lease = h
+        .server
+        .release_by_mac(MAC_A, h.now + 10, &mut h.events)
+        .expect("bound");
+    assert_eq!(
+        (lease.ip, lease.mac, lease.state),
+        (a, MAC_A, super::LeaseState::Bound)
+    );
+    match h.events.pop_front() {
+        Some(DhcpEvent::Lease { kind, lease }) => {
+            assert_eq!(kind, LeaseEventKind::ReleasedByOperator);
+            assert_eq!(kind.as_str(), "released by operator");
+            assert_eq!((lease.ip, lease.hostname.as_deref()), (a, Some("alpha")));
+        }
+        other => panic!("no event: {other:?}"),
+    }
+    assert_eq!(
+        h.server.pool().get_by_ip(a).map(|l| l.state),
+        Some(super::LeaseState::Released)
+    );
+    assert!(h
+        .server
+        .release_by_mac(MAC_A, h.now, &mut h.events)
+        .is_none());
+    assert!(h.events.is_empty());
+
+    // By address.
+    assert_eq!(
+        h.server
+            .release_by_ip(b, h.now + 20, &mut h.events)
+            .map(|l| l.mac),
+        Some(MAC_B)
+    );
+    assert_eq!(
+        h.lease_events(),
+        vec![(LeaseEventKind::ReleasedByOperator, b)]
+    );
+    assert!(h
+        .server
+        .release_by_ip(ip(12), h.now, &mut h.events)
+        .is_none());
+    assert_eq!(h.server.counters(), counters, "not a message");
+    assert_eq!(h.server.next_deadline(), None, "nothing bound");
+}
+
+#[test]
+fn after_an_operator_release_a_renewal_is_acked_while_the_address_is_free_and_naked_after() {
+    let mut s = settings();
+    s.range_end = ip(10); // one address
+    let mut h = Harness::new(s);
+    bind(&mut h, MAC_A);
+    h.server.release_by_ip(ip(10), h.now, &mut h.events);
+    h.lease_events();
+    // Still free: the client's renewal makes a new binding.
+    h.now += 100;
+    let ack = h.send(&renew(MAC_A, ip(10)), MAC_A).unwrap();
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Created, ip(10))]);
+    // Released again, and given to B meanwhile: A's renewal is refused.
+    h.server.release_by_mac(MAC_A, h.now, &mut h.events);
+    assert_eq!(bind(&mut h, MAC_B), ip(10));
+    h.lease_events();
+    let nak = h.send(&renew(MAC_A, ip(10)), MAC_A).unwrap();
+    assert_eq!(msg_type(&nak), MessageType::Nak);
+    assert!(h.lease_events().is_empty(), "B's lease is untouched");
+    assert_eq!(
+        h.server.pool().get_by_ip(ip(10)).map(|l| l.mac),
+        Some(MAC_B)
+    );
+}
+
+#[test]
+fn an_address_released_by_the_operator_goes_to_new_clients_last() {
+    let mut h = Harness::new(settings());
+    bind(&mut h, MAC_A);
+    h.server.release_by_mac(MAC_A, h.now, &mut h.events);
+    assert_eq!(bind(&mut h, MAC_B), ip(11), "a never-held address first");
+}
+
+#[test]
+fn the_lease_table_shows_every_record() {
+    let mut h = Harness::new(settings());
+    let start = h.now;
+    bind_named(&mut h, MAC_A, "alpha");
+    h.now += 5;
+    h.send(&msg(MessageType::Discover, MAC_B), MAC_B).unwrap();
+    let table: Vec<_> = h
+        .server
+        .leases()
+        .map(|l| (l.mac, l.ip, l.hostname.clone(), l.state, l.start, l.expires))
+        .collect();
+    assert_eq!(
+        table,
+        vec![
+            (
+                MAC_A,
+                ip(10),
+                Some("alpha".to_owned()),
+                super::LeaseState::Bound,
+                start,
+                start + 7200
+            ),
+            (
+                MAC_B,
+                ip(11),
+                None,
+                super::LeaseState::Offered,
+                start + 5,
+                start + 5 + super::pool::OFFER_HOLD_SECS
+            ),
+        ]
+    );
+}
+
+fn bind_named(h: &mut Harness, mac: [u8; 6], name: &str) -> Ipv4Addr {
+    let offered = h
+        .send(&msg(MessageType::Discover, mac), mac)
+        .unwrap()
+        .msg
+        .yiaddr();
+    let req = with(
+        request_selecting(mac, offered),
+        DhcpOption::Hostname(name.into()),
+    );
+    assert_eq!(msg_type(&h.send(&req, mac).unwrap()), MessageType::Ack);
+    offered
 }

@@ -3,61 +3,72 @@
 //!
 //! # Theory of operation
 //!
-//! The core decides, the driver does. For each flow from a client the core checks the safety
-//! rules ([`NatSettings::check_outbound`]) and the limits ([`SessionTable`]), records a
-//! session, and asks the driver for a host socket with a [`HostOp`]. What the driver learns
-//! comes back through `nat_*` methods of [`VirtualHost`]: a connect succeeded or failed, a
-//! datagram or an echo reply arrived, bytes can move on a TCP connection ([`TcpRelay`]).
+//! The core decides, the driver does. Every new flow from a client passes one admission point
+//! ([`admit`]): the built-in safety rules, then the session policy (a [`SessionPolicy`], which
+//! may answer later), then the session limits. Only an admitted flow becomes a session and
+//! costs a host socket: the core asks the driver for one with a [`HostOp`]. What the driver
+//! learns comes back as a [`HostEvent`] ([`VirtualHost::nat_host_event`]) or as data
+//! ([`VirtualHost::nat_tcp_relay`], [`VirtualHost::nat_udp_receive`],
+//! [`VirtualHost::nat_icmp_receive`], [`VirtualHost::nat_dns_answer`]).
 //!
-//! | flow                         | host side                 | ends                               |
-//! |------------------------------|---------------------------|------------------------------------|
-//! | TCP SYN to an outside address | `TcpConnect`, then a relay task | both FINs, a RST, or `nat.tcp_timeout` idle (RST both ways) |
-//! | TCP SYN to our port 53       | `TcpConnect` to the DNS upstreams in turn | as TCP          |
-//! | UDP to an outside address    | `UdpOpen` + `UdpSend`     | `nat.udp_timeout` idle             |
-//! | UDP to our port 53           | the [DNS forwarder](crate::core::dns) | answer, failover, SERVFAIL |
-//! | ICMP echo to an outside address | `IcmpOpen` + `IcmpSend` (or a synthesized reply) | [`ICMP_TIMEOUT`] idle |
+//! The core owns each session's state and decides when and why it ends ([`EndReason`]); the
+//! driver never ends a session by itself. When a session ends the core emits
+//! [`HostOp::Close`] (with `abort` when the remote must get a RST) and the driver drops the
+//! session's socket and task, a connect still under way included.
+//!
+//! | flow                          | file     | host side                        | ends |
+//! |-------------------------------|----------|----------------------------------|------|
+//! | TCP SYN to an outside address | [`tcp`]  | `TcpConnect`, then a relay task  | both FINs, a RST either way, `nat.tcp_timeout` idle |
+//! | TCP SYN to our port 53        | [`tcp`]  | `TcpConnect` to the DNS upstreams in turn | as TCP |
+//! | UDP to an outside address     | [`udp`]  | `UdpOpen` + `UdpSend`            | `nat.udp_timeout` idle |
+//! | UDP to our port 53            | [`udp`]  | the [DNS forwarder](crate::core::dns) | [`DNS_SESSION_TIMEOUT`] idle |
+//! | ICMP echo to an outside address | [`icmp`] | `IcmpOpen` + `IcmpSend` (or a synthesized reply) | [`ICMP_TIMEOUT`] idle |
 //!
 //! Never NATed: the virtual subnet itself, broadcast, multicast, 0.0.0.0/8 and 240.0.0.0/4;
 //! 127.0.0.0/8 unless `nat.allow_host_loopback`; anything in `nat.deny`. A refused TCP SYN gets
 //! a RST, a refused datagram or echo an ICMP "administratively prohibited".
 //!
-//! Fragments from clients are reassembled first ([`frag`]), so every path sees whole datagrams.
+//! The protocols share the [`Link`](super::link::Link) (neighbours and transmit queue) and read
+//! the live [`NatSettings`] from the core's one [`Settings`](super::Settings) value; nothing
+//! here keeps a copy of a setting. Fragments from clients are reassembled first ([`frag`]), so
+//! every path sees whole datagrams.
 
+pub mod admit;
 pub mod frag;
+pub mod icmp;
 pub mod table;
 pub mod tcp;
+pub mod udp;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::socket::tcp as stcp;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{
-    EthernetAddress, HardwareAddress, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress,
-    IpCidr, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
-};
-use tracing::{debug, warn};
+use smoltcp::wire::{IpAddress, IpCidr, IpProtocol, Ipv4Packet};
 
-pub use table::{FlowKey, LimitError, Protocol, Session, SessionId, SessionState, SessionTable};
+pub use admit::{Decision, FlowInfo, FlowTicket, PolicyAnswer, SessionPolicy, Verdict};
+pub use table::{
+    FlowKey, LimitError, Limits, Protocol, Session, SessionId, SessionState, SessionTable,
+};
 pub use tcp::TcpRelay;
 
-use super::dns::{DnsAction, DnsForwarder};
-use super::{frame, Event, HostSettings, VirtualHost};
+use super::dns::DnsForwarder;
+use super::{Event, HostSettings, VirtualHost};
 
 /// Idle time after which an ICMP echo session (and its ping socket) goes.
 pub const ICMP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle time after which a DNS session (a client endpoint asking the virtual host) goes.
+pub const DNS_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often, at most, refused flows are written to the security log (the rest are counted).
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How echo requests to outside hosts are answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum IcmpMode {
     /// Through an unprivileged ICMP socket: a real echo from the real host.
     Real,
@@ -75,13 +86,11 @@ impl IcmpMode {
     }
 }
 
-/// The NAT's settings, from the configuration (and the driver's ICMP probe).
+/// The NAT's settings: part of the core's live [`Settings`](super::Settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatSettings {
     /// Whether the NAT (and the DNS redirect) carries anything.
     pub enabled: bool,
-    /// The segment's MTU (largest IP packet).
-    pub mtu: usize,
     /// Idle timeout of TCP sessions.
     pub tcp_timeout: Duration,
     /// Idle timeout of UDP sessions.
@@ -94,102 +103,170 @@ pub struct NatSettings {
     pub max_sessions: usize,
     /// Sessions per client address at most.
     pub max_sessions_per_client: usize,
-    /// Each TCP connection's receive and send buffer in smoltcp, bytes.
+    /// Each TCP connection's receive and send buffer in smoltcp, bytes (new connections).
     pub tcp_buffer: usize,
     /// DNS resolvers for the redirect.
     pub dns_upstreams: Vec<SocketAddr>,
-    /// How echo to outside hosts works.
-    pub icmp_mode: IcmpMode,
 }
 
 impl NatSettings {
-    /// Whether `dst` may be reached from the segment of `host`; `Err` says why not.
-    pub fn check_outbound(&self, dst: Ipv4Addr, host: &HostSettings) -> Result<(), &'static str> {
-        let d = u32::from(dst);
-        if host.on_segment(dst) {
-            return Err("destination is on the virtual segment itself");
+    /// The session limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_sessions: self.max_sessions,
+            max_per_client: self.max_sessions_per_client,
         }
-        if dst.is_broadcast() || dst.is_multicast() || d >> 28 == 0xf {
-            return Err("destination is a broadcast, multicast or reserved address");
-        }
-        if d >> 24 == 0 {
-            return Err("destination is in 0.0.0.0/8");
-        }
-        if dst.is_loopback() && !self.allow_host_loopback {
-            return Err("destination is the host's loopback (nat.allow_host_loopback = false)");
-        }
-        for &(net, len) in &self.deny {
-            let nm = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
-            if d & nm == u32::from(net) & nm {
-                return Err("destination is in nat.deny");
-            }
-        }
-        Ok(())
     }
 }
 
-/// Why an outbound TCP connection failed.
+/// What went wrong on a host socket, classified from the OS error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectFailure {
-    /// The remote refused (RST): the client gets a RST.
+pub enum HostError {
+    /// The remote refused (TCP RST to a SYN; ICMP port unreachable for UDP).
     Refused,
-    /// No route, host unreachable: the client gets ICMP host unreachable.
-    Unreachable,
-    /// No answer in time: the client gets ICMP host unreachable.
+    /// No route to the host, or the host is down (ICMP host unreachable).
+    HostUnreachable,
+    /// No route to the network, or the network is down (ICMP network unreachable).
+    NetUnreachable,
+    /// No answer in time.
     TimedOut,
-    /// A local resource ran out (EMFILE, ENFILE, ENOBUFS) or another error: RST.
-    Local,
+    /// The remote reset the connection.
+    Reset,
+    /// A local resource ran out: open files, buffers, memory.
+    Resources,
+    /// Anything else.
+    Other,
 }
 
-impl ConnectFailure {
+impl HostError {
     /// Classifies an I/O error.
     pub fn from_io(e: &io::Error) -> Self {
         match e.raw_os_error() {
-            Some(libc::ECONNREFUSED) => ConnectFailure::Refused,
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
-                ConnectFailure::Unreachable
+            Some(libc::ECONNREFUSED) => HostError::Refused,
+            Some(libc::EHOSTUNREACH | libc::EHOSTDOWN) => HostError::HostUnreachable,
+            Some(libc::ENETUNREACH | libc::ENETDOWN) => HostError::NetUnreachable,
+            Some(libc::ETIMEDOUT) => HostError::TimedOut,
+            Some(libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED) => HostError::Reset,
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                HostError::Resources
             }
-            Some(libc::ETIMEDOUT) => ConnectFailure::TimedOut,
-            _ if e.kind() == io::ErrorKind::TimedOut => ConnectFailure::TimedOut,
-            _ => ConnectFailure::Local,
+            _ if e.kind() == io::ErrorKind::TimedOut => HostError::TimedOut,
+            _ => HostError::Other,
         }
     }
 
-    /// The word the logs use.
+    /// The words the logs use.
     pub fn as_str(self) -> &'static str {
         match self {
-            ConnectFailure::Refused => "refused",
-            ConnectFailure::Unreachable => "unreachable",
-            ConnectFailure::TimedOut => "timed out",
-            ConnectFailure::Local => "local error",
+            HostError::Refused => "refused",
+            HostError::HostUnreachable => "host unreachable",
+            HostError::NetUnreachable => "network unreachable",
+            HostError::TimedOut => "timed out",
+            HostError::Reset => "reset",
+            HostError::Resources => "out of host resources",
+            HostError::Other => "host socket error",
         }
+    }
+}
+
+/// Why a session ended, or why a flow never became one. Exactly one per session, decided by
+/// the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndReason {
+    /// TCP: the client sent the first FIN, then both sides closed.
+    ClosedByClient,
+    /// TCP: the remote sent the first FIN, then both sides closed.
+    ClosedByRemote,
+    /// TCP: the client sent a RST (or gave up while the connect was under way).
+    ResetByClient,
+    /// TCP: the remote reset the connection.
+    ResetByRemote,
+    /// Nothing moved for the protocol's idle timeout.
+    IdleTimeout,
+    /// The remote refused the connection.
+    Refused,
+    /// The remote could not be reached (no route, host down, no answer to the connect).
+    Unreachable,
+    /// The safety rules or `nat.deny` refused the flow.
+    DeniedByRule,
+    /// A session policy rejected or dropped the flow.
+    DeniedByPolicy,
+    /// A session limit (or a host resource such as open files) refused the flow.
+    Limit,
+    /// The NAT (or the whole function) was disabled.
+    NatDisabled,
+    /// An operator ended the session.
+    EndedByOperator,
+}
+
+impl EndReason {
+    /// Every reason, in the order of [`index`](Self::index).
+    pub const ALL: [EndReason; 12] = [
+        EndReason::ClosedByClient,
+        EndReason::ClosedByRemote,
+        EndReason::ResetByClient,
+        EndReason::ResetByRemote,
+        EndReason::IdleTimeout,
+        EndReason::Refused,
+        EndReason::Unreachable,
+        EndReason::DeniedByRule,
+        EndReason::DeniedByPolicy,
+        EndReason::Limit,
+        EndReason::NatDisabled,
+        EndReason::EndedByOperator,
+    ];
+
+    /// A dense index for per-reason counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The words the security log uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ClosedByClient => "closed by client",
+            EndReason::ClosedByRemote => "closed by remote",
+            EndReason::ResetByClient => "reset by client",
+            EndReason::ResetByRemote => "reset by remote",
+            EndReason::IdleTimeout => "idle timeout",
+            EndReason::Refused => "refused",
+            EndReason::Unreachable => "unreachable",
+            EndReason::DeniedByRule => "denied by rule",
+            EndReason::DeniedByPolicy => "denied by policy",
+            EndReason::Limit => "limit",
+            EndReason::NatDisabled => "nat disabled",
+            EndReason::EndedByOperator => "ended by operator",
+        }
+    }
+
+    /// Whether the remote should get a RST rather than a FIN when the host socket closes.
+    fn aborts_host(self) -> bool {
+        !matches!(self, EndReason::ClosedByClient | EndReason::ClosedByRemote)
     }
 }
 
 /// A request from the core to the driver.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HostOp<'a> {
-    /// Connect a TCP socket to `target`; report with `nat_tcp_connected` or
-    /// `nat_tcp_connect_failed`, then relay with `nat_tcp_relay`.
+    /// Connect a TCP socket to `target`; report with [`HostEvent::Connected`] or
+    /// [`HostEvent::ConnectFailed`], then relay with `nat_tcp_relay`.
     TcpConnect {
         /// The session.
         id: SessionId,
         /// Where to connect.
         target: SocketAddr,
     },
-    /// Open a UDP socket connected to `target`; report failure with `nat_socket_failed`, pass
-    /// datagrams back with `nat_udp_receive`.
+    /// Open a UDP socket connected to `target`; report failure with [`HostEvent::OpenFailed`],
+    /// pass datagrams back with `nat_udp_receive` and socket errors with [`HostEvent::Error`].
     UdpOpen {
         /// The session.
         id: SessionId,
         /// The remote.
         target: SocketAddr,
     },
-    /// Send one datagram on the session's UDP socket (drop it if the socket is not writable).
+    /// Send one datagram on the session's UDP socket; report a failure with
+    /// [`HostEvent::SendFailed`].
     UdpSend {
         /// The session.
         id: SessionId,
@@ -219,7 +296,8 @@ pub enum HostOp<'a> {
         /// The query.
         payload: &'a [u8],
     },
-    /// The session is gone: close its host socket (`abort`: with a RST).
+    /// The session is over: drop its host socket and task, a connect under way included
+    /// (`abort`: close with a RST).
     Close {
         /// The session.
         id: SessionId,
@@ -239,6 +317,27 @@ enum OpRecord {
     Close(SessionId, bool),
 }
 
+/// What the driver reports about a session's host socket.
+#[derive(Debug)]
+pub enum HostEvent<'a> {
+    /// The outbound TCP connection is up.
+    Connected,
+    /// The outbound TCP connection failed.
+    ConnectFailed(&'a io::Error),
+    /// The UDP or ping socket could not be opened.
+    OpenFailed(&'a io::Error),
+    /// TCP: the remote finished sending (read returned 0).
+    EndOfStream,
+    /// TCP: the host socket's write side was shut down, carrying the client's FIN.
+    WriteShut,
+    /// TCP: the remote reset the connection.
+    Reset,
+    /// The socket reported an error (UDP: an ICMP error for an earlier datagram).
+    Error(&'a io::Error),
+    /// A datagram could not be sent.
+    SendFailed(&'a io::Error),
+}
+
 /// What the security log hears from the NAT.
 #[derive(Debug, Clone)]
 pub enum NatEvent {
@@ -252,6 +351,8 @@ pub enum NatEvent {
         target: SocketAddr,
         /// The name the client looked up for the remote, if known.
         remote_name: Option<String>,
+        /// The policy that redirected it, if one did.
+        redirected_by: Option<String>,
     },
     /// The outbound TCP connection is up.
     Connected {
@@ -260,76 +361,91 @@ pub enum NatEvent {
         /// Its flow.
         key: FlowKey,
     },
-    /// The outbound connection failed.
+    /// The outbound connection (or the host socket) failed.
     Failed {
         /// The session.
         id: SessionId,
         /// Its flow.
         key: FlowKey,
-        /// Why.
+        /// Why, in the OS's words.
         reason: String,
     },
     /// A session ended.
-    Deleted {
+    Ended {
         /// The session as it ended.
         session: Box<Session>,
         /// Why.
-        reason: &'static str,
+        reason: EndReason,
         /// When (for the duration).
         at: Instant,
     },
-    /// A flow was refused (rules or limits). Rate-limited; `suppressed` counts the refusals
-    /// not logged since the previous one.
+    /// A flow was refused before it became a session. Rate-limited; `suppressed` counts the
+    /// refusals not logged since the previous one.
     Refused {
         /// The flow.
         key: FlowKey,
-        /// Why.
-        reason: String,
+        /// Which kind of refusal.
+        reason: EndReason,
+        /// The details (which rule, which policy, which limit).
+        detail: String,
         /// Refusals not logged before this one.
         suppressed: u64,
     },
 }
 
-/// Counters of the NAT.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Counters of the NAT. Every packet a client sends to the NAT is in `packets`; every flow
+/// refused is in exactly one `refused_*`; every session created is in `created` and, once
+/// over, in `ended`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct NatCounters {
     /// Packets from clients handed to the NAT.
     pub packets: u64,
     /// Packets dropped because the NAT is disabled.
     pub disabled: u64,
-    /// Flows refused by the safety rules or `nat.deny`.
-    pub refused_rules: u64,
-    /// Flows refused by the session limits.
-    pub refused_limits: u64,
-    /// Datagrams the host side could not send (socket busy or gone).
-    pub host_send_dropped: u64,
-    /// Frames dropped because the transmit queue was full.
-    pub tx_dropped: u64,
-    /// Echo requests answered by hubnat itself (synthesized mode).
-    pub echo_synthesized: u64,
-    /// Packets of protocols the NAT does not carry.
+    /// Packets of protocols the NAT does not carry (and ICMP other than echo).
     pub unsupported: u64,
     /// Fragments reassembled into datagrams.
     pub reassembled: u64,
+    /// Sessions created, by protocol ([`Protocol::index`]).
+    pub created: [u64; 3],
+    /// Sessions ended, by reason ([`EndReason::index`]).
+    pub ended: [u64; 12],
+    /// Flows refused by the safety rules or `nat.deny`.
+    pub refused_rules: u64,
+    /// Flows a session policy rejected or dropped.
+    pub refused_policy: u64,
+    /// Flows refused by the session limits (or the pending-verdict bound).
+    pub refused_limits: u64,
+    /// Datagrams dropped while their flow waited for a verdict (the queue was full).
+    pub pending_dropped: u64,
+    /// Datagrams the host side could not send (socket buffer full).
+    pub host_send_dropped: u64,
+    /// ICMP errors from the host side passed to clients (port, host, network unreachable).
+    pub icmp_errors: u64,
+    /// Echo requests answered by hubnat itself (synthesized mode).
+    pub echo_synthesized: u64,
+    /// Payload bytes from clients to remotes, in sessions that have ended.
+    pub ended_bytes_to_remote: u64,
+    /// Payload bytes from remotes to clients, in sessions that have ended.
+    pub ended_bytes_to_client: u64,
 }
 
 /// The NAT's state, owned by the [`VirtualHost`].
 pub struct NatState {
-    pub(super) settings: NatSettings,
     pub(super) table: SessionTable,
     stack: tcp::TcpStack,
     /// The SYN (its whole IPv4 packet) of each TCP session whose outbound connect is under
     /// way; retransmissions are dropped. A connected session has its socket set in `stack`.
     pending_syns: HashMap<SessionId, Vec<u8>>,
+    admission: admit::Admission,
     frag: frag::Reassembler,
     pub(super) dns: DnsForwarder,
+    icmp_mode: IcmpMode,
     ops: VecDeque<OpRecord>,
     op_buf: Vec<u8>,
     pub(super) counters: NatCounters,
     scratch: Vec<u8>,
     reassembled: Vec<u8>,
-    last_refusal_log: Option<Instant>,
-    suppressed_refusals: u64,
     pub(super) events: VecDeque<NatEvent>,
     /// When the next session may have gone idle: a sweep of the table is due then. Never
     /// later than the truth (activity only pushes sessions' times out), so a sweep may find
@@ -347,59 +463,25 @@ impl std::fmt::Debug for NatState {
 }
 
 impl NatState {
-    /// A NAT for the host at `host_ip`/`mask`, with `seed` for smoltcp's initial sequence
-    /// numbers (take it from a real random source).
-    pub fn new(
-        settings: NatSettings,
-        host_ip: Ipv4Addr,
-        mask: Ipv4Addr,
-        seed: u64,
-        now: Instant,
-    ) -> Self {
-        let mut config = IfaceConfig::new(HardwareAddress::Ip);
-        config.random_seed = seed;
-        let mut scratch = Vec::new();
-        let mut tx = hubnat_backend::FrameBatch::new(1, 64);
-        let neighbours = super::Neighbours::default();
-        let mut dropped = 0;
-        let mut device = tcp::PollDevice {
-            rx: None,
-            tx: &mut tx,
-            neighbours: &neighbours,
-            our_mac: EthernetAddress([0; 6]),
-            mtu: settings.mtu,
-            scratch: &mut scratch,
-            dropped: &mut dropped,
-        };
-        let mut iface = Interface::new(config, &mut device, now);
-        iface.set_any_ip(true);
-        let prefix = u32::from(mask).count_ones() as u8;
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(host_ip), prefix));
-        });
-        let dns = DnsForwarder::new(settings.dns_upstreams.clone(), (seed >> 16) as u16);
+    /// A NAT for `host`, with `seed` for smoltcp's initial sequence numbers (take it from a
+    /// real random source).
+    pub fn new(host: &HostSettings, seed: u64, now: Instant) -> Self {
         NatState {
-            table: SessionTable::new(settings.max_sessions, settings.max_sessions_per_client),
-            settings,
-            stack: tcp::TcpStack::new(iface),
+            table: SessionTable::new(),
+            stack: tcp::TcpStack::new(seed, host.mtu, host.ip, host.mask, now),
             pending_syns: HashMap::new(),
+            admission: admit::Admission::default(),
             frag: frag::Reassembler::default(),
-            dns,
+            dns: DnsForwarder::new((seed >> 16) as u16),
+            icmp_mode: IcmpMode::Synthesized,
             ops: VecDeque::new(),
             op_buf: Vec::new(),
             counters: NatCounters::default(),
-            scratch,
+            scratch: Vec::new(),
             reassembled: Vec::new(),
-            last_refusal_log: None,
-            suppressed_refusals: 0,
             events: VecDeque::new(),
             idle_deadline: None,
         }
-    }
-
-    /// The settings in force.
-    pub fn settings(&self) -> &NatSettings {
-        &self.settings
     }
 
     /// The session table.
@@ -412,6 +494,27 @@ impl NatState {
         &self.counters
     }
 
+    /// How echo to outside hosts is answered.
+    pub fn icmp_mode(&self) -> IcmpMode {
+        self.icmp_mode
+    }
+
+    /// Flows waiting for a policy's verdict.
+    pub fn pending_verdicts(&self) -> usize {
+        self.admission.len()
+    }
+
+    /// Payload bytes (to remotes, to clients) of every session, live and ended.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.table.iter().fold(
+            (
+                self.counters.ended_bytes_to_remote,
+                self.counters.ended_bytes_to_client,
+            ),
+            |(out, inn), s| (out + s.bytes_out, inn + s.bytes_in),
+        )
+    }
+
     fn push_op(&mut self, op: OpRecord) {
         self.ops.push_back(op);
     }
@@ -422,123 +525,54 @@ impl NatState {
         start..self.op_buf.len()
     }
 
-    /// Records a new session's remote name (from the DNS cache) and tells the security log.
     /// The idle timeout of a session, or `None` while it is not to be timed out: a TCP session
     /// still connecting (the connect has its own timeout), or one whose connection is already
-    /// over (its relay task is finishing it).
-    fn idle_timeout(&self, s: &Session) -> Option<Duration> {
+    /// over.
+    fn idle_timeout(&self, s: &Session, settings: &NatSettings, host_ip: Ipv4Addr) -> Option<Duration> {
         match s.key.protocol {
             Protocol::Tcp if s.state == SessionState::Connecting => None,
-            Protocol::Tcp => {
-                let (set, handle) = self.stack.sets.get(&s.id)?;
-                let open = !matches!(
-                    set.get::<stcp::Socket>(*handle).state(),
-                    stcp::State::Closed | stcp::State::TimeWait
-                );
-                open.then_some(self.settings.tcp_timeout)
-            }
-            Protocol::Udp => Some(self.settings.udp_timeout),
+            Protocol::Tcp => self
+                .stack
+                .is_open(s.id)
+                .then_some(settings.tcp_timeout),
+            Protocol::Udp if *s.key.remote.ip() == host_ip => Some(DNS_SESSION_TIMEOUT),
+            Protocol::Udp => Some(settings.udp_timeout),
             Protocol::Icmp => Some(ICMP_TIMEOUT),
         }
     }
 
-    /// Session `id` became subject to its idle timeout at `now`: the next sweep is no later.
-    fn schedule_idle(&mut self, id: SessionId, now: Instant) {
-        let Some(t) = self.table.get(id).and_then(|s| self.idle_timeout(s)) else {
-            return;
-        };
-        let at = now + t;
+    /// A session became subject to its idle timeout at `now`: the next sweep is no later.
+    fn schedule_idle(&mut self, at: Instant) {
         self.idle_deadline = Some(self.idle_deadline.map_or(at, |d| d.min(at)));
-    }
-
-    fn created(&mut self, id: SessionId, key: FlowKey, target: SocketAddr) {
-        let name = self.dns.names.lookup(*key.remote.ip()).map(str::to_owned);
-        if let Some(s) = self.table.get_mut(id) {
-            s.remote_name = name.clone();
-        }
-        self.events.push_back(NatEvent::Created {
-            id,
-            key,
-            target,
-            remote_name: name,
-        });
-    }
-
-    /// The session of a UDP or ICMP flow: found, or created (asking the driver for its socket
-    /// with the op `open` makes); `None` when a limit refuses it.
-    fn datagram_flow(
-        &mut self,
-        key: FlowKey,
-        now: Instant,
-        open: impl FnOnce(SessionId, SocketAddr) -> OpRecord,
-    ) -> Option<SessionId> {
-        if let Some(id) = self.table.find(&key) {
-            return Some(id);
-        }
-        let target = SocketAddr::V4(key.remote);
-        match self.table.insert(key, target, now) {
-            Ok(id) => {
-                self.push_op(open(id, target));
-                self.created(id, key, target);
-                if let Some(s) = self.table.get_mut(id) {
-                    s.state = SessionState::Established;
-                }
-                self.schedule_idle(id, now);
-                Some(id)
-            }
-            Err(e) => {
-                self.counters.refused_limits += 1;
-                self.refuse(key, e.to_string(), now);
-                None
-            }
-        }
-    }
-
-    fn refuse(&mut self, key: FlowKey, reason: String, now: Instant) {
-        let due = self
-            .last_refusal_log
-            .is_none_or(|t| now >= t + REFUSAL_LOG_INTERVAL);
-        if due {
-            warn!(client = %key.client, remote = %key.remote, protocol = key.protocol.as_str(), "nat: flow refused: {reason}");
-            self.last_refusal_log = Some(now);
-            let suppressed = std::mem::take(&mut self.suppressed_refusals);
-            self.events.push_back(NatEvent::Refused {
-                key,
-                reason,
-                suppressed,
-            });
-        } else {
-            self.suppressed_refusals += 1;
-        }
     }
 }
 
 impl VirtualHost {
-    /// The NAT (settings, session table, counters).
+    /// The NAT (session table, counters).
     pub fn nat(&self) -> &NatState {
         &self.nat
     }
 
-    /// Turns the NAT on or off at run time. Turning it off resets every TCP connection and
-    /// closes every session.
-    pub fn set_nat_enabled(&mut self, enabled: bool, now: Instant) {
-        self.nat.settings.enabled = enabled;
-        if !enabled {
-            let ids: Vec<SessionId> = self.nat.table.iter().map(|s| s.id).collect();
-            for id in ids {
-                self.end_session(id, "nat disabled", true, now);
-            }
-        }
+    /// Sets how echo to outside hosts is answered (the driver probes what the OS allows).
+    pub fn set_icmp_mode(&mut self, mode: IcmpMode) {
+        self.nat.icmp_mode = mode;
+    }
+
+    /// Installs the session policy consulted for every new flow (after the safety rules,
+    /// before the limits); `None` allows everything.
+    pub fn set_session_policy(&mut self, policy: Option<Box<dyn SessionPolicy>>) {
+        self.nat.admission.policy = policy;
     }
 
     /// Hands an IPv4 packet (trimmed to its total length) from a client to the NAT.
     pub(super) fn nat_ipv4(
         &mut self,
         now: Instant,
+        src_mac: [u8; 6],
         packet: &[u8],
     ) -> Result<(), smoltcp::wire::Error> {
         self.nat.counters.packets += 1;
-        if !self.nat.settings.enabled {
+        if !self.settings.nat.enabled {
             self.nat.counters.disabled += 1;
             return Ok(());
         }
@@ -548,431 +582,32 @@ impl VirtualHost {
             let done = self.nat.frag.add(&p, now, &mut out);
             let result = if done {
                 self.nat.counters.reassembled += 1;
-                self.nat_whole(now, &out)
+                self.nat_whole(now, src_mac, &out)
             } else {
                 Ok(())
             };
             self.nat.reassembled = out;
             return result;
         }
-        self.nat_whole(now, packet)
+        self.nat_whole(now, src_mac, packet)
     }
 
-    fn nat_whole(&mut self, now: Instant, packet: &[u8]) -> Result<(), smoltcp::wire::Error> {
+    fn nat_whole(
+        &mut self,
+        now: Instant,
+        src_mac: [u8; 6],
+        packet: &[u8],
+    ) -> Result<(), smoltcp::wire::Error> {
         let p = Ipv4Packet::new_checked(packet)?;
         match p.next_header() {
-            IpProtocol::Tcp => self.nat_tcp_in(now, &p),
-            IpProtocol::Udp => self.nat_udp_in(now, &p),
-            IpProtocol::Icmp => self.nat_icmp_in(now, &p),
+            IpProtocol::Tcp => self.nat_tcp_in(now, src_mac, &p),
+            IpProtocol::Udp => self.nat_udp_in(now, src_mac, &p),
+            IpProtocol::Icmp => self.nat_icmp_in(now, src_mac, &p),
             _ => {
                 self.nat.counters.unsupported += 1;
                 Ok(())
             }
         }
-    }
-
-    fn nat_tcp_in(
-        &mut self,
-        now: Instant,
-        p: &Ipv4Packet<&[u8]>,
-    ) -> Result<(), smoltcp::wire::Error> {
-        let seg = TcpPacket::new_checked(p.payload())?;
-        let key = FlowKey {
-            protocol: Protocol::Tcp,
-            client: SocketAddrV4::new(p.src_addr(), seg.src_port()),
-            remote: SocketAddrV4::new(p.dst_addr(), seg.dst_port()),
-        };
-        if let Some(id) = self.nat.table.find(&key) {
-            if let Some(s) = self.nat.table.get_mut(id) {
-                s.last_activity = now;
-            }
-            if self.nat.stack.sets.contains_key(&id) {
-                self.stack_ingress(now, p.as_ref(), Some(id));
-            } else if seg.rst() {
-                // The client gave up while we connect: forget the flow.
-                self.nat.push_op(OpRecord::Close(id, true));
-                self.nat_tcp_finished(id, now);
-            }
-            // Otherwise a retransmitted SYN while we connect: the SYN-ACK comes when the
-            // connect does.
-            return Ok(());
-        }
-        if seg.syn() && !seg.ack() && !seg.rst() {
-            let target = if p.dst_addr() == self.host.ip {
-                // TCP to us: only port 53 is served (by the DNS upstreams); smoltcp resets the rest.
-                (seg.dst_port() == 53)
-                    .then(|| self.nat.settings.dns_upstreams.first().copied())
-                    .flatten()
-            } else {
-                (!self.refused_outbound(key, p, now, false)).then_some(SocketAddr::V4(key.remote))
-            };
-            if let Some(target) = target {
-                match self.nat.table.insert(key, target, now) {
-                    Ok(id) => {
-                        // SYN deferral: the SYN waits until the outbound connect succeeds.
-                        self.nat.pending_syns.insert(id, p.as_ref().to_vec());
-                        self.nat.push_op(OpRecord::TcpConnect(id, target));
-                        self.nat.created(id, key, target);
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        self.nat.counters.refused_limits += 1;
-                        self.nat.refuse(key, e.to_string(), now);
-                    }
-                }
-            }
-        }
-        // A segment nobody owns (or a refused SYN): smoltcp answers it with a RST.
-        self.stack_ingress(now, p.as_ref(), None);
-        Ok(())
-    }
-
-    /// Feeds one segment to connection `id`'s socket set, or to the empty set (which answers
-    /// with a RST) when no connection owns it.
-    fn stack_ingress(&mut self, now: Instant, packet: &[u8], id: Option<SessionId>) {
-        let VirtualHost {
-            nat,
-            tx,
-            neighbours,
-            host,
-            ..
-        } = self;
-        let mut device = tcp::PollDevice {
-            rx: Some(packet),
-            tx,
-            neighbours,
-            our_mac: host.mac,
-            mtu: nat.settings.mtu,
-            scratch: &mut nat.scratch,
-            dropped: &mut nat.counters.tx_dropped,
-        };
-        let stack = &mut nat.stack;
-        match id.and_then(|id| stack.sets.get_mut(&id).map(|(set, _)| (id, set))) {
-            Some((id, set)) => {
-                let _ = stack.iface.poll_ingress_single(now, &mut device, set);
-                stack.dirty.insert(id);
-            }
-            None => {
-                let _ = stack
-                    .iface
-                    .poll_ingress_single(now, &mut device, &mut stack.empty);
-            }
-        }
-    }
-
-    /// Runs smoltcp's egress (ACKs, data, retransmissions) for the connections that have
-    /// something to send or a timer due, and frees finished ones. Call after every batch of
-    /// inputs, before [`take_transmit`](VirtualHost::take_transmit). When the transmit batch
-    /// fills up, the rest waits for the next call ([`wants_poll`](VirtualHost::wants_poll)).
-    pub fn poll(&mut self, now: Instant) {
-        self.now = now;
-        let VirtualHost {
-            nat,
-            tx,
-            neighbours,
-            host,
-            ..
-        } = self;
-        let stack = &mut nat.stack;
-        if stack.dirty.is_empty()
-            && stack.graveyard.is_empty()
-            && stack.next_deadline().is_none_or(|t| t > now)
-        {
-            return;
-        }
-        let mut ids: Vec<SessionId> = stack.dirty.drain().collect();
-        stack.take_due(now, &mut ids);
-        ids.extend(stack.graveyard.iter().copied());
-        ids.sort_unstable();
-        ids.dedup();
-        for (i, &id) in ids.iter().enumerate() {
-            if tx.is_full() {
-                // Back-pressure: the rest goes out after the driver has sent this batch.
-                stack.dirty.extend(ids[i..].iter().copied());
-                break;
-            }
-            let Some((set, _)) = stack.sets.get_mut(&id) else {
-                continue;
-            };
-            let mut device = tcp::PollDevice {
-                rx: None,
-                tx,
-                neighbours,
-                our_mac: host.mac,
-                mtu: nat.settings.mtu,
-                scratch: &mut nat.scratch,
-                dropped: &mut nat.counters.tx_dropped,
-            };
-            // Each egress pass sends at most one segment per socket: go on while it sends.
-            while stack.iface.poll_egress(now, &mut device, set)
-                == smoltcp::iface::PollResult::SocketStateChanged
-            {}
-            let at = stack.iface.poll_at(now, set);
-            stack.set_deadline(id, at);
-        }
-        let graveyard = std::mem::take(&mut stack.graveyard);
-        for id in graveyard {
-            if stack.dirty.contains(&id) {
-                stack.graveyard.push(id);
-            } else {
-                stack.sets.remove(&id);
-                stack.set_deadline(id, None);
-            }
-        }
-    }
-
-    fn nat_udp_in(
-        &mut self,
-        now: Instant,
-        p: &Ipv4Packet<&[u8]>,
-    ) -> Result<(), smoltcp::wire::Error> {
-        let udp = UdpPacket::new_checked(p.payload())?;
-        let (src, dst) = (p.src_addr(), p.dst_addr());
-        UdpRepr::parse(
-            &udp,
-            &IpAddress::Ipv4(src),
-            &IpAddress::Ipv4(dst),
-            &ChecksumCapabilities::default(),
-        )?;
-        let client = SocketAddrV4::new(src, udp.src_port());
-        if dst == self.host.ip {
-            if udp.dst_port() == 53 {
-                self.dns_query(now, client, udp.payload());
-            } else {
-                self.nat.counters.unsupported += 1;
-            }
-            return Ok(());
-        }
-        let key = FlowKey {
-            protocol: Protocol::Udp,
-            client,
-            remote: SocketAddrV4::new(dst, udp.dst_port()),
-        };
-        if self.refused_outbound(key, p, now, true) {
-            return Ok(());
-        }
-        let Some(id) = self.nat.datagram_flow(key, now, OpRecord::UdpOpen) else {
-            return Ok(());
-        };
-        let payload = udp.payload();
-        if let Some(s) = self.nat.table.get_mut(id) {
-            s.count_out(payload.len(), now);
-        }
-        let range = self.nat.stash(payload);
-        self.nat.push_op(OpRecord::UdpSend(id, range));
-        Ok(())
-    }
-
-    fn nat_icmp_in(
-        &mut self,
-        now: Instant,
-        p: &Ipv4Packet<&[u8]>,
-    ) -> Result<(), smoltcp::wire::Error> {
-        let packet = Icmpv4Packet::new_checked(p.payload())?;
-        let repr = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())?;
-        let Icmpv4Repr::EchoRequest {
-            ident,
-            seq_no,
-            data,
-        } = repr
-        else {
-            self.nat.counters.unsupported += 1;
-            return Ok(());
-        };
-        let (src, dst) = (p.src_addr(), p.dst_addr());
-        let key = FlowKey {
-            protocol: Protocol::Icmp,
-            client: SocketAddrV4::new(src, ident),
-            remote: SocketAddrV4::new(dst, 0),
-        };
-        if self.refused_outbound(key, p, now, true) {
-            return Ok(());
-        }
-        if self.nat.settings.icmp_mode == IcmpMode::Synthesized {
-            self.nat.counters.echo_synthesized += 1;
-            let reply = Icmpv4Repr::EchoReply {
-                ident,
-                seq_no,
-                data,
-            };
-            self.push_to_client(dst, src, &reply);
-            return Ok(());
-        }
-        let open = |id, target: SocketAddr| match target {
-            SocketAddr::V4(v4) => OpRecord::IcmpOpen(id, *v4.ip()),
-            SocketAddr::V6(_) => unreachable!("invariant: the NAT's remotes are IPv4"),
-        };
-        let Some(id) = self.nat.datagram_flow(key, now, open) else {
-            return Ok(());
-        };
-        if let Some(s) = self.nat.table.get_mut(id) {
-            s.count_out(data.len(), now);
-        }
-        let range = self.nat.stash(data);
-        self.nat.push_op(OpRecord::IcmpSend(id, seq_no, range));
-        Ok(())
-    }
-
-    /// Applies the safety rules to a new flow from packet `p`. A refused flow is counted and
-    /// logged; with `answer`, the client also gets ICMP "administratively prohibited" (TCP
-    /// gets smoltcp's RST instead). Returns true when the flow is refused.
-    fn refused_outbound(
-        &mut self,
-        key: FlowKey,
-        p: &Ipv4Packet<&[u8]>,
-        now: Instant,
-        answer: bool,
-    ) -> bool {
-        let dst = p.dst_addr();
-        let Err(reason) = self.nat.settings.check_outbound(dst, &self.host) else {
-            return false;
-        };
-        self.nat.counters.refused_rules += 1;
-        self.nat.refuse(key, reason.to_owned(), now);
-        if answer && !(dst.is_broadcast() || dst.is_multicast()) {
-            self.push_unreachable(p, Icmpv4DstUnreachable::CommProhibited);
-        }
-        true
-    }
-
-    fn push_to_client(&mut self, from: Ipv4Addr, to: Ipv4Addr, icmp: &Icmpv4Repr<'_>) {
-        let Some(mac) = self.neighbours.lookup(to) else {
-            self.nat.counters.tx_dropped += 1;
-            return;
-        };
-        if !frame::push_icmp(&mut self.tx, self.host.mac, mac, from, to, icmp) {
-            self.nat.counters.tx_dropped += 1;
-        }
-    }
-
-    /// ICMP destination unreachable about `original` (a packet a client sent), from us.
-    fn push_unreachable(&mut self, original: &Ipv4Packet<&[u8]>, reason: Icmpv4DstUnreachable) {
-        let Ok(header) = Ipv4Repr::parse(original, &ChecksumCapabilities::ignored()) else {
-            return;
-        };
-        let payload = original.payload();
-        let data = &payload[..payload.len().min(8)];
-        let icmp = Icmpv4Repr::DstUnreachable {
-            reason,
-            header,
-            data,
-        };
-        self.push_to_client(self.host.ip, original.src_addr(), &icmp);
-    }
-
-    fn dns_query(&mut self, now: Instant, client: SocketAddrV4, payload: &[u8]) {
-        if let Some(action) = self.nat.dns.query(client, payload, now) {
-            let action = own_action(action);
-            self.apply_dns(action);
-        }
-    }
-
-    fn apply_dns(&mut self, action: OwnedDnsAction) {
-        match action {
-            OwnedDnsAction::Send(upstream, bytes) => {
-                let range = self.nat.stash(&bytes);
-                self.nat.push_op(OpRecord::DnsSend(upstream, range));
-            }
-            OwnedDnsAction::Answer(client, bytes) => self.push_udp_to_client(
-                SocketAddrV4::new(self.host.ip, 53),
-                client,
-                bytes.len(),
-                |buf| buf.copy_from_slice(&bytes),
-            ),
-        }
-    }
-
-    /// A UDP datagram to a client, fragmented if it does not fit the MTU.
-    fn push_udp_to_client(
-        &mut self,
-        from: SocketAddrV4,
-        to: SocketAddrV4,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) {
-        let Some(mac) = self.neighbours.lookup(*to.ip()) else {
-            self.nat.counters.tx_dropped += 1;
-            return;
-        };
-        let fits = 20 + 8 + len <= self.nat.settings.mtu;
-        if fits {
-            if !frame::push_udp(
-                &mut self.tx,
-                self.host.mac,
-                mac,
-                (*from.ip(), from.port()),
-                (*to.ip(), to.port()),
-                len,
-                fill,
-            ) {
-                self.nat.counters.tx_dropped += 1;
-            }
-            return;
-        }
-        // Build the whole datagram in scratch, then cut it into fragments.
-        let mut datagram = std::mem::take(&mut self.nat.scratch);
-        datagram.clear();
-        datagram.resize(8 + len, 0);
-        {
-            let mut udp = UdpPacket::new_unchecked(&mut datagram[..]);
-            UdpRepr {
-                src_port: from.port(),
-                dst_port: to.port(),
-            }
-            .emit(
-                &mut udp,
-                &IpAddress::Ipv4(*from.ip()),
-                &IpAddress::Ipv4(*to.ip()),
-                len,
-                fill,
-                &ChecksumCapabilities::default(),
-            );
-        }
-        let ident = self.next_ident();
-        let chunk = (self.nat.settings.mtu - 20) & !7;
-        let mut offset = 0;
-        while offset < datagram.len() {
-            let end = (offset + chunk).min(datagram.len());
-            let more = end < datagram.len();
-            let part = &datagram[offset..end];
-            let ok = self
-                .tx
-                .push_built(ETHERNET_HEADER_LEN + 20 + part.len(), |buf| {
-                    let eth = smoltcp::wire::EthernetRepr {
-                        src_addr: self.host.mac,
-                        dst_addr: mac,
-                        ethertype: smoltcp::wire::EthernetProtocol::Ipv4,
-                    };
-                    eth.emit(&mut smoltcp::wire::EthernetFrame::new_unchecked(
-                        &mut buf[..],
-                    ));
-                    let repr = Ipv4Repr {
-                        src_addr: *from.ip(),
-                        dst_addr: *to.ip(),
-                        next_header: IpProtocol::Udp,
-                        payload_len: part.len(),
-                        hop_limit: frame::HOP_LIMIT,
-                    };
-                    let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETHERNET_HEADER_LEN..]);
-                    repr.emit(&mut ip, &ChecksumCapabilities::ignored());
-                    ip.set_ident(ident);
-                    ip.set_dont_frag(false);
-                    ip.set_more_frags(more);
-                    ip.set_frag_offset(offset as u16);
-                    ip.payload_mut()[..part.len()].copy_from_slice(part);
-                    ip.fill_checksum();
-                });
-            if !ok {
-                self.nat.counters.tx_dropped += 1;
-            }
-            offset = end;
-        }
-        self.nat.scratch = datagram;
-    }
-
-    fn next_ident(&mut self) -> u16 {
-        self.ident = self.ident.wrapping_add(1);
-        self.ident
     }
 
     /// Hands every pending host request to `f`, oldest first.
@@ -1003,313 +638,126 @@ impl VirtualHost {
         nat.op_buf.clear();
     }
 
-    /// The outbound TCP connection of `id` is up: the client gets its SYN-ACK. Returns false
-    /// when the session is gone (the client gave up): close the host socket.
-    pub fn nat_tcp_connected(&mut self, id: SessionId, now: Instant) -> bool {
+    /// What the driver learnt about session `id`'s host socket. An event for a session that
+    /// is gone is ignored (its socket was closed with [`HostOp::Close`]).
+    pub fn nat_host_event(&mut self, id: SessionId, event: HostEvent<'_>, now: Instant) {
         self.now = now;
-        let Some(syn) = self.nat.pending_syns.remove(&id) else {
-            return false;
+        let Some(protocol) = self.nat.table.get(id).map(|s| s.key.protocol) else {
+            return;
         };
-        let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else {
-            return false;
-        };
-        let Ok(seg) = TcpPacket::new_checked(p.payload()) else {
-            return false;
-        };
-        let mut set = SocketSet::new(Vec::with_capacity(1));
-        let handle = set.add(tcp::listener(
-            p.dst_addr(),
-            seg.dst_port(),
-            self.nat.settings.tcp_buffer,
-        ));
-        self.nat.stack.sets.insert(id, (set, handle));
-        // Now the SYN goes in, and the SYN-ACK out with the next poll.
-        self.stack_ingress(now, &syn, Some(id));
-        if let Some(s) = self.nat.table.get_mut(id) {
-            s.state = SessionState::Established;
-            s.last_activity = now;
-            let key = s.key;
-            self.nat.events.push_back(NatEvent::Connected { id, key });
+        match protocol {
+            Protocol::Tcp => self.tcp_host_event(id, event, now),
+            Protocol::Udp => self.udp_host_event(id, event, now),
+            Protocol::Icmp => self.icmp_host_event(id, event, now),
         }
-        self.nat.schedule_idle(id, now);
+    }
+
+    /// Ends session `id` at an operator's request. Returns false when there is no such
+    /// session.
+    pub fn end_session_by_operator(&mut self, id: SessionId, now: Instant) -> bool {
+        self.now = now;
+        if self.nat.table.get(id).is_none() {
+            return false;
+        }
+        self.end_session(id, EndReason::EndedByOperator, now);
         true
     }
 
-    /// The outbound TCP connection of `id` failed. For the DNS redirect the next upstream is
-    /// tried (a new `TcpConnect` op); otherwise the client gets a RST (refused, local error)
-    /// or an ICMP host unreachable (unreachable, timed out) and the session ends.
-    pub fn nat_tcp_connect_failed(&mut self, id: SessionId, failure: ConnectFailure, now: Instant) {
-        self.now = now;
-        let Some(session) = self.nat.table.get(id).cloned() else {
+    /// Ends every session (the NAT or the whole function was disabled).
+    pub(super) fn end_all_sessions(&mut self, reason: EndReason, now: Instant) {
+        let ids: Vec<SessionId> = self.nat.table.iter().map(|s| s.id).collect();
+        for id in ids {
+            self.end_session(id, reason, now);
+        }
+        self.drop_pending_verdicts();
+    }
+
+    /// Ends a session for `reason`: the client's TCP connection is reset unless it closed
+    /// cleanly, the session leaves the table, and the driver is told to close its socket.
+    fn end_session(&mut self, id: SessionId, reason: EndReason, now: Instant) {
+        let Some(s) = self.nat.table.remove(id) else {
             return;
         };
-        if session.key.remote.port() == 53 && *session.key.remote.ip() == self.host.ip {
-            let ups = &self.nat.settings.dns_upstreams;
-            if let Some(pos) = ups.iter().position(|u| *u == session.target) {
-                if let Some(&next) = ups.get(pos + 1) {
-                    if let Some(s) = self.nat.table.get_mut(id) {
-                        s.target = next;
+        if s.key.protocol == Protocol::Tcp {
+            if let Some(syn) = self.nat.pending_syns.remove(&id) {
+                // Still connecting: the client's SYN gets its answer now.
+                if reason != EndReason::ResetByClient {
+                    if let Ok(p) = Ipv4Packet::new_checked(&syn[..]) {
+                        self.link.push_rst_for_syn(&self.settings.host, &p);
                     }
-                    debug!(%next, "dns over tcp: upstream failed, trying the next");
-                    self.nat.push_op(OpRecord::TcpConnect(id, next));
-                    return;
                 }
             }
+            self.nat.stack.bury(id, reason.aborts_host());
         }
-        self.nat.events.push_back(NatEvent::Failed {
-            id,
-            key: session.key,
-            reason: failure.as_str().to_owned(),
+        self.nat.push_op(OpRecord::Close(id, reason.aborts_host()));
+        let c = &mut self.nat.counters;
+        c.ended[reason.index()] += 1;
+        c.ended_bytes_to_remote += s.bytes_out;
+        c.ended_bytes_to_client += s.bytes_in;
+        self.nat.events.push_back(NatEvent::Ended {
+            session: Box::new(s),
+            reason,
+            at: now,
         });
-        let Some(syn) = self.nat.pending_syns.remove(&id) else {
-            return;
-        };
-        if let Ok(p) = Ipv4Packet::new_checked(&syn[..]) {
-            match failure {
-                ConnectFailure::Refused | ConnectFailure::Local => self.push_rst_for_syn(&p),
-                ConnectFailure::Unreachable | ConnectFailure::TimedOut => {
-                    self.push_unreachable(&p, Icmpv4DstUnreachable::HostUnreachable)
-                }
-            }
-        }
-        if let Some(s) = self.nat.table.remove(id) {
-            self.nat.events.push_back(NatEvent::Deleted {
-                session: Box::new(s),
-                reason: "connect failed",
-                at: now,
-            });
-        }
     }
 
-    /// A RST answering the client's SYN in `p`, from the address it dialled.
-    fn push_rst_for_syn(&mut self, p: &Ipv4Packet<&[u8]>) {
-        let Ok(seg) = TcpPacket::new_checked(p.payload()) else {
-            return;
-        };
-        let Some(mac) = self.neighbours.lookup(p.src_addr()) else {
-            return;
-        };
-        let rst = TcpRepr {
-            src_port: seg.dst_port(),
-            dst_port: seg.src_port(),
-            control: TcpControl::Rst,
-            seq_number: TcpSeqNumber(0),
-            ack_number: Some(seg.seq_number() + 1),
-            window_len: 0,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None, None, None],
-            timestamp: None,
-            payload: &[],
-        };
-        let (src, dst) = (p.dst_addr(), p.src_addr());
-        let ok = frame::push_ip(
-            &mut self.tx,
-            self.host.mac,
-            mac,
-            src,
-            dst,
-            IpProtocol::Tcp,
-            rst.buffer_len(),
-            |buf| {
-                rst.emit(
-                    &mut TcpPacket::new_unchecked(buf),
-                    &IpAddress::Ipv4(src),
-                    &IpAddress::Ipv4(dst),
-                    &ChecksumCapabilities::default(),
-                )
-            },
-        );
-        if !ok {
-            self.nat.counters.tx_dropped += 1;
+    /// Counts and logs a flow that never became a session.
+    fn refuse(&mut self, key: FlowKey, reason: EndReason, detail: String, now: Instant) {
+        let c = &mut self.nat.counters;
+        match reason {
+            EndReason::DeniedByRule => c.refused_rules += 1,
+            EndReason::DeniedByPolicy => c.refused_policy += 1,
+            _ => c.refused_limits += 1,
         }
-    }
-
-    /// The relay of TCP session `id`, for one synchronous step; `None` when the session is
-    /// gone (end the relay task).
-    pub fn nat_tcp_relay(&mut self, id: SessionId, now: Instant) -> Option<TcpRelay<'_>> {
-        let session = self.nat.table.get_mut(id)?;
-        let stack = &mut self.nat.stack;
-        let (set, handle) = stack.sets.get_mut(&id)?;
-        let socket = set.get_mut::<stcp::Socket>(*handle);
-        Some(TcpRelay {
-            socket,
-            session,
-            now,
-            dirty: &mut stack.dirty,
-        })
-    }
-
-    /// The relay task of TCP session `id` is done (the connection closed or was reset, or the
-    /// host side failed): the session ends. Its socket leaves after the next egress, so a
-    /// pending RST or ACK still goes out.
-    pub fn nat_tcp_finished(&mut self, id: SessionId, now: Instant) {
-        self.nat.pending_syns.remove(&id);
-        // Only a live session's socket is aborted and buried (once: the session goes below).
-        if self.nat.table.get(id).is_some() {
-            let stack = &mut self.nat.stack;
-            if let Some((set, handle)) = stack.sets.get_mut(&id) {
-                let socket = set.get_mut::<stcp::Socket>(*handle);
-                if !matches!(socket.state(), stcp::State::Closed | stcp::State::TimeWait) {
-                    socket.abort();
-                }
-                stack.graveyard.push(id);
-                stack.dirty.insert(id);
-            }
-        }
-        if let Some(s) = self.nat.table.remove(id) {
-            let reason = match s.state {
-                SessionState::Connecting => "client gave up",
-                SessionState::Closing => "closed",
-                _ => "reset",
-            };
-            self.nat.events.push_back(NatEvent::Deleted {
-                session: Box::new(s),
-                reason,
-                at: now,
-            });
-        }
-    }
-
-    /// A datagram for UDP session `id`: `fill` reads it (from the host socket) straight into
-    /// the frame for the client. Returns what `fill` returned.
-    pub fn nat_udp_receive(
-        &mut self,
-        id: SessionId,
-        now: Instant,
-        fill: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-    ) -> io::Result<usize> {
-        self.now = now;
-        let Some(s) = self.nat.table.get(id) else {
-            // Drain the datagram anyway.
-            let mut sink = [0u8; 1];
-            return fill(&mut sink);
-        };
-        let key = s.key;
-        let mut buf = std::mem::take(&mut self.nat.reassembled);
-        buf.resize(65536, 0);
-        let result = fill(&mut buf);
-        if let Ok(n) = result {
-            let n = n.min(65507);
-            if let Some(s) = self.nat.table.get_mut(id) {
-                s.count_in(n, now);
-            }
-            let data = &buf[..n];
-            self.push_udp_to_client(key.remote, key.client, n, |out| out.copy_from_slice(data));
-        }
-        self.nat.reassembled = buf;
-        result
-    }
-
-    /// An ICMP message from the ping socket of session `id` (the whole ICMP message as the
-    /// kernel delivers it). Echo replies go to the client with its own identifier.
-    pub fn nat_icmp_receive(&mut self, id: SessionId, now: Instant, message: &[u8]) {
-        self.now = now;
-        let Some(s) = self.nat.table.get_mut(id) else {
-            return;
-        };
-        let key = s.key;
-        let Ok(packet) = Icmpv4Packet::new_checked(message) else {
-            return;
-        };
-        // Ping sockets rewrite the identifier; the checksum is the kernel's business here.
-        let Ok(Icmpv4Repr::EchoReply { seq_no, data, .. }) =
-            Icmpv4Repr::parse(&packet, &ChecksumCapabilities::ignored())
-        else {
-            return;
-        };
-        s.count_in(data.len(), now);
-        let reply = Icmpv4Repr::EchoReply {
-            ident: key.client.port(),
-            seq_no,
-            data,
-        };
-        self.push_to_client(*key.remote.ip(), *key.client.ip(), &reply);
-    }
-
-    /// The host socket of UDP or ICMP session `id` could not be opened (or failed for good):
-    /// the session ends.
-    pub fn nat_socket_failed(&mut self, id: SessionId, error: &io::Error, now: Instant) {
-        self.now = now;
-        if let Some(s) = self.nat.table.get(id) {
-            let key = s.key;
-            self.nat.events.push_back(NatEvent::Failed {
-                id,
+        if let Some(suppressed) = self.nat.admission.log_due(now) {
+            tracing::warn!(client = %key.client, remote = %key.remote, protocol = key.protocol.as_str(), "nat: flow refused ({}): {detail}", reason.as_str());
+            self.nat.events.push_back(NatEvent::Refused {
                 key,
-                reason: error.to_string(),
-            });
-        }
-        self.end_session(id, "host socket failed", false, now);
-    }
-
-    /// A DNS answer from `from` (an upstream).
-    pub fn nat_dns_answer(&mut self, from: SocketAddr, payload: &[u8], now: Instant) {
-        self.now = now;
-        if let Some(action) = self.nat.dns.answer(from, payload) {
-            let action = own_action(action);
-            self.apply_dns(action);
-        }
-    }
-
-    /// Ends a session: TCP sockets are aborted (the relay task sees it and finishes), UDP and
-    /// ICMP sessions are removed and their sockets closed.
-    fn end_session(&mut self, id: SessionId, reason: &'static str, abort: bool, now: Instant) {
-        let stack = &mut self.nat.stack;
-        if let Some((set, handle)) = stack.sets.get_mut(&id) {
-            // The relay task sees the abort and finishes the session.
-            set.get_mut::<stcp::Socket>(*handle).abort();
-            stack.dirty.insert(id);
-            return;
-        }
-        if self.nat.pending_syns.contains_key(&id) {
-            // Still connecting: no relay task yet; the connect task finds the session gone.
-            self.nat.push_op(OpRecord::Close(id, true));
-            self.nat_tcp_finished(id, now);
-            return;
-        }
-        if let Some(s) = self.nat.table.remove(id) {
-            self.nat.push_op(OpRecord::Close(id, abort));
-            self.nat.events.push_back(NatEvent::Deleted {
-                session: Box::new(s),
                 reason,
-                at: now,
+                detail,
+                suppressed,
             });
         }
     }
 
-    /// NAT timers: idle sessions, DNS failover, fragment expiry.
+    /// NAT timers: idle sessions, verdicts that did not come, DNS failover, fragment expiry.
     pub(super) fn nat_timeout(&mut self, now: Instant) {
         if self.nat.idle_deadline.is_some_and(|t| t <= now) {
             let nat = &self.nat;
-            let (idle, next) = nat.table.sweep(now, |s| nat.idle_timeout(s));
+            let (settings, ip) = (&self.settings.nat, self.settings.host.ip);
+            let (idle, next) = nat.table.sweep(now, |s| nat.idle_timeout(s, settings, ip));
             self.nat.idle_deadline = next;
             for id in idle {
-                let abort = self
-                    .nat
-                    .table
-                    .get(id)
-                    .is_some_and(|s| s.key.protocol == Protocol::Tcp);
-                self.end_session(id, "idle timeout", abort, now);
+                self.end_session(id, EndReason::IdleTimeout, now);
             }
         }
+        self.expire_verdicts(now);
         let mut actions = Vec::new();
         self.nat
             .dns
-            .handle_timeout(now, |a| actions.push(own_action(a)));
+            .handle_timeout(now, |a| actions.push(udp::own_action(a)));
         for a in actions {
             self.apply_dns(a);
         }
         self.nat.frag.expire(now);
     }
 
+    /// The NAT's timeouts changed: sweep at once, so the new ones apply to every session.
+    pub(super) fn nat_timeouts_changed(&mut self, now: Instant) {
+        self.nat.idle_deadline = Some(now);
+    }
+
+    /// The virtual host's address or the MTU changed: smoltcp answers from the new address and
+    /// cuts segments to the new MTU.
+    pub(super) fn nat_link_changed(&mut self, now: Instant) {
+        let host = self.settings.host;
+        self.nat.stack.rebuild(host.mtu, host.ip, host.mask, now);
+    }
+
     /// Whether smoltcp has something to send right now (for instance what did not fit the
     /// last transmit batch): the driver should poll again as soon as it has sent the batch.
     pub fn wants_poll(&self) -> bool {
-        let stack = &self.nat.stack;
-        !stack.dirty.is_empty()
-            || !stack.graveyard.is_empty()
-            || stack.next_deadline().is_some_and(|t| t <= self.now)
+        self.nat.stack.wants_poll(self.now)
     }
 
     /// When the NAT next needs [`handle_timeout`](VirtualHost::handle_timeout).
@@ -1318,6 +766,7 @@ impl VirtualHost {
         [
             nat.stack.next_deadline(),
             nat.idle_deadline,
+            nat.admission.next_deadline(),
             nat.dns.next_deadline(),
             nat.frag.next_deadline(),
         ]
@@ -1332,16 +781,42 @@ impl VirtualHost {
             self.events.push_back(Event::Nat(e));
         }
     }
-}
 
-enum OwnedDnsAction {
-    Send(SocketAddr, Vec<u8>),
-    Answer(SocketAddrV4, Vec<u8>),
-}
-
-fn own_action(a: DnsAction<'_>) -> OwnedDnsAction {
-    match a {
-        DnsAction::Send { upstream, payload } => OwnedDnsAction::Send(upstream, payload.to_vec()),
-        DnsAction::Answer { client, payload } => OwnedDnsAction::Answer(client, payload.to_vec()),
+    /// Records a new session: its remote name (from the DNS cache), its idle timer, and the
+    /// security log's line.
+    fn session_created(&mut self, id: SessionId, redirected_by: Option<String>, now: Instant) {
+        let nat = &mut self.nat;
+        let Some(s) = nat.table.get_mut(id) else {
+            return;
+        };
+        let name = nat.dns.names.lookup(*s.key.remote.ip()).map(str::to_owned);
+        s.remote_name = name.clone();
+        let (key, target) = (s.key, s.target);
+        nat.counters.created[key.protocol.index()] += 1;
+        nat.events.push_back(NatEvent::Created {
+            id,
+            key,
+            target,
+            remote_name: name,
+            redirected_by,
+        });
+        self.schedule_session_idle(id, now);
     }
+
+    fn schedule_session_idle(&mut self, id: SessionId, now: Instant) {
+        let nat = &self.nat;
+        let Some(t) = nat
+            .table
+            .get(id)
+            .and_then(|s| nat.idle_timeout(s, &self.settings.nat, self.settings.host.ip))
+        else {
+            return;
+        };
+        self.nat.schedule_idle(now + t);
+    }
+}
+
+/// `(address, prefix)` as smoltcp's CIDR.
+fn cidr(ip: Ipv4Addr, mask: Ipv4Addr) -> IpCidr {
+    IpCidr::new(IpAddress::Ipv4(ip), u32::from(mask).count_ones() as u8)
 }

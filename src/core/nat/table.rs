@@ -8,8 +8,9 @@
 //! reports something about its host socket. Ids are never reused within a process, so a late
 //! event about a deleted session finds nothing and is ignored.
 //!
-//! The table refuses a new session when it holds `max_sessions`, or when the client already
-//! has `max_sessions_per_client`; the caller refuses the flow (RST, or a dropped datagram).
+//! The table refuses a new session when it holds `nat.max_sessions`, or when the client already
+//! has `nat.max_sessions_per_client` (the limits are passed in with each insert: they are live
+//! settings, not the table's); the caller refuses the flow (RST, or a dropped datagram).
 //! Idle sessions are found by [`SessionTable::sweep`] from their last activity.
 
 use std::collections::HashMap;
@@ -19,7 +20,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use smoltcp::time::{Duration, Instant};
 
 /// A session's identity in the table, the logs and the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct SessionId(pub u64);
 
 impl fmt::Display for SessionId {
@@ -29,7 +31,8 @@ impl fmt::Display for SessionId {
 }
 
 /// The transport of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP, terminated by smoltcp and relayed to a host `TcpStream`.
     Tcp,
@@ -40,6 +43,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Every protocol, in the order of [`index`](Self::index).
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp];
+
+    /// A dense index (0, 1, 2) for per-protocol counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The lower-case name used in logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -63,7 +74,8 @@ pub struct FlowKey {
 }
 
 /// Where a session is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SessionState {
     /// The outbound connection is being made; the client waits (TCP: in SYN-RECEIVED).
     Connecting,
@@ -90,6 +102,50 @@ impl SessionState {
     }
 }
 
+/// How far a TCP connection has closed, as the core has seen it. The core decides from this
+/// when the session is over and why ([`EndReason`](super::EndReason)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpProgress {
+    /// The client's FIN has arrived (the smoltcp socket left ESTABLISHED that way).
+    pub client_fin: bool,
+    /// The driver has shut the host socket's write side (the client's FIN was carried).
+    pub write_shut: bool,
+    /// The remote's EOF arrived; the FIN to the client is queued.
+    pub host_eof: bool,
+    /// The client sent the first FIN (false: the remote did, or nobody yet).
+    pub client_closed_first: bool,
+    /// The client reset the connection.
+    pub client_reset: bool,
+}
+
+/// The head of the last datagram a client sent on a UDP flow (its IPv4 header and 8 bytes of
+/// UDP header), quoted in the ICMP error when the host socket reports one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quote {
+    /// The bytes.
+    pub bytes: [u8; 28],
+    /// How many are valid.
+    pub len: u8,
+}
+
+impl Quote {
+    /// The head of `packet` (an IPv4 packet).
+    pub fn of(packet: &[u8]) -> Quote {
+        let mut bytes = [0u8; 28];
+        let len = packet.len().min(28);
+        bytes[..len].copy_from_slice(&packet[..len]);
+        Quote {
+            bytes,
+            len: len as u8,
+        }
+    }
+
+    /// The quoted bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
 /// One row of the session table.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -97,6 +153,8 @@ pub struct Session {
     pub id: SessionId,
     /// The flow.
     pub key: FlowKey,
+    /// The client's MAC address.
+    pub client_mac: [u8; 6],
     /// Where the host socket actually goes (differs from `key.remote` for the DNS redirect).
     pub target: SocketAddr,
     /// The name the client looked up for the remote address, when a DNS answer for it passed
@@ -116,6 +174,10 @@ pub struct Session {
     pub packets_out: u64,
     /// Packets (TCP: relay operations) to the client.
     pub packets_in: u64,
+    /// TCP: how far the connection has closed.
+    pub tcp: TcpProgress,
+    /// UDP: the head of the client's last datagram.
+    pub quote: Option<Quote>,
 }
 
 impl Session {
@@ -156,22 +218,40 @@ pub struct SessionTable {
     sessions: HashMap<SessionId, Session>,
     by_key: HashMap<FlowKey, SessionId>,
     per_client: HashMap<Ipv4Addr, usize>,
-    max_sessions: usize,
-    max_per_client: usize,
+    per_protocol: [usize; 3],
     next_id: u64,
 }
 
+/// The limits a new session must fit in (from the live settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions at most.
+    pub max_sessions: usize,
+    /// Sessions per client address at most.
+    pub max_per_client: usize,
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SessionTable {
-    /// An empty table with these limits.
-    pub fn new(max_sessions: usize, max_per_client: usize) -> Self {
+    /// An empty table.
+    pub fn new() -> Self {
         SessionTable {
             sessions: HashMap::new(),
             by_key: HashMap::new(),
             per_client: HashMap::new(),
-            max_sessions,
-            max_per_client,
+            per_protocol: [0; 3],
             next_id: 1,
         }
+    }
+
+    /// Sessions of each protocol, indexed by [`Protocol::index`].
+    pub fn count_by_protocol(&self) -> [usize; 3] {
+        self.per_protocol
     }
 
     /// The session of a flow.
@@ -204,33 +284,42 @@ impl SessionTable {
         self.sessions.values()
     }
 
-    /// Adds a session for `key`, unless a limit says no.
+    /// Whether a new session of `client` fits the limits.
+    pub fn check(&self, client: Ipv4Addr, limits: Limits) -> Result<(), LimitError> {
+        if self.sessions.len() >= limits.max_sessions {
+            return Err(LimitError::Global(limits.max_sessions));
+        }
+        if self.count_for(client) >= limits.max_per_client {
+            return Err(LimitError::PerClient {
+                client,
+                limit: limits.max_per_client,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a session for `key` from the client at `client_mac`, unless a limit says no.
     pub fn insert(
         &mut self,
         key: FlowKey,
+        client_mac: [u8; 6],
         target: SocketAddr,
+        limits: Limits,
         now: Instant,
     ) -> Result<SessionId, LimitError> {
-        if self.sessions.len() >= self.max_sessions {
-            return Err(LimitError::Global(self.max_sessions));
-        }
         let client = *key.client.ip();
-        let count = self.per_client.get(&client).copied().unwrap_or(0);
-        if count >= self.max_per_client {
-            return Err(LimitError::PerClient {
-                client,
-                limit: self.max_per_client,
-            });
-        }
+        self.check(client, limits)?;
         let id = SessionId(self.next_id);
         self.next_id += 1;
-        self.per_client.insert(client, count + 1);
+        *self.per_client.entry(client).or_insert(0) += 1;
+        self.per_protocol[key.protocol.index()] += 1;
         self.by_key.insert(key, id);
         self.sessions.insert(
             id,
             Session {
                 id,
                 key,
+                client_mac,
                 target,
                 remote_name: None,
                 state: SessionState::Connecting,
@@ -240,6 +329,8 @@ impl SessionTable {
                 bytes_in: 0,
                 packets_out: 0,
                 packets_in: 0,
+                tcp: TcpProgress::default(),
+                quote: None,
             },
         );
         Ok(id)
@@ -251,6 +342,7 @@ impl SessionTable {
         if self.by_key.get(&s.key) == Some(&id) {
             self.by_key.remove(&s.key);
         }
+        self.per_protocol[s.key.protocol.index()] -= 1;
         let client = *s.key.client.ip();
         if let Some(n) = self.per_client.get_mut(&client) {
             *n -= 1;
@@ -302,37 +394,52 @@ mod tests {
         }
     }
 
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+
     fn target() -> SocketAddr {
         "10.0.0.1:53".parse().unwrap()
     }
 
     #[test]
     fn limits_are_enforced_and_released() {
-        let mut t = SessionTable::new(3, 2);
+        let mut t = SessionTable::new();
+        let l = Limits {
+            max_sessions: 3,
+            max_per_client: 2,
+        };
         let now = Instant::from_secs(0);
-        let a = t.insert(key(1), target(), now).unwrap();
-        t.insert(key(2), target(), now).unwrap();
+        let a = t.insert(key(1), MAC, target(), l, now).unwrap();
+        t.insert(key(2), MAC, target(), l, now).unwrap();
         assert!(matches!(
-            t.insert(key(3), target(), now),
+            t.insert(key(3), MAC, target(), l, now),
             Err(LimitError::PerClient { limit: 2, .. })
         ));
         let mut other = key(4);
         other.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 11), 4);
-        t.insert(other, target(), now).unwrap();
+        t.insert(other, MAC, target(), l, now).unwrap();
         let mut third = key(5);
         third.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 12), 5);
-        assert_eq!(t.insert(third, target(), now), Err(LimitError::Global(3)));
+        assert_eq!(
+            t.insert(third, MAC, target(), l, now),
+            Err(LimitError::Global(3))
+        );
+        assert_eq!(t.count_by_protocol(), [0, 3, 0]);
         t.remove(a).unwrap();
+        assert_eq!(t.count_by_protocol(), [0, 2, 0]);
         assert_eq!(t.find(&key(1)), None);
-        assert!(t.insert(key(3), target(), now).is_ok());
+        assert!(t.insert(key(3), MAC, target(), l, now).is_ok());
         assert_eq!(t.count_for(Ipv4Addr::new(192, 168, 30, 10)), 2);
     }
 
     #[test]
     fn idle_sessions_are_found_by_last_activity() {
-        let mut t = SessionTable::new(10, 10);
-        let a = t.insert(key(1), target(), Instant::from_secs(0)).unwrap();
-        let b = t.insert(key(2), target(), Instant::from_secs(0)).unwrap();
+        let mut t = SessionTable::new();
+        let l = Limits {
+            max_sessions: 10,
+            max_per_client: 10,
+        };
+        let a = t.insert(key(1), MAC, target(), l, Instant::from_secs(0)).unwrap();
+        let b = t.insert(key(2), MAC, target(), l, Instant::from_secs(0)).unwrap();
         t.get_mut(b).unwrap().count_out(10, Instant::from_secs(50));
         let udp_only =
             |s: &Session| (s.key.protocol == Protocol::Udp).then_some(Duration::from_secs(60));
@@ -349,7 +456,9 @@ mod tests {
         assert_eq!(t.sweep(Instant::from_secs(600), tcp_only), (vec![], None));
         // Ids are never reused.
         t.remove(a);
-        let c = t.insert(key(3), target(), Instant::from_secs(61)).unwrap();
+        let c = t
+            .insert(key(3), MAC, target(), l, Instant::from_secs(61))
+            .unwrap();
         assert!(c.0 > b.0);
     }
 }

@@ -19,11 +19,15 @@
 //! - **Relay.** [`TcpRelay`] lends the driver the socket's buffers: the bytes the client sent
 //!   are written to the host socket straight from smoltcp's receive buffer, and the host
 //!   socket is read straight into smoltcp's send buffer — one copy per direction.
-//! - **Half-close.** The client's FIN shows as `!may_recv()` once the buffer is drained: the
-//!   driver shuts down the host socket's write side. The host's EOF becomes `close()`: a FIN to
-//!   the client once the buffer is sent.
-//! - **End.** A socket that is closed (both FINs, a RST, or an abort) ends the session; its
-//!   set waits one egress poll in the graveyard so that an abort's RST is still sent.
+//! - **Half-close.** The client's FIN is seen when the socket leaves ESTABLISHED for
+//!   CLOSE-WAIT (or CLOSING, TIME-WAIT); once its bytes are drained the relay shuts down the host
+//!   socket's write side and reports [`HostEvent::WriteShut`]. The remote's EOF
+//!   ([`HostEvent::EndOfStream`]) becomes `close()`: a FIN to the client once the buffer is sent.
+//! - **End.** The core, not the relay, decides that a connection is over, and why: both FINs
+//!   carried (closed by whoever sent the first), a RST from the client (seen on ingress, never
+//!   relayed as a FIN), a RST from the remote ([`HostEvent::Reset`]: the client gets a RST), an
+//!   idle timeout or an operator (RST both ways). The socket's set then waits one egress poll
+//!   in the graveyard, so that a RST or a last ACK still leaves.
 //! - **Dispatch.** Each connection has a socket set of its own ([`TcpStack`]): a segment goes
 //!   to its connection's set, and egress polls only the connections that have something to
 //!   send (marked dirty) or a timer due.
@@ -34,22 +38,25 @@
 //! measures the memory it costs with many sessions.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use hubnat_backend::FrameBatch;
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, ETHERNET_HEADER_LEN,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4DstUnreachable,
+    Ipv4Packet, TcpPacket, ETHERNET_HEADER_LEN,
 };
 
-use super::super::Neighbours;
-use super::table::SessionId;
+use super::table::{FlowKey, Protocol, SessionId, SessionState};
+use super::{EndReason, HostError, HostEvent, NatEvent, OpRecord};
+use crate::core::link::Link;
+use crate::core::VirtualHost;
 
 /// A fresh socket listening on `(addr, port)`, created when the outbound connect succeeded,
 /// just before the client's SYN is fed to it.
-pub fn listener(addr: std::net::Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
+fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0u8; buffer]),
         tcp::SocketBuffer::new(vec![0u8; buffer]),
@@ -64,16 +71,60 @@ pub fn listener(addr: std::net::Ipv4Addr, port: u16, buffer: usize) -> tcp::Sock
     s
 }
 
-/// The smoltcp device for one poll: at most one received IP packet, and the core's transmit
-/// batch, where each IP packet smoltcp emits gets its Ethernet header from the neighbour table.
-pub struct PollDevice<'a> {
-    pub rx: Option<&'a [u8]>,
-    pub tx: &'a mut FrameBatch,
-    pub neighbours: &'a Neighbours,
-    pub our_mac: EthernetAddress,
-    pub mtu: usize,
-    pub scratch: &'a mut Vec<u8>,
-    pub dropped: &'a mut u64,
+/// The capabilities smoltcp sees (it copies them when the interface is built: a new MTU
+/// means a new interface, see [`TcpStack::rebuild`]).
+fn capabilities(mtu: usize) -> DeviceCapabilities {
+    let mut caps = DeviceCapabilities::default();
+    caps.medium = Medium::Ip;
+    // The core verified the IPv4 header checksum of every packet it hands over; smoltcp
+    // still checks TCP checksums, and fills in both on the way out.
+    caps.checksum.ipv4 = phy::Checksum::Tx;
+    caps.max_transmission_unit = mtu;
+    caps.max_burst_size = None;
+    caps
+}
+
+/// An interface for the virtual host at `ip`/`mask` with MTU `mtu`.
+fn interface(seed: u64, mtu: usize, ip: Ipv4Addr, mask: Ipv4Addr, now: Instant) -> Interface {
+    let mut config = smoltcp::iface::Config::new(smoltcp::wire::HardwareAddress::Ip);
+    config.random_seed = seed;
+    let mut iface = Interface::new(config, &mut NullDevice(mtu), now);
+    iface.set_any_ip(true);
+    iface.update_ip_addrs(|addrs| {
+        let _ = addrs.push(super::cidr(ip, mask));
+    });
+    iface
+}
+
+/// A device with nothing to receive or send, to build the interface with.
+struct NullDevice(usize);
+
+impl Device for NullDevice {
+    type RxToken<'b> = Rx<'b>;
+    type TxToken<'b> = Tx<'b>;
+
+    fn receive(&mut self, _t: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
+        None
+    }
+
+    fn transmit(&mut self, _t: Instant) -> Option<Tx<'_>> {
+        None
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        capabilities(self.0)
+    }
+}
+
+/// The smoltcp device for one poll: at most one received IP packet, and the link's transmit
+/// queue, where each IP packet smoltcp emits gets its Ethernet header from the neighbour
+/// table.
+struct PollDevice<'a> {
+    rx: Option<&'a [u8]>,
+    link: &'a mut Link,
+    our_mac: EthernetAddress,
+    mtu: usize,
+    scratch: &'a mut Vec<u8>,
 }
 
 pub struct Rx<'a>(&'a [u8]);
@@ -85,37 +136,35 @@ impl phy::RxToken for Rx<'_> {
 }
 
 pub struct Tx<'a> {
-    tx: &'a mut FrameBatch,
-    neighbours: &'a Neighbours,
+    link: &'a mut Link,
     our_mac: EthernetAddress,
     scratch: &'a mut Vec<u8>,
-    dropped: &'a mut u64,
 }
 
 impl phy::TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut result = None;
         let mut f = Some(f);
-        let pushed = self.tx.push_built(ETHERNET_HEADER_LEN + len, |buf| {
+        let link = self.link;
+        let neighbours = &link.neighbours;
+        let our_mac = self.our_mac;
+        let pushed = link.tx.push_built(ETHERNET_HEADER_LEN + len, |buf| {
             let (head, packet) = buf.split_at_mut(ETHERNET_HEADER_LEN);
             result = Some((f.take().expect("invariant: called once"))(packet));
-            let dst_ip = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-            let dst_mac = self
-                .neighbours
-                .lookup(dst_ip)
-                .unwrap_or(EthernetAddress::BROADCAST);
-            let eth = EthernetRepr {
-                src_addr: self.our_mac,
+            let dst_ip = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            let dst_mac = neighbours.lookup(dst_ip).unwrap_or(EthernetAddress::BROADCAST);
+            EthernetRepr {
+                src_addr: our_mac,
                 dst_addr: dst_mac,
                 ethertype: EthernetProtocol::Ipv4,
-            };
-            eth.emit(&mut EthernetFrame::new_unchecked(head));
+            }
+            .emit(&mut EthernetFrame::new_unchecked(head));
         });
-        if pushed {
+        if link.pushed(pushed) {
             return result.expect("invariant: builder ran");
         }
-        // The batch is full: build into scratch and drop (a congested link drops too).
-        *self.dropped += 1;
+        // The queue is full (an answer during ingress): build into scratch and drop it, as a
+        // congested link would.
         self.scratch.resize(len, 0);
         (f.take().expect("invariant: not yet called"))(&mut self.scratch[..len])
     }
@@ -136,40 +185,29 @@ impl Device for PollDevice<'_> {
         Some((
             Rx(packet),
             Tx {
-                tx: self.tx,
-                neighbours: self.neighbours,
+                link: self.link,
                 our_mac: self.our_mac,
                 scratch: self.scratch,
-                dropped: self.dropped,
             },
         ))
     }
 
     fn transmit(&mut self, _t: Instant) -> Option<Tx<'_>> {
-        // A full batch says "not now": smoltcp keeps the segment and sends it on the next poll,
-        // after the driver has flushed the batch. (Accepting and dropping it would make smoltcp
-        // think it was sent, and recover with a retransmission and a smaller window.)
-        if self.tx.is_full() {
+        // A full queue says "not now": smoltcp keeps the segment and sends it on the next poll,
+        // after the driver has flushed the queue. (Accepting and dropping it would make
+        // smoltcp think it was sent, and recover with a retransmission and a smaller window.)
+        if self.link.tx.is_full() {
             return None;
         }
         Some(Tx {
-            tx: self.tx,
-            neighbours: self.neighbours,
+            link: self.link,
             our_mac: self.our_mac,
             scratch: self.scratch,
-            dropped: self.dropped,
         })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ip;
-        // The core verified the IPv4 header checksum of every packet it hands over; smoltcp
-        // still checks TCP checksums, and fills in both on the way out.
-        caps.checksum.ipv4 = phy::Checksum::Tx;
-        caps.max_transmission_unit = self.mtu;
-        caps.max_burst_size = None;
-        caps
+        capabilities(self.mtu)
     }
 }
 
@@ -177,36 +215,180 @@ impl Device for PollDevice<'_> {
 ///
 /// smoltcp looks through the whole socket set for every segment it takes in and on every
 /// egress poll. With a set of one socket per connection, the core finds the set by flow (a
-/// hash lookup) and smoltcp's own search is over a single socket: the cost per segment no
-/// longer grows with the number of connections (`benches/core_sessions.rs`).
+/// hash lookup) and smoltcp's own search is over a single socket: the cost per segment does
+/// not grow with the number of connections (`benches/core_sessions.rs`).
+///
+/// Invariants kept here: a connection is *dirty* whenever its socket may have something to
+/// send; each connection with a timer has exactly one entry in `deadlines`; a buried
+/// connection's set leaves after one egress poll that finds it clean.
 pub struct TcpStack {
-    pub iface: Interface,
+    iface: Interface,
+    /// The interface's random seed (initial sequence numbers), kept to rebuild it.
+    seed: u64,
     /// Each connection's set and the handle of its socket in it.
-    pub sets: HashMap<SessionId, (SocketSet<'static>, SocketHandle)>,
+    sets: HashMap<SessionId, (SocketSet<'static>, SocketHandle)>,
     /// The set for segments no connection owns: smoltcp answers them with a RST.
-    pub empty: SocketSet<'static>,
+    empty: SocketSet<'static>,
     /// Connections whose socket may have something to send.
-    pub dirty: HashSet<SessionId>,
+    dirty: HashSet<SessionId>,
     /// Each connection's next timer (retransmission, delayed ACK), ordered.
-    pub deadlines: BTreeSet<(Instant, SessionId)>,
+    deadlines: BTreeSet<(Instant, SessionId)>,
     /// The timer of each connection that has one, to find it in `deadlines`.
-    pub deadline_of: HashMap<SessionId, Instant>,
+    deadline_of: HashMap<SessionId, Instant>,
     /// Connections whose set goes after its next egress (so a RST or last ACK still leaves).
-    pub graveyard: Vec<SessionId>,
+    graveyard: Vec<SessionId>,
+    /// Where a frame goes that smoltcp builds while the queue is full.
+    scratch: Vec<u8>,
 }
 
 impl TcpStack {
-    /// A stack around `iface`.
-    pub fn new(iface: Interface) -> Self {
+    /// A stack for the virtual host at `ip`/`mask`, with `seed` for smoltcp's initial
+    /// sequence numbers (take it from a real random source).
+    pub fn new(seed: u64, mtu: usize, ip: Ipv4Addr, mask: Ipv4Addr, now: Instant) -> Self {
         TcpStack {
-            iface,
+            iface: interface(seed, mtu, ip, mask, now),
+            seed,
             sets: HashMap::new(),
             empty: SocketSet::new(Vec::new()),
             dirty: HashSet::new(),
             deadlines: BTreeSet::new(),
             deadline_of: HashMap::new(),
             graveyard: Vec::new(),
+            scratch: Vec::new(),
         }
+    }
+
+    /// A new interface for a new address or MTU. The connections live in their own socket
+    /// sets and carry on; the new MTU bounds their segments from the next poll.
+    pub fn rebuild(&mut self, mtu: usize, ip: Ipv4Addr, mask: Ipv4Addr, now: Instant) {
+        self.iface = interface(self.seed.wrapping_add(1), mtu, ip, mask, now);
+        self.seed = self.seed.wrapping_add(1);
+    }
+
+    /// Connections with a socket (connected, or closing).
+    pub fn len(&self) -> usize {
+        self.sets.len()
+    }
+
+    /// True when no connection has a socket.
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Whether connection `id` has a socket.
+    pub fn contains(&self, id: SessionId) -> bool {
+        self.sets.contains_key(&id)
+    }
+
+    /// The state of connection `id`'s socket.
+    pub fn state(&self, id: SessionId) -> Option<tcp::State> {
+        let (set, handle) = self.sets.get(&id)?;
+        Some(set.get::<tcp::Socket>(*handle).state())
+    }
+
+    /// Whether connection `id` has a socket that is not closed yet.
+    pub fn is_open(&self, id: SessionId) -> bool {
+        self.state(id)
+            .is_some_and(|s| !matches!(s, tcp::State::Closed | tcp::State::TimeWait))
+    }
+
+    /// Creates connection `id`'s socket, listening where the client's SYN went.
+    fn accept(&mut self, id: SessionId, addr: Ipv4Addr, port: u16, buffer: usize) {
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let handle = set.add(listener(addr, port, buffer));
+        self.sets.insert(id, (set, handle));
+    }
+
+    /// Feeds one segment to connection `id`'s set, or to the empty set (which answers with a
+    /// RST) when no connection owns it.
+    fn ingress(&mut self, now: Instant, link: &mut Link, our_mac: EthernetAddress, mtu: usize, packet: &[u8], id: Option<SessionId>) {
+        let mut device = PollDevice {
+            rx: Some(packet),
+            link,
+            our_mac,
+            mtu,
+            scratch: &mut self.scratch,
+        };
+        match id.and_then(|id| self.sets.get_mut(&id).map(|(set, _)| (id, set))) {
+            Some((id, set)) => {
+                let _ = self.iface.poll_ingress_single(now, &mut device, set);
+                self.dirty.insert(id);
+            }
+            None => {
+                let _ = self
+                    .iface
+                    .poll_ingress_single(now, &mut device, &mut self.empty);
+            }
+        }
+    }
+
+    /// Runs egress for the connections that are dirty or have a timer due, and frees buried
+    /// ones. Returns the connections it polled (whose state may have changed).
+    fn egress(&mut self, now: Instant, link: &mut Link, our_mac: EthernetAddress, mtu: usize) -> Vec<SessionId> {
+        if !self.wants_poll(now) {
+            return Vec::new();
+        }
+        let mut ids: Vec<SessionId> = self.dirty.drain().collect();
+        self.take_due(now, &mut ids);
+        ids.extend(self.graveyard.iter().copied());
+        ids.sort_unstable();
+        ids.dedup();
+        for (i, &id) in ids.iter().enumerate() {
+            if link.tx.is_full() {
+                // Back-pressure: the rest goes out after the driver has sent this batch.
+                self.dirty.extend(ids[i..].iter().copied());
+                break;
+            }
+            let Some((set, _)) = self.sets.get_mut(&id) else {
+                continue;
+            };
+            let mut device = PollDevice {
+                rx: None,
+                link,
+                our_mac,
+                mtu,
+                scratch: &mut self.scratch,
+            };
+            // Each egress pass sends at most one segment per socket: go on while it sends.
+            while self.iface.poll_egress(now, &mut device, set)
+                == smoltcp::iface::PollResult::SocketStateChanged
+            {}
+            let at = self.iface.poll_at(now, set);
+            self.set_deadline(id, at);
+        }
+        let graveyard = std::mem::take(&mut self.graveyard);
+        for id in graveyard {
+            if self.dirty.contains(&id) {
+                self.graveyard.push(id);
+            } else {
+                self.sets.remove(&id);
+                self.set_deadline(id, None);
+            }
+        }
+        ids
+    }
+
+    /// Connection `id` is over: its socket is aborted (a RST to the client) when `abort` and
+    /// still open, and its set goes after the next egress.
+    pub(super) fn bury(&mut self, id: SessionId, abort: bool) {
+        let Some((set, handle)) = self.sets.get_mut(&id) else {
+            return;
+        };
+        let socket = set.get_mut::<tcp::Socket>(*handle);
+        if abort && !matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
+            socket.abort();
+        }
+        if !self.graveyard.contains(&id) {
+            self.graveyard.push(id);
+        }
+        self.dirty.insert(id);
+    }
+
+    /// Whether egress has work at `now`.
+    pub fn wants_poll(&self, now: Instant) -> bool {
+        !self.dirty.is_empty()
+            || !self.graveyard.is_empty()
+            || self.next_deadline().is_some_and(|t| t <= now)
     }
 
     /// The earliest timer of any connection.
@@ -214,8 +396,7 @@ impl TcpStack {
         self.deadlines.first().map(|(t, _)| *t)
     }
 
-    /// Records connection `id`'s next timer after a poll.
-    pub fn set_deadline(&mut self, id: SessionId, at: Option<Instant>) {
+    fn set_deadline(&mut self, id: SessionId, at: Option<Instant>) {
         if let Some(old) = self.deadline_of.remove(&id) {
             self.deadlines.remove(&(old, id));
         }
@@ -225,8 +406,7 @@ impl TcpStack {
         }
     }
 
-    /// Connections with a timer due at `now` (their timers are taken off).
-    pub fn take_due(&mut self, now: Instant, out: &mut Vec<SessionId>) {
+    fn take_due(&mut self, now: Instant, out: &mut Vec<SessionId>) {
         while let Some(&(at, id)) = self.deadlines.first() {
             if at > now {
                 break;
@@ -235,6 +415,11 @@ impl TcpStack {
             self.deadline_of.remove(&id);
             out.push(id);
         }
+    }
+
+    fn socket_mut(&mut self, id: SessionId) -> Option<&mut tcp::Socket<'static>> {
+        let (set, handle) = self.sets.get_mut(&id)?;
+        Some(set.get_mut::<tcp::Socket>(*handle))
     }
 }
 
@@ -247,13 +432,266 @@ impl std::fmt::Debug for TcpStack {
     }
 }
 
+impl VirtualHost {
+    pub(super) fn nat_tcp_in(
+        &mut self,
+        now: Instant,
+        mac: [u8; 6],
+        p: &Ipv4Packet<&[u8]>,
+    ) -> Result<(), smoltcp::wire::Error> {
+        let seg = TcpPacket::new_checked(p.payload())?;
+        let key = FlowKey {
+            protocol: Protocol::Tcp,
+            client: SocketAddrV4::new(p.src_addr(), seg.src_port()),
+            remote: SocketAddrV4::new(p.dst_addr(), seg.dst_port()),
+        };
+        if let Some(id) = self.nat.table.find(&key) {
+            if let Some(s) = self.nat.table.get_mut(id) {
+                s.last_activity = now;
+            }
+            if self.nat.stack.contains(id) {
+                self.stack_ingress(now, p.as_ref(), Some(id));
+                self.tcp_after_ingress(id, seg.rst(), now);
+            } else if seg.rst() {
+                // The client gave up while we connect: the connect is cancelled.
+                self.end_session(id, EndReason::ResetByClient, now);
+            }
+            // Otherwise a retransmitted SYN while we connect: the SYN-ACK comes when the
+            // connect does.
+            return Ok(());
+        }
+        let to_us = p.dst_addr() == self.settings.host.ip;
+        if seg.syn() && !seg.ack() && !seg.rst() && (!to_us || seg.dst_port() == 53) {
+            self.admit(now, key, mac, p);
+            return Ok(());
+        }
+        // A segment nobody owns (or TCP to one of our ports we do not serve): smoltcp answers
+        // it with a RST.
+        self.stack_ingress(now, p.as_ref(), None);
+        Ok(())
+    }
+
+    /// An admitted TCP flow: the SYN waits until the outbound connect succeeds.
+    pub(super) fn tcp_start(&mut self, id: SessionId, syn: &[u8], target: SocketAddr) {
+        self.nat.pending_syns.insert(id, syn.to_vec());
+        self.nat.push_op(OpRecord::TcpConnect(id, target));
+    }
+
+    fn stack_ingress(&mut self, now: Instant, packet: &[u8], id: Option<SessionId>) {
+        let host = self.settings.host;
+        self.nat
+            .stack
+            .ingress(now, &mut self.link, host.mac, host.mtu, packet, id);
+    }
+
+    /// Notes what a segment from the client did to connection `id`: its FIN, its RST.
+    fn tcp_after_ingress(&mut self, id: SessionId, rst: bool, now: Instant) {
+        let Some(state) = self.nat.stack.state(id) else {
+            return;
+        };
+        let Some(s) = self.nat.table.get_mut(id) else {
+            return;
+        };
+        use tcp::State::*;
+        if rst && state == Closed {
+            s.tcp.client_reset = true;
+        } else if matches!(state, CloseWait | LastAck | Closing | TimeWait) && !s.tcp.client_fin {
+            s.tcp.client_fin = true;
+            if !s.tcp.host_eof {
+                s.tcp.client_closed_first = true;
+            }
+        }
+        self.tcp_check_end(id, now);
+    }
+
+    /// Ends connection `id` if it is over, with the reason it is over.
+    fn tcp_check_end(&mut self, id: SessionId, now: Instant) {
+        let Some(state) = self.nat.stack.state(id) else {
+            return;
+        };
+        if !matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+            return;
+        }
+        let Some(s) = self.nat.table.get(id) else {
+            return;
+        };
+        let t = s.tcp;
+        let reason = if t.client_reset {
+            EndReason::ResetByClient
+        } else if t.host_eof && t.write_shut {
+            if t.client_closed_first {
+                EndReason::ClosedByClient
+            } else {
+                EndReason::ClosedByRemote
+            }
+        } else if t.client_fin && !t.write_shut {
+            // Closed, but the relay still has the client's last bytes and FIN to carry.
+            return;
+        } else {
+            // Closed with neither a FIN carried nor a RST seen: smoltcp gave up on the client.
+            EndReason::ResetByClient
+        };
+        self.end_session(id, reason, now);
+    }
+
+    pub(super) fn tcp_host_event(&mut self, id: SessionId, event: HostEvent<'_>, now: Instant) {
+        match event {
+            HostEvent::Connected => self.tcp_connected(id, now),
+            HostEvent::ConnectFailed(e) => self.tcp_connect_failed(id, e, now),
+            HostEvent::EndOfStream => {
+                if let Some(socket) = self.nat.stack.socket_mut(id) {
+                    socket.close();
+                }
+                if let Some(s) = self.nat.table.get_mut(id) {
+                    s.tcp.host_eof = true;
+                    s.state = if s.tcp.write_shut {
+                        SessionState::Closing
+                    } else {
+                        SessionState::HostClosed
+                    };
+                }
+                self.nat.stack.dirty.insert(id);
+                self.tcp_check_end(id, now);
+            }
+            HostEvent::WriteShut => {
+                if let Some(s) = self.nat.table.get_mut(id) {
+                    s.tcp.write_shut = true;
+                    s.state = if s.tcp.host_eof {
+                        SessionState::Closing
+                    } else {
+                        SessionState::ClientClosed
+                    };
+                }
+                self.tcp_check_end(id, now);
+            }
+            HostEvent::Reset => self.end_session(id, EndReason::ResetByRemote, now),
+            HostEvent::Error(e) => {
+                let reason = match HostError::from_io(e) {
+                    HostError::TimedOut | HostError::HostUnreachable | HostError::NetUnreachable => {
+                        EndReason::Unreachable
+                    }
+                    _ => EndReason::ResetByRemote,
+                };
+                tracing::debug!(session = %id, error = %e, "nat: tcp host socket error");
+                self.end_session(id, reason, now);
+            }
+            HostEvent::OpenFailed(_) | HostEvent::SendFailed(_) => {}
+        }
+    }
+
+    /// The outbound connection of `id` is up: the client gets its SYN-ACK.
+    fn tcp_connected(&mut self, id: SessionId, now: Instant) {
+        let Some(syn) = self.nat.pending_syns.remove(&id) else {
+            return;
+        };
+        let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else {
+            return;
+        };
+        let Ok(seg) = TcpPacket::new_checked(p.payload()) else {
+            return;
+        };
+        let buffer = self.settings.nat.tcp_buffer;
+        self.nat.stack.accept(id, p.dst_addr(), seg.dst_port(), buffer);
+        // Now the SYN goes in, and the SYN-ACK out with the next poll.
+        self.stack_ingress(now, &syn, Some(id));
+        if let Some(s) = self.nat.table.get_mut(id) {
+            s.state = SessionState::Established;
+            s.last_activity = now;
+            let key = s.key;
+            self.nat.events.push_back(NatEvent::Connected { id, key });
+        }
+        self.schedule_session_idle(id, now);
+    }
+
+    /// The outbound connection of `id` failed. For the DNS redirect the next upstream is tried
+    /// (a new `TcpConnect` op); otherwise the client gets a RST (refused, local error) or an
+    /// ICMP unreachable (host or network unreachable, timed out) and the session ends.
+    fn tcp_connect_failed(&mut self, id: SessionId, error: &std::io::Error, now: Instant) {
+        let Some(session) = self.nat.table.get(id) else {
+            return;
+        };
+        let (key, target) = (session.key, session.target);
+        if key.remote.port() == 53 && *key.remote.ip() == self.settings.host.ip {
+            let ups = &self.settings.nat.dns_upstreams;
+            if let Some(pos) = ups.iter().position(|u| *u == target) {
+                if let Some(&next) = ups.get(pos + 1) {
+                    if let Some(s) = self.nat.table.get_mut(id) {
+                        s.target = next;
+                    }
+                    tracing::debug!(%next, "dns over tcp: upstream failed, trying the next");
+                    self.nat.push_op(OpRecord::TcpConnect(id, next));
+                    return;
+                }
+            }
+        }
+        let kind = HostError::from_io(error);
+        let reason = match kind {
+            HostError::Refused => kind.as_str().to_owned(),
+            _ => format!("{}: {error}", kind.as_str()),
+        };
+        self.nat.events.push_back(NatEvent::Failed { id, key, reason });
+        let (answer, end) = match kind {
+            HostError::HostUnreachable | HostError::TimedOut => {
+                (Some(Icmpv4DstUnreachable::HostUnreachable), EndReason::Unreachable)
+            }
+            HostError::NetUnreachable => {
+                (Some(Icmpv4DstUnreachable::NetUnreachable), EndReason::Unreachable)
+            }
+            HostError::Resources => (None, EndReason::Limit),
+            HostError::Refused | HostError::Reset | HostError::Other => (None, EndReason::Refused),
+        };
+        if let Some(syn) = self.nat.pending_syns.remove(&id) {
+            if let Ok(p) = Ipv4Packet::new_checked(&syn[..]) {
+                let host = self.settings.host;
+                match answer {
+                    Some(code) => self.link.push_unreachable(&host, host.ip, &p, code),
+                    None => self.link.push_rst_for_syn(&host, &p),
+                }
+            }
+        }
+        self.end_session(id, end, now);
+    }
+
+    /// The relay of TCP session `id`, for one synchronous step; `None` when the session is
+    /// gone (end the relay task).
+    pub fn nat_tcp_relay(&mut self, id: SessionId, now: Instant) -> Option<TcpRelay<'_>> {
+        let session = self.nat.table.get_mut(id)?;
+        let stack = &mut self.nat.stack;
+        let (set, handle) = stack.sets.get_mut(&id)?;
+        let socket = set.get_mut::<tcp::Socket>(*handle);
+        Some(TcpRelay {
+            socket,
+            session,
+            now,
+            dirty: &mut stack.dirty,
+        })
+    }
+
+    /// Runs smoltcp's egress (ACKs, data, retransmissions) for the connections that have
+    /// something to send or a timer due, frees finished ones, and ends the connections that
+    /// are over. Call after every batch of inputs, before
+    /// [`take_transmit`](VirtualHost::take_transmit). When the transmit queue fills up, the
+    /// rest waits for the next call ([`wants_poll`](VirtualHost::wants_poll)).
+    pub fn poll(&mut self, now: Instant) {
+        self.now = now;
+        let host = self.settings.host;
+        let polled = self.nat.stack.egress(now, &mut self.link, host.mac, host.mtu);
+        for id in polled {
+            if self.nat.table.get(id).is_some() {
+                self.tcp_check_end(id, now);
+            }
+        }
+    }
+}
+
 /// What the driver's relay task can do with one connection. Borrowed from the core for one
-/// synchronous step; never held across an `.await`.
+/// synchronous step; never held across an `.await`. What the relay learns about the host
+/// socket (EOF, reset, write side shut) goes back as a [`HostEvent`].
 pub struct TcpRelay<'a> {
-    pub(super) socket: &'a mut tcp::Socket<'static>,
-    pub(super) session: &'a mut super::table::Session,
-    pub(super) now: Instant,
-    pub(super) dirty: &'a mut HashSet<SessionId>,
+    socket: &'a mut tcp::Socket<'static>,
+    session: &'a mut super::table::Session,
+    now: Instant,
+    dirty: &'a mut HashSet<SessionId>,
 }
 
 impl TcpRelay<'_> {
@@ -263,11 +701,10 @@ impl TcpRelay<'_> {
     }
 
     /// The client has sent its FIN and every byte before it was taken: shut down the host
-    /// socket's write side.
+    /// socket's write side and report [`HostEvent::WriteShut`]. Never true after a RST.
     pub fn client_finished(&self) -> bool {
-        !self.socket.may_recv()
-            && !self.socket.can_recv()
-            && self.socket.state() != tcp::State::SynReceived
+        let t = self.session.tcp;
+        t.client_fin && !t.write_shut && !t.client_reset && !self.socket.can_recv()
     }
 
     /// There is room for bytes from the host.
@@ -277,15 +714,7 @@ impl TcpRelay<'_> {
 
     /// The connection can still carry bytes to the client.
     pub fn may_send(&self) -> bool {
-        self.socket.may_send()
-    }
-
-    /// The connection is over (closed, reset, timed out): end the relay.
-    pub fn is_closed(&self) -> bool {
-        matches!(
-            self.socket.state(),
-            tcp::State::Closed | tcp::State::TimeWait
-        )
+        self.socket.may_send() && !self.session.tcp.host_eof
     }
 
     /// Hands the client's bytes to `write` (which returns how many it took). The taken bytes
@@ -309,7 +738,7 @@ impl TcpRelay<'_> {
     }
 
     /// Lets `read` fill smoltcp's send buffer from the host; `Ok(0)` from `read` is the host's
-    /// EOF (call [`host_finished`](Self::host_finished)).
+    /// EOF (report [`HostEvent::EndOfStream`]).
     pub fn fill_from_host(
         &mut self,
         read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
@@ -326,33 +755,6 @@ impl TcpRelay<'_> {
             self.dirty.insert(self.session.id);
         }
         Ok(r)
-    }
-
-    /// The host sent EOF: FIN to the client after the buffered bytes.
-    pub fn host_finished(&mut self) {
-        self.socket.close();
-        if self.session.state == super::table::SessionState::ClientClosed {
-            self.session.state = super::table::SessionState::Closing;
-        } else {
-            self.session.state = super::table::SessionState::HostClosed;
-        }
-        self.dirty.insert(self.session.id);
-    }
-
-    /// The client's FIN was carried to the host.
-    pub fn client_finish_done(&mut self) {
-        if self.session.state == super::table::SessionState::HostClosed {
-            self.session.state = super::table::SessionState::Closing;
-        } else if self.session.state == super::table::SessionState::Established {
-            self.session.state = super::table::SessionState::ClientClosed;
-        }
-    }
-
-    /// The host reset the connection: RST to the client.
-    pub fn host_reset(&mut self) {
-        self.socket.abort();
-        self.session.state = super::table::SessionState::Closing;
-        self.dirty.insert(self.session.id);
     }
 
     /// Registers `waker` for any change of the connection (data, room, FIN, RST).

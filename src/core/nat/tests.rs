@@ -1,185 +1,46 @@
 //! The NAT on a virtual clock with a fake host network: the test plays the driver, answering
 //! the core's host requests itself, and plays the client with raw frames.
 
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::Duration as StdDuration;
 
-use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
-    Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-};
+use smoltcp::wire::{EthernetFrame, IpAddress, IpProtocol, Ipv4Packet, TcpControl};
 
-use super::super::dhcp::DhcpSettings;
-use super::super::{HostSettings, VirtualHost};
-use super::{ConnectFailure, HostOp, IcmpMode, NatSettings, SessionId};
-
-pub const OUR_MAC: EthernetAddress = EthernetAddress([0x00, 0xac, 1, 2, 3, 4]);
-pub const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
-pub const CLIENT_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0, 0, 1]);
-pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
-pub const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+use super::super::testkit::{self, *};
+use super::super::{Event, VirtualHost};
+use super::{EndReason, HostEvent, HostOp, NatEvent, NatSettings, SessionId};
 
 pub fn settings() -> NatSettings {
-    NatSettings {
-        enabled: true,
-        mtu: 1500,
-        tcp_timeout: Duration::from_secs(7200),
-        udp_timeout: Duration::from_secs(600),
-        allow_host_loopback: false,
-        deny: vec![],
-        max_sessions: 100,
-        max_sessions_per_client: 10,
-        tcp_buffer: 1 << 20,
-        dns_upstreams: vec!["10.77.0.53:53".parse().unwrap()],
-        icmp_mode: IcmpMode::Real,
-    }
+    testkit::settings().nat
 }
 
 pub fn host_with(nat: NatSettings) -> VirtualHost {
-    let host = HostSettings {
-        mac: OUR_MAC,
-        ip: OUR_IP,
-        mask: Ipv4Addr::new(255, 255, 255, 0),
-        mtu: nat.mtu,
-    };
-    let dhcp = DhcpSettings {
-        enabled: true,
-        range_start: Ipv4Addr::new(192, 168, 30, 10),
-        range_end: Ipv4Addr::new(192, 168, 30, 200),
-        mask: Ipv4Addr::new(255, 255, 255, 0),
-        lease: StdDuration::from_secs(7200),
-        gateway: Some(OUR_IP),
-        dns: vec![OUR_IP],
-        domain: None,
-        routes: vec![],
-        statics: vec![],
-    };
-    VirtualHost::new(host, dhcp, Vec::new(), nat, 42, t(0))
+    let mut s = testkit::settings();
+    s.nat = nat;
+    testkit::host(s)
 }
 
-pub fn t(ms: i64) -> Instant {
-    Instant::from_millis(1_700_000_000_000i64 + ms)
+/// The driver's report that the outbound connect of `id` succeeded.
+fn connected(h: &mut VirtualHost, id: SessionId, now: Instant) {
+    h.nat_host_event(id, HostEvent::Connected, now);
 }
 
-/// An Ethernet frame carrying an IPv4 packet from the client.
-pub fn ip_frame(
-    dst: Ipv4Addr,
-    protocol: IpProtocol,
-    payload_len: usize,
-    emit: impl FnOnce(&mut [u8]),
-) -> Vec<u8> {
-    let ip = Ipv4Repr {
-        src_addr: CLIENT_IP,
-        dst_addr: dst,
-        next_header: protocol,
-        payload_len,
-        hop_limit: 64,
-    };
-    let mut frame = vec![0u8; 14 + 20 + payload_len];
-    EthernetRepr {
-        src_addr: CLIENT_MAC,
-        dst_addr: OUR_MAC,
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip.emit(
-        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
-        &ChecksumCapabilities::default(),
-    );
-    emit(&mut frame[34..]);
-    frame
+/// The driver's report that the outbound connect of `id` failed with `errno`.
+fn connect_failed(h: &mut VirtualHost, id: SessionId, errno: i32, now: Instant) {
+    let e = io::Error::from_raw_os_error(errno);
+    h.nat_host_event(id, HostEvent::ConnectFailed(&e), now);
 }
 
-pub fn tcp_frame(
-    dst: SocketAddrV4,
-    sport: u16,
-    control: TcpControl,
-    seq: u32,
-    ack: Option<u32>,
-    payload: &[u8],
-) -> Vec<u8> {
-    let repr = TcpRepr {
-        src_port: sport,
-        dst_port: dst.port(),
-        control,
-        seq_number: TcpSeqNumber(seq as i32),
-        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-        window_len: 64000,
-        window_scale: None,
-        max_seg_size: if control == TcpControl::Syn {
-            Some(1460)
-        } else {
-            None
-        },
-        sack_permitted: false,
-        sack_ranges: [None, None, None],
-        timestamp: None,
-        payload,
-    };
-    ip_frame(*dst.ip(), IpProtocol::Tcp, repr.buffer_len(), |buf| {
-        repr.emit(
-            &mut TcpPacket::new_unchecked(buf),
-            &IpAddress::Ipv4(CLIENT_IP),
-            &IpAddress::Ipv4(*dst.ip()),
-            &ChecksumCapabilities::default(),
-        )
-    })
-}
-
-/// Frames the core sent, after a poll.
-pub fn sent(h: &mut VirtualHost, now: Instant) -> Vec<Vec<u8>> {
-    h.poll(now);
-    let mut batch = FrameBatch::new(64, 1514);
-    h.take_transmit(&mut batch);
-    batch.iter().map(<[u8]>::to_vec).collect()
-}
-
-/// The TCP segments among `frames`: (src, dst, control, seq, ack, payload length).
-pub fn tcp_segments(
-    frames: &[Vec<u8>],
-) -> Vec<(
-    SocketAddrV4,
-    SocketAddrV4,
-    TcpControl,
-    u32,
-    Option<u32>,
-    usize,
-)> {
-    frames
-        .iter()
-        .filter_map(|f| {
-            let eth = EthernetFrame::new_checked(&f[..]).ok()?;
-            assert_eq!(eth.dst_addr(), CLIENT_MAC, "frames go to the client's MAC");
-            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-            if ip.next_header() != IpProtocol::Tcp {
-                return None;
-            }
-            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-            let repr = TcpRepr::parse(
-                &tcp,
-                &IpAddress::Ipv4(ip.src_addr()),
-                &IpAddress::Ipv4(ip.dst_addr()),
-                &ChecksumCapabilities::default(),
-            )
-            .ok()?;
-            Some((
-                SocketAddrV4::new(ip.src_addr(), repr.src_port),
-                SocketAddrV4::new(ip.dst_addr(), repr.dst_port),
-                repr.control,
-                repr.seq_number.0 as u32,
-                repr.ack_number.map(|a| a.0 as u32),
-                repr.payload.len(),
-            ))
-        })
-        .collect()
-}
-
-pub fn ops(h: &mut VirtualHost) -> Vec<String> {
+/// The reasons of the sessions that ended since the last call.
+fn ended(h: &mut VirtualHost) -> Vec<EndReason> {
     let mut out = Vec::new();
-    h.drain_host_ops(|op| out.push(format!("{op:?}")));
+    while let Some(e) = h.poll_event() {
+        if let Event::Nat(NatEvent::Ended { reason, .. }) = e {
+            out.push(reason);
+        }
+    }
     out
 }
 
@@ -214,7 +75,7 @@ fn syn_is_deferred_until_the_connect_succeeds() {
     );
     assert!(ops(&mut h).is_empty());
     assert_eq!(h.nat().table().len(), 1);
-    assert!(h.nat_tcp_connected(id, t(1100)));
+    connected(&mut h, id, t(1100));
     let segs = tcp_segments(&sent(&mut h, t(1100)));
     assert_eq!(segs.len(), 1, "{segs:?}");
     let (src, dst, control, _, ack, _) = segs[0];
@@ -238,12 +99,13 @@ fn refused_connect_becomes_a_rst() {
         &tcp_frame(remote, 40001, TcpControl::Syn, 5000, None, &[]),
     );
     let (id, _) = connect_op(&mut h);
-    h.nat_tcp_connect_failed(id, ConnectFailure::Refused, t(5));
+    connect_failed(&mut h, id, libc::ECONNREFUSED, t(5));
     let segs = tcp_segments(&sent(&mut h, t(5)));
     assert_eq!(segs.len(), 1, "{segs:?}");
     assert_eq!(segs[0].2, TcpControl::Rst);
     assert_eq!(segs[0].4, Some(5001));
     assert!(h.nat().table().is_empty());
+    assert_eq!(ended(&mut h), [EndReason::Refused]);
 }
 
 /// A raw-frame TCP client: tracks sequence numbers so a test can drive a whole connection.
@@ -268,7 +130,7 @@ impl Client {
             &tcp_frame(remote, port, TcpControl::Syn, isn, None, &[]),
         );
         let (id, _) = connect_op(h);
-        assert!(h.nat_tcp_connected(id, now));
+        connected(h, id, now);
         let segs = tcp_segments(&sent(h, now));
         let synack = segs
             .iter()
@@ -360,7 +222,8 @@ fn data_flows_both_ways_and_the_client_half_closes_first() {
     c.send(&mut h, TcpControl::Fin, &[], t(2));
     let _ = c.receive(&mut h, t(2));
     assert!(h.nat_tcp_relay(id, t(2)).unwrap().client_finished());
-    h.nat_tcp_relay(id, t(2)).unwrap().client_finish_done();
+    h.nat_host_event(id, HostEvent::WriteShut, t(2));
+    assert!(!h.nat_tcp_relay(id, t(2)).unwrap().client_finished());
     assert_eq!(
         relay_give(&mut h, id, b"HTTP/1.0 200 OK\r\n\r\nhello", t(3)),
         24
@@ -368,13 +231,15 @@ fn data_flows_both_ways_and_the_client_half_closes_first() {
     let (bytes, fin, _) = c.receive(&mut h, t(3));
     assert_eq!((bytes, fin), (24, false));
     // Host EOF: FIN to the client, which acknowledges it; the connection is over.
-    h.nat_tcp_relay(id, t(4)).unwrap().host_finished();
+    h.nat_host_event(id, HostEvent::EndOfStream, t(4));
     let (_, fin, _) = c.receive(&mut h, t(4));
     assert!(fin, "FIN to the client after the host's EOF");
     let _ = sent(&mut h, t(5));
-    assert!(h.nat_tcp_relay(id, t(5)).unwrap().is_closed());
-    h.nat_tcp_finished(id, t(5));
+    assert!(h.nat_tcp_relay(id, t(5)).is_none(), "the core ended the session");
     assert!(h.nat().table().is_empty());
+    assert_eq!(ended(&mut h), [EndReason::ClosedByClient]);
+    let closes = ops(&mut h);
+    assert_eq!(closes, [format!("Close {{ id: {id:?}, abort: false }}")]);
 }
 
 #[test]
@@ -382,31 +247,40 @@ fn the_host_half_closes_first_and_the_client_keeps_sending() {
     let mut h = host_with(settings());
     let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 80), 40011, t(0));
     relay_give(&mut h, id, b"banner", t(1));
-    h.nat_tcp_relay(id, t(1)).unwrap().host_finished();
+    h.nat_host_event(id, HostEvent::EndOfStream, t(1));
     let (bytes, fin, _) = c.receive(&mut h, t(1));
     assert_eq!((bytes, fin), (6, true));
     // The client can still send after the host's FIN.
     c.send(&mut h, TcpControl::Psh, b"late data", t(2));
     assert_eq!(relay_take(&mut h, id, t(2)), b"late data");
-    assert!(!h.nat_tcp_relay(id, t(2)).unwrap().is_closed());
+    assert_eq!(h.nat().table().len(), 1, "still open one way");
     c.send(&mut h, TcpControl::Fin, &[], t(3));
     let _ = sent(&mut h, t(3));
-    assert!(h.nat_tcp_relay(id, t(3)).unwrap().is_closed());
+    assert_eq!(h.nat().table().len(), 1, "the relay carries the client's FIN first");
+    assert!(h.nat_tcp_relay(id, t(3)).unwrap().client_finished());
+    h.nat_host_event(id, HostEvent::WriteShut, t(3));
+    let _ = sent(&mut h, t(3));
+    assert!(h.nat().table().is_empty());
+    assert_eq!(ended(&mut h), [EndReason::ClosedByRemote]);
 }
 
 #[test]
 fn resets_are_carried_both_ways() {
     let mut h = host_with(settings());
-    // Client RST: the relay sees a closed connection.
+    // Client RST: the session ends and the host socket is closed with a RST (abort), never
+    // shut down with a FIN first.
     let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 80), 40012, t(0));
+    let _ = ops(&mut h);
     c.send(&mut h, TcpControl::Rst, &[], t(1));
-    assert!(h.nat_tcp_relay(id, t(1)).unwrap().is_closed());
-    h.nat_tcp_finished(id, t(1));
+    assert!(h.nat_tcp_relay(id, t(1)).is_none());
+    assert_eq!(ops(&mut h), [format!("Close {{ id: {id:?}, abort: true }}")]);
+    assert_eq!(ended(&mut h), [EndReason::ResetByClient]);
     // Host RST: the client gets one.
     let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 81), 40013, t(2));
-    h.nat_tcp_relay(id, t(2)).unwrap().host_reset();
+    h.nat_host_event(id, HostEvent::Reset, t(2));
     let (_, _, rst) = c.receive(&mut h, t(2));
     assert!(rst, "RST to the client");
+    assert_eq!(ended(&mut h), [EndReason::ResetByRemote]);
 }
 
 #[test]
@@ -418,7 +292,7 @@ fn unreachable_connect_becomes_icmp_host_unreachable() {
         &tcp_frame(remote, 40014, TcpControl::Syn, 9000, None, &[]),
     );
     let (id, _) = connect_op(&mut h);
-    h.nat_tcp_connect_failed(id, ConnectFailure::TimedOut, t(30_000));
+    connect_failed(&mut h, id, libc::ETIMEDOUT, t(30_000));
     let frames = sent(&mut h, t(30_000));
     assert_eq!(frames.len(), 1);
     let eth = EthernetFrame::new_checked(&frames[0][..]).unwrap();
@@ -436,6 +310,7 @@ fn unreachable_connect_becomes_icmp_host_unreachable() {
     let quoted = &icmp.data()[20..28];
     assert_eq!(&quoted[4..8], &9000u32.to_be_bytes());
     assert!(h.nat().table().is_empty());
+    assert_eq!(ended(&mut h), [EndReason::Unreachable]);
 }
 
 #[test]
@@ -444,7 +319,7 @@ fn idle_tcp_sessions_are_reset_and_idle_udp_sessions_closed() {
     s.tcp_timeout = Duration::from_secs(60);
     s.udp_timeout = Duration::from_secs(30);
     let mut h = host_with(s);
-    let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 80), 40015, t(0));
+    let (mut c, _id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 80), 40015, t(0));
     h.handle_frame(
         t(0),
         &udp_frame(SocketAddrV4::new(REMOTE, 5000), 41000, b"ping"),
@@ -460,7 +335,11 @@ fn idle_tcp_sessions_are_reset_and_idle_udp_sessions_closed() {
     h.handle_timeout(t(60_000));
     let (_, _, rst) = c.receive(&mut h, t(60_000));
     assert!(rst, "idle TCP session reset");
-    assert!(h.nat_tcp_relay(id, t(60_000)).unwrap().is_closed());
+    assert!(h.nat().table().is_empty());
+    assert_eq!(
+        ended(&mut h),
+        [EndReason::IdleTimeout, EndReason::IdleTimeout]
+    );
 }
 
 #[test]
@@ -775,10 +654,10 @@ fn dns_over_tcp_goes_to_the_upstreams_in_turn() {
     );
     let (id, target) = connect_op(&mut h);
     assert_eq!(target, a);
-    h.nat_tcp_connect_failed(id, ConnectFailure::Refused, t(1));
+    connect_failed(&mut h, id, libc::ECONNREFUSED, t(1));
     let (id2, target) = connect_op(&mut h);
     assert_eq!((id2, target), (id, b));
-    assert!(h.nat_tcp_connected(id, t(2)));
+    connected(&mut h, id, t(2));
     let segs = tcp_segments(&sent(&mut h, t(2)));
     assert_eq!(
         segs[0].0,

@@ -1,0 +1,196 @@
+//! The shared in-memory fixture: a virtual host on a virtual clock, and the frames a test
+//! client sends. Used by the core's unit tests and by `benches/` (hence public, but hidden from
+//! the documentation: it is not part of the embedding API).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration as StdDuration;
+
+use hubnat_backend::FrameBatch;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
+    Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+};
+
+use super::dhcp::DhcpSettings;
+use super::nat::{IcmpMode, NatSettings};
+use super::{HostSettings, Settings, VirtualHost};
+
+/// The virtual host's MAC.
+pub const OUR_MAC: EthernetAddress = EthernetAddress([0x00, 0xac, 1, 2, 3, 4]);
+/// The virtual host's address.
+pub const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+/// The test client's MAC.
+pub const CLIENT_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0, 0, 1]);
+/// The test client's address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+/// An outside address.
+pub const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The reference settings: 192.168.30.1/24, DHCP on, NAT on with one DNS upstream.
+pub fn settings() -> Settings {
+    Settings {
+        enabled: true,
+        host: HostSettings {
+            mac: OUR_MAC,
+            ip: OUR_IP,
+            mask: Ipv4Addr::new(255, 255, 255, 0),
+            mtu: 1500,
+        },
+        dhcp: DhcpSettings {
+            enabled: true,
+            range_start: Ipv4Addr::new(192, 168, 30, 10),
+            range_end: Ipv4Addr::new(192, 168, 30, 200),
+            mask: Ipv4Addr::new(255, 255, 255, 0),
+            lease: StdDuration::from_secs(7200),
+            gateway: Some(OUR_IP),
+            dns: vec![OUR_IP],
+            domain: None,
+            routes: vec![],
+            statics: vec![],
+        },
+        nat: NatSettings {
+            enabled: true,
+            tcp_timeout: Duration::from_secs(7200),
+            udp_timeout: Duration::from_secs(600),
+            allow_host_loopback: false,
+            deny: vec![],
+            max_sessions: 100,
+            max_sessions_per_client: 10,
+            tcp_buffer: 1 << 20,
+            dns_upstreams: vec!["10.77.0.53:53".parse().expect("literal")],
+        },
+    }
+}
+
+/// A virtual host with `settings` at [`t`]`(0)`, echo through (fake) ping sockets.
+pub fn host(settings: Settings) -> VirtualHost {
+    let mut h = VirtualHost::new(settings, Vec::new(), 42, t(0));
+    h.set_icmp_mode(IcmpMode::Real);
+    h
+}
+
+/// The virtual clock: `ms` milliseconds after the fixture's epoch.
+pub fn t(ms: i64) -> Instant {
+    Instant::from_millis(1_700_000_000_000i64 + ms)
+}
+
+/// An Ethernet frame carrying an IPv4 packet from the client.
+pub fn ip_frame(
+    dst: Ipv4Addr,
+    protocol: IpProtocol,
+    payload_len: usize,
+    emit: impl FnOnce(&mut [u8]),
+) -> Vec<u8> {
+    let ip = Ipv4Repr {
+        src_addr: CLIENT_IP,
+        dst_addr: dst,
+        next_header: protocol,
+        payload_len,
+        hop_limit: 64,
+    };
+    let mut frame = vec![0u8; 14 + 20 + payload_len];
+    EthernetRepr {
+        src_addr: CLIENT_MAC,
+        dst_addr: OUR_MAC,
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    ip.emit(
+        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
+        &ChecksumCapabilities::default(),
+    );
+    emit(&mut frame[34..]);
+    frame
+}
+
+pub fn tcp_frame(
+    dst: SocketAddrV4,
+    sport: u16,
+    control: TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let repr = TcpRepr {
+        src_port: sport,
+        dst_port: dst.port(),
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: 64000,
+        window_scale: None,
+        max_seg_size: if control == TcpControl::Syn {
+            Some(1460)
+        } else {
+            None
+        },
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload,
+    };
+    ip_frame(*dst.ip(), IpProtocol::Tcp, repr.buffer_len(), |buf| {
+        repr.emit(
+            &mut TcpPacket::new_unchecked(buf),
+            &IpAddress::Ipv4(CLIENT_IP),
+            &IpAddress::Ipv4(*dst.ip()),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// Frames the core sent, after a poll.
+pub fn sent(h: &mut VirtualHost, now: Instant) -> Vec<Vec<u8>> {
+    h.poll(now);
+    let mut batch = FrameBatch::new(64, 1514);
+    h.take_transmit(&mut batch);
+    batch.iter().map(<[u8]>::to_vec).collect()
+}
+
+/// The TCP segments among `frames`: (src, dst, control, seq, ack, payload length).
+pub fn tcp_segments(
+    frames: &[Vec<u8>],
+) -> Vec<(
+    SocketAddrV4,
+    SocketAddrV4,
+    TcpControl,
+    u32,
+    Option<u32>,
+    usize,
+)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(&f[..]).ok()?;
+            assert_eq!(eth.dst_addr(), CLIENT_MAC, "frames go to the client's MAC");
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+            let repr = TcpRepr::parse(
+                &tcp,
+                &IpAddress::Ipv4(ip.src_addr()),
+                &IpAddress::Ipv4(ip.dst_addr()),
+                &ChecksumCapabilities::default(),
+            )
+            .ok()?;
+            Some((
+                SocketAddrV4::new(ip.src_addr(), repr.src_port),
+                SocketAddrV4::new(ip.dst_addr(), repr.dst_port),
+                repr.control,
+                repr.seq_number.0 as u32,
+                repr.ack_number.map(|a| a.0 as u32),
+                repr.payload.len(),
+            ))
+        })
+        .collect()
+}
+
+pub fn ops(h: &mut VirtualHost) -> Vec<String> {
+    let mut out = Vec::new();
+    h.drain_host_ops(|op| out.push(format!("{op:?}")));
+    out
+}
+
