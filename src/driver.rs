@@ -47,7 +47,9 @@ use crate::core::nat::{
     HostError, HostEvent, HostOp, IcmpMode, NatCounters, NatSettings, Protocol,
     SessionId,
 };
-use crate::core::{Counters, Event, HostSettings, Instant, LinkCounters, Settings, VirtualHost};
+use crate::core::{
+    Counters, Event, HostSettings, Instant, LeaseTarget, LinkCounters, Settings, VirtualHost,
+};
 use crate::host;
 use crate::seclog::SecurityLog;
 use crate::state::{StateDir, StateError};
@@ -383,6 +385,7 @@ enum Command {
         reply: Reply<Result<(), HandleError>>,
     },
     EndSession(SessionId, Reply<bool>),
+    ReleaseLease(LeaseTarget, Reply<Option<LeaseRow>>),
 }
 
 /// A cloneable handle to a running gateway: each call sends a command into the gateway's loop
@@ -438,6 +441,12 @@ impl GatewayHandle {
     /// Ends session `id` (TCP: a RST both ways). False when there is no such session.
     pub async fn end_session(&self, id: SessionId) -> Result<bool, HandleError> {
         self.ask(|r| Command::EndSession(id, r)).await
+    }
+
+    /// Releases the lease of a MAC address or of an address, as a client's RELEASE would.
+    /// Returns the lease released, or `None` when there was none.
+    pub async fn release_lease(&self, target: LeaseTarget) -> Result<Option<LeaseRow>, HandleError> {
+        self.ask(|r| Command::ReleaseLease(target, r)).await
     }
 }
 
@@ -755,20 +764,12 @@ impl Gateway {
             }
             Command::Leases(reply) => {
                 let core = shared.core.borrow();
-                let rows = core
-                    .dhcp()
-                    .pool()
-                    .iter()
-                    .map(|l| LeaseRow {
-                        id: l.id.0,
-                        mac: fmt_mac(&l.mac),
-                        ip: l.ip,
-                        hostname: l.hostname.clone(),
-                        state: format!("{:?}", l.state).to_lowercase(),
-                        expires: UNIX_EPOCH + Duration::from_secs(clock.wall_secs(l.expires)),
-                    })
-                    .collect();
+                let rows = core.dhcp().leases().map(|l| lease_row(clock, l)).collect();
                 let _ = reply.try_send(rows);
+            }
+            Command::ReleaseLease(target, reply) => {
+                let lease = shared.core.borrow_mut().release_lease(target, now);
+                let _ = reply.try_send(lease.as_ref().map(|l| lease_row(clock, l)));
             }
             Command::Apply { config, who, reply } => {
                 let result = self.apply(shared, *config, &who, max_frame, now);
@@ -894,6 +895,17 @@ impl Gateway {
         if let Err(e) = self.state.save_leases(&leases) {
             error!(error = %e, "cannot save the lease table; leases given out since the last save would be lost on restart");
         }
+    }
+}
+
+fn lease_row(clock: &Clock, l: &Lease) -> LeaseRow {
+    LeaseRow {
+        id: l.id.0,
+        mac: fmt_mac(&l.mac),
+        ip: l.ip,
+        hostname: l.hostname.clone(),
+        state: format!("{:?}", l.state).to_lowercase(),
+        expires: UNIX_EPOCH + Duration::from_secs(clock.wall_secs(l.expires)),
     }
 }
 

@@ -85,6 +85,18 @@ fn tcp_through_the_driver_with_half_close_both_ways() {
     assert_eq!(server.join().unwrap(), data.len());
     assert_eq!(received.len(), data.len());
     assert!(received == data, "echo differs");
+    // The client's last ACK (smoltcp may delay it) ends the session on the gateway's side: keep
+    // the client polling until the gateway has logged the end.
+    let log_path = state.path().join("security.log");
+    let deadline = StdInstant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("NAT session deleted: id=1 ")
+    {
+        client.poll(Instant::now());
+        assert!(StdInstant::now() < deadline, "the session never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 
     // A refused connection: nothing listens on the port any more.
     let h2 = client.tcp_connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), 50001);
