@@ -42,10 +42,11 @@ use smoltcp::wire::EthernetAddress;
 use tracing::{error, info};
 
 use crate::config::{Config, MacAddr};
-use crate::core::dhcp::{server::fmt_mac, DhcpCounters, DhcpSettings, Lease, Reservation, StaticRoute};
+use crate::core::dhcp::{
+    server::fmt_mac, DhcpCounters, DhcpSettings, Lease, Reservation, StaticRoute,
+};
 use crate::core::nat::{
-    HostError, HostEvent, HostOp, IcmpMode, NatCounters, NatSettings, Protocol,
-    SessionId,
+    HostError, HostEvent, HostOp, IcmpMode, NatCounters, NatSettings, Protocol, SessionId,
 };
 use crate::core::{
     Counters, Event, HostSettings, Instant, LeaseTarget, LinkCounters, Settings, VirtualHost,
@@ -445,7 +446,10 @@ impl GatewayHandle {
 
     /// Releases the lease of a MAC address or of an address, as a client's RELEASE would.
     /// Returns the lease released, or `None` when there was none.
-    pub async fn release_lease(&self, target: LeaseTarget) -> Result<Option<LeaseRow>, HandleError> {
+    pub async fn release_lease(
+        &self,
+        target: LeaseTarget,
+    ) -> Result<Option<LeaseRow>, HandleError> {
         self.ask(|r| Command::ReleaseLease(target, r)).await
     }
 }
@@ -527,7 +531,8 @@ impl Gateway {
         let restored = leases.len();
         let (icmp_mode, icmp_err) = host::probe_icmp_mode();
         let seed = random_seed();
-        let mut core = VirtualHost::new(settings(&self.config, self.mac), leases, seed, clock.now());
+        let mut core =
+            VirtualHost::new(settings(&self.config, self.mac), leases, seed, clock.now());
         core.set_icmp_mode(icmp_mode);
         match host::raise_fd_limit() {
             Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
@@ -660,8 +665,10 @@ impl Gateway {
                     match deadline {
                         Some(at) => {
                             let delay = Duration::from_micros(
-                                u64::try_from(at.total_micros() - shared.clock.now().total_micros())
-                                    .unwrap_or(0),
+                                u64::try_from(
+                                    at.total_micros() - shared.clock.now().total_micros(),
+                                )
+                                .unwrap_or(0),
                             );
                             Timer::after(delay).await;
                             Wake::Timer
@@ -776,10 +783,7 @@ impl Gateway {
                 let _ = reply.try_send(result);
             }
             Command::EndSession(id, reply) => {
-                let ended = shared
-                    .core
-                    .borrow_mut()
-                    .end_session_by_operator(id, now);
+                let ended = shared.core.borrow_mut().end_session_by_operator(id, now);
                 if ended {
                     self.seclog
                         .write("NAT", "session ended by operator", &format!("id={id}"));

@@ -443,8 +443,12 @@ mod tests {
 
     #[test]
     fn bounded_and_malformed() {
-        let (mut f, ups): (_, Vec<SocketAddr>) = (DnsForwarder::new(0), vec!["10.77.0.2:53".parse().unwrap()]);
-        assert_eq!(f.query(client(), &[1, 2, 3], &ups, Instant::from_secs(0)), None);
+        let (mut f, ups): (_, Vec<SocketAddr>) =
+            (DnsForwarder::new(0), vec!["10.77.0.2:53".parse().unwrap()]);
+        assert_eq!(
+            f.query(client(), &[1, 2, 3], &ups, Instant::from_secs(0)),
+            None
+        );
         for i in 0..MAX_PENDING as u16 {
             assert!(f
                 .query(client(), &query_bytes(i), &ups, Instant::from_secs(0))

@@ -251,11 +251,13 @@ impl VirtualHost {
         if old.host.ip != host.ip || old.host.mask != host.mask || old.host.mtu != host.mtu {
             self.nat_link_changed(now);
         }
-        if old.dhcp != self.settings.dhcp || old.host.ip != host.ip || old.host.mask != host.mask
-        {
+        if old.dhcp != self.settings.dhcp || old.host.ip != host.ip || old.host.mask != host.mask {
             // Leases and counters stay; a record the new settings no longer allow is dropped
             // (and the table saved).
-            if self.dhcp.reconfigure(&self.settings.dhcp, host.ip, host.mask) {
+            if self
+                .dhcp
+                .reconfigure(&self.settings.dhcp, host.ip, host.mask)
+            {
                 self.events.push_back(Event::LeasesChanged);
             }
         }
@@ -286,8 +288,13 @@ impl VirtualHost {
     pub fn release_lease(&mut self, target: LeaseTarget, now: Instant) -> Option<Lease> {
         self.now = now;
         let lease = match target {
-            LeaseTarget::Mac(mac) => self.dhcp.release_by_mac(mac, secs(now), &mut self.dhcp_events),
-            LeaseTarget::Ip(ip) => self.dhcp.release_by_ip(ip, secs(now), &mut self.dhcp_events),
+            LeaseTarget::Mac(mac) => {
+                self.dhcp
+                    .release_by_mac(mac, secs(now), &mut self.dhcp_events)
+            }
+            LeaseTarget::Ip(ip) => self
+                .dhcp
+                .release_by_ip(ip, secs(now), &mut self.dhcp_events),
         };
         if lease.is_some() {
             self.events.push_back(Event::LeasesChanged);
@@ -324,10 +331,7 @@ impl VirtualHost {
     /// timeouts, DNS failover, TCP retransmissions.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
-        if self
-            .dhcp
-            .handle_timeout(secs(now), &mut self.dhcp_events)
-        {
+        if self.dhcp.handle_timeout(secs(now), &mut self.dhcp_events) {
             self.events.push_back(Event::LeasesChanged);
         }
         self.flush_dhcp_events();
@@ -478,15 +482,13 @@ impl VirtualHost {
                 return;
             }
         };
-        let reply = self
-            .dhcp
-            .handle_from(
-                &self.settings.dhcp,
-                &msg,
-                src_mac.0,
-                secs(now),
-                &mut self.dhcp_events,
-            );
+        let reply = self.dhcp.handle_from(
+            &self.settings.dhcp,
+            &msg,
+            src_mac.0,
+            secs(now),
+            &mut self.dhcp_events,
+        );
         if let Some(reply) = reply {
             self.dhcp_buf.clear();
             let mut enc = dhcproto::Encoder::new(&mut self.dhcp_buf);

@@ -193,4 +193,3 @@ pub fn ops(h: &mut VirtualHost) -> Vec<String> {
     h.drain_host_ops(|op| out.push(format!("{op:?}")));
     out
 }
-

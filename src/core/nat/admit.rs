@@ -247,12 +247,21 @@ type Packets<'a> = &'a [&'a [u8]];
 
 impl VirtualHost {
     /// A packet (`p`, a whole IPv4 packet) of flow `key`, which has no session.
-    pub(super) fn admit(&mut self, now: Instant, key: FlowKey, mac: [u8; 6], p: &Ipv4Packet<&[u8]>) {
+    pub(super) fn admit(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        mac: [u8; 6],
+        p: &Ipv4Packet<&[u8]>,
+    ) {
         let adm = &mut self.nat.admission;
         if let Some(ticket) = adm.by_key.get(&key) {
             // Already waiting for its verdict: keep a few datagrams; a retransmitted SYN has
             // nothing new to say.
-            let flow = adm.pending.get_mut(ticket).expect("invariant: by_key follows pending");
+            let flow = adm
+                .pending
+                .get_mut(ticket)
+                .expect("invariant: by_key follows pending");
             if key.protocol != Protocol::Tcp && flow.packets.len() < MAX_QUEUED_PER_FLOW {
                 flow.packets.push(p.as_ref().to_vec());
             } else if key.protocol != Protocol::Tcp {
@@ -262,7 +271,9 @@ impl VirtualHost {
         }
         let to_us = *key.remote.ip() == self.settings.host.ip;
         if !to_us {
-            if let Err(rule) = safety_rules(*key.remote.ip(), &self.settings.host, &self.settings.nat) {
+            if let Err(rule) =
+                safety_rules(*key.remote.ip(), &self.settings.host, &self.settings.nat)
+            {
                 self.refuse(key, EndReason::DeniedByRule, rule.to_owned(), now);
                 self.answer_refusal(key.protocol, p);
                 return;
@@ -374,7 +385,14 @@ impl VirtualHost {
 
     /// Carries out `decision` for a flow: refuse it, or (after the limits) make it a session
     /// and hand it its packets.
-    fn decide(&mut self, now: Instant, key: FlowKey, mac: [u8; 6], packets: Packets<'_>, decision: Decision) {
+    fn decide(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        mac: [u8; 6],
+        packets: Packets<'_>,
+        decision: Decision,
+    ) {
         let Some(&first) = packets.first() else {
             return;
         };
@@ -384,12 +402,22 @@ impl VirtualHost {
         let by = decision.by.as_deref().unwrap_or("(unnamed)");
         let target = match decision.verdict {
             Verdict::Reject => {
-                self.refuse(key, EndReason::DeniedByPolicy, format!("rejected by policy {by}"), now);
+                self.refuse(
+                    key,
+                    EndReason::DeniedByPolicy,
+                    format!("rejected by policy {by}"),
+                    now,
+                );
                 self.answer_refusal(key.protocol, &p);
                 return;
             }
             Verdict::Drop => {
-                self.refuse(key, EndReason::DeniedByPolicy, format!("dropped by policy {by}"), now);
+                self.refuse(
+                    key,
+                    EndReason::DeniedByPolicy,
+                    format!("dropped by policy {by}"),
+                    now,
+                );
                 return;
             }
             Verdict::Redirect(target) => {

@@ -89,7 +89,8 @@ impl VirtualHost {
                 data,
             };
             let host = self.settings.host;
-            self.link.push_icmp(&host, p.dst_addr(), p.src_addr(), &reply);
+            self.link
+                .push_icmp(&host, p.dst_addr(), p.src_addr(), &reply);
             return;
         }
         let range = self.nat.stash(data);

@@ -41,6 +41,8 @@ pub mod tcp;
 pub mod udp;
 
 #[cfg(test)]
+mod admission_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
@@ -528,13 +530,15 @@ impl NatState {
     /// The idle timeout of a session, or `None` while it is not to be timed out: a TCP session
     /// still connecting (the connect has its own timeout), or one whose connection is already
     /// over.
-    fn idle_timeout(&self, s: &Session, settings: &NatSettings, host_ip: Ipv4Addr) -> Option<Duration> {
+    fn idle_timeout(
+        &self,
+        s: &Session,
+        settings: &NatSettings,
+        host_ip: Ipv4Addr,
+    ) -> Option<Duration> {
         match s.key.protocol {
             Protocol::Tcp if s.state == SessionState::Connecting => None,
-            Protocol::Tcp => self
-                .stack
-                .is_open(s.id)
-                .then_some(settings.tcp_timeout),
+            Protocol::Tcp => self.stack.is_open(s.id).then_some(settings.tcp_timeout),
             Protocol::Udp if *s.key.remote.ip() == host_ip => Some(DNS_SESSION_TIMEOUT),
             Protocol::Udp => Some(settings.udp_timeout),
             Protocol::Icmp => Some(ICMP_TIMEOUT),

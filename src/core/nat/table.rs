@@ -20,7 +20,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use smoltcp::time::{Duration, Instant};
 
 /// A session's identity in the table, the logs and the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct SessionId(pub u64);
 
@@ -438,8 +440,12 @@ mod tests {
             max_sessions: 10,
             max_per_client: 10,
         };
-        let a = t.insert(key(1), MAC, target(), l, Instant::from_secs(0)).unwrap();
-        let b = t.insert(key(2), MAC, target(), l, Instant::from_secs(0)).unwrap();
+        let a = t
+            .insert(key(1), MAC, target(), l, Instant::from_secs(0))
+            .unwrap();
+        let b = t
+            .insert(key(2), MAC, target(), l, Instant::from_secs(0))
+            .unwrap();
         t.get_mut(b).unwrap().count_out(10, Instant::from_secs(50));
         let udp_only =
             |s: &Session| (s.key.protocol == Protocol::Udp).then_some(Duration::from_secs(60));

@@ -152,7 +152,9 @@ impl phy::TxToken for Tx<'_> {
             let (head, packet) = buf.split_at_mut(ETHERNET_HEADER_LEN);
             result = Some((f.take().expect("invariant: called once"))(packet));
             let dst_ip = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-            let dst_mac = neighbours.lookup(dst_ip).unwrap_or(EthernetAddress::BROADCAST);
+            let dst_mac = neighbours
+                .lookup(dst_ip)
+                .unwrap_or(EthernetAddress::BROADCAST);
             EthernetRepr {
                 src_addr: our_mac,
                 dst_addr: dst_mac,
@@ -301,7 +303,15 @@ impl TcpStack {
 
     /// Feeds one segment to connection `id`'s set, or to the empty set (which answers with a
     /// RST) when no connection owns it.
-    fn ingress(&mut self, now: Instant, link: &mut Link, our_mac: EthernetAddress, mtu: usize, packet: &[u8], id: Option<SessionId>) {
+    fn ingress(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        our_mac: EthernetAddress,
+        mtu: usize,
+        packet: &[u8],
+        id: Option<SessionId>,
+    ) {
         let mut device = PollDevice {
             rx: Some(packet),
             link,
@@ -324,7 +334,13 @@ impl TcpStack {
 
     /// Runs egress for the connections that are dirty or have a timer due, and frees buried
     /// ones. Returns the connections it polled (whose state may have changed).
-    fn egress(&mut self, now: Instant, link: &mut Link, our_mac: EthernetAddress, mtu: usize) -> Vec<SessionId> {
+    fn egress(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        our_mac: EthernetAddress,
+        mtu: usize,
+    ) -> Vec<SessionId> {
         if !self.wants_poll(now) {
             return Vec::new();
         }
@@ -567,9 +583,9 @@ impl VirtualHost {
             HostEvent::Reset => self.end_session(id, EndReason::ResetByRemote, now),
             HostEvent::Error(e) => {
                 let reason = match HostError::from_io(e) {
-                    HostError::TimedOut | HostError::HostUnreachable | HostError::NetUnreachable => {
-                        EndReason::Unreachable
-                    }
+                    HostError::TimedOut
+                    | HostError::HostUnreachable
+                    | HostError::NetUnreachable => EndReason::Unreachable,
                     _ => EndReason::ResetByRemote,
                 };
                 tracing::debug!(session = %id, error = %e, "nat: tcp host socket error");
@@ -591,7 +607,9 @@ impl VirtualHost {
             return;
         };
         let buffer = self.settings.nat.tcp_buffer;
-        self.nat.stack.accept(id, p.dst_addr(), seg.dst_port(), buffer);
+        self.nat
+            .stack
+            .accept(id, p.dst_addr(), seg.dst_port(), buffer);
         // Now the SYN goes in, and the SYN-ACK out with the next poll.
         self.stack_ingress(now, &syn, Some(id));
         if let Some(s) = self.nat.table.get_mut(id) {
@@ -629,14 +647,18 @@ impl VirtualHost {
             HostError::Refused => kind.as_str().to_owned(),
             _ => format!("{}: {error}", kind.as_str()),
         };
-        self.nat.events.push_back(NatEvent::Failed { id, key, reason });
+        self.nat
+            .events
+            .push_back(NatEvent::Failed { id, key, reason });
         let (answer, end) = match kind {
-            HostError::HostUnreachable | HostError::TimedOut => {
-                (Some(Icmpv4DstUnreachable::HostUnreachable), EndReason::Unreachable)
-            }
-            HostError::NetUnreachable => {
-                (Some(Icmpv4DstUnreachable::NetUnreachable), EndReason::Unreachable)
-            }
+            HostError::HostUnreachable | HostError::TimedOut => (
+                Some(Icmpv4DstUnreachable::HostUnreachable),
+                EndReason::Unreachable,
+            ),
+            HostError::NetUnreachable => (
+                Some(Icmpv4DstUnreachable::NetUnreachable),
+                EndReason::Unreachable,
+            ),
             HostError::Resources => (None, EndReason::Limit),
             HostError::Refused | HostError::Reset | HostError::Other => (None, EndReason::Refused),
         };
@@ -675,7 +697,10 @@ impl VirtualHost {
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
         let host = self.settings.host;
-        let polled = self.nat.stack.egress(now, &mut self.link, host.mac, host.mtu);
+        let polled = self
+            .nat
+            .stack
+            .egress(now, &mut self.link, host.mac, host.mtu);
         for id in polled {
             if self.nat.table.get(id).is_some() {
                 self.tcp_check_end(id, now);

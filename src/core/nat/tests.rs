@@ -235,7 +235,10 @@ fn data_flows_both_ways_and_the_client_half_closes_first() {
     let (_, fin, _) = c.receive(&mut h, t(4));
     assert!(fin, "FIN to the client after the host's EOF");
     let _ = sent(&mut h, t(5));
-    assert!(h.nat_tcp_relay(id, t(5)).is_none(), "the core ended the session");
+    assert!(
+        h.nat_tcp_relay(id, t(5)).is_none(),
+        "the core ended the session"
+    );
     assert!(h.nat().table().is_empty());
     assert_eq!(ended(&mut h), [EndReason::ClosedByClient]);
     let closes = ops(&mut h);
@@ -256,7 +259,11 @@ fn the_host_half_closes_first_and_the_client_keeps_sending() {
     assert_eq!(h.nat().table().len(), 1, "still open one way");
     c.send(&mut h, TcpControl::Fin, &[], t(3));
     let _ = sent(&mut h, t(3));
-    assert_eq!(h.nat().table().len(), 1, "the relay carries the client's FIN first");
+    assert_eq!(
+        h.nat().table().len(),
+        1,
+        "the relay carries the client's FIN first"
+    );
     assert!(h.nat_tcp_relay(id, t(3)).unwrap().client_finished());
     h.nat_host_event(id, HostEvent::WriteShut, t(3));
     let _ = sent(&mut h, t(3));
@@ -273,7 +280,10 @@ fn resets_are_carried_both_ways() {
     let _ = ops(&mut h);
     c.send(&mut h, TcpControl::Rst, &[], t(1));
     assert!(h.nat_tcp_relay(id, t(1)).is_none());
-    assert_eq!(ops(&mut h), [format!("Close {{ id: {id:?}, abort: true }}")]);
+    assert_eq!(
+        ops(&mut h),
+        [format!("Close {{ id: {id:?}, abort: true }}")]
+    );
     assert_eq!(ended(&mut h), [EndReason::ResetByClient]);
     // Host RST: the client gets one.
     let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 81), 40013, t(2));

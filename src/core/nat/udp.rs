@@ -163,13 +163,20 @@ impl VirtualHost {
         let Some(quote) = s.quote else {
             return false;
         };
-        self.link.push_unreachable_quoted(&host, from, quote.as_slice(), code);
+        self.link
+            .push_unreachable_quoted(&host, from, quote.as_slice(), code);
         self.nat.counters.icmp_errors += 1;
         true
     }
 
     /// The host socket of UDP or ICMP session `id` could not be opened: the session ends.
-    pub(super) fn socket_failed(&mut self, id: SessionId, e: &io::Error, kind: HostError, now: Instant) {
+    pub(super) fn socket_failed(
+        &mut self,
+        id: SessionId,
+        e: &io::Error,
+        kind: HostError,
+        now: Instant,
+    ) {
         if let Some(s) = self.nat.table.get(id) {
             let key = s.key;
             self.nat.events.push_back(NatEvent::Failed {
@@ -213,10 +220,14 @@ impl VirtualHost {
             }
             let data = &buf[..n];
             let host = self.settings.host;
-            self.link
-                .push_udp(&host, key.remote, key.client, n, &mut self.nat.scratch, |out| {
-                    out.copy_from_slice(data)
-                });
+            self.link.push_udp(
+                &host,
+                key.remote,
+                key.client,
+                n,
+                &mut self.nat.scratch,
+                |out| out.copy_from_slice(data),
+            );
         }
         self.nat.reassembled = buf;
         result
@@ -249,10 +260,14 @@ impl VirtualHost {
                         s.count_in(bytes.len(), self.now);
                     }
                 }
-                self.link
-                    .push_udp(&host, from, client, bytes.len(), &mut self.nat.scratch, |buf| {
-                        buf.copy_from_slice(&bytes)
-                    });
+                self.link.push_udp(
+                    &host,
+                    from,
+                    client,
+                    bytes.len(),
+                    &mut self.nat.scratch,
+                    |buf| buf.copy_from_slice(&bytes),
+                );
             }
         }
     }
