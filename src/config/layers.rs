@@ -1,0 +1,594 @@
+//! The layers a configuration is built from, and where each value came from.
+//!
+//! # Theory of operation
+//!
+//! [`Config::figment`] stacks the layers of [`Sources`] with figment, lowest first; a later
+//! layer wins key by key, and lists are replaced whole, never concatenated:
+//!
+//! 1. the built-in defaults ([`Config::default()`]);
+//! 2. the TOML file ([`Sources::file`]); it must exist;
+//! 3. `HUBNAT_…` environment variables ([`Sources::env`]); `__` separates the levels;
+//! 4. command-line overrides, `--set KEY=VALUE` ([`Override`]), in order.
+//!
+//! Each layer is a figment provider with metadata that names it, and figment tags every value
+//! with the layer it came from. [`Origins`] reads those tags back, so an error can say "from
+//! file x.toml", "from environment variable HUBNAT_NAT__MTU" or "from the command line". Every
+//! provider reads its input when it is merged, so after [`Config::figment`] returns, extracting
+//! and validating are pure.
+//!
+//! [`Config::load`] is the loader: it checks that the file can be read, merges the layers,
+//! extracts a [`Config`] (type errors become [`ConfigError`]s naming key, value and source) and
+//! [validates](Config::validate) it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+
+use super::render::{is_index, key_segments};
+use super::{Config, ConfigError};
+
+/// The prefix of hubnat's environment variables.
+pub const ENV_PREFIX: &str = "HUBNAT_";
+/// What separates the levels of a key in an environment variable's name.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Metadata names of the layers; [`describe_origin`] turns them into "(from …)" texts.
+pub(super) const ORIGIN_DEFAULTS: &str = "the built-in defaults";
+const ORIGIN_ENV: &str = "environment variable";
+const ORIGIN_CLI: &str = "the command line";
+
+/// Where the configuration comes from. `Sources::default()` is the built-in defaults alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// The TOML file given with `--config`; it must exist.
+    pub file: Option<PathBuf>,
+    /// Whether to read `HUBNAT_…` environment variables (true in the binary).
+    pub env: bool,
+    /// Command-line overrides, applied in order (a later one wins).
+    pub overrides: Vec<Override>,
+}
+
+/// One command-line setting: `--set dhcp.lease=1h`, or a dedicated flag turned into one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Override {
+    /// The dotted key, e.g. `dhcp.lease`.
+    pub key: String,
+    /// The value as typed: a TOML value if it parses as one, else a plain string.
+    pub value: String,
+}
+
+impl Override {
+    /// An override of `key` with `value` (read like the VALUE of `--set KEY=VALUE`).
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
+        Override {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// The value as figment will see it.
+    fn parsed_value(&self) -> Value {
+        let raw = self.value.trim();
+        // One line can hold only one key/value pair, so nothing else can be injected.
+        if !raw.contains(['\n', '\r']) {
+            let doc = format!("v = {raw}");
+            if let Ok(value) = Figment::from(Toml::string(&doc)).find_value("v") {
+                return value;
+            }
+        }
+        match raw.parse::<Value>() {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl FromStr for Override {
+    type Err = ConfigError;
+
+    /// Parses `KEY=VALUE`; KEY is dotted lowercase words (`dhcp.range_start`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ConfigError::Override {
+            arg: s.into(),
+            reason: reason.into(),
+        };
+        let (key, value) = s.split_once('=').ok_or_else(|| bad("expected KEY=VALUE"))?;
+        let key = key.trim();
+        let well_formed = key.split('.').all(|word| {
+            !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+        if !well_formed {
+            return Err(bad(
+                "KEY must be dotted lowercase words like dhcp.range_start (see config/hubnat.toml)",
+            ));
+        }
+        Ok(Override::new(key, value))
+    }
+}
+
+impl fmt::Display for Override {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
+/// The built-in defaults as a figment provider.
+struct DefaultsLayer(Config);
+
+impl Provider for DefaultsLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ORIGIN_DEFAULTS)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::defaults(&self.0).data()
+    }
+}
+
+/// `HUBNAT_…` environment variables, with metadata that names each variable exactly.
+struct EnvLayer;
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ORIGIN_ENV).interpolater(|_: &Profile, keys: &[&str]| env_var_name(keys))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Env::prefixed(ENV_PREFIX)
+            .split(ENV_SEPARATOR)
+            .ignore(&["config"])
+            .data()
+    }
+}
+
+/// The environment variable that sets the key made of `keys`.
+fn env_var_name(keys: &[&str]) -> String {
+    let upper: Vec<String> = keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+    format!("{ENV_PREFIX}{}", upper.join(ENV_SEPARATOR))
+}
+
+/// One command-line override as a figment provider.
+struct OverrideLayer(Override);
+
+impl Provider for OverrideLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ORIGIN_CLI)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let key = &self.0.key;
+        let dict = figment::util::nest(key, self.0.parsed_value())
+            .into_dict()
+            .ok_or_else(|| figment::Error::from(format!("invalid command-line key {key:?}")))?;
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+impl Config {
+    /// Reads, merges, extracts and validates the configuration from `sources`.
+    ///
+    /// Errors: the file is missing or unreadable ([`ConfigError::File`]), not TOML
+    /// ([`ConfigError::Syntax`]), or a value is wrong ([`ConfigError::Invalid`], several at
+    /// once as [`ConfigError::Several`]).
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        if let Some(path) = &sources.file {
+            if let Err(e) = std::fs::read(path) {
+                let reason = match e.kind() {
+                    std::io::ErrorKind::NotFound => "does not exist".to_string(),
+                    _ => format!("cannot be read: {e}"),
+                };
+                return Err(ConfigError::File {
+                    path: path.clone(),
+                    reason,
+                });
+            }
+        }
+        let figment = Self::figment(sources);
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::from_figment(e, &figment))?;
+        config.validate(&Origins::new(&figment))?;
+        Ok(config)
+    }
+
+    /// The layers of `sources` as a figment, lowest first: defaults, file, environment,
+    /// overrides. The file and the environment are read now; their errors (a missing file,
+    /// bad TOML) surface when the figment is extracted.
+    pub fn figment(sources: &Sources) -> Figment {
+        let mut figment = Figment::from(DefaultsLayer(Config::default()));
+        if let Some(path) = &sources.file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        if sources.env {
+            figment = figment.merge(EnvLayer);
+        }
+        for o in &sources.overrides {
+            figment = figment.merge(OverrideLayer(o.clone()));
+        }
+        figment
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where a value came from
+// ---------------------------------------------------------------------------------------------
+
+/// Where each value of a configuration came from: the merged layers, read back by their tags.
+/// Looking a key up is pure: the layers were read when they were merged.
+#[derive(Clone, Copy)]
+pub struct Origins<'a> {
+    figment: &'a Figment,
+}
+
+impl<'a> Origins<'a> {
+    /// The origins recorded in `figment`, the layers a configuration was extracted from.
+    pub fn new(figment: &'a Figment) -> Self {
+        Origins { figment }
+    }
+
+    /// "from …" for `key` (which may hold `[i]` indices), e.g. "from file x.toml". A key no
+    /// layer set is attributed to its nearest ancestor that one did, else to the defaults.
+    pub fn of(&self, key: &str) -> String {
+        format!("from {}", origin_of(self.figment, &key_segments(key)))
+    }
+}
+
+impl fmt::Debug for Origins<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Origins")
+    }
+}
+
+/// The value at `segments` in the merged figment; numeric segments index arrays.
+pub(super) fn lookup(figment: &Figment, segments: &[String]) -> Option<Value> {
+    let (first, rest) = segments.split_first()?;
+    let mut value = figment.find_value(first).ok()?;
+    for seg in rest {
+        value = match value {
+            Value::Dict(_, mut dict) => dict.remove(seg.as_str())?,
+            Value::Array(_, mut array) => {
+                let i: usize = seg.parse().ok()?;
+                (i < array.len()).then(|| array.swap_remove(i))?
+            }
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+/// Which layer gave the value at `segments`: "file x.toml", "environment variable
+/// HUBNAT_NAT__MTU", "the command line" or "the built-in defaults".
+pub(super) fn origin_of(figment: &Figment, segments: &[String]) -> String {
+    // A key absent from the figment (the figment may not be the one the config came from)
+    // is attributed to its nearest present ancestor.
+    (1..=segments.len())
+        .rev()
+        .find_map(|n| {
+            let value = lookup(figment, &segments[..n])?;
+            let metadata = figment.get_metadata(value.tag())?;
+            Some(describe_origin(metadata, figment.profile(), segments))
+        })
+        .unwrap_or_else(|| ORIGIN_DEFAULTS.to_string())
+}
+
+/// Names a layer for a user: its file, its environment variable, or its name.
+pub(super) fn describe_origin(
+    metadata: &Metadata,
+    profile: &Profile,
+    segments: &[String],
+) -> String {
+    if let Some(path) = metadata.source.as_ref().and_then(|s| s.file_path()) {
+        return format!("file {}", path.display());
+    }
+    if metadata.name == ORIGIN_ENV {
+        // An environment variable sets a whole list, so stop at the first index.
+        let keys: Vec<&str> = segments
+            .iter()
+            .take_while(|s| !is_index(s))
+            .map(String::as_str)
+            .collect();
+        return format!("{ORIGIN_ENV} {}", metadata.interpolate(profile, &keys));
+    }
+    metadata.name.to_string()
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Result
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use figment::Jail;
+
+    use crate::config::testing::*;
+    use crate::config::*;
+
+    use super::*;
+
+    #[test]
+    fn defaults_alone_load_and_validate() {
+        Jail::expect_with(|_| {
+            let c = Config::load(&Sources::default()).expect("the defaults are valid");
+            assert_eq!(c, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn layers_apply_defaults_then_file_then_env_then_command_line() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "x.toml",
+                r#"
+                [dhcp]
+                lease = "1h"
+                range_start = "192.168.30.20"
+                [nat]
+                mtu = 1400
+                udp_timeout = "5m"
+            "#,
+            )?;
+            jail.set_env("HUBNAT_DHCP__LEASE", "30m");
+            jail.set_env("HUBNAT_NAT__MTU", "1300");
+            let sources = Sources {
+                file: Some("x.toml".into()),
+                env: true,
+                overrides: vec![
+                    "dhcp.lease=5m".parse().expect("override"),
+                    Override::new("nat.enabled", "false"),
+                ],
+            };
+            let c = Config::load(&sources).expect("valid");
+            assert_eq!(c.dhcp.lease, Duration::from_secs(300)); // command line over env and file
+            assert_eq!(c.nat.mtu, 1300); // env over file
+            assert_eq!(c.dhcp.range_start, ip("192.168.30.20")); // file over defaults
+            assert_eq!(c.nat.udp_timeout, Duration::from_secs(300));
+            assert_eq!(c.dhcp.range_end, ip("192.168.30.200")); // defaults
+            assert!(!c.nat.enabled);
+
+            let figment = Config::figment(&sources);
+            let origin = |key: &str| origin_of(&figment, &key_segments(key));
+            assert_eq!(origin("dhcp.lease"), "the command line");
+            assert_eq!(origin("nat.mtu"), "environment variable HUBNAT_NAT__MTU");
+            assert_eq!(origin("dhcp.range_start"), "file x.toml");
+            assert_eq!(origin("dhcp.range_end"), "the built-in defaults");
+
+            // Without `env`, the environment is not read.
+            let c = Config::load(&Sources {
+                env: false,
+                ..sources
+            })
+            .expect("valid");
+            assert_eq!(c.nat.mtu, 1400);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_double_underscore_nests_and_values_parse() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUBNAT_DHCP__RANGE_START", "192.168.30.50");
+            jail.set_env("HUBNAT_BACKEND__TAP__NAME", "tap7");
+            jail.set_env("HUBNAT_BACKEND__KIND", "memory");
+            jail.set_env("HUBNAT_DNS__UPSTREAM", "[1.1.1.1, 9.9.9.9:5353]");
+            jail.set_env("HUBNAT_DHCP__GATEWAY", "");
+            jail.set_env("HUBNAT_DHCP__DNS", "192.168.30.2");
+            jail.set_env("HUBNAT_LOG__FORMAT", "json");
+            // Reserved for the CLI's --config, not a key.
+            jail.set_env("HUBNAT_CONFIG", "/nonexistent.toml");
+            let c = Config::load(&Sources {
+                env: true,
+                ..Sources::default()
+            })
+            .expect("valid");
+            assert_eq!(c.dhcp.range_start, ip("192.168.30.50"));
+            assert_eq!(c.backend.tap.name, "tap7");
+            assert_eq!(c.backend.kind, BackendKind::Memory);
+            assert_eq!(
+                c.dns.upstream,
+                vec![
+                    "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
+                    "9.9.9.9:5353".parse().expect("addr"),
+                ]
+            );
+            assert_eq!(c.dhcp.gateway, None);
+            assert_eq!(c.dhcp.dns, vec![ip("192.168.30.2")]);
+            assert_eq!(c.log.format, LogFormat::Json);
+
+            jail.set_env("HUBNAT_DHCP__DNS", "");
+            let c = Config::load(&Sources {
+                env: true,
+                ..Sources::default()
+            })
+            .expect("valid");
+            assert!(c.dhcp.dns.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        Jail::expect_with(|jail| {
+            let env = Sources {
+                env: true,
+                ..Sources::default()
+            };
+            jail.set_env("HUBNAT_NAT__MTU", "big");
+            let text = Config::load(&env).expect_err("type error").to_string();
+            assert!(
+                text.contains("nat.mtu = \"big\" (from environment variable HUBNAT_NAT__MTU)"),
+                "{text}"
+            );
+            assert!(text.contains("expected u32"), "{text}");
+
+            jail.set_env("HUBNAT_NAT__MTU", "100");
+            let text = Config::load(&env).expect_err("semantic error").to_string();
+            assert_eq!(text, "config key nat.mtu = 100 (from environment variable HUBNAT_NAT__MTU): must be from 576 to 65520");
+
+            jail.set_env("HUBNAT_NAT__MTU", "1500");
+            jail.set_env("HUBNAT_DNS__UPSTREAM", "[1.1.1.1, 0.0.0.0]");
+            let text = Config::load(&env).expect_err("semantic error").to_string();
+            assert!(text.contains("dns.upstream[1] = \"0.0.0.0\" (from environment variable HUBNAT_DNS__UPSTREAM)"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn command_line_errors_say_command_line() {
+        Jail::expect_with(|_| {
+            let cli = |o: &str| Sources {
+                overrides: vec![o.parse().expect("override")],
+                ..Sources::default()
+            };
+            let text = Config::load(&cli("nat.mtu=100"))
+                .expect_err("too small")
+                .to_string();
+            assert_eq!(
+                text,
+                "config key nat.mtu = 100 (from the command line): must be from 576 to 65520"
+            );
+            let text = Config::load(&cli("dhcp.lease=soon"))
+                .expect_err("bad duration")
+                .to_string();
+            assert!(
+                text.starts_with(
+                    "config key dhcp.lease = \"soon\" (from the command line): invalid duration"
+                ),
+                "{text}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn override_from_str_splits_at_the_first_equals_sign() {
+        let o: Override = "log.level=hubnat=debug,info".parse().expect("valid");
+        assert_eq!(o, Override::new("log.level", "hubnat=debug,info"));
+        assert_eq!(o.to_string(), "log.level=hubnat=debug,info");
+        let o: Override = "dhcp.gateway=".parse().expect("valid");
+        assert_eq!(o.value, "");
+        for bad in [
+            "no-equals-sign",
+            "=1",
+            "Dhcp.Lease=1h",
+            "dhcp..lease=1h",
+            "dhcp lease=1h",
+            ".x=1",
+        ] {
+            let err = bad.parse::<Override>().expect_err(bad);
+            assert!(
+                matches!(err, ConfigError::Override { .. }),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn override_values_are_toml_then_plain_strings() {
+        let parsed = |v: &str| Override::new("k", v).parsed_value();
+        assert_eq!(parsed("1400").to_i128(), Some(1400));
+        assert_eq!(parsed("true").to_bool(), Some(true));
+        assert_eq!(
+            parsed("\"two words\"").into_string().as_deref(),
+            Some("two words")
+        );
+        assert_eq!(parsed("info").into_string().as_deref(), Some("info"));
+        assert_eq!(
+            parsed("192.168.30.5").into_string().as_deref(),
+            Some("192.168.30.5")
+        );
+        assert_eq!(
+            parsed("00:ac:00:00:00:01").into_string().as_deref(),
+            Some("00:ac:00:00:00:01")
+        );
+        assert_eq!(
+            parsed("hubnat=debug,info").into_string().as_deref(),
+            Some("hubnat=debug,info")
+        );
+        assert_eq!(parsed("").into_string().as_deref(), Some(""));
+        let list = |v: &str| -> Vec<String> {
+            parsed(v)
+                .into_array()
+                .expect("array")
+                .into_iter()
+                .filter_map(|v| v.into_string())
+                .collect()
+        };
+        assert_eq!(list("[\"1.1.1.1\", \"9.9.9.9\"]"), ["1.1.1.1", "9.9.9.9"]);
+        assert_eq!(list("[1.1.1.1, 9.9.9.9]"), ["1.1.1.1", "9.9.9.9"]);
+        // A second line cannot smuggle in another key.
+        assert!(parsed("1\nnat.mtu = 9000").into_string().is_some());
+    }
+
+    #[test]
+    fn overrides_set_every_kind_of_value() {
+        Jail::expect_with(|_| {
+            let overrides = [
+                "dns.upstream=[1.1.1.1, \"[::1]:5353\"]",
+                "dhcp.lease=1h",
+                "backend.kind=memory",
+                "host.mac=00:ac:01:02:03:04",
+                "log.level=hubnat=debug,info",
+                "dhcp.gateway=",
+                "dhcp.routes=[\"10.0.0.0/8 via 192.168.30.254\"]",
+                "dhcp.static=[{ mac = \"00:ac:00:00:00:09\", ip = \"192.168.30.9\", hostname = \"nas\" }]",
+                "nat.mtu=9000",
+                "backend.tap.mtu=1500",
+            ];
+            let sources = Sources {
+                overrides: overrides
+                    .iter()
+                    .map(|o| o.parse().expect("override"))
+                    .collect(),
+                ..Sources::default()
+            };
+            let c = Config::load(&sources).expect("valid");
+            assert_eq!(
+                c.dns.upstream,
+                vec![
+                    "1.1.1.1:53".parse::<SocketAddr>().expect("addr"),
+                    "[::1]:5353".parse().expect("addr"),
+                ]
+            );
+            assert_eq!(c.dhcp.lease, Duration::from_secs(3600));
+            assert_eq!(c.backend.kind, BackendKind::Memory);
+            assert_eq!(c.host.mac, Some(mac("00:ac:01:02:03:04")));
+            assert_eq!(c.log.level, "hubnat=debug,info");
+            assert_eq!(c.dhcp.gateway, None);
+            assert_eq!(
+                c.dhcp.routes,
+                vec!["10.0.0.0/8 via 192.168.30.254"
+                    .parse::<Route>()
+                    .expect("route")]
+            );
+            assert_eq!(
+                c.dhcp.statics,
+                vec![StaticLease {
+                    mac: mac("00:ac:00:00:00:09"),
+                    ip: ip("192.168.30.9"),
+                    hostname: Some("nas".into()),
+                }]
+            );
+            assert_eq!((c.nat.mtu, c.tap_mtu()), (9000, 1500));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        Jail::expect_with(|_| {
+            let err = Config::load(&file_sources()).expect_err("missing");
+            assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
+            assert_eq!(err.to_string(), "configuration file x.toml does not exist");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,74 @@
+//! Configuration: the layered settings of one hubnat instance, and their validation.
+//!
+//! # Theory of operation
+//!
+//! A [`Config`] is built from four layers with [figment]; a later layer wins key by key:
+//!
+//! 1. **built-in defaults** — [`Config::default()`]: the reference behaviour (192.168.30.1/24,
+//!    DHCP range .10–.200, 2 h leases, MTU 1500, …) plus four values taken from the host:
+//!    `dhcp.domain` (the host's domain), `dns.upstream` (the nameservers of `/etc/resolv.conf`),
+//!    `state.dir` (per user or system-wide) and `host.mac` (unset: generated elsewhere and kept
+//!    in the state directory);
+//! 2. **the TOML file** given with `--config FILE` ([`Sources::file`]); it must exist;
+//! 3. **environment variables** `HUBNAT_…` ([`Sources::env`]); `__` separates the levels, so
+//!    `HUBNAT_DHCP__RANGE_START=192.168.30.50` sets `dhcp.range_start`. Values are parsed the
+//!    way figment parses them (`1500` is a number, `true` a boolean, `[1.1.1.1, 9.9.9.9]` a
+//!    list). `HUBNAT_CONFIG` is not a key: it is left to the CLI, which may use it for the path
+//!    of the file;
+//! 4. **command-line overrides** `--set KEY=VALUE` ([`Override`]): VALUE is read as a TOML
+//!    value when it is one (`1400`, `true`, `"text"`, `["1.1.1.1"]`), else like an environment
+//!    value, else as a plain string.
+//!
+//! Every table rejects unknown keys, and every key may be left out. An empty string means
+//! "not set" for the optional values (`dhcp.gateway = ""` sends no router option,
+//! `dhcp.domain = ""` no domain), so a higher layer can unset what a lower one set.
+//! Durations are written the humantime way: `"90s"`, `"10m"`, `"2h"`, `"1day"`.
+//!
+//! [`Config::load`] extracts the layers and then [`Config::validate`]s the result. Every
+//! error, from either step, names the key, the offending value, where that value came from (the
+//! file path, the environment variable's name, the command line or the built-in defaults) and
+//! what is wrong, e.g.
+//!
+//! ```text
+//! config key dhcp.range_end = 192.168.31.5 (from file ./x.toml): outside the subnet 192.168.30.0/24 given by host.ip and host.mask
+//! ```
+//!
+//! Validation reports every problem it finds, not only the first; figment's own type errors
+//! stop at the first one.
+//!
+//! ## Where each part lives
+//!
+//! - `types.rs`: [`Config`] and one struct per table, with their defaults;
+//! - `values.rs`: the value types ([`MacAddr`], [`Route`], [`SocketMode`]) and how every value
+//!   is written in the file (durations, sizes, optional values, lists);
+//! - `layers.rs`: the layers ([`Sources`], [`Override`]), the loader ([`Config::load`]) and
+//!   [`Origins`], which says where each value came from;
+//! - `validate.rs`: the checks, a pure function of a configuration and its origins, and the
+//!   bounds they enforce (with the reasons for each);
+//! - `render.rs`: [`ConfigError`], and keys and values written for people;
+//! - `host.rs`: the defaults taken from the host (`/etc/resolv.conf`, the host name, the state
+//!   directory).
+
+mod host;
+mod layers;
+mod render;
+mod types;
+mod validate;
+mod values;
+
+#[cfg(test)]
+mod testing;
+
+pub use layers::{Origins, Override, Sources, ENV_PREFIX, ENV_SEPARATOR};
+pub use render::ConfigError;
+pub use types::{
+    BackendConfig, BackendKind, CaptureConfig, Config, DhcpConfig, DnsConfig, HostConfig,
+    HubConfig, LogConfig, LogFormat, NatConfig, RawConfig, StateConfig, StaticLease, TapConfig,
+    DEFAULT_TCP_BUFFER,
+};
+pub use validate::{
+    MAX_CAPTURE_FILES, MAX_HUB_PEERS, MAX_LEASE, MAX_MTU, MAX_NAT_SESSIONS, MAX_NAT_TIMEOUT,
+    MAX_RANGE_SIZE, MAX_TAP_NAME_LEN, MAX_TCP_BUFFER, MIN_CAPTURE_SIZE, MIN_LEASE, MIN_MTU,
+    MIN_NAT_TIMEOUT, MIN_TCP_BUFFER,
+};
+pub use values::{MacAddr, ParseError, Route, SocketMode};
