@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hubnat::config::{BackendKind, Config, LogFormat, Override, Sources};
+use hubnat::config::{BackendKind, Config, HostDefaults, LogFormat, Override, Sources};
 use hubnat::driver::Gateway;
 use tracing_subscriber::EnvFilter;
 
@@ -115,6 +115,7 @@ fn sources(args: &ConfigArgs, extra: Vec<Override>) -> Sources {
     // Explicit --set flags come last: they win over the dedicated flags.
     overrides.extend(args.set.iter().cloned());
     Sources {
+        host: Some(HostDefaults::read()),
         file: args.config.clone(),
         env: true,
         overrides,

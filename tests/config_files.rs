@@ -11,9 +11,10 @@ fn config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
 }
 
-/// Loads `path` alone: no environment, no overrides.
+/// Loads `path` alone: no host defaults, no environment, no overrides.
 fn load(path: &Path) -> Result<Config> {
     let sources = Sources {
+        host: None,
         file: Some(path.to_path_buf()),
         env: false,
         overrides: Vec::new(),

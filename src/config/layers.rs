@@ -6,13 +6,16 @@
 //! layer wins key by key, and lists are replaced whole, never concatenated:
 //!
 //! 1. the built-in defaults ([`Config::default()`]);
-//! 2. the TOML file ([`Sources::file`]); it must exist;
-//! 3. `HUBNAT_…` environment variables ([`Sources::env`]); `__` separates the levels;
-//! 4. command-line overrides, `--set KEY=VALUE` ([`Override`]), in order.
+//! 2. the host's defaults ([`Sources::host`], a [`HostDefaults`]): `dns.upstream` and
+//!    `dhcp.domain` as the host gives them, each a layer named after where it was found;
+//! 3. the TOML file ([`Sources::file`]); it must exist;
+//! 4. `HUBNAT_…` environment variables ([`Sources::env`]); `__` separates the levels;
+//! 5. command-line overrides, `--set KEY=VALUE` ([`Override`]), in order.
 //!
 //! Each layer is a figment provider with metadata that names it, and figment tags every value
 //! with the layer it came from. [`Origins`] reads those tags back, so an error can say "from
-//! file x.toml", "from environment variable HUBNAT_NAT__MTU" or "from the command line". Every
+//! file x.toml", "from environment variable HUBNAT_NAT__MTU", "from /etc/resolv.conf" or "from
+//! the command line". Every
 //! provider reads its input when it is merged, so after [`Config::figment`] returns, extracting
 //! and validating are pure.
 //!
@@ -28,7 +31,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
+use super::host::{HostDefaults, RESOLV_CONF};
 use super::render::{is_index, key_segments};
+use super::values::upstream_text;
 use super::{Config, ConfigError};
 
 /// The prefix of hubnat's environment variables.
@@ -44,6 +49,10 @@ const ORIGIN_CLI: &str = "the command line";
 /// Where the configuration comes from. `Sources::default()` is the built-in defaults alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sources {
+    /// The host's defaults for `dns.upstream` and `dhcp.domain`; `None`: the built-in
+    /// defaults (none) stay. The binary passes [`HostDefaults::read()`]; a test or a program
+    /// that embeds hubnat may pass its own, or none, to be independent of the machine.
+    pub host: Option<HostDefaults>,
     /// The TOML file given with `--config`; it must exist.
     pub file: Option<PathBuf>,
     /// Whether to read `HUBNAT_…` environment variables (true in the binary).
@@ -132,6 +141,51 @@ impl Provider for DefaultsLayer {
     }
 }
 
+/// One value the host gives, as a figment provider named after where it was found.
+struct HostLayer {
+    /// "/etc/resolv.conf", "the host name box.example.lan".
+    source: String,
+    /// The dotted key.
+    key: &'static str,
+    value: Value,
+}
+
+impl HostLayer {
+    /// The layers of `host`, lowest first.
+    fn all(host: &HostDefaults) -> Vec<HostLayer> {
+        let mut layers = Vec::new();
+        if !host.nameservers.is_empty() {
+            let servers: Vec<String> = host.nameservers.iter().map(|s| upstream_text(*s)).collect();
+            layers.push(HostLayer {
+                source: RESOLV_CONF.into(),
+                key: "dns.upstream",
+                value: Value::from(servers),
+            });
+        }
+        if let Some(domain) = &host.domain {
+            layers.push(HostLayer {
+                source: domain.source.clone(),
+                key: "dhcp.domain",
+                value: Value::from(domain.name.clone()),
+            });
+        }
+        layers
+    }
+}
+
+impl Provider for HostLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.source.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let dict = figment::util::nest(self.key, self.value.clone())
+            .into_dict()
+            .ok_or_else(|| figment::Error::from(format!("invalid host key {:?}", self.key)))?;
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
 /// `HUBNAT_…` environment variables, with metadata that names each variable exactly.
 struct EnvLayer;
 
@@ -198,11 +252,14 @@ impl Config {
         Ok(config)
     }
 
-    /// The layers of `sources` as a figment, lowest first: defaults, file, environment,
+    /// The layers of `sources` as a figment, lowest first: defaults, host, file, environment,
     /// overrides. The file and the environment are read now; their errors (a missing file,
     /// bad TOML) surface when the figment is extracted.
     pub fn figment(sources: &Sources) -> Figment {
         let mut figment = Figment::from(DefaultsLayer(Config::default()));
+        for layer in sources.host.iter().flat_map(HostLayer::all) {
+            figment = figment.merge(layer);
+        }
         if let Some(path) = &sources.file {
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -338,6 +395,7 @@ mod tests {
             jail.set_env("HUBNAT_DHCP__LEASE", "30m");
             jail.set_env("HUBNAT_NAT__MTU", "1300");
             let sources = Sources {
+                host: None,
                 file: Some("x.toml".into()),
                 env: true,
                 overrides: vec![
@@ -367,6 +425,104 @@ mod tests {
             })
             .expect("valid");
             assert_eq!(c.nat.mtu, 1400);
+            Ok(())
+        });
+    }
+
+    /// Host defaults as a host with `search lab.example` and two nameservers would give them.
+    fn lab_host() -> HostDefaults {
+        HostDefaults::from_host(
+            Some("nameserver 192.0.2.53\nnameserver 192.0.2.54\nsearch lab.example\n"),
+            Some("box.other.example"),
+        )
+    }
+
+    #[test]
+    fn host_defaults_sit_between_the_defaults_and_the_file() {
+        Jail::expect_with(|jail| {
+            let host = Sources {
+                host: Some(lab_host()),
+                ..Sources::default()
+            };
+            let c = Config::load(&host).expect("valid");
+            assert_eq!(
+                c.dns.upstream,
+                vec![
+                    "192.0.2.53:53".parse::<SocketAddr>().expect("addr"),
+                    "192.0.2.54:53".parse().expect("addr"),
+                ]
+            );
+            assert_eq!(c.dhcp.domain.as_deref(), Some("lab.example"));
+            let figment = Config::figment(&host);
+            let origins = Origins::new(&figment);
+            assert_eq!(origins.of("dns.upstream[1]"), "from /etc/resolv.conf");
+            assert_eq!(origins.of("dhcp.domain"), "from /etc/resolv.conf");
+            assert_eq!(origins.of("dhcp.lease"), "from the built-in defaults");
+
+            // The host name's domain, when resolv.conf has none, says so.
+            let named = Sources {
+                host: Some(HostDefaults::from_host(None, Some("box.other.example"))),
+                ..Sources::default()
+            };
+            let figment = Config::figment(&named);
+            assert_eq!(
+                Origins::new(&figment).of("dhcp.domain"),
+                "from the host name box.other.example"
+            );
+
+            // The file, the environment and the flags all win over the host.
+            jail.create_file("x.toml", "dhcp.domain = \"file.example\"")?;
+            jail.set_env("HUBNAT_DNS__UPSTREAM", "9.9.9.9");
+            let c = Config::load(&Sources {
+                host: Some(lab_host()),
+                file: Some("x.toml".into()),
+                env: true,
+                overrides: Vec::new(),
+            })
+            .expect("valid");
+            assert_eq!(c.dhcp.domain.as_deref(), Some("file.example"));
+            assert_eq!(c.dns.upstream, vec!["9.9.9.9:53".parse().expect("addr")]);
+            let c = Config::load(&Sources {
+                overrides: vec![Override::new("dhcp.domain", "")],
+                ..host.clone()
+            })
+            .expect("valid");
+            assert_eq!(c.dhcp.domain, None);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_about_host_defaults_name_the_host_file() {
+        Jail::expect_with(|_| {
+            let bad = HostDefaults::from_host(Some("nameserver 0.0.0.0\n"), None);
+            let text = Config::load(&Sources {
+                host: Some(bad),
+                ..Sources::default()
+            })
+            .expect_err("0.0.0.0 is no server")
+            .to_string();
+            assert_eq!(
+                text,
+                "config key dns.upstream[0] = \"0.0.0.0\" (from /etc/resolv.conf): must be the \
+                 unicast address of a DNS server"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_loaded_upstreams_are_this_hosts_nameservers() {
+        // What `hubnat config` shows: the host's own resolv.conf, through the host layer.
+        Jail::expect_with(|_| {
+            let host = HostDefaults::read();
+            let sources = Sources {
+                host: Some(host.clone()),
+                ..Sources::default()
+            };
+            let c: Config = Config::figment(&sources).extract().expect("extracts");
+            assert_eq!(c.dns.upstream, host.nameservers);
+            assert_eq!(c.dhcp.domain, host.domain.map(|d| d.name));
             Ok(())
         });
     }

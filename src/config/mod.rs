@@ -2,20 +2,22 @@
 //!
 //! # Theory of operation
 //!
-//! A [`Config`] is built from four layers with [figment]; a later layer wins key by key:
+//! A [`Config`] is built from five layers with [figment]; a later layer wins key by key:
 //!
 //! 1. **built-in defaults** — [`Config::default()`]: the reference behaviour (192.168.30.1/24,
-//!    DHCP range .10–.200, 2 h leases, MTU 1500, …) plus four values taken from the host:
-//!    `dhcp.domain` (the host's domain), `dns.upstream` (the nameservers of `/etc/resolv.conf`),
-//!    `state.dir` (per user or system-wide) and `host.mac` (unset: generated elsewhere and kept
-//!    in the state directory);
-//! 2. **the TOML file** given with `--config FILE` ([`Sources::file`]); it must exist;
-//! 3. **environment variables** `HUBNAT_…` ([`Sources::env`]); `__` separates the levels, so
+//!    DHCP range .10–.200, 2 h leases, MTU 1500, …), the same on every machine except for
+//!    `state.dir` (per user or system-wide); `host.mac` is unset (generated elsewhere and kept
+//!    in the state directory), and so are `dns.upstream` and `dhcp.domain`;
+//! 2. **host defaults** ([`Sources::host`], [`HostDefaults`]): `dns.upstream` from the
+//!    nameservers of `/etc/resolv.conf`, `dhcp.domain` from the host's domain; an error about
+//!    one of them says where it was found ("from /etc/resolv.conf");
+//! 3. **the TOML file** given with `--config FILE` ([`Sources::file`]); it must exist;
+//! 4. **environment variables** `HUBNAT_…` ([`Sources::env`]); `__` separates the levels, so
 //!    `HUBNAT_DHCP__RANGE_START=192.168.30.50` sets `dhcp.range_start`. Values are parsed the
 //!    way figment parses them (`1500` is a number, `true` a boolean, `[1.1.1.1, 9.9.9.9]` a
 //!    list). `HUBNAT_CONFIG` is not a key: it is left to the CLI, which may use it for the path
 //!    of the file;
-//! 4. **command-line overrides** `--set KEY=VALUE` ([`Override`]): VALUE is read as a TOML
+//! 5. **command-line overrides** `--set KEY=VALUE` ([`Override`]): VALUE is read as a TOML
 //!    value when it is one (`1400`, `true`, `"text"`, `["1.1.1.1"]`), else like an environment
 //!    value, else as a plain string.
 //!
@@ -26,8 +28,8 @@
 //!
 //! [`Config::load`] extracts the layers and then [`Config::validate`]s the result. Every
 //! error, from either step, names the key, the offending value, where that value came from (the
-//! file path, the environment variable's name, the command line or the built-in defaults) and
-//! what is wrong, e.g.
+//! file path, the environment variable's name, the command line, the host or the built-in
+//! defaults) and what is wrong, e.g.
 //!
 //! ```text
 //! config key dhcp.range_end = 192.168.31.5 (from file ./x.toml): outside the subnet 192.168.30.0/24 given by host.ip and host.mask
@@ -47,7 +49,7 @@
 //!   bounds they enforce (with the reasons for each);
 //! - `render.rs`: [`ConfigError`], and keys and values written for people;
 //! - `host.rs`: the defaults taken from the host (`/etc/resolv.conf`, the host name, the state
-//!   directory).
+//!   directory), read only when asked.
 
 mod host;
 mod layers;
@@ -59,6 +61,7 @@ mod values;
 #[cfg(test)]
 mod testing;
 
+pub use host::{HostDefaults, HostDomain, RESOLV_CONF};
 pub use layers::{Origins, Override, Sources, ENV_PREFIX, ENV_SEPARATOR};
 pub use render::ConfigError;
 pub use types::{

@@ -12,9 +12,10 @@ use super::{Config, ConfigError, MacAddr, Sources};
 /// What every error about `x.toml` names as its source.
 pub(super) const FILE: &str = "(from file x.toml)";
 
-/// The file `x.toml` alone: no environment, no overrides.
+/// The file `x.toml` alone: no host defaults, no environment, no overrides.
 pub(super) fn file_sources() -> Sources {
     Sources {
+        host: None,
         file: Some("x.toml".into()),
         env: false,
         overrides: Vec::new(),

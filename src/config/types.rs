@@ -18,7 +18,7 @@ use hubnat_hub::Endpoint;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::host::{default_state_dir, host_domain, read_resolv_conf};
+use super::host::default_state_dir;
 use super::values::{duration_text, opt_text, size_required, size_text, text_list};
 use super::{MacAddr, Route, SocketMode};
 
@@ -38,8 +38,11 @@ pub struct StaticLease {
     pub hostname: Option<String>,
 }
 
-/// The whole configuration of one hubnat instance. `Default` is the reference behaviour with
-/// the host-derived values described in the module documentation.
+/// The whole configuration of one hubnat instance. `Default` is the reference behaviour; it
+/// reads nothing from the host but the default `state.dir` (the DNS servers and the domain
+/// the host would give come from the loader's host layer, see [`HostDefaults`]).
+///
+/// [`HostDefaults`]: super::HostDefaults
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -107,6 +110,7 @@ pub struct DhcpConfig {
     #[serde(with = "text_list")]
     pub dns: Vec<Ipv4Addr>,
     /// The domain name sent to clients (option 15); `None` (`""` in TOML): not sent.
+    /// Default: none; the loader's host layer gives the host's domain.
     #[serde(with = "opt_text")]
     pub domain: Option<String>,
     /// Classless static routes (option 121), each `"CIDR via GATEWAY"`.
@@ -127,7 +131,7 @@ impl Default for DhcpConfig {
             lease: Duration::from_secs(2 * 3600),
             gateway: Some(Ipv4Addr::new(192, 168, 30, 1)),
             dns: vec![Ipv4Addr::new(192, 168, 30, 1)],
-            domain: host_domain(),
+            domain: None,
             routes: Vec::new(),
             statics: Vec::new(),
         }
@@ -183,21 +187,14 @@ impl Default for NatConfig {
 }
 
 /// The DNS redirect: queries to the virtual host's port 53 go to these servers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Upstream servers, tried in order; each `"IP"`, `"IP:PORT"` or `"[IPv6]:PORT"`, port 53
-    /// when left out. Default: the nameservers of `/etc/resolv.conf` (none if it is missing).
+    /// when left out. Default: none; the loader's host layer gives the nameservers of
+    /// `/etc/resolv.conf`.
     #[serde(with = "text_list")]
     pub upstream: Vec<SocketAddr>,
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        DnsConfig {
-            upstream: read_resolv_conf().nameservers,
-        }
-    }
 }
 
 /// Which frame backend carries the segment, and its settings.
@@ -509,7 +506,11 @@ mod tests {
         );
         assert_eq!(c.tap_mtu(), 1500);
         assert_eq!(c.security_log_path(), c.state.dir.join("security.log"));
-        assert_eq!(c.dns.upstream, read_resolv_conf().nameservers);
+        // Nothing from the host: the loader's host layer supplies these.
+        assert_eq!(
+            (c.dns.upstream.clone(), c.dhcp.domain.clone()),
+            (Vec::new(), None)
+        );
     }
 
     #[test]
