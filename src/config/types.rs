@@ -156,7 +156,8 @@ pub struct NatConfig {
     /// the NAT. Off by default: a client would otherwise reach services that listen only
     /// locally on the host.
     pub allow_host_loopback: bool,
-    /// Destinations the NAT refuses, as networks (`"10.0.0.0/8"`, `"fd00::/8"`); empty: none.
+    /// Destinations the NAT refuses, as IPv4 networks (`"10.0.0.0/8"`); empty: none. An IPv6
+    /// network is refused by validation: the NAT carries IPv4 only, so it would match nothing.
     #[serde(with = "text_list")]
     pub deny: Vec<IpNet>,
     /// The most NAT sessions at once, over all clients.

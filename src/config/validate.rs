@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use hubnat_backend::capture::{MAX_SNAPLEN, MIN_SNAPLEN};
 use hubnat_hub::Endpoint;
+use ipnet::IpNet;
 
 use super::layers::Origins;
 use super::values::{duration_text, size_text, upstream_text};
@@ -227,13 +228,12 @@ impl Config {
             MAX_NAT_TIMEOUT,
         );
         for (i, net) in nat.deny.iter().enumerate() {
-            if net.trunc() != *net {
+            let (key, text) = (format!("nat.deny[{i}]"), format!("{:?}", net.to_string()));
+            if let IpNet::V6(_) = net {
+                c.fail(&key, text, NOT_IPV4_NETWORK);
+            } else if net.trunc() != *net {
                 let reason = format!("has host bits set (did you mean {}?)", net.trunc());
-                c.fail(
-                    &format!("nat.deny[{i}]"),
-                    format!("{:?}", net.to_string()),
-                    reason,
-                );
+                c.fail(&key, text, reason);
             }
         }
         if !(1..=MAX_NAT_SESSIONS).contains(&nat.max_sessions) {
@@ -440,6 +440,9 @@ impl Config {
 
 const NOT_UNICAST: &str =
     "must be a unicast address (not 0.0.0.0, loopback, multicast or broadcast)";
+
+const NOT_IPV4_NETWORK: &str = "is an IPv6 network, and hubnat's NAT carries IPv4 only, so it \
+     would never match anything; remove it";
 
 const NOT_CONTIGUOUS: &str =
     "not a contiguous netmask (its one bits must all come first, e.g. 255.255.255.0)";
@@ -1095,7 +1098,7 @@ mod tests {
         Jail::expect_with(|jail| {
             let c = load_toml(
                 jail,
-                "[nat]\nallow_host_loopback = true\ndeny = [\"10.0.0.0/8\", \"fd00::/8\"]\nmax_sessions = 100\nmax_sessions_per_client = 100",
+                "[nat]\nallow_host_loopback = true\ndeny = [\"10.0.0.0/8\", \"192.0.2.0/24\"]\nmax_sessions = 100\nmax_sessions_per_client = 100",
             )
             .expect("valid");
             assert!(c.nat.allow_host_loopback);
@@ -1103,7 +1106,7 @@ mod tests {
                 c.nat.deny,
                 vec![
                     "10.0.0.0/8".parse::<IpNet>().expect("net"),
-                    "fd00::/8".parse().expect("net")
+                    "192.0.2.0/24".parse().expect("net")
                 ]
             );
             assert_eq!(
@@ -1115,6 +1118,11 @@ mod tests {
         assert_rejects(
             "[nat]\ndeny = [\"10.0.0.1/8\"]",
             &["config key nat.deny[0] = \"10.0.0.1/8\" (from file x.toml): has host bits set (did you mean 10.0.0.0/8?)"],
+        );
+        assert_rejects(
+            "[nat]\ndeny = [\"10.0.0.0/8\", \"fd00::/8\"]",
+            &["config key nat.deny[1] = \"fd00::/8\" (from file x.toml): is an IPv6 network, and \
+               hubnat's NAT carries IPv4 only, so it would never match anything"],
         );
         assert_rejects(
             "[nat]\ndeny = [\"10.0.0.0\"]",
