@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hubnat::config::{BackendKind, Config, HostDefaults, LogFormat, Override, Sources};
+use hubnat::config::{BackendKind, Config, HostDefaults, Loaded, LogFormat, Override, Sources};
 use hubnat::driver::Gateway;
 use tracing_subscriber::EnvFilter;
 
@@ -193,8 +193,11 @@ fn run(args: RunArgs) -> Result<()> {
             },
         ));
     }
-    let config = Config::load(&sources(&args.common, extra))?;
+    let Loaded { config, warnings } = Config::load(&sources(&args.common, extra))?;
     init_logging(&config)?;
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
 
     let gateway = Gateway::new(config.clone())?;
     async_io::block_on(async {
@@ -269,13 +272,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Config(args) => Config::load(&sources(&args, Vec::new()))
-            .map_err(anyhow::Error::from)
+        Command::Config(args) => load_for_command(&args)
             .and_then(|c| toml::to_string_pretty(&c).context("cannot print the configuration"))
             .map(|text| print!("{text}")),
-        Command::Leases(args) => Config::load(&sources(&args, Vec::new()))
-            .map_err(anyhow::Error::from)
-            .and_then(|c| print_leases(&c)),
+        Command::Leases(args) => load_for_command(&args).and_then(|c| print_leases(&c)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -284,6 +284,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads the configuration for a command that sets up no logging: warnings go to standard
+/// error as plain lines.
+fn load_for_command(args: &ConfigArgs) -> Result<Config> {
+    let Loaded { config, warnings } = Config::load(&sources(args, Vec::new()))?;
+    for warning in &warnings {
+        eprintln!("hubnat: warning: {warning}");
+    }
+    Ok(config)
 }
 
 fn print_leases(config: &Config) -> Result<()> {

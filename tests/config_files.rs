@@ -19,7 +19,8 @@ fn load(path: &Path) -> Result<Config> {
         env: false,
         overrides: Vec::new(),
     };
-    Config::load(&sources).with_context(|| format!("loading {}", path.display()))
+    let loaded = Config::load(&sources).with_context(|| format!("loading {}", path.display()))?;
+    Ok(loaded.config)
 }
 
 #[test]

@@ -34,12 +34,15 @@ use figment::{Figment, Metadata, Profile, Provider};
 use super::host::{HostDefaults, RESOLV_CONF};
 use super::render::{is_index, key_segments};
 use super::values::upstream_text;
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, ConfigWarning};
 
 /// The prefix of hubnat's environment variables.
 pub const ENV_PREFIX: &str = "HUBNAT_";
 /// What separates the levels of a key in an environment variable's name.
 pub const ENV_SEPARATOR: &str = "__";
+
+/// The one `HUBNAT_…` name that is not a key: left to the CLI (the file's path).
+const ENV_RESERVED: &str = "config";
 
 /// Metadata names of the layers; [`describe_origin`] turns them into "(from …)" texts.
 pub(super) const ORIGIN_DEFAULTS: &str = "the built-in defaults";
@@ -186,8 +189,13 @@ impl Provider for HostLayer {
     }
 }
 
-/// `HUBNAT_…` environment variables, with metadata that names each variable exactly.
-struct EnvLayer;
+/// `HUBNAT_…` environment variables whose first level names a section of the configuration,
+/// with metadata that names each variable exactly. The others are left out, and
+/// [`unknown_env_vars`] reports them.
+struct EnvLayer {
+    /// The sections of the configuration: `host`, `dhcp`, ….
+    sections: Vec<String>,
+}
 
 impl Provider for EnvLayer {
     fn metadata(&self) -> Metadata {
@@ -195,11 +203,46 @@ impl Provider for EnvLayer {
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let sections = self.sections.clone();
         Env::prefixed(ENV_PREFIX)
             .split(ENV_SEPARATOR)
-            .ignore(&["config"])
+            .ignore(&[ENV_RESERVED])
+            .filter(move |key| {
+                let first = key.as_str().split('.').next().unwrap_or_default();
+                sections.iter().any(|s| s.eq_ignore_ascii_case(first))
+            })
             .data()
     }
+}
+
+/// The sections of the configuration, its top-level keys (`backend`, `capture`, …), sorted.
+fn sections() -> Vec<String> {
+    // Serializing the defaults keeps this list in step with `Config`'s fields.
+    serde_json::to_value(Config::default())
+        .ok()
+        .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect()))
+        .unwrap_or_default()
+}
+
+/// The names of the `HUBNAT_…` environment variables that name no section (`HUBNAT_BIN`),
+/// sorted. `HUBNAT_CONFIG` is the CLI's and not reported.
+fn unknown_env_vars(sections: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| {
+            let name = name.to_string_lossy().trim().to_string();
+            let head = name.get(..ENV_PREFIX.len())?;
+            if !head.eq_ignore_ascii_case(ENV_PREFIX) {
+                return None;
+            }
+            let rest = &name[ENV_PREFIX.len()..];
+            let first = rest.split(ENV_SEPARATOR).next().unwrap_or_default();
+            let known = rest.eq_ignore_ascii_case(ENV_RESERVED)
+                || sections.iter().any(|s| s.eq_ignore_ascii_case(first));
+            (!known).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// The environment variable that sets the key made of `keys`.
@@ -225,13 +268,27 @@ impl Provider for OverrideLayer {
     }
 }
 
+/// What the loader gives: a valid configuration, and what it noticed without refusing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use = "the warnings should be shown to the user"]
+pub struct Loaded {
+    /// The configuration, validated.
+    pub config: Config,
+    /// Things worth telling the user, in the order found: an unknown `HUBNAT_…` environment
+    /// variable, for one. Print them once logging is up.
+    pub warnings: Vec<ConfigWarning>,
+}
+
 impl Config {
     /// Reads, merges, extracts and validates the configuration from `sources`.
     ///
     /// Errors: the file is missing or unreadable ([`ConfigError::File`]), not TOML
     /// ([`ConfigError::Syntax`]), or a value is wrong ([`ConfigError::Invalid`], several at
-    /// once as [`ConfigError::Several`]).
-    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    /// once as [`ConfigError::Several`]). An unknown key is an error in the file and in an
+    /// override, and in an environment variable that names a section (`HUBNAT_NAT__MTUU`); an
+    /// environment variable that names no section at all (`HUBNAT_BIN`, set by a wrapper) is
+    /// only a warning in [`Loaded::warnings`].
+    pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
         if let Some(path) = &sources.file {
             if let Err(e) = std::fs::read(path) {
                 let reason = match e.kind() {
@@ -249,7 +306,18 @@ impl Config {
             .extract()
             .map_err(|e| ConfigError::from_figment(e, &figment))?;
         config.validate(&Origins::new(&figment))?;
-        Ok(config)
+        let mut warnings = Vec::new();
+        if sources.env {
+            let sections = sections();
+            let list = sections.join(", ");
+            warnings.extend(unknown_env_vars(&sections).into_iter().map(|name| {
+                ConfigWarning::UnknownEnv {
+                    name,
+                    sections: list.clone(),
+                }
+            }));
+        }
+        Ok(Loaded { config, warnings })
     }
 
     /// The layers of `sources` as a figment, lowest first: defaults, host, file, environment,
@@ -264,7 +332,9 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         if sources.env {
-            figment = figment.merge(EnvLayer);
+            figment = figment.merge(EnvLayer {
+                sections: sections(),
+            });
         }
         for o in &sources.overrides {
             figment = figment.merge(OverrideLayer(o.clone()));
@@ -372,7 +442,7 @@ mod tests {
     #[test]
     fn defaults_alone_load_and_validate() {
         Jail::expect_with(|_| {
-            let c = Config::load(&Sources::default()).expect("the defaults are valid");
+            let c = load(&Sources::default()).expect("the defaults are valid");
             assert_eq!(c, Config::default());
             Ok(())
         });
@@ -403,7 +473,7 @@ mod tests {
                     Override::new("nat.enabled", "false"),
                 ],
             };
-            let c = Config::load(&sources).expect("valid");
+            let c = load(&sources).expect("valid");
             assert_eq!(c.dhcp.lease, Duration::from_secs(300)); // command line over env and file
             assert_eq!(c.nat.mtu, 1300); // env over file
             assert_eq!(c.dhcp.range_start, ip("192.168.30.20")); // file over defaults
@@ -419,7 +489,7 @@ mod tests {
             assert_eq!(origin("dhcp.range_end"), "the built-in defaults");
 
             // Without `env`, the environment is not read.
-            let c = Config::load(&Sources {
+            let c = load(&Sources {
                 env: false,
                 ..sources
             })
@@ -444,7 +514,7 @@ mod tests {
                 host: Some(lab_host()),
                 ..Sources::default()
             };
-            let c = Config::load(&host).expect("valid");
+            let c = load(&host).expect("valid");
             assert_eq!(
                 c.dns.upstream,
                 vec![
@@ -473,7 +543,7 @@ mod tests {
             // The file, the environment and the flags all win over the host.
             jail.create_file("x.toml", "dhcp.domain = \"file.example\"")?;
             jail.set_env("HUBNAT_DNS__UPSTREAM", "9.9.9.9");
-            let c = Config::load(&Sources {
+            let c = load(&Sources {
                 host: Some(lab_host()),
                 file: Some("x.toml".into()),
                 env: true,
@@ -482,7 +552,7 @@ mod tests {
             .expect("valid");
             assert_eq!(c.dhcp.domain.as_deref(), Some("file.example"));
             assert_eq!(c.dns.upstream, vec!["9.9.9.9:53".parse().expect("addr")]);
-            let c = Config::load(&Sources {
+            let c = load(&Sources {
                 overrides: vec![Override::new("dhcp.domain", "")],
                 ..host.clone()
             })
@@ -496,7 +566,7 @@ mod tests {
     fn errors_about_host_defaults_name_the_host_file() {
         Jail::expect_with(|_| {
             let bad = HostDefaults::from_host(Some("nameserver 0.0.0.0\n"), None);
-            let text = Config::load(&Sources {
+            let text = load(&Sources {
                 host: Some(bad),
                 ..Sources::default()
             })
@@ -539,7 +609,7 @@ mod tests {
             jail.set_env("HUBNAT_LOG__FORMAT", "json");
             // Reserved for the CLI's --config, not a key.
             jail.set_env("HUBNAT_CONFIG", "/nonexistent.toml");
-            let c = Config::load(&Sources {
+            let c = load(&Sources {
                 env: true,
                 ..Sources::default()
             })
@@ -559,12 +629,81 @@ mod tests {
             assert_eq!(c.log.format, LogFormat::Json);
 
             jail.set_env("HUBNAT_DHCP__DNS", "");
-            let c = Config::load(&Sources {
+            let c = load(&Sources {
                 env: true,
                 ..Sources::default()
             })
             .expect("valid");
             assert!(c.dhcp.dns.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_env_vars_are_warnings_that_name_them() {
+        Jail::expect_with(|jail| {
+            // A wrapper script's variable, a real setting, and the CLI's own.
+            jail.set_env("HUBNAT_BIN", "/usr/bin/hubnat");
+            jail.set_env("HUBNAT_NAT__MTU", "1400");
+            jail.set_env("HUBNAT_CONFIG", "/nonexistent.toml");
+            let env = Sources {
+                env: true,
+                ..Sources::default()
+            };
+            let loaded = Config::load(&env).expect("a warning, not an error");
+            assert_eq!(loaded.config.nat.mtu, 1400);
+            let about = |name: &str| -> Vec<String> {
+                let needle = format!("variable {name} ");
+                loaded
+                    .warnings
+                    .iter()
+                    .map(ToString::to_string)
+                    .filter(|w| w.contains(&needle))
+                    .collect()
+            };
+            assert_eq!(
+                about("HUBNAT_BIN"),
+                [
+                    "environment variable HUBNAT_BIN is ignored: it names no hubnat setting \
+                  (variables HUBNAT_SECTION__KEY set section.key, e.g. HUBNAT_DHCP__LEASE=1h; \
+                  the sections are backend, capture, dhcp, dns, host, log, nat, state)"
+                ]
+            );
+            assert!(about("HUBNAT_NAT__MTU").is_empty() && about("HUBNAT_CONFIG").is_empty());
+            assert!(loaded.warnings.contains(&ConfigWarning::UnknownEnv {
+                name: "HUBNAT_BIN".into(),
+                sections: "backend, capture, dhcp, dns, host, log, nat, state".into(),
+            }));
+
+            // Without the environment, nothing to warn about.
+            let quiet = Config::load(&Sources::default()).expect("valid");
+            assert!(quiet.warnings.is_empty(), "{:?}", quiet.warnings);
+
+            // An unknown key is still an error in the file, in a flag, and in a variable that
+            // names a section (a typo, not someone else's variable).
+            jail.create_file("x.toml", "bin = 1")?;
+            let text = load(&file_sources()).expect_err("file").to_string();
+            assert!(
+                text.contains("config key bin = 1 (from file x.toml): unknown key"),
+                "{text}"
+            );
+            let flag = Sources {
+                overrides: vec![Override::new("bin", "x")],
+                ..Sources::default()
+            };
+            let text = load(&flag).expect_err("flag").to_string();
+            assert!(
+                text.contains("config key bin = \"x\" (from the command line): unknown key"),
+                "{text}"
+            );
+            jail.set_env("HUBNAT_NAT__MTUU", "1400");
+            let text = load(&env).expect_err("typo").to_string();
+            assert!(
+                text.contains(
+                    "nat.mtuu = 1400 (from environment variable HUBNAT_NAT__MTUU): unknown key"
+                ),
+                "{text}"
+            );
             Ok(())
         });
     }
@@ -577,7 +716,7 @@ mod tests {
                 ..Sources::default()
             };
             jail.set_env("HUBNAT_NAT__MTU", "big");
-            let text = Config::load(&env).expect_err("type error").to_string();
+            let text = load(&env).expect_err("type error").to_string();
             assert!(
                 text.contains("nat.mtu = \"big\" (from environment variable HUBNAT_NAT__MTU)"),
                 "{text}"
@@ -585,12 +724,12 @@ mod tests {
             assert!(text.contains("expected u32"), "{text}");
 
             jail.set_env("HUBNAT_NAT__MTU", "100");
-            let text = Config::load(&env).expect_err("semantic error").to_string();
+            let text = load(&env).expect_err("semantic error").to_string();
             assert_eq!(text, "config key nat.mtu = 100 (from environment variable HUBNAT_NAT__MTU): must be from 576 to 65520");
 
             jail.set_env("HUBNAT_NAT__MTU", "1500");
             jail.set_env("HUBNAT_DNS__UPSTREAM", "[1.1.1.1, 0.0.0.0]");
-            let text = Config::load(&env).expect_err("semantic error").to_string();
+            let text = load(&env).expect_err("semantic error").to_string();
             assert!(text.contains("dns.upstream[1] = \"0.0.0.0\" (from environment variable HUBNAT_DNS__UPSTREAM)"), "{text}");
             Ok(())
         });
@@ -603,14 +742,14 @@ mod tests {
                 overrides: vec![o.parse().expect("override")],
                 ..Sources::default()
             };
-            let text = Config::load(&cli("nat.mtu=100"))
+            let text = load(&cli("nat.mtu=100"))
                 .expect_err("too small")
                 .to_string();
             assert_eq!(
                 text,
                 "config key nat.mtu = 100 (from the command line): must be from 576 to 65520"
             );
-            let text = Config::load(&cli("dhcp.lease=soon"))
+            let text = load(&cli("dhcp.lease=soon"))
                 .expect_err("bad duration")
                 .to_string();
             assert!(
@@ -706,7 +845,7 @@ mod tests {
                     .collect(),
                 ..Sources::default()
             };
-            let c = Config::load(&sources).expect("valid");
+            let c = load(&sources).expect("valid");
             assert_eq!(
                 c.dns.upstream,
                 vec![
@@ -741,7 +880,7 @@ mod tests {
     #[test]
     fn missing_file_names_the_path() {
         Jail::expect_with(|_| {
-            let err = Config::load(&file_sources()).expect_err("missing");
+            let err = load(&file_sources()).expect_err("missing");
             assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
             assert_eq!(err.to_string(), "configuration file x.toml does not exist");
             Ok(())

@@ -62,8 +62,8 @@ mod values;
 mod testing;
 
 pub use host::{HostDefaults, HostDomain, RESOLV_CONF};
-pub use layers::{Origins, Override, Sources, ENV_PREFIX, ENV_SEPARATOR};
-pub use render::ConfigError;
+pub use layers::{Loaded, Origins, Override, Sources, ENV_PREFIX, ENV_SEPARATOR};
+pub use render::{ConfigError, ConfigWarning};
 pub use types::{
     BackendConfig, BackendKind, CaptureConfig, Config, DhcpConfig, DnsConfig, HostConfig,
     HubConfig, LogConfig, LogFormat, NatConfig, RawConfig, StateConfig, StaticLease, TapConfig,

@@ -168,6 +168,25 @@ fn join_lines(errors: &[ConfigError]) -> String {
     lines.join("\n")
 }
 
+/// Something the loader noticed and did not refuse. Its message names what it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigWarning {
+    /// A `HUBNAT_…` environment variable that names no section of the configuration, such as
+    /// `HUBNAT_BIN` set by a wrapper script. It is ignored. (A variable that names a section
+    /// but not one of its keys, such as `HUBNAT_NAT__MTUU`, is an error: it is a typo.)
+    #[error(
+        "environment variable {name} is ignored: it names no hubnat setting (variables \
+         HUBNAT_SECTION__KEY set section.key, e.g. HUBNAT_DHCP__LEASE=1h; the sections are \
+         {sections})"
+    )]
+    UnknownEnv {
+        /// The variable's name, as it is in the environment.
+        name: String,
+        /// The sections, comma-separated.
+        sections: String,
+    },
+}
+
 impl ConfigError {
     /// The individual errors: itself, or the members of [`ConfigError::Several`].
     pub fn errors(&self) -> Vec<&ConfigError> {
@@ -347,7 +366,7 @@ mod tests {
         );
         Jail::expect_with(|jail| {
             jail.set_env("HUBNAT_NAT__BOGUS", "1");
-            let text = Config::load(&Sources {
+            let text = load(&Sources {
                 env: true,
                 ..Sources::default()
             })
@@ -358,7 +377,7 @@ mod tests {
                 overrides: vec![Override::new("bogus.key", "x")],
                 ..Sources::default()
             };
-            let text = Config::load(&cli).expect_err("unknown").to_string();
+            let text = load(&cli).expect_err("unknown").to_string();
             assert!(
                 text.contains(
                     "config key bogus = { key = \"x\" } (from the command line): unknown key"

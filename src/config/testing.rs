@@ -22,10 +22,15 @@ pub(super) fn file_sources() -> Sources {
     }
 }
 
+/// [`Config::load`]'s configuration, without the warnings.
+pub(super) fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    Config::load(sources).map(|loaded| loaded.config)
+}
+
 /// Writes `toml` to `x.toml` in the jail and loads it (no environment, no overrides).
 pub(super) fn load_toml(jail: &Jail, toml: &str) -> Result<Config, ConfigError> {
     jail.create_file("x.toml", toml).expect("write x.toml");
-    Config::load(&file_sources())
+    load(&file_sources())
 }
 
 /// Loading `toml` must fail with a message naming the file and holding every needle.
