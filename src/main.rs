@@ -1,5 +1,6 @@
 //! The `hubnat` command: parse the command line, load the configuration, run the gateway.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -140,9 +141,14 @@ fn init_logging(config: &Config) -> Result<()> {
             )
         })?,
     };
+    let no_color = std::env::var_os("NO_COLOR");
+    let ansi = config
+        .log
+        .ansi(std::io::stderr().is_terminal(), no_color.as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

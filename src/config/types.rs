@@ -9,6 +9,7 @@
 //! (validation is [`validate`](super::validate)'s) and derived values such as
 //! [`Config::tap_mtu`] are computed on demand, never stored.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -368,6 +369,17 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    /// Whether the diagnostic log should carry ANSI colour codes: only in the text format, only
+    /// when standard error is a terminal, and never when the `NO_COLOR` environment variable is
+    /// set to something non-empty (<https://no-color.org>). Pure: the caller says what it found.
+    pub fn ansi(&self, stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+        self.format == LogFormat::Text
+            && stderr_is_terminal
+            && no_color.is_none_or(|value| value.is_empty())
+    }
+}
+
 /// The format of the diagnostic log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -512,6 +524,31 @@ mod tests {
             (c.dns.upstream.clone(), c.dhcp.domain.clone()),
             (Vec::new(), None)
         );
+    }
+
+    #[test]
+    fn log_colours_only_on_a_terminal_and_never_with_no_color() {
+        let text = LogConfig::default();
+        let json = LogConfig {
+            format: LogFormat::Json,
+            ..LogConfig::default()
+        };
+        let set = |v: &str| Some(OsStr::new(v).to_os_string());
+        for (log, terminal, no_color, ansi) in [
+            (&text, true, None, true),
+            (&text, true, set(""), true), // NO_COLOR="" does not count
+            (&text, true, set("1"), false),
+            (&text, false, None, false), // a pipe or a file
+            (&text, false, set("1"), false),
+            (&json, true, None, false),
+        ] {
+            assert_eq!(
+                log.ansi(terminal, no_color.as_deref()),
+                ansi,
+                "{:?} terminal={terminal} NO_COLOR={no_color:?}",
+                log.format
+            );
+        }
     }
 
     #[test]
