@@ -89,7 +89,10 @@ impl Override {
         if !raw.contains(['\n', '\r']) {
             let doc = format!("v = {raw}");
             if let Ok(value) = Figment::from(Toml::string(&doc)).find_value("v") {
-                return value;
+                // The value carries the tag of the scratch figment that parsed it, which names
+                // no layer; an untagged copy takes the tag of the layer it is merged into, so
+                // errors about it name that layer.
+                return Value::serialize(&value).unwrap_or(value);
             }
         }
         match raw.parse::<Value>() {
@@ -748,6 +751,12 @@ mod tests {
             assert_eq!(
                 text,
                 "config key nat.mtu = 100 (from the command line): must be from 576 to 65520"
+            );
+            // A value that is TOML (a number here) is attributed to the command line too.
+            let text = load(&cli("dhcp.bogus=1")).expect_err("unknown").to_string();
+            assert!(
+                text.starts_with("config key dhcp.bogus = 1 (from the command line): unknown key"),
+                "{text}"
             );
             let text = load(&cli("dhcp.lease=soon"))
                 .expect_err("bad duration")
