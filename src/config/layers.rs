@@ -82,8 +82,18 @@ impl Override {
         }
     }
 
+    /// Whether `key` is dotted lowercase words (`dhcp.range_start`), as a key must be.
+    pub(super) fn well_formed(key: &str) -> bool {
+        key.split('.').all(|word| {
+            !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+    }
+
     /// The value as figment will see it.
-    fn parsed_value(&self) -> Value {
+    pub(super) fn parsed_value(&self) -> Value {
         let raw = self.value.trim();
         // One line can hold only one key/value pair, so nothing else can be injected.
         if !raw.contains(['\n', '\r']) {
@@ -113,20 +123,16 @@ impl FromStr for Override {
         };
         let (key, value) = s.split_once('=').ok_or_else(|| bad("expected KEY=VALUE"))?;
         let key = key.trim();
-        let well_formed = key.split('.').all(|word| {
-            !word.is_empty()
-                && word
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        });
-        if !well_formed {
-            return Err(bad(
-                "KEY must be dotted lowercase words like dhcp.range_start (see config/hubnat.toml)",
-            ));
+        if !Override::well_formed(key) {
+            return Err(bad(MALFORMED_KEY));
         }
         Ok(Override::new(key, value))
     }
 }
+
+/// Why a key is not [well formed](Override::well_formed).
+pub(super) const MALFORMED_KEY: &str =
+    "KEY must be dotted lowercase words like dhcp.range_start (see config/hubnat.toml)";
 
 impl fmt::Display for Override {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -134,16 +140,21 @@ impl fmt::Display for Override {
     }
 }
 
-/// The built-in defaults as a figment provider.
-struct DefaultsLayer(Config);
+/// A whole configuration as a figment provider: the built-in defaults, or (for a live change)
+/// the running configuration.
+pub(super) struct ConfigLayer {
+    pub(super) config: Config,
+    /// The layer's name in errors: [`ORIGIN_DEFAULTS`], …
+    pub(super) name: &'static str,
+}
 
-impl Provider for DefaultsLayer {
+impl Provider for ConfigLayer {
     fn metadata(&self) -> Metadata {
-        Metadata::named(ORIGIN_DEFAULTS)
+        Metadata::named(self.name)
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        Serialized::defaults(&self.0).data()
+        Serialized::defaults(&self.config).data()
     }
 }
 
@@ -219,7 +230,7 @@ impl Provider for EnvLayer {
 }
 
 /// The sections of the configuration, its top-level keys (`backend`, `capture`, …), sorted.
-fn sections() -> Vec<String> {
+pub(super) fn sections() -> Vec<String> {
     // Serializing the defaults keeps this list in step with `Config`'s fields.
     serde_json::to_value(Config::default())
         .ok()
@@ -254,19 +265,24 @@ fn env_var_name(keys: &[&str]) -> String {
     format!("{ENV_PREFIX}{}", upper.join(ENV_SEPARATOR))
 }
 
-/// One command-line override as a figment provider.
-struct OverrideLayer(Override);
+/// One command-line override as a figment provider (or, for a live change, one change, named
+/// after where it came from).
+pub(super) struct OverrideLayer {
+    pub(super) setting: Override,
+    /// The layer's name in errors: [`ORIGIN_CLI`], "the control API", …
+    pub(super) name: String,
+}
 
 impl Provider for OverrideLayer {
     fn metadata(&self) -> Metadata {
-        Metadata::named(ORIGIN_CLI)
+        Metadata::named(self.name.clone())
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        let key = &self.0.key;
-        let dict = figment::util::nest(key, self.0.parsed_value())
+        let key = &self.setting.key;
+        let dict = figment::util::nest(key, self.setting.parsed_value())
             .into_dict()
-            .ok_or_else(|| figment::Error::from(format!("invalid command-line key {key:?}")))?;
+            .ok_or_else(|| figment::Error::from(format!("invalid key {key:?}")))?;
         Ok(Profile::Default.collect(dict))
     }
 }
@@ -327,7 +343,10 @@ impl Config {
     /// overrides. The file and the environment are read now; their errors (a missing file,
     /// bad TOML) surface when the figment is extracted.
     pub fn figment(sources: &Sources) -> Figment {
-        let mut figment = Figment::from(DefaultsLayer(Config::default()));
+        let mut figment = Figment::from(ConfigLayer {
+            config: Config::default(),
+            name: ORIGIN_DEFAULTS,
+        });
         for layer in sources.host.iter().flat_map(HostLayer::all) {
             figment = figment.merge(layer);
         }
@@ -340,7 +359,10 @@ impl Config {
             });
         }
         for o in &sources.overrides {
-            figment = figment.merge(OverrideLayer(o.clone()));
+            figment = figment.merge(OverrideLayer {
+                setting: o.clone(),
+                name: ORIGIN_CLI.into(),
+            });
         }
         figment
     }

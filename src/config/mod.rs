@@ -36,7 +36,15 @@
 //! ```
 //!
 //! Validation reports every problem it finds, not only the first; figment's own type errors
-//! stop at the first one.
+//! stop at the first one. What the loader notices without refusing (a `HUBNAT_…` variable
+//! that names no setting, perhaps set by a wrapper script) comes back as warnings in
+//! [`Loaded`].
+//!
+//! A running gateway changes its settings through [`Config::with_changes`]: `KEY=VALUE`
+//! changes read like `--set`, layered over the running configuration, validated as a whole,
+//! and either all applied (with the list of [`Change`]s) or none. Only `host.*`, `dhcp.*`,
+//! `nat.*` and `dns.*` change at run time, less `host.mac` and `nat.mtu`; the rest needs a
+//! restart.
 //!
 //! ## Where each part lives
 //!
@@ -47,12 +55,14 @@
 //!   [`Origins`], which says where each value came from;
 //! - `validate.rs`: the checks, a pure function of a configuration and its origins, and the
 //!   bounds they enforce (with the reasons for each);
-//! - `render.rs`: [`ConfigError`], and keys and values written for people;
+//! - `render.rs`: [`ConfigError`], [`ConfigWarning`], and keys and values written for people;
+//! - `live.rs`: live changes ([`Config::with_changes`]) and a section's settings for display;
 //! - `host.rs`: the defaults taken from the host (`/etc/resolv.conf`, the host name, the state
 //!   directory), read only when asked.
 
 mod host;
 mod layers;
+mod live;
 mod render;
 mod types;
 mod validate;
@@ -63,6 +73,7 @@ mod testing;
 
 pub use host::{HostDefaults, HostDomain, RESOLV_CONF};
 pub use layers::{Loaded, Origins, Override, Sources, ENV_PREFIX, ENV_SEPARATOR};
+pub use live::{Change, Setting, LIVE_SECTIONS, RESTART_ONLY};
 pub use render::{ConfigError, ConfigWarning};
 pub use types::{
     BackendConfig, BackendKind, CaptureConfig, Config, DhcpConfig, DnsConfig, HostConfig,

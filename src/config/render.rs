@@ -20,6 +20,7 @@ use figment::value::Value;
 use figment::Figment;
 
 use super::layers::{describe_origin, lookup, ORIGIN_DEFAULTS};
+use super::{Config, MacAddr, MIN_MTU};
 
 /// Splits `dhcp.static[1].ip` into `["dhcp", "static", "1", "ip"]`.
 pub(super) fn key_segments(key: &str) -> Vec<String> {
@@ -75,6 +76,44 @@ pub(super) fn render_value(value: &Value) -> String {
             format!("[{}]", items.join(", "))
         }
     }
+}
+
+/// Every key of `config` with its value written as the file writes it (`"2h"`, `1500`,
+/// `["192.168.30.1"]`), in the file's order. A table is not a key of its own; a list is one
+/// value, a `[[dhcp.static]]` list too (an inline array of tables). An optional value the file
+/// leaves out when it is unset (`host.mac`) is not listed.
+pub(super) fn flatten(config: &Config) -> Vec<(String, String)> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
+        for (name, value) in table {
+            let key = match prefix {
+                "" => name.clone(),
+                _ => format!("{prefix}.{name}"),
+            };
+            match value {
+                toml::Value::Table(inner) => walk(&key, inner, out),
+                leaf => out.push((key, leaf.to_string())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    match toml::Value::try_from(config) {
+        Ok(toml::Value::Table(table)) => walk("", &table, &mut out),
+        other => unreachable!("invariant: a Config serializes to a TOML table, not {other:?}"),
+    }
+    out
+}
+
+/// How the file writes an optional value that is not set.
+pub(super) const UNSET: &str = "\"\"";
+
+/// Every key of the configuration, in the file's order: the keys [`flatten`] gives for a
+/// configuration whose optional values are all set.
+pub(super) fn all_keys() -> Vec<String> {
+    let mut full = Config::default();
+    full.host.mac = Some(MacAddr([0x00, 0xac, 0, 0, 0, 1]));
+    full.backend.tap.mtu = Some(MIN_MTU);
+    full.log.security_log = Some(PathBuf::from("security.log"));
+    flatten(&full).into_iter().map(|(key, _)| key).collect()
 }
 
 /// "a string", "an integer", … for a serde `Unexpected` value.
@@ -306,12 +345,33 @@ impl ConfigError {
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Result
 mod tests {
+
     use figment::Jail;
 
     use crate::config::testing::*;
     use crate::config::*;
 
     use super::*;
+
+    #[test]
+    fn all_keys_are_every_key_in_the_files_order() {
+        let keys = all_keys();
+        // A new key changes the count. If it is an optional value that the file leaves out
+        // when unset (`skip_serializing_if`), set it in all_keys() and below.
+        assert_eq!(
+            (keys.first().map(String::as_str), keys.len()),
+            (Some("host.mac"), 39)
+        );
+        // A configuration with every optional value set shows no key all_keys lacks.
+        let mut c = Config::default();
+        c.host.mac = Some(mac("00:ac:00:00:00:01"));
+        c.backend.tap.mtu = Some(1500);
+        c.log.security_log = Some("/x".into());
+        for (key, _) in flatten(&c) {
+            assert!(keys.contains(&key), "{key}");
+        }
+        assert_eq!(flatten(&c).len(), keys.len());
+    }
 
     #[test]
     fn invalid_toml_names_the_path_and_line() {
