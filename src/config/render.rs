@@ -345,6 +345,7 @@ impl ConfigError {
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Result
 mod tests {
+    use std::collections::BTreeSet;
 
     use figment::Jail;
 
@@ -446,6 +447,70 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    /// Like the test above, but the tables come from the configuration itself, so a table
+    /// added later is covered without touching this test; and each table is tried from the
+    /// file, the environment and the command line.
+    #[test]
+    fn an_unknown_key_is_refused_in_every_table_from_every_layer() {
+        let mut tables: BTreeSet<String> = all_keys()
+            .iter()
+            .filter_map(|key| key.rsplit_once('.').map(|(table, _)| table.to_string()))
+            .collect();
+        assert!(
+            tables.contains("backend.hub") && tables.contains("dns"),
+            "{tables:?}"
+        );
+        tables.insert(String::new()); // the top level
+        for table in &tables {
+            let (toml, key) = match table.as_str() {
+                "" => ("bogus_key = 1".to_string(), "bogus_key".to_string()),
+                _ => (
+                    format!("[{table}]\nbogus_key = 1"),
+                    format!("{table}.bogus_key"),
+                ),
+            };
+            assert_rejects(
+                &toml,
+                &[&format!(
+                    "config key {key} = 1 (from file x.toml): unknown key"
+                )],
+            );
+        }
+        // A [[dhcp.static]] entry, the one list of tables.
+        assert_rejects(
+            "[[dhcp.static]]\nmac = \"00:ac:00:00:00:01\"\nip = \"192.168.30.50\"\nbogus_key = 1",
+            &["config key dhcp.static[0].bogus_key = 1 (from file x.toml): unknown key"],
+        );
+        for table in tables.iter().filter(|t| !t.is_empty()) {
+            Jail::expect_with(|jail| {
+                let key = format!("{table}.bogus_key");
+                let cli = Sources {
+                    overrides: vec![Override::new(key.clone(), "1")],
+                    ..Sources::default()
+                };
+                let text = load(&cli).expect_err("unknown").to_string();
+                let expected = format!("config key {key} = 1 (from the command line): unknown key");
+                assert!(text.starts_with(&expected), "{text}");
+
+                // (A variable that names no section at all is a warning: see layers.rs.)
+                let var = format!(
+                    "HUBNAT_{}__BOGUS_KEY",
+                    table.to_uppercase().replace('.', "__")
+                );
+                jail.set_env(&var, "1");
+                let env = Sources {
+                    env: true,
+                    ..Sources::default()
+                };
+                let text = load(&env).expect_err("unknown").to_string();
+                let expected =
+                    format!("config key {key} = 1 (from environment variable {var}): unknown key");
+                assert!(text.starts_with(&expected), "{text}");
+                Ok(())
+            });
+        }
     }
 
     #[test]
