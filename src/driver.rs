@@ -51,6 +51,7 @@ use crate::core::nat::{
 use crate::core::{
     Counters, Event, HostSettings, Instant, LeaseTarget, LinkCounters, Settings, VirtualHost,
 };
+use crate::core::subnet::Subnet;
 use crate::host;
 use crate::seclog::SecurityLog;
 use crate::state::{StateDir, StateError};
@@ -133,12 +134,12 @@ pub fn nat_settings(config: &Config) -> NatSettings {
         tcp_timeout: n.tcp_timeout.into(),
         udp_timeout: n.udp_timeout.into(),
         allow_host_loopback: n.allow_host_loopback,
-        // Validation rejects IPv6 entries: the NAT carries IPv4 only.
+        // Validation refuses IPv6 entries (the NAT carries IPv4 only) and host bits.
         deny: n
             .deny
             .iter()
             .filter_map(|net| match net {
-                ipnet::IpNet::V4(v4) => Some((v4.network(), v4.prefix_len())),
+                ipnet::IpNet::V4(v4) => Subnet::new(v4.network(), v4.prefix_len()).ok(),
                 ipnet::IpNet::V6(_) => None,
             })
             .collect(),
@@ -152,7 +153,7 @@ pub fn nat_settings(config: &Config) -> NatSettings {
 /// The core's live settings from the configuration.
 pub fn settings(config: &Config, mac: MacAddr) -> Settings {
     Settings {
-        enabled: true,
+        enabled: config.host.enabled,
         host: host_settings(config, mac),
         dhcp: dhcp_settings(config),
         nat: nat_settings(config),

@@ -1,11 +1,12 @@
 //! The `hubnat` command: parse the command line, load the configuration, run the gateway.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hubnat::config::{BackendKind, Config, LogFormat, Override, Sources};
+use hubnat::config::{BackendKind, Config, HostDefaults, Loaded, LogFormat, Override, Sources};
 use hubnat::driver::Gateway;
 use tracing_subscriber::EnvFilter;
 
@@ -115,6 +116,7 @@ fn sources(args: &ConfigArgs, extra: Vec<Override>) -> Sources {
     // Explicit --set flags come last: they win over the dedicated flags.
     overrides.extend(args.set.iter().cloned());
     Sources {
+        host: Some(HostDefaults::read()),
         file: args.config.clone(),
         env: true,
         overrides,
@@ -139,9 +141,14 @@ fn init_logging(config: &Config) -> Result<()> {
             )
         })?,
     };
+    let no_color = std::env::var_os("NO_COLOR");
+    let ansi = config
+        .log
+        .ansi(std::io::stderr().is_terminal(), no_color.as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -192,8 +199,11 @@ fn run(args: RunArgs) -> Result<()> {
             },
         ));
     }
-    let config = Config::load(&sources(&args.common, extra))?;
+    let Loaded { config, warnings } = Config::load(&sources(&args.common, extra))?;
     init_logging(&config)?;
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
 
     let gateway = Gateway::new(config.clone())?;
     async_io::block_on(async {
@@ -268,13 +278,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Config(args) => Config::load(&sources(&args, Vec::new()))
-            .map_err(anyhow::Error::from)
+        Command::Config(args) => load_for_command(&args)
             .and_then(|c| toml::to_string_pretty(&c).context("cannot print the configuration"))
             .map(|text| print!("{text}")),
-        Command::Leases(args) => Config::load(&sources(&args, Vec::new()))
-            .map_err(anyhow::Error::from)
-            .and_then(|c| print_leases(&c)),
+        Command::Leases(args) => load_for_command(&args).and_then(|c| print_leases(&c)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -283,6 +290,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads the configuration for a command that sets up no logging: warnings go to standard
+/// error as plain lines.
+fn load_for_command(args: &ConfigArgs) -> Result<Config> {
+    let Loaded { config, warnings } = Config::load(&sources(args, Vec::new()))?;
+    for warning in &warnings {
+        eprintln!("hubnat: warning: {warning}");
+    }
+    Ok(config)
 }
 
 fn print_leases(config: &Config) -> Result<()> {

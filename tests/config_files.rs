@@ -11,14 +11,16 @@ fn config_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
 }
 
-/// Loads `path` alone: no environment, no overrides.
+/// Loads `path` alone: no host defaults, no environment, no overrides.
 fn load(path: &Path) -> Result<Config> {
     let sources = Sources {
+        host: None,
         file: Some(path.to_path_buf()),
         env: false,
         overrides: Vec::new(),
     };
-    Config::load(&sources).with_context(|| format!("loading {}", path.display()))
+    let loaded = Config::load(&sources).with_context(|| format!("loading {}", path.display()))?;
+    Ok(loaded.config)
 }
 
 #[test]

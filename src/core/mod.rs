@@ -49,6 +49,7 @@ mod frame;
 pub mod icmp;
 pub mod link;
 pub mod nat;
+pub mod subnet;
 #[doc(hidden)]
 pub mod testkit;
 
@@ -89,9 +90,9 @@ pub struct HostSettings {
 
 impl HostSettings {
     /// Whether `ip` is in the segment's subnet (`ip`/`mask`).
+    /// A mask with gaps (which the configuration refuses) leaves the host alone on it.
     pub fn on_segment(&self, ip: Ipv4Addr) -> bool {
-        let m = u32::from(self.mask);
-        u32::from(ip) & m == u32::from(self.ip) & m
+        subnet::Subnet::from_mask(self.ip, self.mask).map_or(ip == self.ip, |s| s.contains(ip))
     }
 }
 
@@ -464,9 +465,11 @@ impl VirtualHost {
         }
     }
 
+    /// The segment's broadcast address; 255.255.255.255 for a mask with gaps.
     fn subnet_broadcast(&self) -> Ipv4Addr {
         let host = &self.settings.host;
-        Ipv4Addr::from(u32::from(host.ip) | !u32::from(host.mask))
+        subnet::Subnet::from_mask(host.ip, host.mask)
+            .map_or(Ipv4Addr::BROADCAST, |s| s.broadcast())
     }
 
     fn handle_dhcp(&mut self, now: Instant, src_mac: EthernetAddress, payload: &[u8]) {

@@ -309,8 +309,8 @@ impl DhcpServer {
     }
 
     fn in_subnet(&self, ip: Ipv4Addr) -> bool {
-        let m = u32::from(self.subnet_mask);
-        u32::from(ip) & m == u32::from(self.server_ip) & m
+        crate::core::subnet::Subnet::from_mask(self.server_ip, self.subnet_mask)
+            .is_ok_and(|s| s.contains(ip))
     }
 
     /// Handles one message from a client under `settings`. Returns the reply to send, if any;

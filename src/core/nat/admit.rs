@@ -133,15 +133,8 @@ pub fn safety_rules(
     if dst.is_loopback() && !nat.allow_host_loopback {
         return Err("destination is the host's loopback (nat.allow_host_loopback = false)");
     }
-    for &(net, len) in &nat.deny {
-        let nm = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        };
-        if d & nm == u32::from(net) & nm {
-            return Err("destination is in nat.deny");
-        }
+    if nat.deny.iter().any(|net| net.contains(dst)) {
+        return Err("destination is in nat.deny");
     }
     Ok(())
 }

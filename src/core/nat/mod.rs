@@ -59,6 +59,7 @@ pub use table::{
 pub use tcp::TcpRelay;
 
 use super::dns::DnsForwarder;
+use super::subnet::Subnet;
 use super::{Event, HostSettings, VirtualHost};
 
 /// Idle time after which an ICMP echo session (and its ping socket) goes.
@@ -99,8 +100,8 @@ pub struct NatSettings {
     pub udp_timeout: Duration,
     /// Whether 127.0.0.0/8 may be reached.
     pub allow_host_loopback: bool,
-    /// Networks never to reach: (address, prefix length).
-    pub deny: Vec<(Ipv4Addr, u8)>,
+    /// Networks never to reach.
+    pub deny: Vec<Subnet>,
     /// Sessions at most.
     pub max_sessions: usize,
     /// Sessions per client address at most.
@@ -820,7 +821,11 @@ impl VirtualHost {
     }
 }
 
-/// `(address, prefix)` as smoltcp's CIDR.
+/// The virtual host's address and mask as smoltcp's CIDR (a mask with gaps, which the
+/// configuration refuses, counts as /32).
 fn cidr(ip: Ipv4Addr, mask: Ipv4Addr) -> IpCidr {
-    IpCidr::new(IpAddress::Ipv4(ip), u32::from(mask).count_ones() as u8)
+    IpCidr::new(
+        IpAddress::Ipv4(ip),
+        super::subnet::prefix_len(mask).unwrap_or(32),
+    )
 }

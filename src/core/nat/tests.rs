@@ -397,7 +397,7 @@ fn session_limits_refuse_new_flows() {
 #[test]
 fn loopback_and_denied_networks_are_refused() {
     let mut s = settings();
-    s.deny = vec![(Ipv4Addr::new(10, 99, 0, 0), 16)];
+    s.deny = vec!["10.99.0.0/16".parse().unwrap()];
     let mut h = host_with(s);
     h.handle_frame(
         t(0),
