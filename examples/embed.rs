@@ -2,6 +2,11 @@
 //! joins the same segment as one more host through another port of the hub.
 //!
 //! Here the program asks, by ARP, who has 192.168.30.1 and prints the virtual host's answer.
+//! Then it asks the running gateway, through its [`GatewayHandle`](hubnat::driver::GatewayHandle),
+//! for its status (frames in and out, whether DHCP and the NAT are on) and its lease table
+//! (empty: this program asked for no address). The handle works from any thread; its calls
+//! are `async`, and a plain thread waits for them with `async_io::block_on`.
+//!
 //! A real embedder hands its port to a user-mode stack instead (a smoltcp `phy::Device` built
 //! on `MemoryPort::try_send` / `try_recv`, as `tests/common/smol_client.rs` does), or bridges it
 //! to whatever carries its frames.
@@ -28,6 +33,8 @@ fn main() -> Result<()> {
     // The hub, the gateway on one port of it, on its own thread.
     let hub = MemoryHub::new(config.nat.mtu);
     let gateway = Gateway::new(config).context("starting the gateway")?;
+    // Commands to the gateway once it runs: status, tables, settings.
+    let handle = gateway.handle();
     let (stop, stopped) = async_channel::bounded::<()>(1);
     let port = hub.connect();
     let thread = std::thread::spawn(move || {
@@ -57,6 +64,36 @@ fn main() -> Result<()> {
     };
     let mac: Vec<String> = answer.iter().map(|b| format!("{b:02x}")).collect();
     println!("192.168.30.1 is at {}", mac.join(":"));
+
+    // Ask the running gateway about itself.
+    let status = async_io::block_on(handle.status())?;
+    let on = |b: bool| if b { "on" } else { "off" };
+    println!(
+        "gateway {} on {}: {} frames in, {} frames out, {} ARP replies; DHCP {}, NAT {}",
+        status.ip,
+        status.backend,
+        status.counters.frames_in,
+        status.counters.frames_out,
+        status.counters.arp_replies,
+        on(status.dhcp_enabled),
+        on(status.nat_enabled),
+    );
+    let leases = async_io::block_on(handle.leases())?;
+    println!(
+        "lease table: {} records; {} of {} addresses bound",
+        leases.len(),
+        status.leases,
+        status.pool_size
+    );
+    for l in &leases {
+        println!(
+            "  {} {} {} expires {}",
+            l.mac,
+            l.ip,
+            l.state,
+            humantime::format_rfc3339_seconds(l.expires)
+        );
+    }
 
     // Stop the gateway: it saves its leases and returns.
     stop.send_blocking(())?;

@@ -19,8 +19,9 @@
 //!
 //! Time: [`Clock`] is monotonic. It starts at the wall time of the process start (so the DHCP
 //! server's seconds read as Unix times) and then follows `std::time::Instant` only; the wall
-//! clock is read only to convert a lease expiry for the lease file, the security log and the
-//! tables.
+//! clock is read only to convert times a person or a file reads: a lease's start and expiry
+//! (lease file, security log, tables) and a session's times (tables). Saved leases are converted
+//! back to core seconds when they are loaded.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -249,11 +250,19 @@ impl Clock {
         (wall_secs as i64 - wall_now + core_now).max(0) as u64
     }
 
-    /// A lease with its times moved from core seconds to the wall clock's.
+    /// A lease with its times (start and expiry) moved from core seconds to the wall clock's.
     fn lease_to_wall(&self, lease: &Lease) -> Lease {
         let mut l = lease.clone();
+        l.start = self.wall_secs(l.start);
         l.expires = self.wall_secs(l.expires);
         l
+    }
+
+    /// A saved lease with its times moved from the wall clock's seconds to core seconds.
+    fn lease_to_core(&self, mut lease: Lease) -> Lease {
+        lease.start = self.core_secs(lease.start);
+        lease.expires = self.core_secs(lease.expires);
+        lease
     }
 }
 
@@ -525,10 +534,12 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), GatewayError> {
         let clock = self.clock.clone();
-        let mut leases = self.state.load_leases()?;
-        for l in &mut leases {
-            l.expires = clock.core_secs(l.expires);
-        }
+        let leases: Vec<Lease> = self
+            .state
+            .load_leases()?
+            .into_iter()
+            .map(|l| clock.lease_to_core(l))
+            .collect();
         let restored = leases.len();
         let (icmp_mode, icmp_err) = host::probe_icmp_mode();
         let seed = random_seed();
