@@ -42,17 +42,17 @@ use serde::Serialize;
 use smoltcp::wire::EthernetAddress;
 use tracing::{error, info};
 
-use crate::config::{Config, MacAddr};
+use crate::config::{Change, Config, MacAddr, Override, LIVE_SECTIONS};
 use crate::core::dhcp::{
     server::fmt_mac, DhcpCounters, DhcpSettings, Lease, Reservation, StaticRoute,
 };
 use crate::core::nat::{
     HostError, HostEvent, HostOp, IcmpMode, NatCounters, NatSettings, Protocol, SessionId,
 };
+use crate::core::subnet::Subnet;
 use crate::core::{
     Counters, Event, HostSettings, Instant, LeaseTarget, LinkCounters, Settings, VirtualHost,
 };
-use crate::core::subnet::Subnet;
 use crate::host;
 use crate::seclog::SecurityLog;
 use crate::state::{StateDir, StateError};
@@ -368,6 +368,9 @@ pub struct LeaseRow {
     pub hostname: Option<String>,
     /// Offered, bound, released, expired, declined.
     pub state: String,
+    /// When the current binding started.
+    #[serde(serialize_with = "rfc3339")]
+    pub start: SystemTime,
     /// When it expires (or expired).
     #[serde(serialize_with = "rfc3339")]
     pub expires: SystemTime,
@@ -390,10 +393,10 @@ enum Command {
     Status(Reply<Status>),
     Sessions(Reply<Vec<SessionRow>>),
     Leases(Reply<Vec<LeaseRow>>),
-    Apply {
-        config: Box<Config>,
-        who: String,
-        reply: Reply<Result<(), HandleError>>,
+    Set {
+        changes: Vec<Override>,
+        source: String,
+        reply: Reply<Result<Vec<Change>, HandleError>>,
     },
     EndSession(SessionId, Reply<bool>),
     ReleaseLease(LeaseTarget, Reply<Option<LeaseRow>>),
@@ -437,16 +440,41 @@ impl GatewayHandle {
         self.ask(Command::Leases).await
     }
 
-    /// Replaces the live settings with those of `config` (validated by the caller; keys that
-    /// need a restart must be unchanged). `who` is written to the security log.
-    pub async fn apply_config(&self, config: Config, who: &str) -> Result<(), HandleError> {
-        let who = who.to_owned();
-        self.ask(|reply| Command::Apply {
-            config: Box::new(config),
-            who,
+    /// Changes live settings: `KEY=VALUE` changes as in the configuration file
+    /// (`dhcp.range_end`, `nat.tcp_timeout=1h`, `host.enabled=false`), checked as a whole
+    /// against the running configuration ([`Config::with_changes`]). Either every change
+    /// applies at once and the keys whose values changed come back, or nothing changes and the
+    /// error names the key, the value, `source` ("from the control API") and why. `source` is
+    /// also written to the security log.
+    pub async fn set(
+        &self,
+        changes: Vec<Override>,
+        source: &str,
+    ) -> Result<Vec<Change>, HandleError> {
+        let source = source.to_owned();
+        self.ask(|reply| Command::Set {
+            changes,
+            source,
             reply,
         })
         .await?
+    }
+
+    /// Changes live settings to those of `config`: every key of its live sections
+    /// ([`LIVE_SECTIONS`]) is applied with [`set`](Self::set); the other sections are not
+    /// read (they need a restart).
+    pub async fn apply_config(
+        &self,
+        config: Config,
+        source: &str,
+    ) -> Result<Vec<Change>, HandleError> {
+        let changes = LIVE_SECTIONS
+            .iter()
+            .filter_map(|section| config.section_settings(section))
+            .flatten()
+            .map(|s| Override::new(s.key, s.value))
+            .collect();
+        self.set(changes, source).await
     }
 
     /// Ends session `id` (TCP: a RST both ways). False when there is no such session.
@@ -790,65 +818,61 @@ impl Gateway {
                 let lease = shared.core.borrow_mut().release_lease(target, now);
                 let _ = reply.try_send(lease.as_ref().map(|l| lease_row(clock, l)));
             }
-            Command::Apply { config, who, reply } => {
-                let result = self.apply(shared, *config, &who, max_frame, now);
+            Command::Set {
+                changes,
+                source,
+                reply,
+            } => {
+                let result = self.set(shared, &changes, &source, max_frame, now);
                 let _ = reply.try_send(result);
             }
             Command::EndSession(id, reply) => {
+                // The security log's line is the core's: "session deleted … reason="ended by
+                // operator"".
                 let ended = shared.core.borrow_mut().end_session_by_operator(id, now);
-                if ended {
-                    self.seclog
-                        .write("NAT", "session ended by operator", &format!("id={id}"));
-                }
                 let _ = reply.try_send(ended);
             }
         }
     }
 
-    fn apply(
+    /// Applies live changes: validated as a whole, then handed to the core; each changed key
+    /// is a security log line.
+    fn set(
         &mut self,
         shared: &Shared,
-        config: Config,
-        who: &str,
+        changes: &[Override],
+        source: &str,
         max_frame: usize,
         now: Instant,
-    ) -> Result<(), HandleError> {
+    ) -> Result<Vec<Change>, HandleError> {
+        let (config, changed) = self
+            .config
+            .with_changes(changes, source)
+            .map_err(|e| HandleError::Invalid(e.to_string()))?;
         let mtu = config.nat.mtu as usize;
         if mtu + 14 > max_frame {
             return Err(HandleError::Invalid(format!(
-                "nat.mtu = {mtu}: the backend carries frames of at most {max_frame} bytes \
-                 (MTU {}); restart the gateway to use a larger MTU",
+                "config key nat.mtu = {mtu} (from {source}): larger than the backend's frames \
+                 allow (MTU {} at most); restart hubnat to use a larger MTU",
                 max_frame.saturating_sub(14)
             )));
         }
-        if config.host.mac.is_some_and(|m| m != self.mac) {
-            self.mac = config.host.mac.expect("invariant: checked");
+        if let Some(mac) = config.host.mac {
+            self.mac = mac;
         }
-        let new = settings(&config, self.mac);
-        let mut core = shared.core.borrow_mut();
-        let old = core.settings().clone();
-        core.apply_settings(new.clone(), now);
-        drop(core);
-        let mut changed = Vec::new();
-        if old.enabled != new.enabled {
-            changed.push("enabled");
-        }
-        if old.host != new.host {
-            changed.push("host");
-        }
-        if old.dhcp != new.dhcp {
-            changed.push("dhcp");
-        }
-        if old.nat != new.nat {
-            changed.push("nat");
-        }
+        shared
+            .core
+            .borrow_mut()
+            .apply_settings(settings(&config, self.mac), now);
         self.config = config;
-        self.seclog.write(
-            "GATEWAY",
-            "settings changed",
-            &format!("by={who:?} sections={}", changed.join(",")),
-        );
-        Ok(())
+        for c in &changed {
+            self.seclog.write(
+                "GATEWAY",
+                "setting changed",
+                &format!("key={} old={} new={} by={source:?}", c.key, c.old, c.new),
+            );
+        }
+        Ok(changed)
     }
 
     fn status(&self, core: &VirtualHost, backend: &str, started: std::time::Instant) -> Status {
@@ -921,6 +945,7 @@ fn lease_row(clock: &Clock, l: &Lease) -> LeaseRow {
         ip: l.ip,
         hostname: l.hostname.clone(),
         state: format!("{:?}", l.state).to_lowercase(),
+        start: UNIX_EPOCH + Duration::from_secs(clock.wall_secs(l.start)),
         expires: UNIX_EPOCH + Duration::from_secs(clock.wall_secs(l.expires)),
     }
 }

@@ -534,7 +534,7 @@ fn live_dhcp_settings() {
     gw.stop();
     let log = security_log(state.path());
     assert!(
-        log.contains("GATEWAY settings changed: by=\"test\" sections=dhcp"),
+        log.contains("GATEWAY setting changed: key=dhcp.range_start old=\"192.168.30.10\" new=\"192.168.30.100\" by=\"test\""),
         "{log}"
     );
 }
@@ -600,7 +600,7 @@ fn live_nat_enable_and_disable() {
         "{log}"
     );
     assert_eq!(
-        log.matches("GATEWAY settings changed: by=\"test\" sections=nat")
+        log.matches("GATEWAY setting changed: key=nat.enabled")
             .count(),
         2,
         "{log}"
@@ -653,13 +653,65 @@ fn a_handle_to_a_stopped_gateway_says_stopped() {
     assert!(stopped(async_io::block_on(handle.status()).map(drop)));
     assert!(stopped(async_io::block_on(handle.sessions()).map(drop)));
     assert!(stopped(async_io::block_on(handle.leases()).map(drop)));
-    assert!(stopped(async_io::block_on(
-        handle.apply_config(cfg, "test")
-    )));
+    assert!(stopped(
+        async_io::block_on(handle.apply_config(cfg, "test")).map(drop)
+    ));
     assert!(stopped(
         async_io::block_on(handle.end_session(hubnat::core::nat::SessionId(1))).map(drop)
     ));
     assert!(stopped(
         async_io::block_on(handle.release_lease(LeaseTarget::Mac(MAC_A))).map(drop)
     ));
+}
+
+/// Live changes through `set`: a valid set applies and reports each changed key; an invalid
+/// one (a range outside the subnet, MTU 0, an unknown key, a key that needs a restart, an MTU
+/// larger than the backend's frames) is refused with the key and why, and changes nothing.
+#[test]
+fn set_applies_valid_changes_and_refuses_invalid_ones_whole() {
+    use hubnat::config::Override;
+    let state = tempfile::tempdir().unwrap();
+    let hub = MemoryHub::new(1500);
+    let gw = start(config(state.path()), &hub);
+    let set = |changes: &[(&str, &str)]| {
+        let changes = changes.iter().map(|(k, v)| Override::new(*k, *v)).collect();
+        async_io::block_on(gw.handle.set(changes, "the test"))
+    };
+    let changed = set(&[("dhcp.lease", "10m"), ("nat.tcp_timeout", "1h")]).expect("valid");
+    let keys: Vec<&str> = changed.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["dhcp.lease", "nat.tcp_timeout"]);
+    assert!(
+        set(&[("dhcp.lease", "10m")]).unwrap().is_empty(),
+        "same value: no change"
+    );
+    let before = status(&gw);
+    for (changes, expect) in [
+        (
+            vec![("dhcp.range_end", "192.168.31.5"), ("dhcp.lease", "20m")],
+            "config key dhcp.range_end = 192.168.31.5 (from the test)",
+        ),
+        (vec![("nat.mtu", "0")], "nat.mtu"),
+        (vec![("nat.bogus", "1")], "nat.bogus"),
+        (vec![("backend.kind", "raw")], "restart"),
+        (
+            vec![("nat.mtu", "9000")],
+            "larger than the backend's frames",
+        ),
+    ] {
+        let err = set(&changes).expect_err("refused").to_string();
+        assert!(err.contains(expect), "{changes:?}: {err}");
+    }
+    let after = status(&gw);
+    assert_eq!(before.dhcp_enabled, after.dhcp_enabled);
+    gw.stop();
+    let log = security_log(state.path());
+    assert_eq!(log.matches("GATEWAY setting changed:").count(), 2, "{log}");
+    assert!(
+        log.contains(
+            "GATEWAY setting changed: key=dhcp.lease old=\"2h\" new=\"10m\" by=\"the test\""
+        ),
+        "{log}"
+    );
+    // Nothing of the refused changes was applied: the lease stayed 10 minutes.
+    assert!(!log.contains("new=\"20m\""), "{log}");
 }

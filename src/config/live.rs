@@ -449,7 +449,10 @@ mod tests {
         }
         // The MAC and the MTU are live (the gateway checks the MTU against its backend).
         let (_, diff) = Config::default()
-            .with_changes(&changes(&["nat={ mtu = 9000 }", "host.mac=00:ac:00:00:00:01"]), API)
+            .with_changes(
+                &changes(&["nat={ mtu = 9000 }", "host.mac=00:ac:00:00:00:01"]),
+                API,
+            )
             .expect("live keys");
         let keys: Vec<&str> = diff.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys, ["nat.mtu", "host.mac"]);

@@ -19,7 +19,7 @@
 //! Time is an [`Instant`] from a monotonic clock that the driver passes in. The driver's
 //! clock starts at the Unix time of the process start, so the seconds the DHCP server stores
 //! read as Unix times, but a step of the wall clock (NTP, suspend) never reaches the core: no
-//! timer expires or stalls because of one. Wall time is used only where a lease expiry is
+//! timer expires or stalls because of one. Wall time is used only where a lease's times are
 //! saved or shown, by the driver.
 //!
 //! The core has one settings value, [`Settings`], and one way to change it,
@@ -468,8 +468,7 @@ impl VirtualHost {
     /// The segment's broadcast address; 255.255.255.255 for a mask with gaps.
     fn subnet_broadcast(&self) -> Ipv4Addr {
         let host = &self.settings.host;
-        subnet::Subnet::from_mask(host.ip, host.mask)
-            .map_or(Ipv4Addr::BROADCAST, |s| s.broadcast())
+        subnet::Subnet::from_mask(host.ip, host.mask).map_or(Ipv4Addr::BROADCAST, |s| s.broadcast())
     }
 
     fn handle_dhcp(&mut self, now: Instant, src_mac: EthernetAddress, payload: &[u8]) {
