@@ -45,7 +45,7 @@ mod admission_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -439,7 +439,7 @@ pub struct NatState {
     stack: tcp::TcpStack,
     /// The SYN (its whole IPv4 packet) of each TCP session whose outbound connect is under
     /// way; retransmissions are dropped. A connected session has its socket set in `stack`.
-    pending_syns: HashMap<SessionId, Vec<u8>>,
+    pending_syns: table::IdMap<Vec<u8>>,
     admission: admit::Admission,
     frag: frag::Reassembler,
     pub(super) dns: DnsForwarder,
@@ -472,7 +472,7 @@ impl NatState {
         NatState {
             table: SessionTable::new(),
             stack: tcp::TcpStack::new(seed, host.mtu, host.ip, host.mask, now),
-            pending_syns: HashMap::new(),
+            pending_syns: table::IdMap::default(),
             admission: admit::Admission::default(),
             frag: frag::Reassembler::default(),
             dns: DnsForwarder::new((seed >> 16) as u16),

@@ -13,8 +13,9 @@
 //! settings, not the table's); the caller refuses the flow (RST, or a dropped datagram).
 //! Idle sessions are found by [`SessionTable::sweep`] from their last activity.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use smoltcp::time::{Duration, Instant};
@@ -31,6 +32,34 @@ impl fmt::Display for SessionId {
         write!(f, "{}", self.0)
     }
 }
+
+/// Hashes session ids with one multiplication (Fibonacci hashing). Ids are sequential and
+/// never chosen by a client, so they need no flood-resistant hash, and SipHash was a
+/// measurable share of the per-segment cost (`benches/core_sessions.rs`). Flow keys, which
+/// clients choose, keep the standard hasher.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by session id.
+pub type IdMap<V> = HashMap<SessionId, V, BuildHasherDefault<IdHasher>>;
+/// A set of session ids.
+pub type IdSet = HashSet<SessionId, BuildHasherDefault<IdHasher>>;
 
 /// The transport of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -217,7 +246,7 @@ pub enum LimitError {
 /// The session table. See the module documentation.
 #[derive(Debug)]
 pub struct SessionTable {
-    sessions: HashMap<SessionId, Session>,
+    sessions: IdMap<Session>,
     by_key: HashMap<FlowKey, SessionId>,
     per_client: HashMap<Ipv4Addr, usize>,
     per_protocol: [usize; 3],
@@ -243,7 +272,7 @@ impl SessionTable {
     /// An empty table.
     pub fn new() -> Self {
         SessionTable {
-            sessions: HashMap::new(),
+            sessions: IdMap::default(),
             by_key: HashMap::new(),
             per_client: HashMap::new(),
             per_protocol: [0; 3],

@@ -37,7 +37,7 @@
 //! at MTU 65520, where 256 KiB gives ~7.5 (`scripts/bench-nat.sh`). `benches/core_sessions.rs`
 //! measures the memory it costs with many sessions.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
@@ -49,7 +49,7 @@ use smoltcp::wire::{
     Ipv4Packet, TcpPacket, ETHERNET_HEADER_LEN,
 };
 
-use super::table::{FlowKey, Protocol, SessionId, SessionState};
+use super::table::{FlowKey, IdMap, IdSet, Protocol, SessionId, SessionState};
 use super::{EndReason, HostError, HostEvent, NatEvent, OpRecord};
 use crate::core::link::Link;
 use crate::core::VirtualHost;
@@ -228,15 +228,15 @@ pub struct TcpStack {
     /// The interface's random seed (initial sequence numbers), kept to rebuild it.
     seed: u64,
     /// Each connection's set and the handle of its socket in it.
-    sets: HashMap<SessionId, (SocketSet<'static>, SocketHandle)>,
+    sets: IdMap<(SocketSet<'static>, SocketHandle)>,
     /// The set for segments no connection owns: smoltcp answers them with a RST.
     empty: SocketSet<'static>,
     /// Connections whose socket may have something to send.
-    dirty: HashSet<SessionId>,
+    dirty: IdSet,
     /// Each connection's next timer (retransmission, delayed ACK), ordered.
     deadlines: BTreeSet<(Instant, SessionId)>,
     /// The timer of each connection that has one, to find it in `deadlines`.
-    deadline_of: HashMap<SessionId, Instant>,
+    deadline_of: IdMap<Instant>,
     /// Connections whose set goes after its next egress (so a RST or last ACK still leaves).
     graveyard: Vec<SessionId>,
     /// Where a frame goes that smoltcp builds while the queue is full.
@@ -250,11 +250,11 @@ impl TcpStack {
         TcpStack {
             iface: interface(seed, mtu, ip, mask, now),
             seed,
-            sets: HashMap::new(),
+            sets: IdMap::default(),
             empty: SocketSet::new(Vec::new()),
-            dirty: HashSet::new(),
+            dirty: IdSet::default(),
             deadlines: BTreeSet::new(),
-            deadline_of: HashMap::new(),
+            deadline_of: IdMap::default(),
             graveyard: Vec::new(),
             scratch: Vec::new(),
         }
@@ -302,7 +302,7 @@ impl TcpStack {
     }
 
     /// Feeds one segment to connection `id`'s set, or to the empty set (which answers with a
-    /// RST) when no connection owns it.
+    /// RST) when no connection owns it. Returns the state of `id`'s socket afterwards.
     fn ingress(
         &mut self,
         now: Instant,
@@ -311,7 +311,7 @@ impl TcpStack {
         mtu: usize,
         packet: &[u8],
         id: Option<SessionId>,
-    ) {
+    ) -> Option<tcp::State> {
         let mut device = PollDevice {
             rx: Some(packet),
             link,
@@ -319,15 +319,17 @@ impl TcpStack {
             mtu,
             scratch: &mut self.scratch,
         };
-        match id.and_then(|id| self.sets.get_mut(&id).map(|(set, _)| (id, set))) {
-            Some((id, set)) => {
+        match id.and_then(|id| self.sets.get_mut(&id).map(|s| (id, s))) {
+            Some((id, (set, handle))) => {
                 let _ = self.iface.poll_ingress_single(now, &mut device, set);
                 self.dirty.insert(id);
+                Some(set.get::<tcp::Socket>(*handle).state())
             }
             None => {
                 let _ = self
                     .iface
                     .poll_ingress_single(now, &mut device, &mut self.empty);
+                None
             }
         }
     }
@@ -466,8 +468,9 @@ impl VirtualHost {
                 s.last_activity = now;
             }
             if self.nat.stack.contains(id) {
-                self.stack_ingress(now, p.as_ref(), Some(id));
-                self.tcp_after_ingress(id, seg.rst(), now);
+                if let Some(state) = self.stack_ingress(now, p.as_ref(), Some(id)) {
+                    self.tcp_after_ingress(id, seg.rst(), state, now);
+                }
             } else if seg.rst() {
                 // The client gave up while we connect: the connect is cancelled.
                 self.end_session(id, EndReason::ResetByClient, now);
@@ -493,22 +496,29 @@ impl VirtualHost {
         self.nat.push_op(OpRecord::TcpConnect(id, target));
     }
 
-    fn stack_ingress(&mut self, now: Instant, packet: &[u8], id: Option<SessionId>) {
+    fn stack_ingress(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        id: Option<SessionId>,
+    ) -> Option<tcp::State> {
         let host = self.settings.host;
         self.nat
             .stack
-            .ingress(now, &mut self.link, host.mac, host.mtu, packet, id);
+            .ingress(now, &mut self.link, host.mac, host.mtu, packet, id)
     }
 
-    /// Notes what a segment from the client did to connection `id`: its FIN, its RST.
-    fn tcp_after_ingress(&mut self, id: SessionId, rst: bool, now: Instant) {
-        let Some(state) = self.nat.stack.state(id) else {
+    /// Notes what a segment from the client did to connection `id` (now in `state`): its
+    /// FIN, its RST.
+    fn tcp_after_ingress(&mut self, id: SessionId, rst: bool, state: tcp::State, now: Instant) {
+        use tcp::State::*;
+        if !rst && matches!(state, Established | SynReceived | FinWait1 | FinWait2) {
+            // The common case, every data segment: nothing closed.
             return;
-        };
+        }
         let Some(s) = self.nat.table.get_mut(id) else {
             return;
         };
-        use tcp::State::*;
         if rst && state == Closed {
             s.tcp.client_reset = true;
         } else if matches!(state, CloseWait | LastAck | Closing | TimeWait) && !s.tcp.client_fin {
@@ -716,7 +726,7 @@ pub struct TcpRelay<'a> {
     socket: &'a mut tcp::Socket<'static>,
     session: &'a mut super::table::Session,
     now: Instant,
-    dirty: &'a mut HashSet<SessionId>,
+    dirty: &'a mut IdSet,
 }
 
 impl TcpRelay<'_> {
