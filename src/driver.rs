@@ -1256,29 +1256,44 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
 }
 
 /// Datagrams from a UDP session's host socket, back to the client; socket errors (ICMP errors
-/// for earlier datagrams) are reported to the core.
+/// for earlier datagrams, one per entry of the socket's error queue) are reported to the core.
 async fn udp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<UdpSocket>>) {
     loop {
         if sock.readable().await.is_err() {
             return;
         }
         let mut any = false;
+        // The last error `recv` returned: the socket's pending error, which is also the last
+        // entry of its error queue (reported from there), unless the queue is empty.
+        let mut pending = None;
+        let now = shared.now();
+        let mut core = shared.core.borrow_mut();
         loop {
-            let now = shared.now();
-            let mut core = shared.core.borrow_mut();
             let r = core.nat_udp_receive(id, now, |buf| sock.get_ref().recv(buf));
             match r {
                 Ok(_) => any = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // The error is consumed by reading it; the socket carries on.
-                    core.nat_host_event(id, HostEvent::Error(&e), now);
-                    any = true;
-                }
+                // The error is consumed by reading it; the socket carries on.
+                Err(e) => pending = Some(e),
             }
         }
-        if any {
+        // The error queue (IP_RECVERR), when `recv` failed or found nothing (an entry whose
+        // pending error a send took already). It must be emptied: the socket stays readable
+        // while it holds an entry.
+        let mut queued = false;
+        if pending.is_some() || !any {
+            while let Some(e) = host::udp_take_error(sock.get_ref()) {
+                core.nat_host_event(id, HostEvent::Error(&e), now);
+                queued = true;
+            }
+        }
+        if let Some(e) = pending.filter(|_| !queued) {
+            core.nat_host_event(id, HostEvent::Error(&e), now);
+            any = true;
+        }
+        drop(core);
+        if any || queued {
             shared.kick();
         }
     }

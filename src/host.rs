@@ -2,11 +2,13 @@
 //!
 //! Everything here is a thin wrapper: non-blocking sockets registered with async-io's reactor.
 //! TCP connects are bounded by [`CONNECT_TIMEOUT`]; UDP flows get a socket each, connected to
-//! the remote so the kernel filters what comes back; echo goes through unprivileged ICMP
-//! sockets (`SOCK_DGRAM`/`IPPROTO_ICMP`), allowed by `net.ipv4.ping_group_range`.
+//! the remote so the kernel filters what comes back, with their ICMP errors queued on them
+//! (`IP_RECVERR`) for the client; echo goes through unprivileged ICMP sockets
+//! (`SOCK_DGRAM`/`IPPROTO_ICMP`), allowed by `net.ipv4.ping_group_range`.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use async_io::{Async, Timer};
@@ -36,15 +38,88 @@ pub fn set_reset_on_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// A UDP socket connected to `target`.
+/// A UDP socket connected to `target`, with `IP_RECVERR` (`IPV6_RECVERR`): every ICMP error
+/// about what it sent is queued on it, host and network unreachable included, which a UDP
+/// socket reports only with that option (without it, only port unreachable). Read them with
+/// [`udp_take_error`]: the socket stays readable until its error queue is empty.
 pub fn udp_connect(target: SocketAddr) -> io::Result<Async<UdpSocket>> {
     let bind: SocketAddr = match target {
         SocketAddr::V4(_) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => "[::]:0".parse().expect("invariant: literal"),
     };
     let socket = UdpSocket::bind(bind)?;
+    let (level, name) = match target {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_RECVERR),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVERR),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on an open socket with a pointer to a local int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
     socket.connect(target)?;
     Async::new(socket)
+}
+
+/// The next error on the error queue of a socket from [`udp_connect`] (the errno of an ICMP
+/// error such as EHOSTUNREACH, or of a local one), or `None` when the queue is empty. Clears
+/// the socket's pending error once the queue is empty, so that the errors read here are not
+/// read again from `recv`.
+pub fn udp_take_error(socket: &UdpSocket) -> Option<io::Error> {
+    // Room for one cmsghdr with a sock_extended_err and the offender's sockaddr_in6.
+    let mut control = [0u64; 16];
+    let mut data = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no buffers); the pointers set below point
+    // to locals that outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: recvmsg on an open socket with a msghdr whose buffers are valid for their sizes.
+    let n = unsafe {
+        libc::recvmsg(
+            socket.as_raw_fd(),
+            &mut msg,
+            libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        // Empty (EAGAIN), or nothing to read at all: clear what `recv` would report again.
+        let _ = socket.take_error();
+        return None;
+    }
+    // SAFETY: the kernel filled `msg.msg_control` with `msg_controllen` bytes of cmsgs; the
+    // CMSG_* macros stay within them, and a sock_extended_err is read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if (c.cmsg_level, c.cmsg_type) == (libc::IPPROTO_IP, libc::IP_RECVERR)
+                || (c.cmsg_level, c.cmsg_type) == (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+            {
+                let ee: libc::sock_extended_err =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(io::Error::from_raw_os_error(ee.ee_errno as i32));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    // A queued entry without its cmsg (the control buffer was too small): say what we can.
+    Some(io::Error::other("an error queued on the socket"))
 }
 
 /// An unbound UDP socket for DNS queries of one address family.

@@ -131,6 +131,9 @@ pub enum HostError {
     HostUnreachable,
     /// No route to the network, or the network is down (ICMP network unreachable).
     NetUnreachable,
+    /// The host's routes or firewall forbid it (a `prohibit` route: EACCES; a firewall: EPERM)
+    /// (ICMP communication administratively prohibited).
+    Prohibited,
     /// No answer in time.
     TimedOut,
     /// The remote reset the connection.
@@ -148,6 +151,7 @@ impl HostError {
             Some(libc::ECONNREFUSED) => HostError::Refused,
             Some(libc::EHOSTUNREACH | libc::EHOSTDOWN) => HostError::HostUnreachable,
             Some(libc::ENETUNREACH | libc::ENETDOWN) => HostError::NetUnreachable,
+            Some(libc::EACCES | libc::EPERM) => HostError::Prohibited,
             Some(libc::ETIMEDOUT) => HostError::TimedOut,
             Some(libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED) => HostError::Reset,
             Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
@@ -164,6 +168,7 @@ impl HostError {
             HostError::Refused => "refused",
             HostError::HostUnreachable => "host unreachable",
             HostError::NetUnreachable => "network unreachable",
+            HostError::Prohibited => "prohibited",
             HostError::TimedOut => "timed out",
             HostError::Reset => "reset",
             HostError::Resources => "out of host resources",

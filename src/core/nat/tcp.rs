@@ -10,12 +10,13 @@
 //! - **SYN deferral.** The SYN of a new flow is kept aside (retransmissions are dropped) while
 //!   the driver connects to the remote. On success a socket listening on exactly the SYN's
 //!   destination is created and the SYN is fed to it: the SYN-ACK goes out. On failure the
-//!   client gets a RST (refused) or an ICMP host unreachable quoting its SYN (unreachable,
-//!   timed out), and no socket or buffer was ever allocated — a SYN flood costs a table row
-//!   per SYN, bounded by the session limits. (smoltcp's `pause_synack` would do the same with
-//!   a socket per pending SYN, but a paused socket asks to be polled "now" forever.) Each
-//!   segment is fed in on its own ([`Interface::poll_ingress_single`]) so that the socket
-//!   created for a SYN is the one that takes it.
+//!   client gets a RST (refused) or, as the host's error says, an ICMP host or network
+//!   unreachable or administratively prohibited quoting its SYN, and no socket or buffer was
+//!   ever allocated — a SYN flood costs a table row per SYN, bounded by the session limits.
+//!   (smoltcp's `pause_synack` would do the same with a socket per pending SYN, but a paused
+//!   socket asks to be polled "now" forever.) Each segment is fed in on its own
+//!   ([`Interface::poll_ingress_single`]) so that the socket created for a SYN is the one that
+//!   takes it.
 //! - **Relay.** [`TcpRelay`] lends the driver the socket's buffers: the bytes the client sent
 //!   are written to the host socket straight from smoltcp's receive buffer, and the host
 //!   socket is read straight into smoltcp's send buffer — one copy per direction.
@@ -633,7 +634,8 @@ impl VirtualHost {
 
     /// The outbound connection of `id` failed. For the DNS redirect the next upstream is tried
     /// (a new `TcpConnect` op); otherwise the client gets a RST (refused, local error) or an
-    /// ICMP unreachable (host or network unreachable, timed out) and the session ends.
+    /// ICMP unreachable (host or network unreachable, timed out, prohibited) and the session
+    /// ends.
     fn tcp_connect_failed(&mut self, id: SessionId, error: &std::io::Error, now: Instant) {
         let Some(session) = self.nat.table.get(id) else {
             return;
@@ -667,6 +669,10 @@ impl VirtualHost {
             ),
             HostError::NetUnreachable => (
                 Some(Icmpv4DstUnreachable::NetUnreachable),
+                EndReason::Unreachable,
+            ),
+            HostError::Prohibited => (
+                Some(Icmpv4DstUnreachable::CommProhibited),
                 EndReason::Unreachable,
             ),
             HostError::Resources => (None, EndReason::Limit),

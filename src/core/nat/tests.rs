@@ -546,6 +546,119 @@ fn udp_flows_are_relayed_and_replies_come_from_the_remote() {
     );
 }
 
+/// The ICMP destination unreachable messages among `frames`: (source, code, the quoted UDP
+/// source port).
+fn icmp_unreachables(frames: &[Vec<u8>]) -> Vec<(Ipv4Addr, u8, u16)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(&f[..]).ok()?;
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Icmp {
+                return None;
+            }
+            assert_eq!(ip.dst_addr(), CLIENT_IP);
+            let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).ok()?;
+            assert_eq!(
+                icmp.msg_type(),
+                smoltcp::wire::Icmpv4Message::DstUnreachable
+            );
+            let quoted = &icmp.data()[20..28];
+            let sport = u16::from_be_bytes([quoted[0], quoted[1]]);
+            Some((ip.src_addr(), icmp.msg_code(), sport))
+        })
+        .collect()
+}
+
+#[test]
+fn udp_socket_errors_reach_the_client_as_icmp_errors() {
+    let mut h = host_with(settings());
+    let remote = SocketAddrV4::new(REMOTE, 5000);
+    h.handle_frame(t(0), &udp_frame(remote, 41020, b"one"));
+    let id = h.nat().table().iter().next().unwrap().id;
+    ops(&mut h);
+    // Errors on a live flow, as the driver reads them from the socket: port unreachable comes
+    // from the remote, host and network unreachable and prohibited from us; the flow stays.
+    for (errno, from, code) in [
+        (libc::ECONNREFUSED, REMOTE, 3),
+        (libc::EHOSTUNREACH, OUR_IP, 1),
+        (libc::ENETUNREACH, OUR_IP, 0),
+        (libc::EACCES, OUR_IP, 13),
+    ] {
+        let e = io::Error::from_raw_os_error(errno);
+        h.nat_host_event(id, HostEvent::Error(&e), t(1));
+        assert_eq!(
+            icmp_unreachables(&sent(&mut h, t(1))),
+            [(from, code, 41020)],
+            "errno {errno}"
+        );
+    }
+    assert!(h.nat().table().get(id).is_some());
+    assert_eq!(ended(&mut h), []);
+    // A socket that cannot be opened because a route forbids it: the client hears why, and
+    // the session ends as unreachable, not as a limit.
+    for (port, errno, code) in [(41021, libc::EACCES, Some(13)), (41022, libc::EINVAL, None)] {
+        h.handle_frame(t(2), &udp_frame(remote, port, b"two"));
+        let id = h
+            .nat()
+            .table()
+            .iter()
+            .find(|s| s.key.client.port() == port)
+            .unwrap()
+            .id;
+        ops(&mut h);
+        let e = io::Error::from_raw_os_error(errno);
+        h.nat_host_event(id, HostEvent::OpenFailed(&e), t(3));
+        let want: Vec<(Ipv4Addr, u8, u16)> = code.map(|c| (OUR_IP, c, port)).into_iter().collect();
+        assert_eq!(
+            icmp_unreachables(&sent(&mut h, t(3))),
+            want,
+            "errno {errno}"
+        );
+        assert!(h.nat().table().get(id).is_none());
+        assert_eq!(ended(&mut h), [EndReason::Unreachable], "errno {errno}");
+    }
+    // Out of sockets is a limit.
+    h.handle_frame(t(4), &udp_frame(remote, 41023, b"three"));
+    let id = h
+        .nat()
+        .table()
+        .iter()
+        .find(|s| s.key.client.port() == 41023)
+        .unwrap()
+        .id;
+    ops(&mut h);
+    let e = io::Error::from_raw_os_error(libc::EMFILE);
+    h.nat_host_event(id, HostEvent::OpenFailed(&e), t(5));
+    assert_eq!(ended(&mut h), [EndReason::Limit]);
+}
+
+#[test]
+fn a_prohibited_connect_becomes_icmp_administratively_prohibited() {
+    let mut h = host_with(settings());
+    let remote = SocketAddrV4::new(REMOTE, 443);
+    h.handle_frame(
+        t(0),
+        &tcp_frame(remote, 40015, TcpControl::Syn, 9000, None, &[]),
+    );
+    let (id, _) = connect_op(&mut h);
+    connect_failed(&mut h, id, libc::EACCES, t(1));
+    let frames = sent(&mut h, t(1));
+    assert_eq!(frames.len(), 1);
+    let eth = EthernetFrame::new_checked(&frames[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(
+        (ip.src_addr(), ip.next_header()),
+        (OUR_IP, IpProtocol::Icmp)
+    );
+    let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert_eq!(
+        (icmp.msg_type(), icmp.msg_code()),
+        (smoltcp::wire::Icmpv4Message::DstUnreachable, 13)
+    );
+    assert_eq!(ended(&mut h), [EndReason::Unreachable]);
+}
+
 #[test]
 fn fragmented_datagrams_are_reassembled_and_big_replies_fragmented() {
     let mut h = host_with(settings());

@@ -11,10 +11,13 @@
 //!   for the client ([`VirtualHost::nat_udp_receive`]); one that does not fit the MTU is
 //!   fragmented.
 //! - **Errors.** What the host socket reports — ECONNREFUSED (the remote answered ICMP port
-//!   unreachable), EHOSTUNREACH, ENETUNREACH, at open, on send or on receive — reaches the
-//!   client as the matching ICMP error quoting its last datagram, so `nc -u` and stub
+//!   unreachable), EHOSTUNREACH, ENETUNREACH, EACCES/EPERM (a `prohibit` route, a firewall),
+//!   at open, on send or on receive (the driver reads each ICMP error from the socket's error
+//!   queue) — reaches the client as the matching ICMP error quoting its last datagram (port
+//!   unreachable from the remote, the others from the virtual host), so `nc -u` and stub
 //!   resolvers fail at once as they do without a NAT. The flow stays (a later datagram may get
-//!   through), except when its socket could not be opened at all.
+//!   through), except when its socket could not be opened at all: then it ends as
+//!   "unreachable" ("limit" only when the host ran out of sockets).
 //! - **DNS.** A client endpoint asking the virtual host's port 53 is a session too (admitted
 //!   once, [`DNS_SESSION_TIMEOUT`](super::DNS_SESSION_TIMEOUT) idle), without a socket of its
 //!   own: its queries go to the forwarder, to the configured upstreams, or to the one endpoint
@@ -158,6 +161,7 @@ impl VirtualHost {
             HostError::Refused => (Icmpv4DstUnreachable::PortUnreachable, *s.key.remote.ip()),
             HostError::HostUnreachable => (Icmpv4DstUnreachable::HostUnreachable, host.ip),
             HostError::NetUnreachable => (Icmpv4DstUnreachable::NetUnreachable, host.ip),
+            HostError::Prohibited => (Icmpv4DstUnreachable::CommProhibited, host.ip),
             _ => return false,
         };
         let Some(quote) = s.quote else {
@@ -185,12 +189,12 @@ impl VirtualHost {
                 reason: format!("{}: {e}", kind.as_str()),
             });
         }
+        // Only a lack of resources is a limit; any other error at open (a route that
+        // forbids or drops, EACCES, EINVAL) means the remote cannot be reached from here.
         let reason = match kind {
             HostError::Refused => EndReason::Refused,
-            HostError::HostUnreachable | HostError::NetUnreachable | HostError::TimedOut => {
-                EndReason::Unreachable
-            }
-            _ => EndReason::Limit,
+            HostError::Resources => EndReason::Limit,
+            _ => EndReason::Unreachable,
         };
         self.end_session(id, reason, now);
     }
