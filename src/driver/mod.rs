@@ -1,0 +1,618 @@
+//! The driver: the async loop that joins a frame backend, the clock, the host sockets, the
+//! state directory and the control handle to the sans-IO [core](crate::core).
+//!
+//! # Theory of operation
+//!
+//! One loop on one thread owns the [`VirtualHost`]. Each turn it waits for the first of: a batch
+//! of frames from the backend, the core's next timeout, a kick from a session task, a command
+//! from a [`GatewayHandle`], or the shutdown signal. It then feeds the core (every frame of the
+//! batch, then the timeout check, all with one timestamp), carries out the core's host
+//! requests ([`HostOp`]), writes the security log lines of the core's events and saves the
+//! lease table when it changed, and then sends the frames the core produced as one batch (so
+//! a lease is on disk before its ACK leaves). On shutdown the lease table is saved once more.
+//! No locks: nothing else touches the core.
+//!
+//! Host sockets: each session's socket and the task that serves it live in one map, keyed by
+//! session. The tasks report what happened ([`HostEvent`]) and never end a session themselves;
+//! when the core ends one it says [`HostOp::Close`], and the driver drops the socket and the
+//! task — a connect still under way is cancelled at once.
+//!
+//! Time: [`Clock`] is monotonic. It starts at the wall time of the process start (so the DHCP
+//! server's seconds read as Unix times) and then follows `std::time::Instant` only; the wall
+//! clock is read only to convert times a person or a file reads: a lease's start and expiry
+//! (lease file, security log, tables) and a session's times (tables). Saved leases are converted
+//! back to core seconds when they are loaded.
+
+mod clock;
+mod handle;
+mod sessions;
+
+pub use clock::{Clock, WallClock};
+pub use handle::{GatewayHandle, HandleError, LeaseRow, SessionCounts, SessionRow, Status};
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_executor::LocalExecutor;
+use async_io::Timer;
+use futures_lite::FutureExt;
+use hubnat_backend::{Backend, FrameBatch};
+use smoltcp::wire::EthernetAddress;
+use tracing::{error, info};
+
+use crate::config::{Change, Config, MacAddr, Override};
+use crate::core::dhcp::{server::fmt_mac, DhcpSettings, Lease, Reservation, StaticRoute};
+use crate::core::nat::{NatSettings, Protocol};
+use crate::core::subnet::Subnet;
+use crate::core::{Event, HostSettings, Instant, Settings, VirtualHost};
+use crate::host;
+use crate::seclog::SecurityLog;
+use crate::state::{StateDir, StateError};
+use handle::{lease_row, Command};
+use sessions::Shared;
+
+/// Frames read from the backend per wake-up, at most.
+pub const RX_BATCH_FRAMES: usize = 64;
+
+/// Why the gateway could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The state directory could not be used.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The security log could not be opened.
+    #[error("cannot open the security log {path}: {source}")]
+    SecurityLog {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The backend failed (device removed, hub closed).
+    #[error("backend {backend} failed: {source}")]
+    Backend {
+        /// The backend's description.
+        backend: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// The virtual host's identity from the configuration and its MAC.
+pub fn host_settings(config: &Config, mac: MacAddr) -> HostSettings {
+    HostSettings {
+        mac: EthernetAddress(mac.0),
+        ip: config.host.ip,
+        mask: config.host.mask,
+        mtu: config.nat.mtu as usize,
+    }
+}
+
+/// The DHCP server's settings from the configuration.
+pub fn dhcp_settings(config: &Config) -> DhcpSettings {
+    let d = &config.dhcp;
+    DhcpSettings {
+        enabled: d.enabled,
+        range_start: d.range_start,
+        range_end: d.range_end,
+        mask: d.mask,
+        lease: d.lease,
+        gateway: d.gateway,
+        dns: d.dns.clone(),
+        domain: d.domain.clone(),
+        routes: d
+            .routes
+            .iter()
+            .map(|r| StaticRoute {
+                dest: r.dest,
+                prefix_len: r.prefix_len,
+                gateway: r.gateway,
+            })
+            .collect(),
+        statics: d
+            .statics
+            .iter()
+            .map(|s| Reservation {
+                mac: s.mac.0,
+                ip: s.ip,
+                hostname: s.hostname.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The NAT's settings from the configuration.
+pub fn nat_settings(config: &Config) -> NatSettings {
+    let n = &config.nat;
+    NatSettings {
+        enabled: n.enabled,
+        tcp_timeout: n.tcp_timeout.into(),
+        udp_timeout: n.udp_timeout.into(),
+        allow_host_loopback: n.allow_host_loopback,
+        // Validation refuses IPv6 entries (the NAT carries IPv4 only) and host bits.
+        deny: n
+            .deny
+            .iter()
+            .filter_map(|net| match net {
+                ipnet::IpNet::V4(v4) => Subnet::new(v4.network(), v4.prefix_len()).ok(),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .collect(),
+        max_sessions: n.max_sessions as usize,
+        max_sessions_per_client: n.max_sessions_per_client as usize,
+        tcp_buffer: n.tcp_buffer as usize,
+        dns_upstreams: config.dns.upstream.clone(),
+    }
+}
+
+/// The core's live settings from the configuration.
+pub fn settings(config: &Config, mac: MacAddr) -> Settings {
+    Settings {
+        enabled: config.host.enabled,
+        host: host_settings(config, mac),
+        dhcp: dhcp_settings(config),
+        nat: nat_settings(config),
+    }
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No random source: the clock still differs between runs.
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.as_nanos() as u64;
+    }
+    u64::from_le_bytes(b)
+}
+
+/// A configured gateway, ready to run on a backend.
+pub struct Gateway {
+    config: Config,
+    state: StateDir,
+    seclog: SecurityLog,
+    mac: MacAddr,
+    clock: Clock,
+    commands: async_channel::Receiver<Command>,
+    handle: GatewayHandle,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("mac", &self.mac)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Opens the state directory (taking its lock), settles the MAC address and opens the
+    /// security log.
+    pub fn new(config: Config) -> Result<Gateway, GatewayError> {
+        let state = StateDir::open(&config.state.dir)?;
+        let mac = state.mac(config.host.mac)?;
+        let path = config.security_log_path();
+        let seclog = SecurityLog::open(&path)
+            .map_err(|source| GatewayError::SecurityLog { path, source })?;
+        let (tx, rx) = async_channel::bounded(64);
+        Ok(Gateway {
+            config,
+            state,
+            seclog,
+            mac,
+            clock: Clock::system(),
+            commands: rx,
+            handle: GatewayHandle { commands: tx },
+        })
+    }
+
+    /// Uses `wall` for the wall time (tests step it to show that nothing depends on it).
+    pub fn with_wall_clock(mut self, wall: WallClock) -> Gateway {
+        self.clock = Clock::with_wall(wall);
+        self
+    }
+
+    /// A handle to send commands to the gateway once it runs.
+    pub fn handle(&self) -> GatewayHandle {
+        self.handle.clone()
+    }
+
+    /// The virtual host's MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs until `shutdown` completes or the backend fails. Leases are saved on every change
+    /// and once more on the way out.
+    pub async fn run<B: Backend>(
+        mut self,
+        mut backend: B,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
+        let clock = self.clock.clone();
+        let leases: Vec<Lease> = self
+            .state
+            .load_leases()?
+            .into_iter()
+            .map(|l| clock.lease_to_core(l))
+            .collect();
+        let restored = leases.len();
+        let (icmp_mode, icmp_err) = host::probe_icmp_mode();
+        let seed = random_seed();
+        let mut core =
+            VirtualHost::new(settings(&self.config, self.mac), leases, seed, clock.now());
+        core.set_icmp_mode(icmp_mode);
+        match host::raise_fd_limit() {
+            Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+        let d = &self.config.dhcp;
+        match &icmp_err {
+            None => info!(
+                "icmp: echo to outside hosts goes through unprivileged ICMP sockets (real replies)"
+            ),
+            Some(e) => info!(
+                error = %e,
+                "icmp: this process may not open ICMP sockets (see net.ipv4.ping_group_range); \
+                 echo to outside hosts is answered by hubnat itself (synthesized replies)"
+            ),
+        }
+        info!(
+            backend = %backend.describe(),
+            mac = %self.mac,
+            ip = %self.config.host.ip,
+            dhcp = d.enabled,
+            nat = self.config.nat.enabled,
+            icmp = icmp_mode.as_str(),
+            leases = restored,
+            "hubnat started"
+        );
+        self.seclog.write(
+            "GATEWAY",
+            "started",
+            &format!(
+                "backend={:?} mac={} ip={} mask={} dhcp={} range={}-{} nat={} icmp={} leases_restored={}",
+                backend.describe(),
+                self.mac,
+                self.config.host.ip,
+                self.config.host.mask,
+                if d.enabled { "on" } else { "off" },
+                d.range_start,
+                d.range_end,
+                if self.config.nat.enabled { "on" } else { "off" },
+                icmp_mode.as_str(),
+                restored
+            ),
+        );
+        let (kick, kicked) = async_channel::bounded(1);
+        let shared = Rc::new(Shared {
+            core: RefCell::new(core),
+            clock,
+            kick,
+            sockets: RefCell::new(HashMap::new()),
+            dns: RefCell::new([None, None]),
+            last_open_warning: Cell::new(None),
+            unwarned_open_failures: Cell::new(0),
+        });
+        let ex = Rc::new(LocalExecutor::new());
+        let result = ex
+            .run(self.main_loop(&shared, &ex, &mut backend, kicked, shutdown))
+            .await;
+        // Sessions end with the process: their tasks and sockets go with the executor.
+        shared.sockets.borrow_mut().clear();
+        drop(ex);
+        self.drain_events(&shared);
+        let core = shared.core.borrow();
+        self.save(&shared.clock, &core);
+        let c = core.counters();
+        info!(
+            frames_in = c.frames_in,
+            frames_out = c.frames_out,
+            malformed = c.malformed,
+            "hubnat stopped"
+        );
+        self.seclog.write(
+            "GATEWAY",
+            "stopped",
+            &match &result {
+                Ok(()) => "reason=shutdown".to_owned(),
+                Err(e) => format!("reason={:?}", e.to_string()),
+            },
+        );
+        result
+    }
+
+    async fn main_loop<B: Backend>(
+        &mut self,
+        shared: &Rc<Shared>,
+        ex: &Rc<LocalExecutor<'static>>,
+        backend: &mut B,
+        kicked: async_channel::Receiver<()>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
+        let max_frame = backend.max_frame_len();
+        let mut rx = FrameBatch::new(RX_BATCH_FRAMES, max_frame);
+        let mut tx = FrameBatch::new(crate::core::TX_QUEUE_FRAMES, max_frame);
+        let mut shutdown = pin!(shutdown);
+        let started = std::time::Instant::now();
+        let commands = self.commands.clone();
+
+        enum Wake {
+            Frames(std::io::Result<()>),
+            Kick,
+            Timer,
+            Command(Command),
+            Stop,
+        }
+
+        loop {
+            let (deadline, again) = {
+                let core = shared.core.borrow();
+                (core.poll_timeout(), core.wants_poll())
+            };
+            if again {
+                // More to send right away (the last batch was full): let the session tasks run,
+                // then go round without waiting.
+                futures_lite::future::yield_now().await;
+            }
+            rx.clear();
+            let wake = {
+                let recv = async { Wake::Frames(backend.recv_batch(&mut rx).await) };
+                let kick = async {
+                    let _ = kicked.recv().await;
+                    Wake::Kick
+                };
+                let command = async {
+                    match commands.recv().await {
+                        Ok(c) => Wake::Command(c),
+                        // Every handle is gone (the gateway keeps one): never.
+                        Err(_) => std::future::pending().await,
+                    }
+                };
+                let timer = async {
+                    match deadline {
+                        Some(at) => {
+                            let delay = Duration::from_micros(
+                                u64::try_from(
+                                    at.total_micros() - shared.clock.now().total_micros(),
+                                )
+                                .unwrap_or(0),
+                            );
+                            Timer::after(delay).await;
+                            Wake::Timer
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                let stop = async {
+                    shutdown.as_mut().await;
+                    Wake::Stop
+                };
+                stop.or(recv).or(command).or(kick).or(timer).await
+            };
+            let now = shared.clock.now();
+            let mut command = None;
+            {
+                let mut core = shared.core.borrow_mut();
+                match wake {
+                    Wake::Frames(Ok(())) => {
+                        for frame in rx.iter() {
+                            core.handle_frame(now, frame);
+                        }
+                    }
+                    Wake::Frames(Err(source)) => {
+                        return Err(GatewayError::Backend {
+                            backend: backend.describe(),
+                            source,
+                        });
+                    }
+                    Wake::Command(c) => command = Some(c),
+                    Wake::Kick | Wake::Timer => {}
+                    Wake::Stop => return Ok(()),
+                }
+            }
+            if let Some(c) = command {
+                self.command(shared, c, &backend.describe(), max_frame, started);
+            }
+            {
+                let mut core = shared.core.borrow_mut();
+                if core.poll_timeout().is_some_and(|t| t <= now) {
+                    core.handle_timeout(now);
+                }
+                core.poll(now);
+                core.take_transmit(&mut tx);
+            }
+            Shared::run_host_ops(shared, ex);
+            // Events first: a lease is on disk before the ACK that grants it leaves, so a crash
+            // right after the ACK cannot lose it.
+            self.drain_events(shared);
+            if !tx.is_empty() {
+                if let Err(source) = backend.send_batch(&tx).await {
+                    return Err(GatewayError::Backend {
+                        backend: backend.describe(),
+                        source,
+                    });
+                }
+                tx.clear();
+            }
+        }
+    }
+
+    /// Answers a command from a [`GatewayHandle`].
+    fn command(
+        &mut self,
+        shared: &Shared,
+        command: Command,
+        backend: &str,
+        max_frame: usize,
+        started: std::time::Instant,
+    ) {
+        let clock = &shared.clock;
+        let now = clock.now();
+        match command {
+            Command::Status(reply) => {
+                let core = shared.core.borrow();
+                let _ = reply.try_send(self.status(&core, backend, started));
+            }
+            Command::Sessions(reply) => {
+                let core = shared.core.borrow();
+                let rows = core
+                    .nat()
+                    .table()
+                    .iter()
+                    .map(|s| SessionRow {
+                        id: s.id,
+                        protocol: s.key.protocol,
+                        client_mac: fmt_mac(&s.client_mac),
+                        client: s.key.client,
+                        remote: s.key.remote,
+                        target: s.target,
+                        remote_name: s.remote_name.clone(),
+                        state: s.state,
+                        created: clock.to_wall(s.created),
+                        last_activity: clock.to_wall(s.last_activity),
+                        bytes_to_remote: s.bytes_out,
+                        bytes_to_client: s.bytes_in,
+                    })
+                    .collect();
+                let _ = reply.try_send(rows);
+            }
+            Command::Leases(reply) => {
+                let core = shared.core.borrow();
+                let rows = core.dhcp().leases().map(|l| lease_row(clock, l)).collect();
+                let _ = reply.try_send(rows);
+            }
+            Command::ReleaseLease(target, reply) => {
+                let lease = shared.core.borrow_mut().release_lease(target, now);
+                let _ = reply.try_send(lease.as_ref().map(|l| lease_row(clock, l)));
+            }
+            Command::Set {
+                changes,
+                source,
+                reply,
+            } => {
+                let result = self.set(shared, &changes, &source, max_frame, now);
+                let _ = reply.try_send(result);
+            }
+            Command::EndSession(id, reply) => {
+                // The security log's line is the core's: "session deleted … reason="ended by
+                // operator"".
+                let ended = shared.core.borrow_mut().end_session_by_operator(id, now);
+                let _ = reply.try_send(ended);
+            }
+        }
+    }
+
+    /// Applies live changes: validated as a whole, then handed to the core; each changed key
+    /// is a security log line.
+    fn set(
+        &mut self,
+        shared: &Shared,
+        changes: &[Override],
+        source: &str,
+        max_frame: usize,
+        now: Instant,
+    ) -> Result<Vec<Change>, HandleError> {
+        let (config, changed) = self
+            .config
+            .with_changes(changes, source)
+            .map_err(|e| HandleError::Invalid(e.to_string()))?;
+        let mtu = config.nat.mtu as usize;
+        if mtu + 14 > max_frame {
+            return Err(HandleError::Invalid(format!(
+                "config key nat.mtu = {mtu} (from {source}): larger than the backend's frames \
+                 allow (MTU {} at most); restart hubnat to use a larger MTU",
+                max_frame.saturating_sub(14)
+            )));
+        }
+        if let Some(mac) = config.host.mac {
+            self.mac = mac;
+        }
+        shared
+            .core
+            .borrow_mut()
+            .apply_settings(settings(&config, self.mac), now);
+        self.config = config;
+        for c in &changed {
+            self.seclog.write(
+                "GATEWAY",
+                "setting changed",
+                &format!("key={} old={} new={} by={source:?}", c.key, c.old, c.new),
+            );
+        }
+        Ok(changed)
+    }
+
+    fn status(&self, core: &VirtualHost, backend: &str, started: std::time::Instant) -> Status {
+        let s = core.settings();
+        let nat = core.nat();
+        let by = nat.table().count_by_protocol();
+        let (bytes_to_remote, bytes_to_client) = nat.bytes();
+        let pool = core.dhcp().pool();
+        Status {
+            enabled: s.enabled,
+            nat_enabled: s.nat.enabled,
+            dhcp_enabled: s.dhcp.enabled,
+            icmp_mode: nat.icmp_mode(),
+            backend: backend.to_owned(),
+            mac: self.mac.to_string(),
+            ip: s.host.ip,
+            mask: s.host.mask,
+            uptime_secs: started.elapsed().as_secs(),
+            sessions: SessionCounts {
+                tcp: by[Protocol::Tcp.index()],
+                udp: by[Protocol::Udp.index()],
+                icmp: by[Protocol::Icmp.index()],
+            },
+            pending_verdicts: nat.pending_verdicts(),
+            leases: pool
+                .iter()
+                .filter(|l| l.state == crate::core::dhcp::LeaseState::Bound)
+                .count(),
+            pool_size: (u32::from(s.dhcp.range_end) - u32::from(s.dhcp.range_start) + 1) as usize,
+            bytes_to_remote,
+            bytes_to_client,
+            counters: *core.counters(),
+            link: *core.link_counters(),
+            nat: *nat.counters(),
+            dhcp: core.dhcp().counters(),
+        }
+    }
+
+    fn drain_events(&mut self, shared: &Shared) {
+        let mut core = shared.core.borrow_mut();
+        let mut changed = false;
+        while let Some(event) = core.poll_event() {
+            match event {
+                Event::Dhcp(e) => self.seclog.dhcp(&e, |l| shared.clock.lease_to_wall(l)),
+                Event::Nat(e) => self.seclog.nat(&e),
+                Event::LeasesChanged => changed = true,
+            }
+        }
+        if changed {
+            self.save(&shared.clock, &core);
+        }
+    }
+
+    fn save(&self, clock: &Clock, core: &VirtualHost) {
+        let leases: Vec<Lease> = core
+            .leases_to_save()
+            .iter()
+            .map(|l| clock.lease_to_wall(l))
+            .collect();
+        if let Err(e) = self.state.save_leases(&leases) {
+            error!(error = %e, "cannot save the lease table; leases given out since the last save would be lost on restart");
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The host side of the sessions: each session's OS socket and the task serving it, the DNS
+//! query sockets, and the execution of the core's [`HostOp`]s. Tasks report what happened
+//! ([`HostEvent`]); they never end a session. [`HostOp::Close`] drops a session's socket and
+//! task, a connect under way included.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use async_executor::{LocalExecutor, Task};
+use async_io::Async;
+
+use super::Clock;
+use crate::core::nat::{HostError, HostEvent, HostOp, SessionId};
+use crate::core::{Instant, VirtualHost};
+use crate::host;
+
+/// What the main loop and the session tasks share, on one thread.
+pub(super) struct Shared {
+    pub(super) core: RefCell<VirtualHost>,
+    pub(super) clock: Clock,
+    /// Wakes the main loop to poll the core and send what it produced.
+    pub(super) kick: async_channel::Sender<()>,
+    /// Each session's host socket and the task serving it.
+    pub(super) sockets: RefCell<HashMap<SessionId, HostSide>>,
+    /// DNS query sockets (IPv4, IPv6), opened on first use, with their answer tasks.
+    pub(super) dns: RefCell<[Option<DnsSocket>; 2]>,
+    /// When a host socket last failed to open for lack of resources (rate-limited warnings).
+    pub(super) last_open_warning: Cell<Option<std::time::Instant>>,
+    /// Open failures not warned about since the last warning.
+    pub(super) unwarned_open_failures: Cell<u64>,
+}
+
+/// A DNS query socket and the task reading its answers.
+pub(super) type DnsSocket = (Rc<Async<UdpSocket>>, Task<()>);
+
+/// A TCP session's stream, once connected (shared by its task and the map, so that an abort
+/// can set SO_LINGER before the drop).
+type StreamSlot = Rc<RefCell<Option<Rc<Async<TcpStream>>>>>;
+
+/// The host side of one session; dropping it cancels the task and closes the socket. (The
+/// tasks are only held, for that drop.)
+#[allow(dead_code)]
+pub(super) enum HostSide {
+    Tcp(StreamSlot, Task<()>),
+    Udp(Rc<Async<UdpSocket>>, Task<()>),
+    Icmp(Rc<Async<socket2::Socket>>, Task<()>),
+}
+
+impl Shared {
+    pub(super) fn kick(&self) {
+        let _ = self.kick.try_send(());
+    }
+
+    pub(super) fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    /// A host socket could not be opened for lack of resources: warn at most once a second,
+    /// with the count of the failures in between (a flood must not flood the log too).
+    fn warn_open_failure(&self, id: SessionId, e: &io::Error) {
+        if HostError::from_io(e) != HostError::Resources {
+            tracing::debug!(session = %id, error = %e, "nat: host socket failed");
+            return;
+        }
+        let now = std::time::Instant::now();
+        let due = self
+            .last_open_warning
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            let more = self.unwarned_open_failures.replace(0);
+            self.last_open_warning.set(Some(now));
+            tracing::warn!(session = %id, error = %e, more, "nat: cannot open a host socket ({}); session refused", HostError::from_io(e).as_str());
+        } else {
+            self.unwarned_open_failures
+                .set(self.unwarned_open_failures.get() + 1);
+        }
+    }
+
+    /// Carries out the core's requests: opens sockets, sends datagrams, starts and ends tasks;
+    /// then reports what failed.
+    pub(super) fn run_host_ops(shared: &Rc<Shared>, ex: &Rc<LocalExecutor<'static>>) {
+        enum Failure {
+            Open(SessionId, io::Error),
+            Send(SessionId, io::Error),
+        }
+        let mut failed: Vec<Failure> = Vec::new();
+        let mut icmp_buf = Vec::new();
+        let mut closed = Vec::new();
+        {
+            let mut core = shared.core.borrow_mut();
+            core.drain_host_ops(|op| match op {
+                HostOp::TcpConnect { id, target } => {
+                    let slot: StreamSlot = Rc::new(RefCell::new(None));
+                    let task = ex.spawn(tcp_session(shared.clone(), id, target, slot.clone()));
+                    shared.sockets.borrow_mut().insert(id, HostSide::Tcp(slot, task));
+                }
+                HostOp::UdpOpen { id, target } => match host::udp_connect(target) {
+                    Ok(sock) => {
+                        let sock = Rc::new(sock);
+                        let task = ex.spawn(udp_replies(shared.clone(), id, sock.clone()));
+                        shared.sockets.borrow_mut().insert(id, HostSide::Udp(sock, task));
+                    }
+                    Err(e) => failed.push(Failure::Open(id, e)),
+                },
+                HostOp::UdpSend { id, payload } => {
+                    let sockets = shared.sockets.borrow();
+                    if let Some(HostSide::Udp(s, _)) = sockets.get(&id) {
+                        if let Err(e) = s.get_ref().send(payload) {
+                            failed.push(Failure::Send(id, e));
+                        }
+                    }
+                }
+                HostOp::IcmpOpen { id, target } => match host::ping_socket(target) {
+                    Ok(sock) => {
+                        let sock = Rc::new(sock);
+                        let task = ex.spawn(icmp_replies(shared.clone(), id, sock.clone()));
+                        shared.sockets.borrow_mut().insert(id, HostSide::Icmp(sock, task));
+                    }
+                    Err(e) => failed.push(Failure::Open(id, e)),
+                },
+                HostOp::IcmpSend { id, seq, payload } => {
+                    host::echo_request(&mut icmp_buf, seq, payload);
+                    let sockets = shared.sockets.borrow();
+                    if let Some(HostSide::Icmp(s, _)) = sockets.get(&id) {
+                        if let Err(e) = s.get_ref().send(&icmp_buf) {
+                            failed.push(Failure::Send(id, e));
+                        }
+                    }
+                }
+                HostOp::DnsSend { upstream, payload } => {
+                    match Shared::dns_socket(shared, ex, upstream.is_ipv6()) {
+                        Ok(sock) => {
+                            if let Err(e) = sock.get_ref().send_to(payload, upstream) {
+                                tracing::debug!(%upstream, error = %e, "dns: cannot send the query");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "dns: cannot open a socket for queries"),
+                    }
+                }
+                HostOp::Close { id, abort } => {
+                    let side = shared.sockets.borrow_mut().remove(&id);
+                    if let Some(HostSide::Tcp(slot, _)) = &side {
+                        if abort {
+                            if let Some(stream) = slot.borrow().as_ref() {
+                                host::set_reset_on_close(stream.get_ref());
+                            }
+                        }
+                    }
+                    // Dropped after the core is released: the task's destructor may not
+                    // borrow it, but keep the order simple.
+                    closed.push(side);
+                }
+            });
+        }
+        drop(closed);
+        if !failed.is_empty() {
+            let now = shared.now();
+            let mut core = shared.core.borrow_mut();
+            for f in &failed {
+                match f {
+                    Failure::Open(id, e) => {
+                        shared.warn_open_failure(*id, e);
+                        core.nat_host_event(*id, HostEvent::OpenFailed(e), now);
+                    }
+                    Failure::Send(id, e) => core.nat_host_event(*id, HostEvent::SendFailed(e), now),
+                }
+            }
+            drop(core);
+            shared.kick();
+        }
+    }
+
+    fn dns_socket(
+        shared: &Rc<Shared>,
+        ex: &Rc<LocalExecutor<'static>>,
+        v6: bool,
+    ) -> io::Result<Rc<Async<UdpSocket>>> {
+        let mut dns = shared.dns.borrow_mut();
+        let slot = &mut dns[usize::from(v6)];
+        if let Some((sock, _)) = slot {
+            return Ok(sock.clone());
+        }
+        let sock = Rc::new(host::udp_any(v6)?);
+        let task = ex.spawn(dns_answers(shared.clone(), sock.clone()));
+        *slot = Some((sock.clone(), task));
+        Ok(sock)
+    }
+}
+
+/// One TCP session on the host side: connect, report, then relay until the core closes it
+/// (the task is dropped on [`HostOp::Close`], which may come at any point, the connect
+/// included).
+async fn tcp_session(shared: Rc<Shared>, id: SessionId, target: SocketAddr, slot: StreamSlot) {
+    let stream = match host::tcp_connect(target).await {
+        Ok(s) => Rc::new(s),
+        Err(e) => {
+            shared.warn_open_failure(id, &e);
+            tracing::debug!(session = %id, %target, error = %e, "nat: connect failed");
+            let now = shared.now();
+            shared
+                .core
+                .borrow_mut()
+                .nat_host_event(id, HostEvent::ConnectFailed(&e), now);
+            shared.kick();
+            return;
+        }
+    };
+    *slot.borrow_mut() = Some(stream.clone());
+    let now = shared.now();
+    shared
+        .core
+        .borrow_mut()
+        .nat_host_event(id, HostEvent::Connected, now);
+    shared.kick();
+    relay(&shared, id, &stream).await;
+}
+
+/// What one relay step learnt about the host socket.
+enum Learnt {
+    WriteShut,
+    EndOfStream,
+    Failed(io::Error),
+}
+
+/// Moves bytes between the client's connection (in smoltcp) and the host stream, reporting
+/// the host side's EOF, errors and write shutdown to the core, until the session is gone.
+async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
+    let mut learnt: Vec<Learnt> = Vec::new();
+    std::future::poll_fn(|cx| {
+        let now = shared.now();
+        let mut core = shared.core.borrow_mut();
+        let mut progress = false;
+        {
+            let Some(mut relay) = core.nat_tcp_relay(id, now) else {
+                return Poll::Ready(());
+            };
+            relay.register_waker(cx.waker());
+            // Client → host, straight from smoltcp's receive buffer.
+            while relay.has_client_data() {
+                match stream.poll_writable(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => {
+                        learnt.push(Learnt::Failed(e));
+                        break;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+                match relay.take_client_data(|data| (&mut stream.get_ref()).write(data)) {
+                    Ok(0) => break,
+                    Ok(_) => progress = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        learnt.push(Learnt::Failed(e));
+                        break;
+                    }
+                }
+            }
+            if learnt.is_empty() && relay.client_finished() {
+                let _ = stream.get_ref().shutdown(Shutdown::Write);
+                learnt.push(Learnt::WriteShut);
+            }
+            // Host → client, straight into smoltcp's send buffer.
+            while learnt.iter().all(|l| matches!(l, Learnt::WriteShut))
+                && relay.may_send()
+                && relay.has_room()
+            {
+                match stream.poll_readable(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => {
+                        learnt.push(Learnt::Failed(e));
+                        break;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+                let mut room = 0;
+                let r = relay.fill_from_host(|buf| {
+                    room = buf.len();
+                    if room == 0 {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    (&mut stream.get_ref()).read(buf)
+                });
+                match r {
+                    Ok(0) if room > 0 => {
+                        learnt.push(Learnt::EndOfStream);
+                        break;
+                    }
+                    Ok(0) => break,
+                    Ok(_) => progress = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && room == 0 => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        learnt.push(Learnt::Failed(e));
+                        break;
+                    }
+                }
+            }
+        }
+        let any = !learnt.is_empty();
+        for l in learnt.drain(..) {
+            match l {
+                Learnt::WriteShut => core.nat_host_event(id, HostEvent::WriteShut, now),
+                Learnt::EndOfStream => core.nat_host_event(id, HostEvent::EndOfStream, now),
+                Learnt::Failed(e) if HostError::from_io(&e) == HostError::Reset => {
+                    core.nat_host_event(id, HostEvent::Reset, now)
+                }
+                Learnt::Failed(e) => core.nat_host_event(id, HostEvent::Error(&e), now),
+            }
+        }
+        drop(core);
+        if progress || any {
+            shared.kick();
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Datagrams from a UDP session's host socket, back to the client; socket errors (ICMP errors
+/// for earlier datagrams, one per entry of the socket's error queue) are reported to the core.
+async fn udp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<UdpSocket>>) {
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        let mut any = false;
+        // The last error `recv` returned: the socket's pending error, which is also the last
+        // entry of its error queue (reported from there), unless the queue is empty.
+        let mut pending = None;
+        let now = shared.now();
+        let mut core = shared.core.borrow_mut();
+        loop {
+            let r = core.nat_udp_receive(id, now, |buf| sock.get_ref().recv(buf));
+            match r {
+                Ok(_) => any = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The error is consumed by reading it; the socket carries on.
+                Err(e) => pending = Some(e),
+            }
+        }
+        // The error queue (IP_RECVERR), when `recv` failed or found nothing (an entry whose
+        // pending error a send took already). It must be emptied: the socket stays readable
+        // while it holds an entry.
+        let mut queued = false;
+        if pending.is_some() || !any {
+            while let Some(e) = host::udp_take_error(sock.get_ref()) {
+                core.nat_host_event(id, HostEvent::Error(&e), now);
+                queued = true;
+            }
+        }
+        if let Some(e) = pending.filter(|_| !queued) {
+            core.nat_host_event(id, HostEvent::Error(&e), now);
+            any = true;
+        }
+        drop(core);
+        if any || queued {
+            shared.kick();
+        }
+    }
+}
+
+/// Echo replies from an ICMP session's ping socket, back to the client.
+async fn icmp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<socket2::Socket>>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        let mut any = false;
+        loop {
+            match sock.get_ref().read(&mut buf) {
+                Ok(n) => {
+                    let now = shared.now();
+                    shared
+                        .core
+                        .borrow_mut()
+                        .nat_icmp_receive(id, now, &buf[..n]);
+                    any = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        if any {
+            shared.kick();
+        }
+    }
+}
+
+/// Answers from the DNS upstreams.
+async fn dns_answers(shared: Rc<Shared>, sock: Rc<Async<UdpSocket>>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match sock.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let now = shared.now();
+                shared
+                    .core
+                    .borrow_mut()
+                    .nat_dns_answer(from, &buf[..n], now);
+                shared.kick();
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "dns: query socket failed");
+                return;
+            }
+        }
+    }
+}
