@@ -12,14 +12,10 @@ use std::net::SocketAddrV4;
 use std::time::Instant as StdInstant;
 
 use hubnat::core::nat::{HostEvent, HostOp, IcmpMode, SessionId};
-use hubnat::core::testkit::{self, t, CLIENT_IP as CLIENT, CLIENT_MAC, OUR_MAC, REMOTE};
+use hubnat::core::testkit::{self, t, REMOTE};
 use hubnat::core::VirtualHost;
 use hubnat_backend::FrameBatch;
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
-    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-};
+use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket};
 
 /// The shared fixture's virtual host, with room for `max` sessions of `buffer`-byte buffers.
 fn host(max: usize, buffer: usize) -> VirtualHost {
@@ -35,54 +31,15 @@ fn host(max: usize, buffer: usize) -> VirtualHost {
 }
 
 fn segment(port: u16, control: TcpControl, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
-    let remote = SocketAddrV4::new(REMOTE, 80);
-    let repr = TcpRepr {
-        src_port: port,
-        dst_port: remote.port(),
+    testkit::tcp_segment(
+        SocketAddrV4::new(REMOTE, 80),
+        port,
         control,
-        seq_number: TcpSeqNumber(seq as i32),
-        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-        window_len: 65535,
-        window_scale: if control == TcpControl::Syn {
-            Some(7)
-        } else {
-            None
-        },
-        max_seg_size: if control == TcpControl::Syn {
-            Some(1460)
-        } else {
-            None
-        },
-        sack_permitted: false,
-        sack_ranges: [None, None, None],
-        timestamp: None,
+        seq,
+        ack,
+        Some(7),
         payload,
-    };
-    let ip = Ipv4Repr {
-        src_addr: CLIENT,
-        dst_addr: REMOTE,
-        next_header: IpProtocol::Tcp,
-        payload_len: repr.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut frame = vec![0u8; 14 + 20 + repr.buffer_len()];
-    EthernetRepr {
-        src_addr: CLIENT_MAC,
-        dst_addr: OUR_MAC,
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip.emit(
-        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
-        &ChecksumCapabilities::default(),
-    );
-    repr.emit(
-        &mut TcpPacket::new_unchecked(&mut frame[34..]),
-        &IpAddress::Ipv4(CLIENT),
-        &IpAddress::Ipv4(REMOTE),
-        &ChecksumCapabilities::default(),
-    );
-    frame
+    )
 }
 
 /// The SYN-ACK's sequence number for `port` among the frames sent.

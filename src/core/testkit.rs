@@ -9,8 +9,9 @@ use hubnat_backend::FrameBatch;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
-    Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr,
+    TcpSeqNumber,
 };
 
 use super::dhcp::DhcpSettings;
@@ -104,6 +105,7 @@ pub fn ip_frame(
     frame
 }
 
+/// A TCP segment from the client (no window scaling offered).
 pub fn tcp_frame(
     dst: SocketAddrV4,
     sport: u16,
@@ -112,19 +114,29 @@ pub fn tcp_frame(
     ack: Option<u32>,
     payload: &[u8],
 ) -> Vec<u8> {
+    tcp_segment(dst, sport, control, seq, ack, None, payload)
+}
+
+/// A TCP segment from the client; a SYN offers `window_scale` and an MSS of 1460.
+pub fn tcp_segment(
+    dst: SocketAddrV4,
+    sport: u16,
+    control: TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    window_scale: Option<u8>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let syn = control == TcpControl::Syn;
     let repr = TcpRepr {
         src_port: sport,
         dst_port: dst.port(),
         control,
         seq_number: TcpSeqNumber(seq as i32),
         ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-        window_len: 64000,
-        window_scale: None,
-        max_seg_size: if control == TcpControl::Syn {
-            Some(1460)
-        } else {
-            None
-        },
+        window_len: if window_scale.is_some() { 65535 } else { 64000 },
+        window_scale: window_scale.filter(|_| syn),
+        max_seg_size: syn.then_some(1460),
         sack_permitted: false,
         sack_ranges: [None, None, None],
         timestamp: None,
@@ -138,6 +150,26 @@ pub fn tcp_frame(
             &ChecksumCapabilities::default(),
         )
     })
+}
+
+/// A broadcast ARP request from the client (as `sender_ip`) for `target_ip`.
+pub fn arp_request(sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: CLIENT_MAC,
+        source_protocol_addr: sender_ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target_ip,
+    };
+    let mut frame = vec![0u8; 14 + repr.buffer_len()];
+    EthernetRepr {
+        src_addr: CLIENT_MAC,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    repr.emit(&mut ArpPacket::new_unchecked(&mut frame[14..]));
+    frame
 }
 
 /// Frames the core sent, after a poll.

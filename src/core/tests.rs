@@ -9,6 +9,7 @@ use smoltcp::wire::{
     EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
 };
 
+use super::testkit::arp_request;
 use super::{Instant, VirtualHost};
 
 const OUR_MAC: EthernetAddress = EthernetAddress([0x00, 0xac, 1, 2, 3, 4]);
@@ -26,25 +27,6 @@ fn host() -> VirtualHost {
 
 fn now() -> Instant {
     Instant::from_secs(1_700_000_000)
-}
-
-fn arp_request(sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
-    let repr = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: CLIENT_MAC,
-        source_protocol_addr: sender_ip,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: target_ip,
-    };
-    let mut frame = vec![0u8; 14 + repr.buffer_len()];
-    EthernetRepr {
-        src_addr: CLIENT_MAC,
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Arp,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    repr.emit(&mut ArpPacket::new_unchecked(&mut frame[14..]));
-    frame
 }
 
 fn echo_request(dst: Ipv4Addr, dst_mac: EthernetAddress) -> Vec<u8> {

@@ -395,27 +395,7 @@ fn counters_count_frames_once() {
     let mut h = testkit::host(testkit::settings());
     // More ARP requests than the transmit queue holds, without taking it: the rest are
     // counted as dropped for a full queue, once each.
-    let arp = {
-        use smoltcp::wire::{
-            ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetProtocol, EthernetRepr,
-        };
-        let repr = ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Request,
-            source_hardware_addr: CLIENT_MAC,
-            source_protocol_addr: CLIENT_IP,
-            target_hardware_addr: EthernetAddress([0; 6]),
-            target_protocol_addr: OUR_IP,
-        };
-        let mut f = vec![0u8; 14 + repr.buffer_len()];
-        EthernetRepr {
-            src_addr: CLIENT_MAC,
-            dst_addr: EthernetAddress::BROADCAST,
-            ethertype: EthernetProtocol::Arp,
-        }
-        .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
-        repr.emit(&mut ArpPacket::new_unchecked(&mut f[14..]));
-        f
-    };
+    let arp = arp_request(CLIENT_IP, OUR_IP);
     for _ in 0..300 {
         h.handle_frame(t(0), &arp);
     }
