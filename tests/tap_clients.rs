@@ -185,11 +185,12 @@ fn isc_dhclient_gets_renews_and_releases_a_lease() {
         &script,
         &format!(
             r#"#!/bin/sh
-echo "reason=$reason ip=$new_ip_address mask=$new_subnet_mask routers=$new_routers dns=$new_domain_name_servers domain=$new_domain_name lease=$new_dhcp_lease_time server=$new_dhcp_server_identifier" >> {events}
+# Configure first, then record: the test reads the record and then looks at the address.
 case "$reason" in
   BOUND|RENEW|REBIND|REBOOT) ip addr replace "$new_ip_address/$new_subnet_mask" dev "$interface" ;;
   RELEASE|EXPIRE|STOP|FAIL) ip addr flush dev "$interface" ;;
 esac
+echo "reason=$reason ip=$new_ip_address mask=$new_subnet_mask routers=$new_routers dns=$new_domain_name_servers domain=$new_domain_name lease=$new_dhcp_lease_time server=$new_dhcp_server_identifier" >> {events}
 exit 0
 "#,
             events = events.display()
