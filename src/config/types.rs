@@ -3,7 +3,7 @@
 //! # Theory of operation
 //!
 //! Each TOML table is one struct with `#[serde(deny_unknown_fields, default)]`: every key may
-//! be left out (its default is the reference behaviour of DESIGN.md), and a key the struct does
+//! be left out (its default is SecureNAT's reference behaviour), and a key the struct does
 //! not know is an error that names it. The field names are the keys; the value forms are in
 //! [`values`](super::values). A section struct is plain data: it checks nothing itself
 //! (validation is [`validate`](super::validate)'s) and derived values such as
@@ -23,7 +23,7 @@ use super::host::default_state_dir;
 use super::values::{duration_text, opt_text, size_required, size_text, text_list};
 use super::{MacAddr, Route, SocketMode};
 
-/// `nat.tcp_buffer` by default: 1 MiB, window scale 5 (see DESIGN.md).
+/// `nat.tcp_buffer` by default: 1 MiB, window scale 5 (smoltcp offers `log2ceil(buffer + 1) - 16`).
 pub const DEFAULT_TCP_BUFFER: u64 = 1 << 20;
 
 /// A fixed address for one client, a `[[dhcp.static]]` table.

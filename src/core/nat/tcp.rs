@@ -4,7 +4,8 @@
 //! # Theory of operation
 //!
 //! smoltcp runs with `Medium::Ip` behind the core's own Ethernet layer and with AnyIP, so a
-//! socket can listen on any destination a client dials (DESIGN.md, "Known pitfalls"). Only TCP
+//! socket can listen on any destination a client dials (with `Medium::Ethernet` smoltcp would
+//! answer ARP for every address and steal other hosts' traffic). Only TCP
 //! reaches it.
 //!
 //! - **SYN deferral.** The SYN of a new flow is kept aside (retransmissions are dropped) while
