@@ -71,6 +71,22 @@ impl SecurityLog {
                 let what = format!("lease {}", kind.as_str());
                 self.write("DHCP", &what, &lease_fields(&to_wall(lease)));
             }
+            DhcpEvent::Customized {
+                mac,
+                ip,
+                policy,
+                what,
+            } => {
+                self.write(
+                    "DHCP",
+                    "reply changed by policy",
+                    &format!(
+                        "mac={} ip={ip} policy={:?} {what}",
+                        fmt_mac(mac),
+                        policy.as_deref().unwrap_or("")
+                    ),
+                );
+            }
             DhcpEvent::PoolExhausted { mac } => {
                 self.write(
                     "DHCP",

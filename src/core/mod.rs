@@ -168,6 +168,8 @@ pub struct VirtualHost {
     dhcp_events: VecDeque<DhcpEvent>,
     counters: Counters,
     dhcp_buf: Vec<u8>,
+    /// The DHCP policy and the replies waiting for its decision.
+    dhcp_hook: dhcp::hook::HookState,
     /// The latest time passed in.
     now: Instant,
 }
@@ -193,6 +195,7 @@ impl VirtualHost {
             dhcp_events: VecDeque::new(),
             counters: Counters::default(),
             dhcp_buf: Vec::with_capacity(1024),
+            dhcp_hook: dhcp::hook::HookState::default(),
             now,
             settings,
         }
@@ -325,7 +328,10 @@ impl VirtualHost {
             .dhcp
             .next_deadline()
             .map(|secs| Instant::from_secs(secs as i64));
-        [dhcp, self.nat_deadline()].into_iter().flatten().min()
+        [dhcp, self.dhcp_hook.next_deadline(), self.nat_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Does what is due at `now`: lease expiry, offer timeouts, quarantine ends, NAT idle
@@ -336,6 +342,7 @@ impl VirtualHost {
             self.events.push_back(Event::LeasesChanged);
         }
         self.flush_dhcp_events();
+        self.expire_dhcp_decisions(now);
         self.nat_timeout(now);
         self.poll(now);
         self.flush_nat_events();
@@ -492,6 +499,21 @@ impl VirtualHost {
             &mut self.dhcp_events,
         );
         if let Some(reply) = reply {
+            self.dhcp_reply(&msg, src_mac.0, reply, now);
+        }
+        if self
+            .dhcp_events
+            .iter()
+            .any(|e| matches!(e, DhcpEvent::Lease { .. }))
+        {
+            self.events.push_back(Event::LeasesChanged);
+        }
+        self.flush_dhcp_events();
+    }
+
+    /// Encodes `reply` and queues it for the client.
+    fn send_dhcp_reply(&mut self, reply: &dhcp::Reply, now: Instant) {
+        {
             self.dhcp_buf.clear();
             let mut enc = dhcproto::Encoder::new(&mut self.dhcp_buf);
             if let Err(e) = reply.msg.encode(&mut enc) {
@@ -516,14 +538,6 @@ impl VirtualHost {
                     .learn(reply.to.ip, EthernetAddress(reply.to.mac), now);
             }
         }
-        if self
-            .dhcp_events
-            .iter()
-            .any(|e| matches!(e, DhcpEvent::Lease { .. }))
-        {
-            self.events.push_back(Event::LeasesChanged);
-        }
-        self.flush_dhcp_events();
     }
 
     fn flush_dhcp_events(&mut self) {

@@ -225,3 +225,62 @@ pub fn ops(h: &mut VirtualHost) -> Vec<String> {
     h.drain_host_ops(|op| out.push(format!("{op:?}")));
     out
 }
+
+/// A broadcast DHCP message of `kind` from the client; with `request`, options 50 (requested
+/// address) and 54 (server identifier).
+pub fn dhcp_frame(
+    kind: dhcproto::v4::MessageType,
+    request: Option<(Ipv4Addr, Ipv4Addr)>,
+) -> Vec<u8> {
+    use dhcproto::v4::{DhcpOption, Message};
+    use dhcproto::{Encodable, Encoder};
+    use smoltcp::wire::{UdpPacket, UdpRepr};
+    let mut msg = Message::new_with_id(
+        9,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &CLIENT_MAC.0,
+    );
+    msg.opts_mut().insert(DhcpOption::MessageType(kind));
+    if let Some((ip, server)) = request {
+        msg.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+        msg.opts_mut().insert(DhcpOption::ServerIdentifier(server));
+    }
+    let mut body = Vec::new();
+    msg.encode(&mut Encoder::new(&mut body))
+        .expect("invariant: a small message encodes");
+    let (src, dst) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
+    let mut frame = vec![0u8; 14 + 20 + 8 + body.len()];
+    EthernetRepr {
+        src_addr: CLIENT_MAC,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Udp,
+        payload_len: 8 + body.len(),
+        hop_limit: 64,
+    }
+    .emit(
+        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
+        &ChecksumCapabilities::default(),
+    );
+    UdpRepr {
+        src_port: 68,
+        dst_port: 67,
+    }
+    .emit(
+        &mut UdpPacket::new_unchecked(&mut frame[34..]),
+        &IpAddress::Ipv4(src),
+        &IpAddress::Ipv4(dst),
+        body.len(),
+        |b| b.copy_from_slice(&body),
+        &ChecksumCapabilities::default(),
+    );
+    frame
+}

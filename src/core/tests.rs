@@ -205,53 +205,7 @@ fn random_garbage_never_panics() {
 }
 
 fn dhcp_discover() -> Vec<u8> {
-    use dhcproto::v4::{DhcpOption, Message, MessageType};
-    use dhcproto::{Encodable, Encoder};
-    use smoltcp::wire::{IpAddress, UdpPacket, UdpRepr};
-    let mut msg = Message::new_with_id(
-        9,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        &CLIENT_MAC.0,
-    );
-    msg.opts_mut()
-        .insert(DhcpOption::MessageType(MessageType::Discover));
-    let mut body = Vec::new();
-    msg.encode(&mut Encoder::new(&mut body)).unwrap();
-    let (src, dst) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Udp,
-        payload_len: 8 + body.len(),
-        hop_limit: 64,
-    };
-    let mut frame = vec![0u8; 14 + 20 + 8 + body.len()];
-    EthernetRepr {
-        src_addr: CLIENT_MAC,
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip.emit(
-        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
-        &ChecksumCapabilities::default(),
-    );
-    UdpRepr {
-        src_port: 68,
-        dst_port: 67,
-    }
-    .emit(
-        &mut UdpPacket::new_unchecked(&mut frame[34..]),
-        &IpAddress::Ipv4(src),
-        &IpAddress::Ipv4(dst),
-        body.len(),
-        |b| b.copy_from_slice(&body),
-        &ChecksumCapabilities::default(),
-    );
-    frame
+    super::testkit::dhcp_frame(dhcproto::v4::MessageType::Discover, None)
 }
 
 #[test]
@@ -269,4 +223,161 @@ fn dhcp_can_be_disabled_and_enabled_at_run_time() {
     assert_eq!(out.len(), 1, "answers again");
     // The offer made before the switch is still held: the same address comes back.
     assert_eq!(h.dhcp().pool().len(), 1);
+}
+
+/// A DHCP policy that answers as told, and records what it saw.
+struct TestDhcpPolicy {
+    answer: Option<super::dhcp::DhcpDecision>,
+    seen: std::rc::Rc<
+        std::cell::RefCell<
+            Vec<(
+                super::dhcp::DhcpTicket,
+                super::dhcp::DhcpClientInfo,
+                super::dhcp::DhcpReplyInfo,
+            )>,
+        >,
+    >,
+}
+
+impl super::dhcp::DhcpPolicy for TestDhcpPolicy {
+    fn customize(
+        &mut self,
+        ticket: super::dhcp::DhcpTicket,
+        client: &super::dhcp::DhcpClientInfo,
+        reply: &super::dhcp::DhcpReplyInfo,
+    ) -> super::dhcp::DhcpAnswer {
+        self.seen
+            .borrow_mut()
+            .push((ticket, client.clone(), reply.clone()));
+        match &self.answer {
+            Some(d) => super::dhcp::DhcpAnswer::Decided(d.clone(), Some("test".into())),
+            None => super::dhcp::DhcpAnswer::Later,
+        }
+    }
+}
+
+type Seen = std::rc::Rc<
+    std::cell::RefCell<
+        Vec<(
+            super::dhcp::DhcpTicket,
+            super::dhcp::DhcpClientInfo,
+            super::dhcp::DhcpReplyInfo,
+        )>,
+    >,
+>;
+
+fn with_dhcp_policy(answer: Option<super::dhcp::DhcpDecision>) -> (VirtualHost, Seen) {
+    let mut h = host();
+    let seen = Seen::default();
+    h.set_dhcp_policy(Some(Box::new(TestDhcpPolicy {
+        answer,
+        seen: seen.clone(),
+    })));
+    (h, seen)
+}
+
+/// The DHCP messages among `frames`.
+fn dhcp_replies(frames: &[Vec<u8>]) -> Vec<dhcproto::v4::Message> {
+    use dhcproto::Decodable;
+    frames
+        .iter()
+        .filter(|f| f.len() > 42 && f[23] == 17 && f[36..38] == [0, 68])
+        .filter_map(|f| dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&f[42..])).ok())
+        .collect()
+}
+
+#[test]
+fn a_dhcp_policy_changes_options_and_the_lease_time_in_the_lease_table_too() {
+    use dhcproto::v4::{DhcpOption, MessageType, OptionCode};
+    let changes = super::dhcp::DhcpChanges {
+        set_options: vec![(6, vec![10, 0, 0, 53])],
+        remove_options: vec![15],
+        lease_seconds: Some(600),
+    };
+    let (mut h, seen) = with_dhcp_policy(Some(super::dhcp::DhcpDecision::Change(changes)));
+    h.handle_frame(now(), &dhcp_discover());
+    let offer = dhcp_replies(&sent(&mut h)).pop().expect("an offer");
+    let ip = offer.yiaddr();
+    let o = offer.opts();
+    assert_eq!(
+        o.get(OptionCode::DomainNameServer),
+        Some(&DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
+            10, 0, 0, 53
+        )]))
+    );
+    assert_eq!(
+        o.get(OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(600))
+    );
+    assert_eq!(o.get(OptionCode::Renewal), Some(&DhcpOption::Renewal(300)));
+    let request = super::testkit::dhcp_frame(MessageType::Request, Some((ip, OUR_IP)));
+    h.handle_frame(now(), &request);
+    let ack = dhcp_replies(&sent(&mut h)).pop().expect("an ack");
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(
+        ack.opts().get(OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(600))
+    );
+    let lease = h.dhcp().pool().get_by_ip(ip).expect("bound");
+    assert_eq!(
+        lease.expires,
+        super::secs(now()) + 600,
+        "the table agrees with the client"
+    );
+    let seen = seen.borrow();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].1.kind, super::dhcp::DhcpMessageKind::Discover);
+    assert_eq!(seen[0].1.mac, CLIENT_MAC.0);
+    assert_eq!(seen[1].2.your_address, ip);
+    assert_eq!(
+        seen[1].2.lease_seconds,
+        Some(7200),
+        "the policy saw the server's reply"
+    );
+    let mut logged = 0;
+    while let Some(e) = h.poll_event() {
+        if let super::Event::Dhcp(super::dhcp::DhcpEvent::Customized { policy, .. }) = e {
+            assert_eq!(policy.as_deref(), Some("test"));
+            logged += 1;
+        }
+    }
+    assert_eq!(logged, 2);
+}
+
+#[test]
+fn a_late_dhcp_decision_sends_the_reply_and_no_reply_withholds_the_ack() {
+    use dhcproto::v4::MessageType;
+    let (mut h, seen) = with_dhcp_policy(None);
+    h.handle_frame(now(), &dhcp_discover());
+    assert!(sent(&mut h).is_empty(), "the offer waits for the decision");
+    let ticket = seen.borrow()[0].0;
+    h.handle_dhcp_decision(ticket, super::dhcp::DhcpDecision::Unchanged, None, now());
+    let offer = dhcp_replies(&sent(&mut h)).pop().expect("the offer");
+    let ip = offer.yiaddr();
+    h.handle_frame(
+        now(),
+        &super::testkit::dhcp_frame(MessageType::Request, Some((ip, OUR_IP))),
+    );
+    let ticket = seen.borrow()[1].0;
+    h.handle_dhcp_decision(
+        ticket,
+        super::dhcp::DhcpDecision::NoReply,
+        Some("test".into()),
+        now(),
+    );
+    assert!(dhcp_replies(&sent(&mut h)).is_empty(), "no ACK");
+    assert_ne!(
+        h.dhcp().pool().get_by_ip(ip).map(|l| l.state),
+        Some(super::dhcp::LeaseState::Bound),
+        "the binding the withheld ACK made is gone"
+    );
+    // A decision that never comes: the reply is dropped after the timeout.
+    h.handle_frame(now(), &dhcp_discover());
+    let at = h.poll_timeout().expect("a deadline");
+    assert!(at <= now() + super::dhcp::hook::DECISION_TIMEOUT);
+    h.handle_timeout(now() + super::dhcp::hook::DECISION_TIMEOUT);
+    assert_eq!(h.dhcp_policy_dropped(), 1);
+    let late = seen.borrow()[2].0;
+    h.handle_dhcp_decision(late, super::dhcp::DhcpDecision::Unchanged, None, now());
+    assert!(sent(&mut h).is_empty(), "too late: ignored");
 }

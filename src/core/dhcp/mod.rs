@@ -2,6 +2,7 @@
 //! options it hands out ([`options`]). Messages are parsed and built with `dhcproto`; the
 //! frame-level work (Ethernet, IPv4, UDP) is the core's.
 
+pub mod hook;
 pub mod options;
 pub mod pool;
 pub mod server;
@@ -9,6 +10,10 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
+pub use hook::{
+    DhcpAnswer, DhcpChanges, DhcpClientInfo, DhcpDecision, DhcpMessageKind, DhcpPolicy,
+    DhcpReplyInfo, DhcpTicket,
+};
 pub use options::{DhcpSettings, Reservation, StaticRoute};
 pub use pool::{ClientKey, Lease, LeaseId, LeasePool, LeaseState};
 pub use server::{DhcpCounters, DhcpEvent, DhcpServer, LeaseEventKind, Reply, ReplyTarget};

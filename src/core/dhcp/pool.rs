@@ -624,6 +624,17 @@ impl LeasePool {
         Some(before)
     }
 
+    /// Moves the end of the offer or binding of `ip` to `expires` (a policy changed the lease
+    /// time). Returns the record.
+    pub fn set_expiry(&mut self, ip: Ipv4Addr, expires: u64) -> Option<&Lease> {
+        let l = self.by_ip.get_mut(&ip)?;
+        if !matches!(l.state, LeaseState::Bound | LeaseState::Offered) {
+            return None;
+        }
+        l.expires = expires;
+        Some(l)
+    }
+
     /// The lowest address bound to a client with hardware address `mac`, if any. (A MAC can
     /// hold more than one binding when clients behind it send different client identifiers.)
     pub fn bound_to_mac(&self, mac: [u8; 6]) -> Option<Ipv4Addr> {

@@ -138,6 +138,17 @@ pub enum DhcpEvent {
         /// The client's MAC.
         mac: [u8; 6],
     },
+    /// A DHCP policy changed or withheld a reply.
+    Customized {
+        /// The client's MAC.
+        mac: [u8; 6],
+        /// The address of the reply.
+        ip: Ipv4Addr,
+        /// The policy that decided, if named.
+        policy: Option<String>,
+        /// What it did, in words.
+        what: String,
+    },
 }
 
 /// Where a reply goes.
@@ -301,6 +312,22 @@ impl DhcpServer {
         let skipped = self.pool.restore(leases);
         self.deadline = self.pool.next_deadline();
         skipped
+    }
+
+    /// A policy changed the lease time of the offer or binding of `ip`, which started `now`:
+    /// the lease table's expiry follows, so the client and the stored lease agree.
+    pub fn set_lease_time(&mut self, ip: Ipv4Addr, secs: u32, now: u64) -> Option<Lease> {
+        let lease = self.pool.set_expiry(ip, now + u64::from(secs)).cloned();
+        self.deadline = self.pool.next_deadline();
+        lease
+    }
+
+    /// A policy withheld the ACK for `ip`: the binding it made ends (released, remembered),
+    /// as if the client had given it back.
+    pub fn withhold(&mut self, ip: Ipv4Addr, now: u64) -> Option<Lease> {
+        let lease = self.pool.release_ip(ip, now);
+        self.deadline = self.pool.next_deadline();
+        lease
     }
 
     /// The counters.
