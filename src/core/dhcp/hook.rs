@@ -204,9 +204,8 @@ pub fn apply(changes: &DhcpChanges, reply: &mut Message) -> Option<u32> {
         )));
     }
     let secs = changes.lease_seconds?;
-    if opts.get(OptionCode::AddressLeaseTime).is_none() {
-        return None;
-    }
+    // An INFORM answer carries no lease: nothing to change.
+    opts.get(OptionCode::AddressLeaseTime)?;
     opts.insert(DhcpOption::AddressLeaseTime(secs));
     opts.insert(DhcpOption::Renewal(secs / 2));
     opts.insert(DhcpOption::Rebinding((u64::from(secs) * 7 / 8) as u32));
