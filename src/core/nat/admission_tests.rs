@@ -435,3 +435,13 @@ fn new_timeouts_apply_to_open_sessions_at_once() {
     assert!(h.nat().table().is_empty());
     assert_eq!(ended(&nat_events(&mut h)), [EndReason::IdleTimeout]);
 }
+
+#[test]
+fn tcp_to_or_from_port_zero_is_malformed_and_creates_nothing() {
+    let mut h = testkit::host(testkit::settings());
+    h.handle_frame(t(0), &syn(0, 40000));
+    h.handle_frame(t(0), &syn(80, 0));
+    assert!(ops(&mut h).is_empty());
+    assert!(h.nat().table().is_empty());
+    assert_eq!(h.counters().malformed, 2);
+}

@@ -57,7 +57,8 @@ use crate::core::link::Link;
 use crate::core::VirtualHost;
 
 /// A fresh socket listening on `(addr, port)`, created when the outbound connect succeeded,
-/// just before the client's SYN is fed to it.
+/// just before the client's SYN is fed to it. `port` is not 0 (such segments are dropped as
+/// malformed before they reach the NAT).
 fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0u8; buffer]),
@@ -460,6 +461,10 @@ impl VirtualHost {
         p: &Ipv4Packet<&[u8]>,
     ) -> Result<(), smoltcp::wire::Error> {
         let seg = TcpPacket::new_checked(p.payload())?;
+        if seg.src_port() == 0 || seg.dst_port() == 0 {
+            // Port 0 is not a port (smoltcp cannot even listen on it): malformed.
+            return Err(smoltcp::wire::Error);
+        }
         let key = FlowKey {
             protocol: Protocol::Tcp,
             client: SocketAddrV4::new(p.src_addr(), seg.src_port()),
