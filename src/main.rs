@@ -119,6 +119,7 @@ fn sources(args: &ConfigArgs, extra: Vec<Override>) -> Sources {
         host: Some(HostDefaults::read()),
         file: args.config.clone(),
         env: true,
+        persisted: true,
         overrides,
     }
 }
@@ -205,6 +206,7 @@ fn run(args: RunArgs) -> Result<()> {
         tracing::warn!("{warning}");
     }
 
+    hubnat::seclog::configure(&config.security_log_path(), config.security_rotation());
     let gateway = Gateway::new(config.clone())?;
     async_io::block_on(async {
         let signals =
