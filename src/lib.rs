@@ -19,6 +19,7 @@
 //! it on any `hubnat_backend::Backend` — for a program of its own, a port of
 //! `hubnat_hub::MemoryHub`. `examples/embed.rs` does exactly that.
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod driver;
 pub mod host;
