@@ -97,7 +97,12 @@ pub fn status(args: &JsonArgs) -> Result<()> {
         vec!["dhcp".into(), on(&s["dhcp_enabled"]).into()],
         vec![
             "virtual host".into(),
-            format!("{} mask {} mac {}", cell(&s["ip"]), cell(&s["mask"]), cell(&s["mac"])),
+            format!(
+                "{} mask {} mac {}",
+                cell(&s["ip"]),
+                cell(&s["mask"]),
+                cell(&s["mac"])
+            ),
         ],
         vec!["backend".into(), cell(&s["backend"])],
         vec![
@@ -164,12 +169,7 @@ fn print_changes(answer: &Value) {
         println!("no change");
     }
     for c in &changed {
-        println!(
-            "{} = {} (was {})",
-            cell(&c["key"]),
-            c["new"],
-            c["old"]
-        );
+        println!("{} = {} (was {})", cell(&c["key"]), c["new"], c["old"]);
     }
     if let Some(w) = answer["warning"].as_str() {
         eprintln!("hubnat: warning: {w}");
@@ -277,7 +277,15 @@ fn nat_table(args: &TableArgs) -> Result<()> {
         .collect();
     print_table(
         &[
-            "ID", "PROTO", "CLIENT", "REMOTE", "NAME", "STATE", "CREATED", "LAST", "TO-REMOTE",
+            "ID",
+            "PROTO",
+            "CLIENT",
+            "REMOTE",
+            "NAME",
+            "STATE",
+            "CREATED",
+            "LAST",
+            "TO-REMOTE",
             "TO-CLIENT",
         ],
         &rows,

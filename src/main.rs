@@ -329,10 +329,7 @@ fn run(args: RunArgs) -> Result<()> {
     hubnat::seclog::configure(&config.security_log_path(), config.security_rotation());
     let overridden = Config::overridden(&config, &sources);
     let gateway = Gateway::new(config.clone())?;
-    let control = ControlServer::start(
-        gateway.handle(),
-        ControlOptions::new(&config, overridden),
-    )?;
+    let control = ControlServer::start(gateway.handle(), ControlOptions::new(&config, overridden))?;
     async_io::block_on(async {
         let signals =
             async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])

@@ -364,7 +364,11 @@ mod tests {
         let mut b = SecurityLog::open_with(&path, rotation).expect("open");
         for i in 0..40 {
             let log = if i % 2 == 0 { &mut a } else { &mut b };
-            log.write("TEST", "line", &format!("n={i:02} padding=xxxxxxxxxxxxxxxxxxxx"));
+            log.write(
+                "TEST",
+                "line",
+                &format!("n={i:02} padding=xxxxxxxxxxxxxxxxxxxx"),
+            );
         }
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
         for p in [path.clone(), numbered(&path, 1), numbered(&path, 2)] {
@@ -376,7 +380,12 @@ mod tests {
         // The newest lines are in PATH, in order, from both writers.
         let current = read(&path);
         assert!(current.contains("n=39"), "{current}");
-        let all = format!("{}{}{}", read(&numbered(&path, 2)), read(&numbered(&path, 1)), current);
+        let all = format!(
+            "{}{}{}",
+            read(&numbered(&path, 2)),
+            read(&numbered(&path, 1)),
+            current
+        );
         let numbers: Vec<u32> = all
             .lines()
             .filter_map(|l| l.split("n=").nth(1)?.get(..2)?.parse().ok())

@@ -74,15 +74,15 @@ mod testing;
 
 pub use host::{HostDefaults, HostDomain, RESOLV_CONF};
 pub use layers::{Loaded, Origins, Override, Sources, ENV_PREFIX, ENV_SEPARATOR};
+pub use live::{Change, Setting, LIVE_SECTIONS, RESTART_ONLY};
 pub use persisted::{
     overrides_path, persist_changes, Overridden, PersistError, ORIGIN_PERSISTED, OVERRIDES_FILE,
 };
-pub use live::{Change, Setting, LIVE_SECTIONS, RESTART_ONLY};
 pub use render::{ConfigError, ConfigWarning};
 pub use types::{
-    BackendConfig, BackendKind, CaptureConfig, Config, ControlConfig, DhcpConfig, DnsConfig, HostConfig,
-    HubConfig, LogConfig, LogFormat, NatConfig, RawConfig, StateConfig, StaticLease, TapConfig,
-    DEFAULT_SECURITY_MAX_FILES, DEFAULT_SECURITY_MAX_SIZE, DEFAULT_TCP_BUFFER,
+    BackendConfig, BackendKind, CaptureConfig, Config, ControlConfig, DhcpConfig, DnsConfig,
+    HostConfig, HubConfig, LogConfig, LogFormat, NatConfig, RawConfig, StateConfig, StaticLease,
+    TapConfig, DEFAULT_SECURITY_MAX_FILES, DEFAULT_SECURITY_MAX_SIZE, DEFAULT_TCP_BUFFER,
 };
 pub use validate::{
     MAX_CAPTURE_FILES, MAX_HUB_PEERS, MAX_LEASE, MAX_MTU, MAX_NAT_SESSIONS, MAX_NAT_TIMEOUT,

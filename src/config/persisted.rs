@@ -55,9 +55,9 @@ impl Provider for PersistedLayer {
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
         match std::fs::read_to_string(&self.path) {
-            Ok(text) => Toml::string(&text).data().map_err(|e| {
-                figment::Error::from(format!("{}: {e}", self.path.display()))
-            }),
+            Ok(text) => Toml::string(&text)
+                .data()
+                .map_err(|e| figment::Error::from(format!("{}: {e}", self.path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Map::new()),
             Err(e) => Err(figment::Error::from(format!(
                 "cannot read {}: {e}",
@@ -87,15 +87,19 @@ pub enum PersistError {
 pub fn persist_changes(dir: &Path, changes: &[Change]) -> Result<(), PersistError> {
     let path = overrides_path(dir);
     let mut table: toml::Table = match std::fs::read_to_string(&path) {
-        Ok(text) => text.parse().map_err(|e: toml::de::Error| PersistError::Syntax {
-            path: path.clone(),
-            reason: e.message().to_string(),
-        })?,
+        Ok(text) => text
+            .parse()
+            .map_err(|e: toml::de::Error| PersistError::Syntax {
+                path: path.clone(),
+                reason: e.message().to_string(),
+            })?,
         Err(_) => toml::Table::new(),
     };
     for change in changes {
         let value = match format!("v = {}", change.new).parse::<toml::Table>() {
-            Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(change.new.clone())),
+            Ok(mut t) => t
+                .remove("v")
+                .unwrap_or(toml::Value::String(change.new.clone())),
             Err(_) => toml::Value::String(change.new.clone()),
         };
         let mut segments = change.key.split('.').peekable();
@@ -190,7 +194,10 @@ mod tests {
                 .expect("valid changes");
             persist_changes(&dir, &changes).expect("persisted");
             let text = std::fs::read_to_string(overrides_path(&dir)).expect("written");
-            assert!(text.contains("[dhcp]") && text.contains("lease = \"10m\""), "{text}");
+            assert!(
+                text.contains("[dhcp]") && text.contains("lease = \"10m\""),
+                "{text}"
+            );
 
             let sources = Sources {
                 file: Some("x.toml".into()),
@@ -237,7 +244,10 @@ mod tests {
             )
             .expect("persisted");
             let text = Config::load(&sources).expect_err("invalid").to_string();
-            assert!(text.contains(&format!("(from {ORIGIN_PERSISTED})")), "{text}");
+            assert!(
+                text.contains(&format!("(from {ORIGIN_PERSISTED})")),
+                "{text}"
+            );
             Ok(())
         });
     }

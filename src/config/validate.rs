@@ -453,7 +453,11 @@ impl Config {
             .as_ref()
             .is_some_and(|p| p.as_os_str().as_encoded_bytes().ends_with(b"/"))
         {
-            let path = self.control.socket.as_ref().map(|p| p.display().to_string());
+            let path = self
+                .control
+                .socket
+                .as_ref()
+                .map(|p| p.display().to_string());
             c.fail(
                 "control.socket",
                 format!("{:?}", path.unwrap_or_default()),

@@ -135,7 +135,13 @@ pub(super) async fn route(state: &State, peer: Peer, req: Request<Incoming>) -> 
         (Method::GET, ["metrics"]) => metrics(state).await,
         (Method::GET, ["v1", "status"]) => status(state).await,
         (Method::POST, ["v1", switch @ ("enable" | "disable")]) => {
-            set(state, "host", vec![switch_override("host", switch)], &source).await
+            set(
+                state,
+                "host",
+                vec![switch_override("host", switch)],
+                &source,
+            )
+            .await
         }
         (Method::GET, ["v1", section]) if SECTIONS.contains(section) => settings(state, section),
         (Method::PATCH | Method::PUT, ["v1", section]) if SECTIONS.contains(section) => {
@@ -145,19 +151,22 @@ pub(super) async fn route(state: &State, peer: Peer, req: Request<Incoming>) -> 
                 Err(answer) => answer,
             }
         }
-        (
-            Method::POST,
-            ["v1", section @ ("nat" | "dhcp"), switch @ ("enable" | "disable")],
-        ) => set(state, section, vec![switch_override(section, switch)], &source).await,
+        (Method::POST, ["v1", section @ ("nat" | "dhcp"), switch @ ("enable" | "disable")]) => {
+            set(
+                state,
+                section,
+                vec![switch_override(section, switch)],
+                &source,
+            )
+            .await
+        }
         (Method::GET, ["v1", "nat", "sessions"]) => sessions(state, &query).await,
         (Method::DELETE, ["v1", "nat", "sessions", id]) => end_session(state, id, &source).await,
         (Method::GET, ["v1", "dhcp", "leases"]) => match state.handle.leases().await {
             Ok(rows) => answer(StatusCode::OK, &json!(rows)),
             Err(_) => stopped(),
         },
-        (Method::DELETE, ["v1", "dhcp", "leases", target]) => {
-            release(state, target, &source).await
-        }
+        (Method::DELETE, ["v1", "dhcp", "leases", target]) => release(state, target, &source).await,
         (
             _,
             ["metrics"]
@@ -179,7 +188,10 @@ pub(super) async fn route(state: &State, peer: Peer, req: Request<Incoming>) -> 
 }
 
 fn switch_override(section: &str, switch: &str) -> Override {
-    Override::new(format!("{section}.enabled"), (switch == "enable").to_string())
+    Override::new(
+        format!("{section}.enabled"),
+        (switch == "enable").to_string(),
+    )
 }
 
 /// The `KEY=VALUE` changes of a PATCH body.
@@ -261,9 +273,8 @@ async fn set(state: &State, section: &str, overrides: Vec<Override>, source: &st
                 Ok(()) => body["persisted"] = Value::Bool(true),
                 Err(e) => {
                     body["persisted"] = Value::Bool(false);
-                    body["warning"] = Value::from(format!(
-                        "applied, but not saved for the next start: {e}"
-                    ));
+                    body["warning"] =
+                        Value::from(format!("applied, but not saved for the next start: {e}"));
                 }
             }
             answer(StatusCode::OK, &body)
@@ -414,7 +425,11 @@ async fn end_session(state: &State, id: &str, source: &str) -> Answer {
     };
     match state.handle.end_session(SessionId(n)).await {
         Ok(true) => {
-            security_line(state, "session ended by operator", &format!("id={n} by={source:?}"));
+            security_line(
+                state,
+                "session ended by operator",
+                &format!("id={n} by={source:?}"),
+            );
             answer(StatusCode::OK, &json!({ "ended": n }))
         }
         Ok(false) => error(

@@ -146,9 +146,7 @@ impl ControlServer {
             }
             None => None,
         };
-        let metrics_addr = metrics
-            .as_ref()
-            .and_then(|l| l.get_ref().local_addr().ok());
+        let metrics_addr = metrics.as_ref().and_then(|l| l.get_ref().local_addr().ok());
         let seclog = SecurityLog::open(&options.config.security_log_path()).ok();
         if seclog.is_none() {
             tracing::warn!("the control API cannot open the security log; its own lines go to the diagnostic log only");
@@ -265,7 +263,9 @@ async fn serve(
                 ex2.spawn(async move {
                     let service = service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(api::metrics_only(&state, req).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(api::metrics_only(&state, req).await)
+                        }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(FuturesIo::new(stream), service)
