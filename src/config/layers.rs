@@ -10,7 +10,9 @@
 //!    `dhcp.domain` as the host gives them, each a layer named after where it was found;
 //! 3. the TOML file ([`Sources::file`]); it must exist;
 //! 4. `HUBNAT_…` environment variables ([`Sources::env`]); `__` separates the levels;
-//! 5. command-line overrides, `--set KEY=VALUE` ([`Override`]), in order.
+//! 5. the changes made at run time and kept in the state directory ([`Sources::persisted`];
+//!    `PersistedLayer`, read from the state directory the other layers name);
+//! 6. command-line overrides, `--set KEY=VALUE` ([`Override`]), in order.
 //!
 //! Each layer is a figment provider with metadata that names it, and figment tags every value
 //! with the layer it came from. [`Origins`] reads those tags back, so an error can say "from

@@ -16,10 +16,10 @@
 //! gateway runs as) and root; anyone else gets 403.
 //!
 //! **Settings.** A change is `KEY=VALUE` pairs of one section (`dhcp`, `nat`, `host`, `dns`),
-//! given to [`GatewayHandle::set`] with the source `the control API (uid N)`: the gateway
-//! checks them as a whole ([`Config::with_changes`]) and either applies all at once or none
+//! given to [`GatewayHandle::set`](crate::driver::GatewayHandle::set) with the source `the control API (uid N)`: the gateway
+//! checks them as a whole ([`Config::with_changes`](crate::config::Config::with_changes)) and either applies all at once or none
 //! (400, with the key and the reason). An applied change is merged into `overrides.toml` in
-//! the state directory ([`persist_changes`]), which the loader reads at the next start, after
+//! the state directory ([`persist_changes`](crate::config::persist_changes)), which the loader reads at the next start, after
 //! the configuration file and the environment; the configuration file is never written. The
 //! gateway's security log gets one line per changed key with the peer's uid (the driver writes
 //! it); the control API adds a line of its own for each session ended and each lease released
