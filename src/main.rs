@@ -58,6 +58,9 @@ enum Command {
     /// The DHCP server in a running gateway: settings, on/off, the lease table.
     #[command(subcommand)]
     Dhcp(DhcpCommand),
+    /// The DNS redirect's settings (upstream servers) in a running gateway.
+    #[command(subcommand)]
+    Dns(SectionCommand),
 }
 
 /// How a command finds the running gateway's control socket.
@@ -419,6 +422,7 @@ fn main() -> ExitCode {
         Command::Host(c) => cli::section("host", c),
         Command::Nat(c) => cli::nat(c),
         Command::Dhcp(c) => cli::dhcp(c),
+        Command::Dns(c) => cli::section("dns", c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

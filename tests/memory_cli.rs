@@ -303,6 +303,13 @@ fn the_cli_reads_and_changes_a_running_gateway() {
     assert_eq!(json(&sock, &["status", "--json"])["enabled"], true);
     assert!(ok(&sock, &["nat", "enable"]).contains("no change"));
 
+    // The DNS section.
+    ok(&sock, &["dns", "set", "upstream=[\"192.0.2.53\"]"]);
+    assert_eq!(
+        json(&sock, &["dns", "get", "--json"])["upstream"],
+        serde_json::json!(["192.0.2.53"])
+    );
+
     // The host section moves the virtual host.
     ok(&sock, &["host", "set", "ip=192.168.30.2"]);
     assert_eq!(
@@ -592,5 +599,32 @@ fn another_user_cannot_change_settings() {
     );
     assert_eq!(json(&sock, &["dhcp", "get", "--json"])["lease"], "2h");
     assert!(!state.path().join("overrides.toml").exists());
+    gw.stop();
+}
+
+/// Idle connections are bounded: past the limit new ones are closed, and the slots come back
+/// when the idle ones go.
+#[test]
+fn connections_are_bounded() {
+    let state = tempfile::tempdir().unwrap();
+    let sock = socket(state.path());
+    let hub = MemoryHub::new(1500);
+    let gw = start_gw(config(state.path()), &hub);
+    let idle: Vec<_> = (0..hubnat::control::MAX_CONNECTIONS)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    // The server takes them in its own time; wait until the next one is refused.
+    let until = StdInstant::now() + PATIENCE;
+    while Client::new(&sock).get("/v1/status").is_ok() {
+        assert!(StdInstant::now() < until, "the limit never applies");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fails(&sock, &["status"]);
+    drop(idle);
+    let until = StdInstant::now() + PATIENCE;
+    while Client::new(&sock).get("/v1/status").is_err() {
+        assert!(StdInstant::now() < until, "the slots never come back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     gw.stop();
 }

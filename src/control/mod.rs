@@ -49,11 +49,49 @@ use std::thread::JoinHandle;
 use async_io::Async;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use smol_hyper::rt::FuturesIo;
+use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use crate::config::{Config, Overridden};
 use crate::driver::GatewayHandle;
 use crate::seclog::SecurityLog;
+
+/// Connections served at once on each listener; more are closed at once (a local client
+/// opening sockets in a loop, or a scraper gone wrong, cannot exhaust the process's files).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTP/1 server settings of every connection.
+fn http() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(SmolTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    b
+}
+
+/// Counts a listener's live connections; a slot is given back when its guard drops.
+#[derive(Clone, Default)]
+struct Slots(Rc<std::cell::Cell<usize>>);
+
+struct Slot(Slots);
+
+impl Slots {
+    fn take(&self) -> Option<Slot> {
+        let n = self.0.get();
+        (n < MAX_CONNECTIONS).then(|| {
+            self.0.set(n + 1);
+            Slot(self.clone())
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let slots = &self.0 .0;
+        slots.set(slots.get().saturating_sub(1));
+    }
+}
 
 /// What the control server needs besides the gateway's handle.
 #[derive(Debug, Clone)]
@@ -255,19 +293,25 @@ async fn serve(
         let state = state.clone();
         let ex2 = ex.clone();
         ex.spawn(async move {
+            let slots = Slots::default();
             loop {
                 let Ok((stream, _)) = metrics.accept().await else {
+                    async_io::Timer::after(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
+                let Some(slot) = slots.take() else {
                     continue;
                 };
                 let state = state.clone();
                 ex2.spawn(async move {
+                    let _slot = slot;
                     let service = service_fn(move |req| {
                         let state = state.clone();
                         async move {
                             Ok::<_, std::convert::Infallible>(api::metrics_only(&state, req).await)
                         }
                     });
-                    let _ = http1::Builder::new()
+                    let _ = http()
                         .serve_connection(FuturesIo::new(stream), service)
                         .await;
                 })
@@ -276,6 +320,7 @@ async fn serve(
         })
         .detach();
     }
+    let slots = Slots::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -292,13 +337,21 @@ async fn serve(
                 continue;
             }
         };
+        let Some(slot) = slots.take() else {
+            tracing::warn!(
+                uid = peer.uid,
+                "control socket: {MAX_CONNECTIONS} connections already; connection closed"
+            );
+            continue;
+        };
         let state = state.clone();
         ex.spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(api::route(&state, peer, req).await) }
             });
-            let _ = http1::Builder::new()
+            let _ = http()
                 .serve_connection(FuturesIo::new(stream), service)
                 .await;
         })
