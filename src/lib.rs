@@ -12,6 +12,8 @@
 //!   and [`driver::GatewayHandle`] reaches a running gateway from any thread (status, tables,
 //!   live settings, ending a session, releasing a lease).
 //! - [`config`] loads and validates the configuration and its live changes.
+//! - [`control`] serves a running gateway's handle to operators: an HTTP/JSON API on a Unix
+//!   socket, Prometheus metrics, and the client the CLI uses.
 //! - [`state`] keeps leases and the generated MAC; [`seclog`] writes the security log;
 //!   [`host`] wraps the OS sockets.
 //!
@@ -19,6 +21,7 @@
 //! it on any `hubnat_backend::Backend` — for a program of its own, a port of
 //! `hubnat_hub::MemoryHub`. `examples/embed.rs` does exactly that.
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod driver;
 pub mod host;

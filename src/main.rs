@@ -7,16 +7,23 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hubnat::config::{BackendKind, Config, HostDefaults, Loaded, LogFormat, Override, Sources};
+use hubnat::control::{ControlOptions, ControlServer};
 use hubnat::driver::Gateway;
+
+mod cli;
 use tracing_subscriber::EnvFilter;
 
 /// hubnat — a user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
 ///
 /// hubnat appears on the segment as one ordinary host: it hands out addresses with DHCP,
 /// answers ARP and ping for itself, forwards DNS, and carries the clients' TCP, UDP and ping to
-/// the outside world through this process's own sockets (a user-mode NAT). Settings come from, in rising order of precedence: built-in
-/// defaults, the file given with --config, HUBNAT_* environment variables (HUBNAT_DHCP__LEASE=1h
-/// sets dhcp.lease), and the flags of the command.
+/// the outside world through this process's own sockets (a user-mode NAT). Settings come from,
+/// in rising order of precedence: built-in defaults, the file given with --config, HUBNAT_*
+/// environment variables (HUBNAT_DHCP__LEASE=1h sets dhcp.lease), the changes made at run time
+/// through the control API (kept in the state directory), and the flags of the command.
+///
+/// The operator commands (status, enable, disable, host, nat, dhcp) talk to a running gateway
+/// through its control socket (control.sock in its state directory).
 #[derive(Parser, Debug)]
 #[command(name = "hubnat", version, propagate_version = true)]
 struct Cli {
@@ -35,6 +42,121 @@ enum Command {
     Config(ConfigArgs),
     /// Print the lease table saved in the state directory.
     Leases(ConfigArgs),
+    /// Show a running gateway's status: functions on or off, sessions, leases, counters, and
+    /// each value set by the configuration file, the environment, flags or at run time.
+    Status(JsonArgs),
+    /// Turn the whole function (NAT and DHCP) on in a running gateway.
+    Enable(ClientArgs),
+    /// Turn the whole function (NAT and DHCP) off in a running gateway.
+    Disable(ClientArgs),
+    /// The virtual host's settings (ip, mask, mac) in a running gateway.
+    #[command(subcommand)]
+    Host(SectionCommand),
+    /// The virtual NAT in a running gateway: settings, on/off, the session table.
+    #[command(subcommand)]
+    Nat(NatCommand),
+    /// The DHCP server in a running gateway: settings, on/off, the lease table.
+    #[command(subcommand)]
+    Dhcp(DhcpCommand),
+    /// The DNS redirect's settings (upstream servers) in a running gateway.
+    #[command(subcommand)]
+    Dns(SectionCommand),
+}
+
+/// How a command finds the running gateway's control socket.
+#[derive(Args, Debug, Clone)]
+struct ClientArgs {
+    /// The control socket; default: control.socket of the configuration, else control.sock in
+    /// the state directory.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// The configuration file the gateway runs with (to find its state directory).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The gateway's state directory.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct JsonArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct SetArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// KEY=VALUE with KEY within the section, e.g. range_end=192.168.30.100 lease=10m.
+    #[arg(value_name = "KEY=VALUE", required = true)]
+    changes: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum SectionCommand {
+    /// Print the settings, with where each non-default value came from.
+    Get(JsonArgs),
+    /// Change settings at once (all or none); they are kept in the state directory.
+    Set(SetArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum NatCommand {
+    /// Print the NAT settings.
+    Get(JsonArgs),
+    /// Change NAT settings, e.g. tcp_timeout=1h udp_timeout=5m.
+    Set(SetArgs),
+    /// Turn the NAT on.
+    Enable(ClientArgs),
+    /// Turn the NAT off (DHCP goes on).
+    Disable(ClientArgs),
+    /// Print the NAT session table.
+    Table(TableArgs),
+    /// End one session (TCP: a reset both ways).
+    Kill {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The session's id (the ID column of `hubnat nat table`).
+        id: u64,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct TableArgs {
+    #[command(flatten)]
+    json: JsonArgs,
+    /// Only the sessions of this client address.
+    #[arg(long, value_name = "IP")]
+    client: Option<std::net::Ipv4Addr>,
+    /// Only the sessions of this protocol.
+    #[arg(long, value_parser = ["tcp", "udp", "icmp"])]
+    protocol: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DhcpCommand {
+    /// Print the DHCP settings (static reservations included).
+    Get(JsonArgs),
+    /// Change DHCP settings, e.g. range_end=192.168.30.100 lease=10m.
+    Set(SetArgs),
+    /// Turn the DHCP server on.
+    Enable(ClientArgs),
+    /// Turn the DHCP server off (the NAT goes on).
+    Disable(ClientArgs),
+    /// Print the lease table.
+    Table(JsonArgs),
+    /// Release one lease, by the client's MAC address or by the address.
+    Release {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// A MAC address (52:54:00:12:34:56) or an IPv4 address.
+        #[arg(value_name = "MAC|IP")]
+        target: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -119,6 +241,7 @@ fn sources(args: &ConfigArgs, extra: Vec<Override>) -> Sources {
         host: Some(HostDefaults::read()),
         file: args.config.clone(),
         env: true,
+        persisted: true,
         overrides,
     }
 }
@@ -199,13 +322,17 @@ fn run(args: RunArgs) -> Result<()> {
             },
         ));
     }
-    let Loaded { config, warnings } = Config::load(&sources(&args.common, extra))?;
+    let sources = sources(&args.common, extra);
+    let Loaded { config, warnings } = Config::load(&sources)?;
     init_logging(&config)?;
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
 
+    hubnat::seclog::configure(&config.security_log_path(), config.security_rotation());
+    let overridden = Config::overridden(&config, &sources);
     let gateway = Gateway::new(config.clone())?;
+    let control = ControlServer::start(gateway.handle(), ControlOptions::new(&config, overridden))?;
     async_io::block_on(async {
         let signals =
             async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
@@ -243,8 +370,10 @@ fn run(args: RunArgs) -> Result<()> {
                  `hubnat run` needs a backend that reaches other processes, such as \"tap\""
             ),
         }
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    })?;
+    control.stop();
+    Ok(())
 }
 
 /// Runs the gateway on `backend`, recording its frames to a pcap file when `capture.path` is set.
@@ -276,12 +405,24 @@ async fn run_backend<B: hubnat_backend::Backend>(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // The printing commands end quietly when their reader goes away (`| head`).
+        // SAFETY: restoring a signal's default disposition has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Config(args) => load_for_command(&args)
             .and_then(|c| toml::to_string_pretty(&c).context("cannot print the configuration"))
             .map(|text| print!("{text}")),
         Command::Leases(args) => load_for_command(&args).and_then(|c| print_leases(&c)),
+        Command::Status(args) => cli::status(&args),
+        Command::Enable(args) => cli::switch(&args, "/v1/enable"),
+        Command::Disable(args) => cli::switch(&args, "/v1/disable"),
+        Command::Host(c) => cli::section("host", c),
+        Command::Nat(c) => cli::nat(c),
+        Command::Dhcp(c) => cli::dhcp(c),
+        Command::Dns(c) => cli::section("dns", c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,40 +7,147 @@
 //! ```text
 //! 2026-11-25T15:04:57.123Z DHCP lease created: id=1 mac=52:54:00:12:34:56 ip=192.168.30.10 hostname="vm1" expires=2026-11-25T17:04:57Z
 //! ```
+//!
+//! # Rotation
+//!
+//! Before a line would take the file past [`Rotation::max_size`], the file is renamed to
+//! `PATH.1` (`PATH.1` to `PATH.2`, and so on; the oldest beyond [`Rotation::max_files`] is
+//! removed) and a new `PATH` is started. Several writers may share one path (the gateway's
+//! loop and the control API each hold one): before each line a writer checks that `PATH` is
+//! still the file it has open, and reopens it when another writer rotated it.
+//!
+//! The driver opens the log with [`SecurityLog::open`]; the rotation of a path is registered
+//! beforehand with [`configure`] (the binary does it from `log.security_max_size` and
+//! `log.security_max_files`). A path never configured rotates at the defaults.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core::dhcp::{server::fmt_mac, DhcpEvent, Lease};
 use crate::core::nat::{FlowKey, NatEvent};
+
+/// When the security log rotates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate before the file would grow past this many bytes; `None`: never.
+    pub max_size: Option<u64>,
+    /// Files kept, the current one included (at least 1).
+    pub max_files: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            max_size: Some(crate::config::DEFAULT_SECURITY_MAX_SIZE),
+            max_files: crate::config::DEFAULT_SECURITY_MAX_FILES,
+        }
+    }
+}
+
+/// The rotation registered for each path by [`configure`].
+static ROTATIONS: Mutex<BTreeMap<PathBuf, Rotation>> = Mutex::new(BTreeMap::new());
+
+/// Registers the rotation of the log at `path`, for every [`SecurityLog::open`] of it from now
+/// on.
+pub fn configure(path: &Path, rotation: Rotation) {
+    if let Ok(mut map) = ROTATIONS.lock() {
+        map.insert(path.to_owned(), rotation);
+    }
+}
+
+fn configured(path: &Path) -> Rotation {
+    ROTATIONS
+        .lock()
+        .ok()
+        .and_then(|map| map.get(path).copied())
+        .unwrap_or_default()
+}
 
 /// The security log file.
 #[derive(Debug)]
 pub struct SecurityLog {
     file: File,
     path: PathBuf,
+    rotation: Rotation,
     failed: bool,
 }
 
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// `PATH.n`.
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
 impl SecurityLog {
-    /// Opens (appends to) the log at `path`, creating it and its directory.
+    /// Opens (appends to) the log at `path`, creating it and its directory, with the rotation
+    /// registered for it by [`configure`] (else the defaults).
     pub fn open(path: &Path) -> io::Result<SecurityLog> {
+        Self::open_with(path, configured(path))
+    }
+
+    /// Opens (appends to) the log at `path` with `rotation`.
+    pub fn open_with(path: &Path, rotation: Rotation) -> io::Result<SecurityLog> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
         Ok(SecurityLog {
-            file,
+            file: open_append(path)?,
             path: path.to_owned(),
+            rotation: Rotation {
+                max_files: rotation.max_files.max(1),
+                ..rotation
+            },
             failed: false,
         })
+    }
+
+    /// Makes room for `len` more bytes: reopens `PATH` if another writer rotated it, and
+    /// rotates when the line would take the file past the limit.
+    fn make_room(&mut self, len: u64) -> io::Result<()> {
+        let ours = self.file.metadata()?;
+        let current = std::fs::metadata(&self.path).ok();
+        if current
+            .as_ref()
+            .is_none_or(|m| (m.dev(), m.ino()) != (ours.dev(), ours.ino()))
+        {
+            self.file = open_append(&self.path)?;
+        }
+        let Some(max) = self.rotation.max_size else {
+            return Ok(());
+        };
+        let size = self.file.metadata()?.len();
+        if size == 0 || size + len <= max {
+            return Ok(());
+        }
+        let keep = self.rotation.max_files;
+        if keep <= 1 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(numbered(&self.path, keep - 1));
+            for n in (1..keep - 1).rev() {
+                let from = numbered(&self.path, n);
+                if from.exists() {
+                    std::fs::rename(&from, numbered(&self.path, n + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, numbered(&self.path, 1))?;
+        }
+        self.file = open_append(&self.path)?;
+        Ok(())
     }
 
     /// The file's path.
@@ -54,7 +161,10 @@ impl SecurityLog {
         let now = humantime::format_rfc3339_millis(SystemTime::now());
         tracing::info!(target: "security", "{subsystem} {event}: {fields}");
         let line = format!("{now} {subsystem} {event}: {fields}\n");
-        match self.file.write_all(line.as_bytes()) {
+        let written = self
+            .make_room(line.len() as u64)
+            .and_then(|()| self.file.write_all(line.as_bytes()));
+        match written {
             Ok(()) => self.failed = false,
             Err(e) if !self.failed => {
                 self.failed = true;
@@ -256,5 +366,46 @@ mod tests {
             text.contains(&format!(" DHCP lease revoked: {fields}\n")),
             "{text}"
         );
+    }
+
+    #[test]
+    fn rotation_keeps_max_files_and_follows_another_writer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("security.log");
+        let rotation = Rotation {
+            max_size: Some(200),
+            max_files: 3,
+        };
+        let mut a = SecurityLog::open_with(&path, rotation).expect("open");
+        let mut b = SecurityLog::open_with(&path, rotation).expect("open");
+        for i in 0..40 {
+            let log = if i % 2 == 0 { &mut a } else { &mut b };
+            log.write(
+                "TEST",
+                "line",
+                &format!("n={i:02} padding=xxxxxxxxxxxxxxxxxxxx"),
+            );
+        }
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        for p in [path.clone(), numbered(&path, 1), numbered(&path, 2)] {
+            let text = read(&p);
+            assert!(!text.is_empty(), "{} is empty", p.display());
+            assert!(text.len() <= 200, "{} is {} bytes", p.display(), text.len());
+        }
+        assert!(!numbered(&path, 3).exists(), "only 3 files are kept");
+        // The newest lines are in PATH, in order, from both writers.
+        let current = read(&path);
+        assert!(current.contains("n=39"), "{current}");
+        let all = format!(
+            "{}{}{}",
+            read(&numbered(&path, 2)),
+            read(&numbered(&path, 1)),
+            current
+        );
+        let numbers: Vec<u32> = all
+            .lines()
+            .filter_map(|l| l.split("n=").nth(1)?.get(..2)?.parse().ok())
+            .collect();
+        assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
     }
 }

@@ -17,6 +17,7 @@ fn load(path: &Path) -> Result<Config> {
         host: None,
         file: Some(path.to_path_buf()),
         env: false,
+        persisted: false,
         overrides: Vec::new(),
     };
     let loaded = Config::load(&sources).with_context(|| format!("loading {}", path.display()))?;

@@ -10,7 +10,9 @@
 //!    `dhcp.domain` as the host gives them, each a layer named after where it was found;
 //! 3. the TOML file ([`Sources::file`]); it must exist;
 //! 4. `HUBNAT_…` environment variables ([`Sources::env`]); `__` separates the levels;
-//! 5. command-line overrides, `--set KEY=VALUE` ([`Override`]), in order.
+//! 5. the changes made at run time and kept in the state directory ([`Sources::persisted`];
+//!    `PersistedLayer`, read from the state directory the other layers name);
+//! 6. command-line overrides, `--set KEY=VALUE` ([`Override`]), in order.
 //!
 //! Each layer is a figment provider with metadata that names it, and figment tags every value
 //! with the layer it came from. [`Origins`] reads those tags back, so an error can say "from
@@ -32,6 +34,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use super::host::{HostDefaults, RESOLV_CONF};
+use super::persisted::{overrides_path, PersistedLayer};
 use super::render::{is_index, key_segments};
 use super::values::upstream_text;
 use super::{Config, ConfigError, ConfigWarning};
@@ -60,6 +63,10 @@ pub struct Sources {
     pub file: Option<PathBuf>,
     /// Whether to read `HUBNAT_…` environment variables (true in the binary).
     pub env: bool,
+    /// Read the settings changed at run time and kept in the state directory
+    /// (`<state.dir>/overrides.toml`, see [`persist_changes`](super::persist_changes)), a
+    /// layer between the environment and the overrides (true in the binary).
+    pub persisted: bool,
     /// Command-line overrides, applied in order (a later one wins).
     pub overrides: Vec<Override>,
 }
@@ -358,13 +365,26 @@ impl Config {
                 sections: sections(),
             });
         }
-        for o in &sources.overrides {
-            figment = figment.merge(OverrideLayer {
-                setting: o.clone(),
-                name: ORIGIN_CLI.into(),
-            });
+        let overrides = |mut figment: Figment| {
+            for o in &sources.overrides {
+                figment = figment.merge(OverrideLayer {
+                    setting: o.clone(),
+                    name: ORIGIN_CLI.into(),
+                });
+            }
+            figment
+        };
+        if sources.persisted {
+            // The state directory is where every other layer puts it (it is not live, so the
+            // persisted layer cannot move it).
+            let dir: Option<PathBuf> = overrides(figment.clone()).extract_inner("state.dir").ok();
+            if let Some(dir) = dir {
+                figment = figment.merge(PersistedLayer {
+                    path: overrides_path(&dir),
+                });
+            }
         }
-        figment
+        overrides(figment)
     }
 }
 
@@ -493,6 +513,7 @@ mod tests {
                 host: None,
                 file: Some("x.toml".into()),
                 env: true,
+                persisted: false,
                 overrides: vec![
                     "dhcp.lease=5m".parse().expect("override"),
                     Override::new("nat.enabled", "false"),
@@ -572,6 +593,7 @@ mod tests {
                 host: Some(lab_host()),
                 file: Some("x.toml".into()),
                 env: true,
+                persisted: false,
                 overrides: Vec::new(),
             })
             .expect("valid");
@@ -691,13 +713,13 @@ mod tests {
                 [
                     "environment variable HUBNAT_BIN is ignored: it names no hubnat setting \
                   (variables HUBNAT_SECTION__KEY set section.key, e.g. HUBNAT_DHCP__LEASE=1h; \
-                  the sections are backend, capture, dhcp, dns, host, log, nat, state)"
+                  the sections are backend, capture, control, dhcp, dns, host, log, nat, state)"
                 ]
             );
             assert!(about("HUBNAT_NAT__MTU").is_empty() && about("HUBNAT_CONFIG").is_empty());
             assert!(loaded.warnings.contains(&ConfigWarning::UnknownEnv {
                 name: "HUBNAT_BIN".into(),
-                sections: "backend, capture, dhcp, dns, host, log, nat, state".into(),
+                sections: "backend, capture, control, dhcp, dns, host, log, nat, state".into(),
             }));
 
             // Without the environment, nothing to warn about.

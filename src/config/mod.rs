@@ -2,7 +2,7 @@
 //!
 //! # Theory of operation
 //!
-//! A [`Config`] is built from five layers with [figment]; a later layer wins key by key:
+//! A [`Config`] is built from six layers with [figment]; a later layer wins key by key:
 //!
 //! 1. **built-in defaults** — [`Config::default()`]: the reference behaviour (192.168.30.1/24,
 //!    DHCP range .10–.200, 2 h leases, MTU 1500, …), the same on every machine except for
@@ -17,7 +17,10 @@
 //!    way figment parses them (`1500` is a number, `true` a boolean, `[1.1.1.1, 9.9.9.9]` a
 //!    list). `HUBNAT_CONFIG` is not a key: it is left to the CLI, which may use it for the path
 //!    of the file;
-//! 5. **command-line overrides** `--set KEY=VALUE` ([`Override`]): VALUE is read as a TOML
+//! 5. **changes made at run time** through the control API, kept in `overrides.toml` in the
+//!    state directory ([`Sources::persisted`], see [`persist_changes`]); named "the state
+//!    directory" in errors;
+//! 6. **command-line overrides** `--set KEY=VALUE` ([`Override`]): VALUE is read as a TOML
 //!    value when it is one (`1400`, `true`, `"text"`, `["1.1.1.1"]`), else like an environment
 //!    value, else as a plain string.
 //!
@@ -63,6 +66,7 @@
 mod host;
 mod layers;
 mod live;
+mod persisted;
 mod render;
 mod types;
 mod validate;
@@ -74,11 +78,14 @@ mod testing;
 pub use host::{HostDefaults, HostDomain, RESOLV_CONF};
 pub use layers::{Loaded, Origins, Override, Sources, ENV_PREFIX, ENV_SEPARATOR};
 pub use live::{Change, Setting, LIVE_SECTIONS, RESTART_ONLY};
+pub use persisted::{
+    overrides_path, persist_changes, Overridden, PersistError, ORIGIN_PERSISTED, OVERRIDES_FILE,
+};
 pub use render::{ConfigError, ConfigWarning};
 pub use types::{
-    BackendConfig, BackendKind, CaptureConfig, Config, DhcpConfig, DnsConfig, HostConfig,
-    HubConfig, LogConfig, LogFormat, NatConfig, RawConfig, StateConfig, StaticLease, TapConfig,
-    DEFAULT_TCP_BUFFER,
+    BackendConfig, BackendKind, CaptureConfig, Config, ControlConfig, DhcpConfig, DnsConfig,
+    HostConfig, HubConfig, LogConfig, LogFormat, NatConfig, RawConfig, StateConfig, StaticLease,
+    TapConfig, DEFAULT_SECURITY_MAX_FILES, DEFAULT_SECURITY_MAX_SIZE, DEFAULT_TCP_BUFFER,
 };
 pub use validate::{
     MAX_CAPTURE_FILES, MAX_HUB_PEERS, MAX_LEASE, MAX_MTU, MAX_NAT_SESSIONS, MAX_NAT_TIMEOUT,

@@ -113,6 +113,7 @@ pub(super) fn all_keys() -> Vec<String> {
     full.host.mac = Some(MacAddr([0x00, 0xac, 0, 0, 0, 1]));
     full.backend.tap.mtu = Some(MIN_MTU);
     full.log.security_log = Some(PathBuf::from("security.log"));
+    full.control.socket = Some(PathBuf::from("control.sock"));
     flatten(&full).into_iter().map(|(key, _)| key).collect()
 }
 
@@ -361,13 +362,14 @@ mod tests {
         // when unset (`skip_serializing_if`), set it in all_keys() and below.
         assert_eq!(
             (keys.first().map(String::as_str), keys.len()),
-            (Some("host.enabled"), 40)
+            (Some("host.enabled"), 44)
         );
         // A configuration with every optional value set shows no key all_keys lacks.
         let mut c = Config::default();
         c.host.mac = Some(mac("00:ac:00:00:00:01"));
         c.backend.tap.mtu = Some(1500);
         c.log.security_log = Some("/x".into());
+        c.control.socket = Some("/x.sock".into());
         for (key, _) in flatten(&c) {
             assert!(keys.contains(&key), "{key}");
         }

@@ -18,6 +18,7 @@ pub(super) fn file_sources() -> Sources {
         host: None,
         file: Some("x.toml".into()),
         env: false,
+        persisted: false,
         overrides: Vec::new(),
     }
 }

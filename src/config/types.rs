@@ -63,6 +63,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Packet capture of the segment's frames to a pcap file.
     pub capture: CaptureConfig,
+    /// The control API (Unix socket) and the metrics endpoint.
+    pub control: ControlConfig,
 }
 
 /// The virtual host's MAC and IPv4 address.
@@ -361,7 +363,17 @@ pub struct LogConfig {
     /// [`Config::security_log_path`]).
     #[serde(with = "opt_text", skip_serializing_if = "Option::is_none")]
     pub security_log: Option<PathBuf>,
+    /// Rotate the security log when it would grow past this many bytes; `None` (`""`): never.
+    #[serde(with = "size_text")]
+    pub security_max_size: Option<u64>,
+    /// Security log files kept when rotating, the current one included (`PATH`, `PATH.1`, …).
+    pub security_max_files: u32,
 }
+
+/// The default size at which the security log rotates (`log.security_max_size`).
+pub const DEFAULT_SECURITY_MAX_SIZE: u64 = 10 << 20;
+/// The default number of security log files kept (`log.security_max_files`).
+pub const DEFAULT_SECURITY_MAX_FILES: u32 = 5;
 
 impl Default for LogConfig {
     fn default() -> Self {
@@ -369,8 +381,23 @@ impl Default for LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
             security_log: None,
+            security_max_size: Some(DEFAULT_SECURITY_MAX_SIZE),
+            security_max_files: DEFAULT_SECURITY_MAX_FILES,
         }
     }
+}
+
+/// The control API: HTTP/1.1 with JSON bodies on a Unix socket, and Prometheus metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The control socket; `None` (`""`): `<state.dir>/control.sock` (see
+    /// [`Config::control_socket_path`]).
+    #[serde(with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// A TCP address that serves `/metrics` only, for scrapers; `None` (`""`): none.
+    #[serde(with = "opt_text")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl LogConfig {
@@ -426,6 +453,22 @@ impl Config {
             socket_mode: h.socket_mode.0,
             max_peers: h.max_peers as usize,
             ..hubnat_hub::HubSocketConfig::new(self.nat.mtu, Vec::new())
+        }
+    }
+
+    /// The control socket: `control.socket`, else `<state.dir>/control.sock`.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.state.dir.join("control.sock"))
+    }
+
+    /// The security log's rotation: `log.security_max_size` and `log.security_max_files`.
+    pub fn security_rotation(&self) -> crate::seclog::Rotation {
+        crate::seclog::Rotation {
+            max_size: self.log.security_max_size,
+            max_files: self.log.security_max_files,
         }
     }
 
@@ -519,7 +562,9 @@ mod tests {
             LogConfig {
                 level: "info".into(),
                 format: LogFormat::Text,
-                security_log: None
+                security_log: None,
+                security_max_size: Some(DEFAULT_SECURITY_MAX_SIZE),
+                security_max_files: DEFAULT_SECURITY_MAX_FILES,
             }
         );
         assert_eq!(c.tap_mtu(), 1500);

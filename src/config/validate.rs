@@ -429,6 +429,41 @@ impl Config {
         {
             c.fail("log.security_log", "\"\"", "must name a file");
         }
+        if let Some(size) = self.log.security_max_size {
+            if size < MIN_CAPTURE_SIZE {
+                c.fail(
+                    "log.security_max_size",
+                    format!("{:?}", size_text::words(size)),
+                    format!("must be at least {}", size_text::words(MIN_CAPTURE_SIZE)),
+                );
+            }
+        }
+        if !(1..=MAX_CAPTURE_FILES).contains(&self.log.security_max_files) {
+            c.fail(
+                "log.security_max_files",
+                self.log.security_max_files,
+                format!("must be from 1 to {MAX_CAPTURE_FILES}"),
+            );
+        }
+
+        // control
+        if self
+            .control
+            .socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().as_encoded_bytes().ends_with(b"/"))
+        {
+            let path = self
+                .control
+                .socket
+                .as_ref()
+                .map(|p| p.display().to_string());
+            c.fail(
+                "control.socket",
+                format!("{:?}", path.unwrap_or_default()),
+                "must name a socket file, not a directory",
+            );
+        }
 
         c.finish()
     }

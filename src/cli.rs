@@ -1,0 +1,333 @@
+//! The operator commands (`hubnat status`, `hubnat nat table`, …): requests to a running
+//! gateway's control API, answers printed as aligned tables for people or as JSON for scripts.
+
+use anyhow::{Context, Result};
+use hubnat::config::{Config, Sources};
+use hubnat::control::client::Client;
+use hyper::Method;
+use serde_json::{Map, Value};
+
+use crate::{ClientArgs, DhcpCommand, JsonArgs, NatCommand, SectionCommand, SetArgs, TableArgs};
+
+/// The client of the socket `args` point to: `--control`, else the configuration's.
+fn client(args: &ClientArgs) -> Result<Client> {
+    if let Some(path) = &args.control {
+        return Ok(Client::new(path));
+    }
+    let mut overrides = Vec::new();
+    if let Some(dir) = &args.state_dir {
+        overrides.push(hubnat::config::Override::new(
+            "state.dir",
+            format!("{:?}", dir.display().to_string()),
+        ));
+    }
+    let sources = Sources {
+        host: None,
+        file: args.config.clone(),
+        env: true,
+        persisted: false,
+        overrides,
+    };
+    let config = Config::load(&sources)
+        .context("cannot find the control socket in the configuration")?
+        .config;
+    Ok(Client::new(config.control_socket_path()))
+}
+
+fn print_json(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints rows under headers, each column as wide as its widest cell.
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let text: Vec<String> = cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c
+                } else {
+                    format!("{c:<width$}", width = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+/// A JSON value as a cell: strings bare, null empty, the rest as JSON.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn on(v: &Value) -> &'static str {
+    if v.as_bool().unwrap_or(false) {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+pub fn status(args: &JsonArgs) -> Result<()> {
+    let s = client(&args.client)?.get("/v1/status")?;
+    if args.json {
+        return print_json(&s);
+    }
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let rows = vec![
+        vec!["function".into(), on(&s["enabled"]).into()],
+        vec!["nat".into(), on(&s["nat_enabled"]).into()],
+        vec!["dhcp".into(), on(&s["dhcp_enabled"]).into()],
+        vec![
+            "virtual host".into(),
+            format!(
+                "{} mask {} mac {}",
+                cell(&s["ip"]),
+                cell(&s["mask"]),
+                cell(&s["mac"])
+            ),
+        ],
+        vec!["backend".into(), cell(&s["backend"])],
+        vec![
+            "uptime".into(),
+            humantime::format_duration(std::time::Duration::from_secs(n(&s["uptime_secs"])))
+                .to_string(),
+        ],
+        vec![
+            "sessions".into(),
+            format!(
+                "tcp {}, udp {}, icmp {}",
+                n(&s["sessions"]["tcp"]),
+                n(&s["sessions"]["udp"]),
+                n(&s["sessions"]["icmp"])
+            ),
+        ],
+        vec![
+            "leases".into(),
+            format!("{} bound, pool of {}", n(&s["leases"]), n(&s["pool_size"])),
+        ],
+        vec![
+            "bytes".into(),
+            format!(
+                "{} to remotes, {} to clients",
+                n(&s["bytes_to_remote"]),
+                n(&s["bytes_to_client"])
+            ),
+        ],
+        vec![
+            "frames".into(),
+            format!(
+                "{} in, {} out",
+                n(&s["counters"]["frames_in"]),
+                n(&s["counters"]["frames_out"])
+            ),
+        ],
+        vec!["icmp echo".into(), cell(&s["icmp_mode"])],
+    ];
+    print_table(&["STATUS", ""], &rows);
+    let overridden: Vec<Vec<String>> = s["overridden"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|o| vec![cell(&o["key"]), cell(&o["value"]), cell(&o["origin"])])
+                .collect()
+        })
+        .unwrap_or_default();
+    if !overridden.is_empty() {
+        println!();
+        print_table(&["SETTING", "VALUE", "FROM"], &overridden);
+    }
+    Ok(())
+}
+
+pub fn switch(args: &ClientArgs, path: &str) -> Result<()> {
+    let answer = client(args)?.request(Method::POST, path, None)?;
+    print_changes(&answer);
+    Ok(())
+}
+
+fn print_changes(answer: &Value) {
+    let changed = answer["changed"].as_array().cloned().unwrap_or_default();
+    if changed.is_empty() {
+        println!("no change");
+    }
+    for c in &changed {
+        println!("{} = {} (was {})", cell(&c["key"]), c["new"], c["old"]);
+    }
+    if let Some(w) = answer["warning"].as_str() {
+        eprintln!("hubnat: warning: {w}");
+    }
+}
+
+fn get(section: &str, args: &JsonArgs) -> Result<()> {
+    let answer = client(&args.client)?.get(&format!("/v1/{section}"))?;
+    if args.json {
+        return print_json(&answer["settings"]);
+    }
+    let empty = Map::new();
+    let settings = answer["settings"].as_object().unwrap_or(&empty);
+    let rows: Vec<Vec<String>> = settings
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                Value::String(s) => format!("{s:?}"),
+                other => other.to_string(),
+            };
+            vec![k.clone(), value, cell(&answer["origins"][k])]
+        })
+        .collect();
+    print_table(&["KEY", "VALUE", "FROM"], &rows);
+    Ok(())
+}
+
+fn set(section: &str, args: &SetArgs) -> Result<()> {
+    let mut body = Map::new();
+    for change in &args.changes {
+        let (key, value) = change
+            .split_once('=')
+            .with_context(|| format!("{change:?}: expected KEY=VALUE"))?;
+        body.insert(key.trim().to_string(), Value::from(value));
+    }
+    let answer = client(&args.client)?.request(
+        Method::PATCH,
+        &format!("/v1/{section}"),
+        Some(&Value::Object(body)),
+    )?;
+    print_changes(&answer);
+    Ok(())
+}
+
+pub fn section(section: &str, command: SectionCommand) -> Result<()> {
+    match command {
+        SectionCommand::Get(args) => get(section, &args),
+        SectionCommand::Set(args) => set(section, &args),
+    }
+}
+
+pub fn nat(command: NatCommand) -> Result<()> {
+    match command {
+        NatCommand::Get(args) => get("nat", &args),
+        NatCommand::Set(args) => set("nat", &args),
+        NatCommand::Enable(args) => switch(&args, "/v1/nat/enable"),
+        NatCommand::Disable(args) => switch(&args, "/v1/nat/disable"),
+        NatCommand::Table(args) => nat_table(&args),
+        NatCommand::Kill { client: c, id } => {
+            client(&c)?.request(Method::DELETE, &format!("/v1/nat/sessions/{id}"), None)?;
+            println!("session {id} ended");
+            Ok(())
+        }
+    }
+}
+
+fn nat_table(args: &TableArgs) -> Result<()> {
+    let mut query = Vec::new();
+    if let Some(ip) = args.client {
+        query.push(format!("client={ip}"));
+    }
+    if let Some(p) = &args.protocol {
+        query.push(format!("protocol={p}"));
+    }
+    let path = match query.is_empty() {
+        true => "/v1/nat/sessions".to_string(),
+        false => format!("/v1/nat/sessions?{}", query.join("&")),
+    };
+    let rows = client(&args.json.client)?.get(&path)?;
+    if args.json.json {
+        return print_json(&rows);
+    }
+    let rows: Vec<Vec<String>> = rows
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            [
+                "id",
+                "protocol",
+                "client",
+                "remote",
+                "remote_name",
+                "state",
+                "created",
+                "last_activity",
+                "bytes_to_remote",
+                "bytes_to_client",
+            ]
+            .iter()
+            .map(|k| cell(&r[*k]))
+            .collect()
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "PROTO",
+            "CLIENT",
+            "REMOTE",
+            "NAME",
+            "STATE",
+            "CREATED",
+            "LAST",
+            "TO-REMOTE",
+            "TO-CLIENT",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn dhcp(command: DhcpCommand) -> Result<()> {
+    match command {
+        DhcpCommand::Get(args) => get("dhcp", &args),
+        DhcpCommand::Set(args) => set("dhcp", &args),
+        DhcpCommand::Enable(args) => switch(&args, "/v1/dhcp/enable"),
+        DhcpCommand::Disable(args) => switch(&args, "/v1/dhcp/disable"),
+        DhcpCommand::Table(args) => {
+            let rows = client(&args.client)?.get("/v1/dhcp/leases")?;
+            if args.json {
+                return print_json(&rows);
+            }
+            let rows: Vec<Vec<String>> = rows
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| {
+                    ["id", "mac", "ip", "state", "start", "expires", "hostname"]
+                        .iter()
+                        .map(|k| cell(&r[*k]))
+                        .collect()
+                })
+                .collect();
+            print_table(
+                &["ID", "MAC", "IP", "STATE", "START", "EXPIRES", "HOSTNAME"],
+                &rows,
+            );
+            Ok(())
+        }
+        DhcpCommand::Release { client: c, target } => {
+            let answer =
+                client(&c)?.request(Method::DELETE, &format!("/v1/dhcp/leases/{target}"), None)?;
+            let r = &answer["released"];
+            println!("released {} ({})", cell(&r["ip"]), cell(&r["mac"]));
+            Ok(())
+        }
+    }
+}
