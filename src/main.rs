@@ -329,7 +329,6 @@ fn run(args: RunArgs) -> Result<()> {
         tracing::warn!("{warning}");
     }
 
-    hubnat::seclog::configure(&config.security_log_path(), config.security_rotation());
     let overridden = Config::overridden(&config, &sources);
     let gateway = Gateway::new(config.clone())?;
     let control = ControlServer::start(gateway.handle(), ControlOptions::new(&config, overridden))?;

@@ -20,12 +20,10 @@
 //! beforehand with [`configure`] (the binary does it from `log.security_max_size` and
 //! `log.security_max_files`). A path never configured rotates at the defaults.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core::dhcp::{server::fmt_mac, DhcpEvent, Lease};
@@ -47,25 +45,6 @@ impl Default for Rotation {
             max_files: crate::config::DEFAULT_SECURITY_MAX_FILES,
         }
     }
-}
-
-/// The rotation registered for each path by [`configure`].
-static ROTATIONS: Mutex<BTreeMap<PathBuf, Rotation>> = Mutex::new(BTreeMap::new());
-
-/// Registers the rotation of the log at `path`, for every [`SecurityLog::open`] of it from now
-/// on.
-pub fn configure(path: &Path, rotation: Rotation) {
-    if let Ok(mut map) = ROTATIONS.lock() {
-        map.insert(path.to_owned(), rotation);
-    }
-}
-
-fn configured(path: &Path) -> Rotation {
-    ROTATIONS
-        .lock()
-        .ok()
-        .and_then(|map| map.get(path).copied())
-        .unwrap_or_default()
 }
 
 /// The security log file.
@@ -93,10 +72,10 @@ fn numbered(path: &Path, n: u32) -> PathBuf {
 }
 
 impl SecurityLog {
-    /// Opens (appends to) the log at `path`, creating it and its directory, with the rotation
-    /// registered for it by [`configure`] (else the defaults).
+    /// Opens (appends to) the log at `path`, creating it and its directory, with the default
+    /// rotation.
     pub fn open(path: &Path) -> io::Result<SecurityLog> {
-        Self::open_with(path, configured(path))
+        Self::open_with(path, Rotation::default())
     }
 
     /// Opens (appends to) the log at `path` with `rotation`.

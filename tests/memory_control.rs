@@ -421,11 +421,17 @@ fn session_table_and_ending_a_session() {
     assert_eq!((later.bytes_to_remote, later.bytes_to_client), (6000, 6000));
     assert!(later.last_activity >= row.last_activity);
 
-    assert!(ask(gw.handle.end_session(row.id)), "the session was there");
+    assert!(
+        ask(gw.handle.end_session(row.id, "the test")),
+        "the session was there"
+    );
     wait_reset(&mut client, h);
     assert_reset(server);
     assert!(sessions(&gw).is_empty());
-    assert!(!ask(gw.handle.end_session(row.id)), "the session is gone");
+    assert!(
+        !ask(gw.handle.end_session(row.id, "the test")),
+        "the session is gone"
+    );
     let s = status(&gw);
     assert_eq!(s.nat.ended[EndReason::EndedByOperator.index()], 1);
     gw.stop();
@@ -450,7 +456,8 @@ fn releasing_a_lease() {
     let ip = acquire(&mut client, PATIENCE).address.address();
     assert_eq!(status(&gw).leases, 1);
 
-    let row = ask(gw.handle.release_lease(LeaseTarget::Mac(MAC_A))).expect("a lease released");
+    let row = ask(gw.handle.release_lease(LeaseTarget::Mac(MAC_A), "the test"))
+        .expect("a lease released");
     assert_eq!((row.mac.as_str(), row.ip), (mac_text(MAC_A).as_str(), ip));
     let shown = lease_of(&gw, MAC_A);
     assert_eq!((shown.ip, shown.state.as_str()), (ip, "released"));
@@ -460,13 +467,16 @@ fn releasing_a_lease() {
     assert_eq!(format!("{:?}", saved[0].state), "Released");
 
     let unknown = [0x52, 0x54, 0, 0, 0, 0xee];
-    assert!(ask(gw.handle.release_lease(LeaseTarget::Mac(unknown))).is_none());
     assert!(ask(gw
         .handle
-        .release_lease(LeaseTarget::Ip(Ipv4Addr::new(192, 168, 30, 99))))
+        .release_lease(LeaseTarget::Mac(unknown), "the test"))
+    .is_none());
+    assert!(ask(gw
+        .handle
+        .release_lease(LeaseTarget::Ip(Ipv4Addr::new(192, 168, 30, 99)), "the test"))
     .is_none());
     // Released already: nothing more to release.
-    assert!(ask(gw.handle.release_lease(LeaseTarget::Ip(ip))).is_none());
+    assert!(ask(gw.handle.release_lease(LeaseTarget::Ip(ip), "the test")).is_none());
     gw.stop();
     let log = security_log(state.path());
     assert!(
@@ -657,10 +667,11 @@ fn a_handle_to_a_stopped_gateway_says_stopped() {
         async_io::block_on(handle.apply_config(cfg, "test")).map(drop)
     ));
     assert!(stopped(
-        async_io::block_on(handle.end_session(hubnat::core::nat::SessionId(1))).map(drop)
+        async_io::block_on(handle.end_session(hubnat::core::nat::SessionId(1), "the test"))
+            .map(drop)
     ));
     assert!(stopped(
-        async_io::block_on(handle.release_lease(LeaseTarget::Mac(MAC_A))).map(drop)
+        async_io::block_on(handle.release_lease(LeaseTarget::Mac(MAC_A), "the test")).map(drop)
     ));
 }
 

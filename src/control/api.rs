@@ -27,11 +27,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::Peer;
-use crate::config::{persist_changes, Change, Config, Overridden, Override, ORIGIN_PERSISTED};
+use crate::config::{persist_changes, Change, Overridden, Override, ORIGIN_PERSISTED};
 use crate::core::nat::{Protocol, SessionId};
 use crate::core::LeaseTarget;
 use crate::driver::{GatewayHandle, HandleError};
-use crate::seclog::SecurityLog;
 
 /// The largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -44,9 +43,7 @@ pub(super) struct State {
     /// The socket file's owner: the one user besides root who may change things.
     pub(super) owner: u32,
     pub(super) state_dir: PathBuf,
-    pub(super) config: RefCell<Config>,
     pub(super) overridden: RefCell<Vec<Overridden>>,
-    pub(super) seclog: RefCell<Option<SecurityLog>>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -143,7 +140,9 @@ pub(super) async fn route(state: &State, peer: Peer, req: Request<Incoming>) -> 
             )
             .await
         }
-        (Method::GET, ["v1", section]) if SECTIONS.contains(section) => settings(state, section),
+        (Method::GET, ["v1", section]) if SECTIONS.contains(section) => {
+            settings(state, section).await
+        }
         (Method::PATCH | Method::PUT, ["v1", section]) if SECTIONS.contains(section) => {
             let section = section.to_string();
             match body_changes(&section, req).await {
@@ -254,14 +253,6 @@ async fn set(state: &State, section: &str, overrides: Vec<Override>, source: &st
     match state.handle.set(overrides, source).await {
         Ok(changes) => {
             let persisted = persist(state, &changes);
-            let applied: Vec<Override> = changes
-                .iter()
-                .map(|c| Override::new(c.key.clone(), c.new.clone()))
-                .collect();
-            let next = state.config.borrow().with_changes(&applied, source);
-            if let Ok((config, _)) = next {
-                *state.config.borrow_mut() = config;
-            }
             let mut body = json!({
                 "section": section,
                 "changed": changes
@@ -317,8 +308,10 @@ fn toml_json(text: &str) -> Value {
         .unwrap_or_else(|| Value::from(text))
 }
 
-fn settings(state: &State, section: &str) -> Answer {
-    let config = state.config.borrow();
+async fn settings(state: &State, section: &str) -> Answer {
+    let Ok(config) = state.handle.config().await else {
+        return stopped();
+    };
     let Some(list) = config.section_settings(section) else {
         return error(StatusCode::NOT_FOUND, None, format!("no section {section}"));
     };
@@ -407,14 +400,6 @@ async fn sessions(state: &State, query: &str) -> Answer {
     }
 }
 
-fn security_line(state: &State, event: &str, fields: &str) {
-    if let Some(log) = state.seclog.borrow_mut().as_mut() {
-        log.write("CONTROL", event, fields);
-    } else {
-        tracing::info!(target: "security", "CONTROL {event}: {fields}");
-    }
-}
-
 async fn end_session(state: &State, id: &str, source: &str) -> Answer {
     let Ok(n) = id.parse::<u64>() else {
         return error(
@@ -423,15 +408,8 @@ async fn end_session(state: &State, id: &str, source: &str) -> Answer {
             format!("{id:?} is not a session id (see the id column of the session table)"),
         );
     };
-    match state.handle.end_session(SessionId(n)).await {
-        Ok(true) => {
-            security_line(
-                state,
-                "session ended by operator",
-                &format!("id={n} by={source:?}"),
-            );
-            answer(StatusCode::OK, &json!({ "ended": n }))
-        }
+    match state.handle.end_session(SessionId(n), source).await {
+        Ok(true) => answer(StatusCode::OK, &json!({ "ended": n })),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             Some("id"),
@@ -453,15 +431,8 @@ async fn release(state: &State, target: &str, source: &str) -> Answer {
             format!("{target:?} is neither a MAC address nor an IPv4 address"),
         );
     };
-    match state.handle.release_lease(parsed).await {
-        Ok(Some(row)) => {
-            security_line(
-                state,
-                "lease released by operator",
-                &format!("mac={} ip={} by={source:?}", row.mac, row.ip),
-            );
-            answer(StatusCode::OK, &json!({ "released": row }))
-        }
+    match state.handle.release_lease(parsed, source).await {
+        Ok(Some(row)) => answer(StatusCode::OK, &json!({ "released": row })),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             Some("lease"),

@@ -53,7 +53,6 @@ use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use crate::config::{Config, Overridden};
 use crate::driver::GatewayHandle;
-use crate::seclog::SecurityLog;
 
 /// Connections served at once on each listener; more are closed at once (a local client
 /// opening sockets in a loop, or a scraper gone wrong, cannot exhaust the process's files).
@@ -185,10 +184,6 @@ impl ControlServer {
             None => None,
         };
         let metrics_addr = metrics.as_ref().and_then(|l| l.get_ref().local_addr().ok());
-        let seclog = SecurityLog::open(&options.config.security_log_path()).ok();
-        if seclog.is_none() {
-            tracing::warn!("the control API cannot open the security log; its own lines go to the diagnostic log only");
-        }
         let (stop, stopped) = async_channel::bounded::<()>(1);
         let socket = path.clone();
         let thread = std::thread::Builder::new()
@@ -198,9 +193,7 @@ impl ControlServer {
                     handle,
                     owner,
                     state_dir: options.config.state.dir.clone(),
-                    config: RefCell::new(options.config),
                     overridden: RefCell::new(options.overridden),
-                    seclog: RefCell::new(seclog),
                 });
                 let ex = Rc::new(async_executor::LocalExecutor::new());
                 let serve = serve(ex.clone(), state, listener, metrics);

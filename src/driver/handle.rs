@@ -145,8 +145,9 @@ pub(super) enum Command {
         source: String,
         reply: Reply<Result<Vec<Change>, HandleError>>,
     },
-    EndSession(SessionId, Reply<bool>),
-    ReleaseLease(LeaseTarget, Reply<Option<LeaseRow>>),
+    Config(Reply<Config>),
+    EndSession(SessionId, String, Reply<bool>),
+    ReleaseLease(LeaseTarget, String, Reply<Option<LeaseRow>>),
 }
 
 /// A cloneable handle to a running gateway: each call sends a command into the gateway's loop
@@ -224,18 +225,28 @@ impl GatewayHandle {
         self.set(changes, source).await
     }
 
+    /// The running configuration (the file's, with every live change since).
+    pub async fn config(&self) -> Result<Config, HandleError> {
+        self.ask(Command::Config).await
+    }
+
     /// Ends session `id` (TCP: a RST both ways). False when there is no such session.
-    pub async fn end_session(&self, id: SessionId) -> Result<bool, HandleError> {
-        self.ask(|r| Command::EndSession(id, r)).await
+    /// `source` (who asked) goes to the security log.
+    pub async fn end_session(&self, id: SessionId, source: &str) -> Result<bool, HandleError> {
+        let source = source.to_owned();
+        self.ask(|r| Command::EndSession(id, source, r)).await
     }
 
     /// Releases the lease of a MAC address or of an address, as a client's RELEASE would.
-    /// Returns the lease released, or `None` when there was none.
+    /// Returns the lease released, or `None` when there was none. `source` (who asked) goes
+    /// to the security log.
     pub async fn release_lease(
         &self,
         target: LeaseTarget,
+        source: &str,
     ) -> Result<Option<LeaseRow>, HandleError> {
-        self.ask(|r| Command::ReleaseLease(target, r)).await
+        let source = source.to_owned();
+        self.ask(|r| Command::ReleaseLease(target, source, r)).await
     }
 }
 

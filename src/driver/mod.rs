@@ -198,7 +198,7 @@ impl Gateway {
         let state = StateDir::open(&config.state.dir)?;
         let mac = state.mac(config.host.mac)?;
         let path = config.security_log_path();
-        let seclog = SecurityLog::open(&path)
+        let seclog = SecurityLog::open_with(&path, config.security_rotation())
             .map_err(|source| GatewayError::SecurityLog { path, source })?;
         let (tx, rx) = async_channel::bounded(64);
         Ok(Gateway {
@@ -493,9 +493,20 @@ impl Gateway {
                 let rows = core.dhcp().leases().map(|l| lease_row(clock, l)).collect();
                 let _ = reply.try_send(rows);
             }
-            Command::ReleaseLease(target, reply) => {
+            Command::ReleaseLease(target, source, reply) => {
                 let lease = shared.core.borrow_mut().release_lease(target, now);
+                if let Some(l) = &lease {
+                    // Next to the DHCP server's own "lease released by operator" line: who.
+                    self.seclog.write(
+                        "CONTROL",
+                        "lease released by operator",
+                        &format!("mac={} ip={} by={source:?}", fmt_mac(&l.mac), l.ip),
+                    );
+                }
                 let _ = reply.try_send(lease.as_ref().map(|l| lease_row(clock, l)));
+            }
+            Command::Config(reply) => {
+                let _ = reply.try_send(self.config.clone());
             }
             Command::Set {
                 changes,
@@ -505,10 +516,16 @@ impl Gateway {
                 let result = self.set(shared, &changes, &source, max_frame, now);
                 let _ = reply.try_send(result);
             }
-            Command::EndSession(id, reply) => {
-                // The security log's line is the core's: "session deleted … reason="ended by
-                // operator"".
+            Command::EndSession(id, source, reply) => {
+                // Next to the core's "session deleted … reason="ended by operator"": who.
                 let ended = shared.core.borrow_mut().end_session_by_operator(id, now);
+                if ended {
+                    self.seclog.write(
+                        "CONTROL",
+                        "session ended by operator",
+                        &format!("id={id} by={source:?}"),
+                    );
+                }
                 let _ = reply.try_send(ended);
             }
         }
