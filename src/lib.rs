@@ -12,6 +12,9 @@
 //!   and [`driver::GatewayHandle`] reaches a running gateway from any thread (status, tables,
 //!   live settings, ending a session, releasing a lease).
 //! - [`config`] loads and validates the configuration and its live changes.
+//! - [`policy`] hosts the WASM policy modules (wasmtime, the component model): a
+//!   [`policy::PolicySet`] decides sessions and customises DHCP replies on a
+//!   [`policy::PolicyThread`] of its own, off the frame path.
 //! - [`state`] keeps leases and the generated MAC; [`seclog`] writes the security log;
 //!   [`host`] wraps the OS sockets.
 //!
@@ -22,5 +25,6 @@ pub mod config;
 pub mod core;
 pub mod driver;
 pub mod host;
+pub mod policy;
 pub mod seclog;
 pub mod state;
