@@ -21,6 +21,9 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The WASM policies the policy host's tests load (target/policies/*.wasm).
+scripts/build-policies.sh --quiet
+
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e

@@ -14,6 +14,9 @@
 //! - [`config`] loads and validates the configuration and its live changes.
 //! - [`control`] serves a running gateway's handle to operators: an HTTP/JSON API on a Unix
 //!   socket, Prometheus metrics, and the client the CLI uses.
+//! - [`policy`] hosts the WASM policy modules (wasmtime, the component model): a
+//!   [`policy::PolicySet`] decides sessions and customises DHCP replies on a
+//!   [`policy::PolicyThread`] of its own, off the frame path.
 //! - [`state`] keeps leases and the generated MAC; [`seclog`] writes the security log;
 //!   [`host`] wraps the OS sockets.
 //!
@@ -25,5 +28,6 @@ pub mod control;
 pub mod core;
 pub mod driver;
 pub mod host;
+pub mod policy;
 pub mod seclog;
 pub mod state;

@@ -93,7 +93,13 @@ fn annotated_config_mentions_every_key() -> Result<()> {
     let mut seen = BTreeSet::new();
     for line in text.lines() {
         let line = line.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+        // An array of tables (`[[policy]]`, commented out: there are none by default) shows
+        // its key.
+        let array = line.trim_start_matches("# ").strip_prefix("[[");
+        if let Some(name) = array.and_then(|l| l.strip_suffix("]]")) {
+            seen.insert(name.to_string());
+            table = name.to_string();
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             table = name.to_string();
         } else if let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ") {
             if !key.contains(' ') && !line.starts_with("#   ") {

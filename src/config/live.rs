@@ -188,6 +188,7 @@ fn refusal(key: &str, sections: &[String]) -> Option<String> {
             "state" => "the state directory is locked and read at start-up",
             "log" => "logging is set up at start-up",
             "capture" => "the capture file is opened at start-up",
+            "policy" => "policies are loaded at start-up and on a reload (SIGHUP)",
             _ => "it is read once at start-up",
         };
         return Some(format!(
@@ -402,7 +403,7 @@ mod tests {
         assert_eq!(
             refused(&["bogus.key=x"]),
             "config key bogus.key = \"x\" (from the control API): unknown key; the sections are \
-             backend, capture, control, dhcp, dns, host, log, nat, state, and of them host, dhcp, nat, dns \
+             backend, capture, control, dhcp, dns, host, log, nat, policy, state, and of them host, dhcp, nat, dns \
              can change while hubnat runs"
         );
         let err = Config::default()
@@ -438,6 +439,7 @@ mod tests {
             ("state.dir=/srv/hubnat", "state.dir"),
             ("log.level=debug", "log.level"),
             ("capture.path=/tmp/x.pcap", "capture.path"),
+            ("policy=[]", "policy"),
         ] {
             let text = refused(&[change]);
             assert!(
@@ -447,6 +449,8 @@ mod tests {
                 "{change}: {text}"
             );
         }
+        assert!(refused(&["policy=[]"])
+            .contains("(policies are loaded at start-up and on a reload (SIGHUP))"));
         // The MAC and the MTU are live (the gateway checks the MTU against its backend).
         let (_, diff) = Config::default()
             .with_changes(

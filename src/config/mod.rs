@@ -84,12 +84,14 @@ pub use persisted::{
 pub use render::{ConfigError, ConfigWarning};
 pub use types::{
     BackendConfig, BackendKind, CaptureConfig, Config, ControlConfig, DhcpConfig, DnsConfig,
-    HostConfig, HubConfig, LogConfig, LogFormat, NatConfig, RawConfig, StateConfig, StaticLease,
-    TapConfig, DEFAULT_SECURITY_MAX_FILES, DEFAULT_SECURITY_MAX_SIZE, DEFAULT_TCP_BUFFER,
+    HostConfig, HubConfig, LogConfig, LogFormat, NatConfig, OnError, PolicyConfig, RawConfig,
+    StateConfig, StaticLease, TapConfig, DEFAULT_SECURITY_MAX_FILES, DEFAULT_SECURITY_MAX_SIZE,
+    DEFAULT_TCP_BUFFER,
 };
 pub use validate::{
     MAX_CAPTURE_FILES, MAX_HUB_PEERS, MAX_LEASE, MAX_MTU, MAX_NAT_SESSIONS, MAX_NAT_TIMEOUT,
-    MAX_RANGE_SIZE, MAX_TAP_NAME_LEN, MAX_TCP_BUFFER, MIN_CAPTURE_SIZE, MIN_LEASE, MIN_MTU,
-    MIN_NAT_TIMEOUT, MIN_TCP_BUFFER,
+    MAX_POLICY_MEMORY, MAX_POLICY_TIMEOUT, MAX_RANGE_SIZE, MAX_TAP_NAME_LEN, MAX_TCP_BUFFER,
+    MIN_CAPTURE_SIZE, MIN_LEASE, MIN_MTU, MIN_NAT_TIMEOUT, MIN_POLICY_MEMORY, MIN_POLICY_TIMEOUT,
+    MIN_TCP_BUFFER,
 };
 pub use values::{MacAddr, ParseError, Route, SocketMode};

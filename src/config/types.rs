@@ -9,6 +9,7 @@
 //! (validation is [`validate`](super::validate)'s) and derived values such as
 //! [`Config::tap_mtu`] are computed on demand, never stored.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -65,6 +66,9 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// The control API (Unix socket) and the metrics endpoint.
     pub control: ControlConfig,
+    /// WASM policy modules, `[[policy]]` tables, run in this order. Changing them is a reload
+    /// (SIGHUP), not a live setting.
+    pub policy: Vec<PolicyConfig>,
 }
 
 /// The virtual host's MAC and IPv4 address.
@@ -325,6 +329,60 @@ impl Default for CaptureConfig {
             max_size: None,
             max_files: hubnat_backend::capture::DEFAULT_MAX_FILES,
         }
+    }
+}
+
+/// One WASM policy module, a `[[policy]]` table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// The policy's name, unique among the policies: it names the policy in logs and in the
+    /// security log's verdicts.
+    pub name: String,
+    /// The WebAssembly component (`.wasm`) to load; it must be given.
+    pub path: PathBuf,
+    /// What a trap, a timeout or running out of memory means.
+    pub on_error: OnError,
+    /// How long one call may run.
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+    /// The most linear memory the module may have (bytes, or a size such as "16MiB").
+    #[serde(with = "size_required")]
+    pub memory: u64,
+    /// The `[policy.config]` table: what the module reads with the host's `config` function.
+    pub config: BTreeMap<String, String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            name: String::new(),
+            path: PathBuf::new(),
+            on_error: OnError::Allow,
+            timeout: Duration::from_millis(5),
+            memory: 16 << 20,
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a failing policy call (a trap, a timeout, running out of memory) means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Fail open: the session is allowed, the DHCP reply goes out unchanged.
+    #[default]
+    Allow,
+    /// Fail closed: the session is rejected, the DHCP reply is not sent.
+    Deny,
+}
+
+impl fmt::Display for OnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnError::Allow => "allow",
+            OnError::Deny => "deny",
+        })
     }
 }
 

@@ -30,6 +30,10 @@
 //!   buffers). `backend.hub.socket_mode`: permission bits only (at most 0777).
 //! - `capture.snaplen`: 14 (an Ethernet header) to 262144 (tcpdump's "everything");
 //!   `capture.max_size` at least 4 KiB; `capture.max_files` 1 to 1000.
+//! - `policy[].timeout`: 1 ms (the resolution of the deadline ticker: a shorter bound could
+//!   not be kept) to 10 s (a session waits at most 5 s for its verdict anyway).
+//!   `policy[].memory`: 1 MiB to 1 GiB. `policy[].name`: given, unique, at most 64 bytes of
+//!   letters, digits, `-`, `_` and `.` (it is written in logs). `policy[].path`: given.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -69,6 +73,14 @@ pub const MAX_HUB_PEERS: u32 = 4096;
 pub const MIN_TCP_BUFFER: u64 = 16 << 10;
 /// `nat.tcp_buffer` at most.
 pub const MAX_TCP_BUFFER: u64 = 64 << 20;
+/// The shortest `policy[].timeout`: the resolution of the policy host's deadline ticker.
+pub const MIN_POLICY_TIMEOUT: Duration = Duration::from_millis(1);
+/// The longest `policy[].timeout`.
+pub const MAX_POLICY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least `policy[].memory`.
+pub const MIN_POLICY_MEMORY: u64 = 1 << 20;
+/// The most `policy[].memory`.
+pub const MAX_POLICY_MEMORY: u64 = 1 << 30;
 /// The smallest capture file size limit (`capture.max_size`).
 pub const MIN_CAPTURE_SIZE: u64 = 4096;
 /// The most capture files kept when rotating (`capture.max_files`).
@@ -465,6 +477,45 @@ impl Config {
             );
         }
 
+        // policy
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, p) in self.policy.iter().enumerate() {
+            let name_key = format!("policy[{i}].name");
+            if let Err(why) = check_policy_name(&p.name) {
+                c.fail(&name_key, format!("{:?}", p.name), why);
+            } else if let Some(first) = names.get(p.name.as_str()) {
+                let reason =
+                    format!("policy[{first}] already has this name; each policy needs its own");
+                c.fail(&name_key, format!("{:?}", p.name), reason);
+            } else {
+                names.insert(&p.name, i);
+            }
+            if p.path.as_os_str().is_empty() {
+                c.fail(
+                    &format!("policy[{i}].path"),
+                    "\"\"",
+                    "must name the policy's .wasm component",
+                );
+            }
+            c.check_duration(
+                &format!("policy[{i}].timeout"),
+                p.timeout,
+                MIN_POLICY_TIMEOUT,
+                MAX_POLICY_TIMEOUT,
+            );
+            if !(MIN_POLICY_MEMORY..=MAX_POLICY_MEMORY).contains(&p.memory) {
+                c.fail(
+                    &format!("policy[{i}].memory"),
+                    format!("{:?}", size_text::words(p.memory)),
+                    format!(
+                        "must be from {} to {}",
+                        size_text::words(MIN_POLICY_MEMORY),
+                        size_text::words(MAX_POLICY_MEMORY)
+                    ),
+                );
+            }
+        }
+
         c.finish()
     }
 }
@@ -582,6 +633,28 @@ impl Checker<'_> {
 /// True for an address one host may own on a segment.
 fn is_unicast_v4(ip: Ipv4Addr) -> bool {
     !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast())
+}
+
+/// Checks a policy's name: 1 to 64 bytes of ASCII letters, digits, `-`, `_` and `.`.
+fn check_policy_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must be given: every policy needs a name, such as \"no-smtp\"".into());
+    }
+    if name.len() > 64 {
+        return Err(format!(
+            "is {} bytes long; at most 64 are allowed",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "contains {bad:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a DNS name of letters, digits and hyphens (a host name, or a domain such as
@@ -1190,6 +1263,75 @@ mod tests {
         assert_rejects(
             "[nat]\ntcp_buffer = \"\"",
             &["nat.tcp_buffer", "a size is needed here"],
+        );
+    }
+
+    #[test]
+    fn policies_parse_with_defaults_and_are_checked() {
+        Jail::expect_with(|jail| {
+            let c = load_toml(
+                jail,
+                "[[policy]]\nname = \"no-smtp\"\npath = \"/etc/hubnat/no-smtp.wasm\"\n\
+                 [policy.config]\nports = \"25,465,587\"\n\
+                 [[policy]]\nname = \"lab\"\npath = \"lab.wasm\"\non_error = \"deny\"\n\
+                 timeout = \"20ms\"\nmemory = \"64MiB\"\n",
+            )
+            .expect("valid");
+            let p = &c.policy;
+            assert_eq!(p.len(), 2);
+            assert_eq!(
+                p[0],
+                crate::config::PolicyConfig {
+                    name: "no-smtp".into(),
+                    path: "/etc/hubnat/no-smtp.wasm".into(),
+                    on_error: crate::config::OnError::Allow,
+                    timeout: Duration::from_millis(5),
+                    memory: 16 << 20,
+                    config: [("ports".to_string(), "25,465,587".to_string())].into(),
+                }
+            );
+            assert_eq!(p[1].on_error, crate::config::OnError::Deny);
+            assert_eq!(p[1].timeout, Duration::from_millis(20));
+            assert_eq!(p[1].memory, 64 << 20);
+            Ok(())
+        });
+        let one = |extra: &str| format!("[[policy]]\nname = \"p\"\npath = \"p.wasm\"\n{extra}");
+        assert_rejects(
+            &one("timeout = \"100us\""),
+            &["config key policy[0].timeout = \"100us\" (from file x.toml): must be from 1ms to 10s"],
+        );
+        assert_rejects(
+            &one("timeout = \"1m\""),
+            &["policy[0].timeout = \"1m\"", "must be from 1ms to 10s"],
+        );
+        assert_rejects(
+            &one("memory = \"64KiB\""),
+            &["config key policy[0].memory = \"64KiB\" (from file x.toml): must be from 1MiB to 1GiB"],
+        );
+        assert_rejects(
+            &one("memory = \"2GiB\""),
+            &["policy[0].memory = \"2GiB\"", "must be from 1MiB to 1GiB"],
+        );
+        assert_rejects(
+            &one("on_error = \"maybe\""),
+            &["policy", "on_error", "maybe"],
+        );
+        assert_rejects(&one("bogus = 1"), &["bogus", "unknown"]);
+        assert_rejects(
+            "[[policy]]\npath = \"p.wasm\"",
+            &["config key policy[0].name = \"\" (from file x.toml): must be given"],
+        );
+        assert_rejects(
+            "[[policy]]\nname = \"a b\"\npath = \"p.wasm\"",
+            &["policy[0].name = \"a b\"", "contains ' '"],
+        );
+        assert_rejects(
+            "[[policy]]\nname = \"p\"",
+            &["config key policy[0].path = \"\" (from file x.toml): must name the policy's .wasm component"],
+        );
+        assert_rejects(
+            &format!("{}{}", one(""), one("")),
+            &["config key policy[1].name = \"p\" (from file x.toml): policy[0] already has this name"],
         );
     }
 }
