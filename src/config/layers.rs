@@ -719,7 +719,8 @@ mod tests {
             assert!(about("HUBNAT_NAT__MTU").is_empty() && about("HUBNAT_CONFIG").is_empty());
             assert!(loaded.warnings.contains(&ConfigWarning::UnknownEnv {
                 name: "HUBNAT_BIN".into(),
-                sections: "backend, capture, control, dhcp, dns, host, log, nat, policy, state".into(),
+                sections: "backend, capture, control, dhcp, dns, host, log, nat, policy, state"
+                    .into(),
             }));
 
             // Without the environment, nothing to warn about.

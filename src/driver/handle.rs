@@ -146,6 +146,10 @@ pub(super) enum Command {
         reply: Reply<Result<Vec<Change>, HandleError>>,
     },
     Config(Reply<Config>),
+    ReloadPolicies(
+        Vec<crate::config::PolicyConfig>,
+        Reply<Result<(), HandleError>>,
+    ),
     EndSession(SessionId, String, Reply<bool>),
     ReleaseLease(LeaseTarget, String, Reply<Option<LeaseRow>>),
 }
@@ -223,6 +227,16 @@ impl GatewayHandle {
             .map(|s| Override::new(s.key, s.value))
             .collect();
         self.set(changes, source).await
+    }
+
+    /// Reloads the policies from `configs` (a `[[policy]]` list, usually re-read from the
+    /// configuration file). The modules compile off the loop; the report goes to the security
+    /// log. A module that fails to load leaves the previous one of its name in force.
+    pub async fn reload_policies(
+        &self,
+        configs: Vec<crate::config::PolicyConfig>,
+    ) -> Result<(), HandleError> {
+        self.ask(|r| Command::ReloadPolicies(configs, r)).await?
     }
 
     /// The running configuration (the file's, with every live change since).

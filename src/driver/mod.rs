@@ -25,6 +25,7 @@
 
 mod clock;
 mod handle;
+mod policies;
 mod sessions;
 
 pub use clock::{Clock, WallClock};
@@ -64,6 +65,12 @@ pub enum GatewayError {
     /// The state directory could not be used.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A configured policy could not be loaded.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// The policy thread could not be started.
+    #[error("cannot start the policy thread: {0}")]
+    PolicyThread(std::io::Error),
     /// The security log could not be opened.
     #[error("cannot open the security log {path}: {source}")]
     SecurityLog {
@@ -253,6 +260,7 @@ impl Gateway {
         let mut core =
             VirtualHost::new(settings(&self.config, self.mac), leases, seed, clock.now());
         core.set_icmp_mode(icmp_mode);
+        let policies = self.start_policies(&mut core)?;
         match host::raise_fd_limit() {
             Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
@@ -307,7 +315,7 @@ impl Gateway {
         });
         let ex = Rc::new(LocalExecutor::new());
         let result = ex
-            .run(self.main_loop(&shared, &ex, &mut backend, kicked, shutdown))
+            .run(self.main_loop(&shared, &ex, &mut backend, kicked, policies, shutdown))
             .await;
         // Sessions end with the process: their tasks and sockets go with the executor.
         shared.sockets.borrow_mut().clear();
@@ -339,9 +347,11 @@ impl Gateway {
         ex: &Rc<LocalExecutor<'static>>,
         backend: &mut B,
         kicked: async_channel::Receiver<()>,
+        mut policies: Option<policies::Policies>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), GatewayError> {
         let max_frame = backend.max_frame_len();
+        let responses = policies.as_ref().map(|p| p.responses.clone());
         let mut rx = FrameBatch::new(RX_BATCH_FRAMES, max_frame);
         let mut tx = FrameBatch::new(crate::core::TX_QUEUE_FRAMES, max_frame);
         let mut shutdown = pin!(shutdown);
@@ -353,6 +363,7 @@ impl Gateway {
             Kick,
             Timer,
             Command(Command),
+            Policy(crate::policy::PolicyResponse),
             Stop,
         }
 
@@ -395,14 +406,29 @@ impl Gateway {
                         None => std::future::pending().await,
                     }
                 };
+                let policy = async {
+                    match &responses {
+                        Some(r) => match r.recv().await {
+                            Ok(response) => Wake::Policy(response),
+                            Err(_) => std::future::pending().await,
+                        },
+                        None => std::future::pending().await,
+                    }
+                };
                 let stop = async {
                     shutdown.as_mut().await;
                     Wake::Stop
                 };
-                stop.or(recv).or(command).or(kick).or(timer).await
+                stop.or(recv)
+                    .or(command)
+                    .or(policy)
+                    .or(kick)
+                    .or(timer)
+                    .await
             };
             let now = shared.clock.now();
             let mut command = None;
+            let mut response = None;
             {
                 let mut core = shared.core.borrow_mut();
                 match wake {
@@ -418,12 +444,23 @@ impl Gateway {
                         });
                     }
                     Wake::Command(c) => command = Some(c),
+                    Wake::Policy(r) => response = Some(r),
                     Wake::Kick | Wake::Timer => {}
                     Wake::Stop => return Ok(()),
                 }
             }
             if let Some(c) = command {
-                self.command(shared, c, &backend.describe(), max_frame, started);
+                self.command(
+                    shared,
+                    c,
+                    &backend.describe(),
+                    max_frame,
+                    started,
+                    policies.as_ref(),
+                );
+            }
+            if let (Some(r), Some(p)) = (response, policies.as_mut()) {
+                self.policy_response(shared, p, r, now);
             }
             {
                 let mut core = shared.core.borrow_mut();
@@ -449,6 +486,104 @@ impl Gateway {
         }
     }
 
+    /// Loads the configured policies and starts their thread; hooks them into the core.
+    fn start_policies(
+        &mut self,
+        core: &mut VirtualHost,
+    ) -> Result<Option<policies::Policies>, GatewayError> {
+        if self.config.policy.is_empty() {
+            return Ok(None);
+        }
+        let set = crate::policy::PolicySet::load(&self.config.policy)?;
+        let (sessions, dhcp) = (set.has_session_filter(), set.has_dhcp_customizer());
+        let names = set.names().join(",");
+        let (client, responses, thread) =
+            crate::policy::PolicyThread::spawn(set).map_err(GatewayError::PolicyThread)?;
+        let shown = policies::Shown::default();
+        if sessions {
+            core.set_session_policy(Some(Box::new(client.clone())));
+        }
+        if dhcp {
+            core.set_dhcp_policy(Some(Box::new(policies::DhcpBridge {
+                client: client.clone(),
+                shown: shown.clone(),
+            })));
+        }
+        info!(policies = %names, sessions, dhcp, "policies loaded");
+        self.seclog.write(
+            "POLICY",
+            "loaded",
+            &format!("policies={names:?} session_filter={sessions} dhcp_customizer={dhcp}"),
+        );
+        Ok(Some(policies::Policies {
+            client,
+            responses,
+            shown,
+            _thread: Some(thread),
+        }))
+    }
+
+    /// An answer from the policy thread: a verdict, a DHCP outcome, a reload's report.
+    fn policy_response(
+        &mut self,
+        shared: &Shared,
+        p: &mut policies::Policies,
+        response: crate::policy::PolicyResponse,
+        now: Instant,
+    ) {
+        use crate::policy::{NoteKind, PolicyResponse};
+        let notes = match &response {
+            PolicyResponse::Verdict { notes, .. } | PolicyResponse::Dhcp { notes, .. } => {
+                notes.as_slice()
+            }
+            PolicyResponse::Reloaded(_) => &[],
+        };
+        for note in notes {
+            note.emit();
+            if let NoteKind::Failed { failure, on_error } = &note.kind {
+                self.seclog.write(
+                    "POLICY",
+                    "call failed",
+                    &format!(
+                        "policy={:?} failure={:?} on_error={on_error:?}",
+                        note.policy,
+                        failure.to_string()
+                    ),
+                );
+            }
+        }
+        let mut core = shared.core.borrow_mut();
+        match response {
+            PolicyResponse::Verdict {
+                ticket, decision, ..
+            } => core.handle_verdict(ticket, decision, now),
+            PolicyResponse::Dhcp { id, outcome, .. } => {
+                let Some(shown) = p.shown.borrow_mut().remove(&id.0) else {
+                    return;
+                };
+                let (decision, by) = policies::dhcp_decision(&shown, outcome);
+                core.handle_dhcp_decision(crate::core::dhcp::DhcpTicket(id.0), decision, by, now);
+            }
+            PolicyResponse::Reloaded(report) => {
+                drop(core);
+                self.seclog.write(
+                    "POLICY",
+                    "reloaded",
+                    &format!(
+                        "in_force={:?} kept_previous={:?} errors={:?}",
+                        report.in_force,
+                        report.kept_previous,
+                        report
+                            .errors
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                    ),
+                );
+            }
+        }
+    }
+
     /// Answers a command from a [`GatewayHandle`].
     fn command(
         &mut self,
@@ -457,6 +592,7 @@ impl Gateway {
         backend: &str,
         max_frame: usize,
         started: std::time::Instant,
+        policies: Option<&policies::Policies>,
     ) {
         let clock = &shared.clock;
         let now = clock.now();
@@ -504,6 +640,18 @@ impl Gateway {
                     );
                 }
                 let _ = reply.try_send(lease.as_ref().map(|l| lease_row(clock, l)));
+            }
+            Command::ReloadPolicies(configs, reply) => {
+                let result = match policies {
+                    Some(p) => p.client.reload_from(configs).map_err(|e| {
+                        HandleError::Invalid(format!("cannot reload the policies: {e}"))
+                    }),
+                    None => Err(HandleError::Invalid(
+                        "no policies were configured at start-up; restart hubnat to load some"
+                            .into(),
+                    )),
+                };
+                let _ = reply.try_send(result);
             }
             Command::Config(reply) => {
                 let _ = reply.try_send(self.config.clone());
