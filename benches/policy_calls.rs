@@ -9,27 +9,16 @@
 //! the ticker's wake-up; it is what the policy thread spends per request.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hubnat::config::PolicyConfig;
 use hubnat::core::nat::{FlowInfo, Protocol};
-use hubnat::policy::{DhcpClient, DhcpMessageType, DhcpOption, DhcpReply, PolicySet};
+use hubnat::policy::{DhcpClientInfo, DhcpMessageKind, DhcpReplyInfo, OptionBytes, PolicySet};
 
 const WARMUP: usize = 1_000;
 const CALLS: usize = 20_000;
 
-fn component(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/policies")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/build-policies.sh first",
-        path.display()
-    );
-    path
-}
+use hubnat::policy::built_component as component;
 
 fn policy(name: &str, config: &[(&str, &str)]) -> PolicyConfig {
     PolicyConfig {
@@ -105,27 +94,27 @@ fn main() {
             ("routes", "10.20.0.0/16 via 192.168.30.254"),
         ],
     ));
-    let client = DhcpClient {
-        message_type: DhcpMessageType::Request,
+    let client = DhcpClientInfo {
+        message_type: DhcpMessageKind::Request,
         mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
         client_id: Some(vec![1, 0x52, 0x54, 0, 0x12, 0x34, 0x56]),
         hostname: Some("laptop".into()),
         vendor_class: None,
         requested_options: vec![1, 3, 6, 15, 28, 51, 58, 59, 119, 121],
     };
-    let reply = DhcpReply {
+    let reply = DhcpReplyInfo {
         your_address: Ipv4Addr::new(192, 168, 30, 10),
         lease_seconds: Some(7200),
         options: vec![
-            DhcpOption {
+            OptionBytes {
                 code: 1,
                 value: vec![255, 255, 255, 0],
             },
-            DhcpOption {
+            OptionBytes {
                 code: 3,
                 value: vec![192, 168, 30, 1],
             },
-            DhcpOption {
+            OptionBytes {
                 code: 6,
                 value: vec![192, 168, 30, 1],
             },

@@ -40,6 +40,19 @@ fn print_json(value: &Value) -> Result<()> {
 }
 
 /// Prints rows under headers, each column as wide as its widest cell.
+/// Prints `rows` (a JSON array of objects) as a table, one column per (heading, key).
+fn print_objects(rows: &Value, columns: &[(&str, &str)]) {
+    let cells: Vec<Vec<String>> = rows
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| columns.iter().map(|(_, key)| cell(&r[*key])).collect())
+        .collect();
+    let headings: Vec<&str> = columns.iter().map(|(heading, _)| *heading).collect();
+    print_table(&headings, &cells);
+}
+
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
@@ -252,43 +265,20 @@ fn nat_table(args: &TableArgs) -> Result<()> {
     if args.json.json {
         return print_json(&rows);
     }
-    let rows: Vec<Vec<String>> = rows
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            [
-                "id",
-                "protocol",
-                "client",
-                "remote",
-                "remote_name",
-                "state",
-                "created",
-                "last_activity",
-                "bytes_to_remote",
-                "bytes_to_client",
-            ]
-            .iter()
-            .map(|k| cell(&r[*k]))
-            .collect()
-        })
-        .collect();
-    print_table(
-        &[
-            "ID",
-            "PROTO",
-            "CLIENT",
-            "REMOTE",
-            "NAME",
-            "STATE",
-            "CREATED",
-            "LAST",
-            "TO-REMOTE",
-            "TO-CLIENT",
-        ],
+    print_objects(
         &rows,
+        &[
+            ("ID", "id"),
+            ("PROTO", "protocol"),
+            ("CLIENT", "client"),
+            ("REMOTE", "remote"),
+            ("NAME", "remote_name"),
+            ("STATE", "state"),
+            ("CREATED", "created"),
+            ("LAST", "last_activity"),
+            ("TO-REMOTE", "bytes_to_remote"),
+            ("TO-CLIENT", "bytes_to_client"),
+        ],
     );
     Ok(())
 }
@@ -304,21 +294,17 @@ pub fn dhcp(command: DhcpCommand) -> Result<()> {
             if args.json {
                 return print_json(&rows);
             }
-            let rows: Vec<Vec<String>> = rows
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|r| {
-                    ["id", "mac", "ip", "state", "start", "expires", "hostname"]
-                        .iter()
-                        .map(|k| cell(&r[*k]))
-                        .collect()
-                })
-                .collect();
-            print_table(
-                &["ID", "MAC", "IP", "STATE", "START", "EXPIRES", "HOSTNAME"],
+            print_objects(
                 &rows,
+                &[
+                    ("ID", "id"),
+                    ("MAC", "mac"),
+                    ("IP", "ip"),
+                    ("STATE", "state"),
+                    ("START", "start"),
+                    ("EXPIRES", "expires"),
+                    ("HOSTNAME", "hostname"),
+                ],
             );
             Ok(())
         }

@@ -9,37 +9,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{hubnat_bin, read, require_programs, require_root, wait_until};
+use common::cli::{cli, json, ok};
+use common::netns::{read, require_programs, require_root, wait_until};
 use common::topology::{Options, Topology, HTTP_PORT, SERVER_IP, VHOST_IP};
 use serde_json::Value;
-
-fn cli(sock: &Path, args: &[&str]) -> Output {
-    Command::new(hubnat_bin())
-        .args(args)
-        .arg("--control")
-        .arg(sock)
-        .output()
-        .expect("run hubnat")
-}
-
-fn ok(sock: &Path, args: &[&str]) -> String {
-    let out = cli(sock, args);
-    assert!(
-        out.status.success(),
-        "hubnat {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(sock: &Path, args: &[&str]) -> Value {
-    let text = ok(sock, args);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
-}
 
 fn curl(topo: &Topology, args: &[&str]) -> Command {
     let mut c = topo.client_cmd("curl");

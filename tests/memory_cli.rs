@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant as StdInstant};
 
+use common::cli::{cli, json, ok};
 use common::inproc::{start, Running};
 use common::smol_client::{acquire, SmolClient};
 use hubnat::config::{Config, Override, Sources};
@@ -61,29 +62,6 @@ impl Gw {
 
 fn socket(state: &Path) -> PathBuf {
     state.join("control.sock")
-}
-
-/// Runs `hubnat ARGS --control SOCKET`.
-fn cli(sock: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hubnat"));
-    cmd.args(args).arg("--control").arg(sock);
-    cmd.output().expect("run hubnat")
-}
-
-fn ok(sock: &Path, args: &[&str]) -> String {
-    let out = cli(sock, args);
-    assert!(
-        out.status.success(),
-        "hubnat {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(sock: &Path, args: &[&str]) -> Value {
-    let text = ok(sock, args);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
 }
 
 /// Runs a command that must fail, and returns its one-line error.

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
-use std::path::PathBuf;
 use std::time::{Duration, Instant as StdInstant};
 
 use common::inproc::start;
@@ -15,17 +14,7 @@ use hubnat_hub::MemoryHub;
 use smoltcp::socket::tcp::State;
 use smoltcp::time::Instant;
 
-fn component(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/policies")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/build-policies.sh (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
+use hubnat::policy::built_component as component;
 
 /// Polls until the connection from `local_port` to `port` leaves SYN-SENT; its state then.
 fn connect(client: &mut SmolClient, port: u16, local_port: u16) -> State {
@@ -87,6 +76,6 @@ fn a_denied_port_is_reset_at_once_and_another_port_works() {
             && log.contains("rejected by policy no-test-port"),
         "{log}"
     );
-    assert!(denied.set_nonblocking(true).is_ok());
+    denied.set_nonblocking(true).unwrap();
     assert!(denied.accept().is_err(), "nothing reached the denied port");
 }

@@ -75,14 +75,6 @@ fn stopped() -> Answer {
     )
 }
 
-/// The key a validation message is about: "config key dhcp.range_end = …" gives
-/// `dhcp.range_end`.
-fn key_of(message: &str) -> Option<String> {
-    let rest = message.split("config key ").nth(1)?;
-    let key = rest.split([' ', '=']).next()?;
-    (!key.is_empty()).then(|| key.to_string())
-}
-
 /// Serves `/metrics` only (the TCP metrics listener).
 pub(super) async fn metrics_only(state: &State, req: Request<Incoming>) -> Answer {
     if req.uri().path() != "/metrics" {
@@ -270,8 +262,7 @@ async fn set(state: &State, section: &str, overrides: Vec<Override>, source: &st
             }
             answer(StatusCode::OK, &body)
         }
-        Err(HandleError::Invalid(message)) => {
-            let key = key_of(&message);
+        Err(HandleError::Invalid { key, message }) => {
             error(StatusCode::BAD_REQUEST, key.as_deref(), message)
         }
         Err(HandleError::Stopped) => stopped(),
@@ -445,15 +436,6 @@ async fn release(state: &State, target: &str, source: &str) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_key_of_a_validation_message() {
-        assert_eq!(
-            key_of("config key dhcp.range_end = \"192.168.31.5\" (from the control API (uid 0)): outside").as_deref(),
-            Some("dhcp.range_end")
-        );
-        assert_eq!(key_of("something else"), None);
-    }
 
     #[test]
     fn values_come_back_as_json() {

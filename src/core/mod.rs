@@ -272,21 +272,6 @@ impl VirtualHost {
         self.flush_nat_events();
     }
 
-    /// Turns the DHCP server on or off at run time; leases are kept either way.
-    pub fn set_dhcp_enabled(&mut self, enabled: bool) {
-        let mut new = self.settings.clone();
-        new.dhcp.enabled = enabled;
-        self.apply_settings(new, self.now);
-    }
-
-    /// Turns the NAT on or off at run time. Turning it off resets every TCP connection and
-    /// closes every session.
-    pub fn set_nat_enabled(&mut self, enabled: bool, now: Instant) {
-        let mut new = self.settings.clone();
-        new.nat.enabled = enabled;
-        self.apply_settings(new, now);
-    }
-
     /// Releases the lease of `mac` (or, with `ip`, of that address) at an operator's request,
     /// as if the client had sent a RELEASE. Returns the lease released, if there was one.
     pub fn release_lease(&mut self, target: LeaseTarget, now: Instant) -> Option<Lease> {

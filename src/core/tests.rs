@@ -208,16 +208,22 @@ fn dhcp_discover() -> Vec<u8> {
     super::testkit::dhcp_frame(dhcproto::v4::MessageType::Discover, None)
 }
 
+fn set_dhcp(h: &mut VirtualHost, enabled: bool) {
+    let mut s = h.settings().clone();
+    s.dhcp.enabled = enabled;
+    h.apply_settings(s, now());
+}
+
 #[test]
 fn dhcp_can_be_disabled_and_enabled_at_run_time() {
     let mut h = host();
     h.handle_frame(now(), &dhcp_discover());
     assert_eq!(sent(&mut h).len(), 1, "offer while enabled");
-    h.set_dhcp_enabled(false);
+    set_dhcp(&mut h, false);
     h.handle_frame(now(), &dhcp_discover());
     assert!(sent(&mut h).is_empty(), "silent while disabled");
     assert_eq!(h.counters().dhcp_disabled, 1);
-    h.set_dhcp_enabled(true);
+    set_dhcp(&mut h, true);
     h.handle_frame(now(), &dhcp_discover());
     let out = sent(&mut h);
     assert_eq!(out.len(), 1, "answers again");
@@ -326,7 +332,10 @@ fn a_dhcp_policy_changes_options_and_the_lease_time_in_the_lease_table_too() {
     );
     let seen = seen.borrow();
     assert_eq!(seen.len(), 2);
-    assert_eq!(seen[0].1.kind, super::dhcp::DhcpMessageKind::Discover);
+    assert_eq!(
+        seen[0].1.message_type,
+        super::dhcp::DhcpMessageKind::Discover
+    );
     assert_eq!(seen[0].1.mac, CLIENT_MAC.0);
     assert_eq!(seen[1].2.your_address, ip);
     assert_eq!(

@@ -129,9 +129,14 @@ pub enum HandleError {
     /// The gateway is not running (it stopped, or never started).
     #[error("the gateway is not running")]
     Stopped,
-    /// The settings change was refused; nothing changed.
-    #[error("{0}")]
-    Invalid(String),
+    /// The request was refused (for a settings change: nothing changed).
+    #[error("{message}")]
+    Invalid {
+        /// The configuration key it is about, when there is one (the first, when several).
+        key: Option<String>,
+        /// What is wrong, naming the key, the value, the source and why.
+        message: String,
+    },
 }
 
 pub(super) type Reply<T> = async_channel::Sender<T>;

@@ -90,7 +90,7 @@ pub enum GatewayError {
 }
 
 /// The virtual host's identity from the configuration and its MAC.
-pub fn host_settings(config: &Config, mac: MacAddr) -> HostSettings {
+fn host_settings(config: &Config, mac: MacAddr) -> HostSettings {
     HostSettings {
         mac: EthernetAddress(mac.0),
         ip: config.host.ip,
@@ -100,7 +100,7 @@ pub fn host_settings(config: &Config, mac: MacAddr) -> HostSettings {
 }
 
 /// The DHCP server's settings from the configuration.
-pub fn dhcp_settings(config: &Config) -> DhcpSettings {
+fn dhcp_settings(config: &Config) -> DhcpSettings {
     let d = &config.dhcp;
     DhcpSettings {
         enabled: d.enabled,
@@ -133,7 +133,7 @@ pub fn dhcp_settings(config: &Config) -> DhcpSettings {
 }
 
 /// The NAT's settings from the configuration.
-pub fn nat_settings(config: &Config) -> NatSettings {
+fn nat_settings(config: &Config) -> NatSettings {
     let n = &config.nat;
     NatSettings {
         enabled: n.enabled,
@@ -643,13 +643,19 @@ impl Gateway {
             }
             Command::ReloadPolicies(configs, reply) => {
                 let result = match policies {
-                    Some(p) => p.client.reload_from(configs).map_err(|e| {
-                        HandleError::Invalid(format!("cannot reload the policies: {e}"))
-                    }),
-                    None => Err(HandleError::Invalid(
-                        "no policies were configured at start-up; restart hubnat to load some"
+                    Some(p) => p
+                        .client
+                        .reload_from(configs)
+                        .map_err(|e| HandleError::Invalid {
+                            key: None,
+                            message: format!("cannot reload the policies: {e}"),
+                        }),
+                    None => Err(HandleError::Invalid {
+                        key: None,
+                        message: "no policies were configured at start-up; restart hubnat \
+                                  to load some"
                             .into(),
-                    )),
+                    }),
                 };
                 let _ = reply.try_send(result);
             }
@@ -689,17 +695,26 @@ impl Gateway {
         max_frame: usize,
         now: Instant,
     ) -> Result<Vec<Change>, HandleError> {
-        let (config, changed) = self
-            .config
-            .with_changes(changes, source)
-            .map_err(|e| HandleError::Invalid(e.to_string()))?;
+        let (config, changed) =
+            self.config
+                .with_changes(changes, source)
+                .map_err(|e| HandleError::Invalid {
+                    key: e.errors().iter().find_map(|e| match e {
+                        crate::config::ConfigError::Invalid { key, .. } => Some(key.clone()),
+                        _ => None,
+                    }),
+                    message: e.to_string(),
+                })?;
         let mtu = config.nat.mtu as usize;
         if mtu + 14 > max_frame {
-            return Err(HandleError::Invalid(format!(
-                "config key nat.mtu = {mtu} (from {source}): larger than the backend's frames \
-                 allow (MTU {} at most); restart hubnat to use a larger MTU",
-                max_frame.saturating_sub(14)
-            )));
+            return Err(HandleError::Invalid {
+                key: Some("nat.mtu".into()),
+                message: format!(
+                    "config key nat.mtu = {mtu} (from {source}): larger than the backend's \
+                     frames allow (MTU {} at most); restart hubnat to use a larger MTU",
+                    max_frame.saturating_sub(14)
+                ),
+            });
         }
         if let Some(mac) = config.host.mac {
             self.mac = mac;

@@ -10,12 +10,10 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::core::dhcp::{
-    DhcpAnswer, DhcpChanges, DhcpClientInfo, DhcpDecision, DhcpMessageKind, DhcpPolicy,
-    DhcpReplyInfo, DhcpTicket,
+    DhcpAnswer, DhcpChanges, DhcpClientInfo, DhcpDecision, DhcpPolicy, DhcpReplyInfo, DhcpTicket,
 };
 use crate::policy::{
-    DhcpClient, DhcpMessageType, DhcpOption, DhcpOutcome, DhcpReply, DhcpRequestId, PolicyClient,
-    PolicyResponse, PolicyThread, RESERVED_OPTIONS,
+    DhcpOutcome, DhcpRequestId, PolicyClient, PolicyResponse, PolicyThread, RESERVED_OPTIONS,
 };
 
 /// The replies shown to the policies, by request, until their answer comes.
@@ -43,31 +41,10 @@ impl DhcpPolicy for DhcpBridge {
         client: &DhcpClientInfo,
         reply: &DhcpReplyInfo,
     ) -> DhcpAnswer {
-        let c = DhcpClient {
-            message_type: match client.kind {
-                DhcpMessageKind::Discover => DhcpMessageType::Discover,
-                DhcpMessageKind::Request => DhcpMessageType::Request,
-                DhcpMessageKind::Inform => DhcpMessageType::Inform,
-            },
-            mac: client.mac,
-            client_id: client.client_id.clone(),
-            hostname: client.hostname.clone(),
-            vendor_class: client.vendor_class.clone(),
-            requested_options: client.requested_options.clone(),
-        };
-        let r = DhcpReply {
-            your_address: reply.your_address,
-            lease_seconds: reply.lease_seconds,
-            options: reply
-                .options
-                .iter()
-                .map(|(code, value)| DhcpOption {
-                    code: *code,
-                    value: value.clone(),
-                })
-                .collect(),
-        };
-        match self.client.customize_dhcp(DhcpRequestId(ticket.0), c, r) {
+        match self
+            .client
+            .customize_dhcp(DhcpRequestId(ticket.0), client.clone(), reply.clone())
+        {
             Ok(()) => {
                 self.shown.borrow_mut().insert(ticket.0, reply.clone());
                 DhcpAnswer::Later
@@ -95,13 +72,18 @@ pub(super) fn dhcp_decision(
         .collect();
     let set_options: Vec<(u8, Vec<u8>)> = new
         .iter()
-        .filter(|(code, value)| !shown.options.iter().any(|(c, v)| c == code && v == value))
+        .filter(|(code, value)| {
+            !shown
+                .options
+                .iter()
+                .any(|o| o.code == *code && o.value == *value)
+        })
         .cloned()
         .collect();
     let remove_options: Vec<u8> = shown
         .options
         .iter()
-        .map(|(code, _)| *code)
+        .map(|o| o.code)
         .filter(|code| !RESERVED_OPTIONS.contains(code) && !new.iter().any(|(c, _)| c == code))
         .collect();
     // A lease time of 0 would end the binding as it starts: keep the server's.
@@ -125,30 +107,31 @@ pub(super) fn dhcp_decision(
 mod tests {
     use super::*;
 
-    fn shown() -> DhcpReplyInfo {
-        DhcpReplyInfo {
-            your_address: "192.168.30.10".parse().unwrap(),
-            lease_seconds: Some(7200),
-            options: vec![
-                (3, vec![192, 168, 30, 1]),
-                (6, vec![192, 168, 30, 1]),
-                (15, b"a".to_vec()),
-            ],
-        }
-    }
+    use crate::core::dhcp::OptionBytes;
 
-    fn reply(options: &[(u8, &[u8])], lease: Option<u32>) -> DhcpOutcome {
-        DhcpOutcome::Reply(DhcpReply {
+    fn info(options: &[(u8, &[u8])], lease: Option<u32>) -> DhcpReplyInfo {
+        DhcpReplyInfo {
             your_address: "192.168.30.10".parse().unwrap(),
             lease_seconds: lease,
             options: options
                 .iter()
-                .map(|(code, value)| DhcpOption {
+                .map(|(code, value)| OptionBytes {
                     code: *code,
                     value: value.to_vec(),
                 })
                 .collect(),
-        })
+        }
+    }
+
+    fn shown() -> DhcpReplyInfo {
+        info(
+            &[(3, &[192, 168, 30, 1]), (6, &[192, 168, 30, 1]), (15, b"a")],
+            Some(7200),
+        )
+    }
+
+    fn reply(options: &[(u8, &[u8])], lease: Option<u32>) -> DhcpOutcome {
+        DhcpOutcome::Reply(info(options, lease))
     }
 
     #[test]

@@ -51,7 +51,6 @@ mod thread;
 mod tests;
 
 use std::fmt;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use runtime::{PolicyReload, PolicySet, ReloadReport, TICK};
@@ -168,60 +167,30 @@ impl PolicyNote {
     }
 }
 
-/// The DHCP message a reply answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DhcpMessageType {
-    /// DISCOVER (the reply is an OFFER).
-    Discover,
-    /// REQUEST (the reply is an ACK).
-    Request,
-    /// INFORM (the reply is an ACK without an address).
-    Inform,
+/// The built component `name` (`target/policies/NAME.wasm`, from `scripts/build-policies.sh`),
+/// or a panic that says how to build it. For tests and benches.
+#[doc(hidden)]
+pub fn built_component(name: &str) -> std::path::PathBuf {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/policies")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build-policies.sh first (it builds the policies for \
+         wasm32-wasip2; scripts/test.sh runs it)",
+        path.display()
+    );
+    path
 }
 
-/// One DHCP option: its code and its value's bytes (at most 255).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpOption {
-    /// The option code (1 to 254).
-    pub code: u8,
-    /// The value, as on the wire.
-    pub value: Vec<u8>,
-}
-
-/// What a DHCP policy sees of the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpClient {
-    /// The message being answered.
-    pub message_type: DhcpMessageType,
-    /// The client's hardware address.
-    pub mac: [u8; 6],
-    /// Option 61, if sent.
-    pub client_id: Option<Vec<u8>>,
-    /// Option 12, if sent.
-    pub hostname: Option<String>,
-    /// Option 60, if sent.
-    pub vendor_class: Option<String>,
-    /// Option 55: the codes the client asked for.
-    pub requested_options: Vec<u8>,
-}
-
-/// The reply hubnat would send, as a policy sees and changes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpReply {
-    /// `yiaddr`; 0.0.0.0 for INFORM.
-    pub your_address: Ipv4Addr,
-    /// Option 51; `None` for INFORM.
-    pub lease_seconds: Option<u32>,
-    /// The options as hubnat would send them, without 53 (message type) and 54 (server id),
-    /// which are hubnat's own.
-    pub options: Vec<DhcpOption>,
-}
+/// The policies see a DHCP exchange in the core's terms (`src/core/dhcp/hook.rs`).
+pub use crate::core::dhcp::{DhcpClientInfo, DhcpMessageKind, DhcpReplyInfo, OptionBytes};
 
 /// What becomes of a DHCP reply after the policies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DhcpOutcome {
     /// Send this reply (unchanged, or as the policies changed it).
-    Reply(DhcpReply),
+    Reply(DhcpReplyInfo),
     /// Send nothing.
     NoReply {
         /// The policy that said so (by its answer, or by its `on_error = "deny"`).

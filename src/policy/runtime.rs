@@ -23,8 +23,8 @@ use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceType}
 use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 
 use super::{
-    DhcpClient, DhcpMessageType, DhcpOption, DhcpOutcome, DhcpReply, Failure, LogLevel, NoteKind,
-    PolicyError, PolicyNote, MAX_LOG_LINE, MAX_LOG_LINES_PER_CALL, RESERVED_OPTIONS,
+    DhcpClientInfo, DhcpMessageKind, DhcpOutcome, DhcpReplyInfo, Failure, LogLevel, NoteKind,
+    OptionBytes, PolicyError, PolicyNote, MAX_LOG_LINE, MAX_LOG_LINES_PER_CALL, RESERVED_OPTIONS,
 };
 use crate::config::{OnError, PolicyConfig};
 use crate::core::nat::{Decision, FlowInfo, Protocol, Verdict};
@@ -540,8 +540,8 @@ impl PolicySet {
     /// [`RESERVED_OPTIONS`]: super::RESERVED_OPTIONS
     pub fn customize_dhcp(
         &mut self,
-        client: DhcpClient,
-        mut reply: DhcpReply,
+        client: DhcpClientInfo,
+        mut reply: DhcpReplyInfo,
     ) -> (DhcpOutcome, Vec<PolicyNote>) {
         let mut notes = Vec::new();
         if !self.has_dhcp_customizer() {
@@ -676,7 +676,7 @@ fn stub_wasi(
 }
 
 /// Applies a policy's changes to `reply`; returns what was ignored, and why.
-fn apply_changes(reply: &mut DhcpReply, changes: dhcp::Changes) -> Vec<String> {
+fn apply_changes(reply: &mut DhcpReplyInfo, changes: dhcp::Changes) -> Vec<String> {
     let mut ignored = Vec::new();
     for code in changes.remove_options {
         if RESERVED_OPTIONS.contains(&code) {
@@ -697,7 +697,7 @@ fn apply_changes(reply: &mut DhcpReply, changes: dhcp::Changes) -> Vec<String> {
         } else if let Some(slot) = reply.options.iter_mut().find(|x| x.code == o.code) {
             slot.value = o.value;
         } else {
-            reply.options.push(DhcpOption {
+            reply.options.push(OptionBytes {
                 code: o.code,
                 value: o.value,
             });
@@ -769,12 +769,12 @@ fn from_wit_verdict(v: session::Verdict) -> Verdict {
     }
 }
 
-fn to_wit_client(c: &DhcpClient) -> dhcp::Client {
+fn to_wit_client(c: &DhcpClientInfo) -> dhcp::Client {
     dhcp::Client {
         message_type: match c.message_type {
-            DhcpMessageType::Discover => dhcp::MessageType::Discover,
-            DhcpMessageType::Request => dhcp::MessageType::Request,
-            DhcpMessageType::Inform => dhcp::MessageType::Inform,
+            DhcpMessageKind::Discover => dhcp::MessageType::Discover,
+            DhcpMessageKind::Request => dhcp::MessageType::Request,
+            DhcpMessageKind::Inform => dhcp::MessageType::Inform,
         },
         mac: mac(c.mac),
         client_id: c.client_id.clone(),
@@ -784,7 +784,7 @@ fn to_wit_client(c: &DhcpClient) -> dhcp::Client {
     }
 }
 
-fn to_wit_reply(r: &DhcpReply) -> dhcp::Reply {
+fn to_wit_reply(r: &DhcpReplyInfo) -> dhcp::Reply {
     dhcp::Reply {
         your_address: v4(r.your_address),
         lease_seconds: r.lease_seconds,
@@ -819,15 +819,15 @@ mod tests {
 
     #[test]
     fn changes_leave_hubnats_options_alone_and_apply_removals_first() {
-        let mut reply = DhcpReply {
+        let mut reply = DhcpReplyInfo {
             your_address: std::net::Ipv4Addr::UNSPECIFIED,
             lease_seconds: None,
             options: vec![
-                DhcpOption {
+                OptionBytes {
                     code: 3,
                     value: vec![192, 168, 30, 1],
                 },
-                DhcpOption {
+                OptionBytes {
                     code: 15,
                     value: b"old".to_vec(),
                 },

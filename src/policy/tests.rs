@@ -12,19 +12,7 @@ use crate::core::nat::{
     Decision, FlowInfo, FlowTicket, PolicyAnswer, Protocol, SessionPolicy, Verdict,
 };
 
-/// The built component `name`, or a panic that says how to build it.
-fn component(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/policies")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/build-policies.sh first (it builds the policies for \
-         wasm32-wasip2; scripts/test.sh runs it)",
-        path.display()
-    );
-    path
-}
+use super::built_component as component;
 
 fn policy(name: &str, file: &str, config: &[(&str, &str)]) -> PolicyConfig {
     PolicyConfig {
@@ -314,9 +302,9 @@ fn load_errors_name_the_policy_its_file_and_the_problem() {
     );
 }
 
-fn client(mac: [u8; 6], hostname: Option<&str>) -> DhcpClient {
-    DhcpClient {
-        message_type: DhcpMessageType::Request,
+fn client(mac: [u8; 6], hostname: Option<&str>) -> DhcpClientInfo {
+    DhcpClientInfo {
+        message_type: DhcpMessageKind::Request,
         mac,
         client_id: None,
         hostname: hostname.map(Into::into),
@@ -325,20 +313,20 @@ fn client(mac: [u8; 6], hostname: Option<&str>) -> DhcpClient {
     }
 }
 
-fn reply() -> DhcpReply {
-    DhcpReply {
+fn reply() -> DhcpReplyInfo {
+    DhcpReplyInfo {
         your_address: Ipv4Addr::new(192, 168, 30, 10),
         lease_seconds: Some(7200),
         options: vec![
-            DhcpOption {
+            OptionBytes {
                 code: 1,
                 value: vec![255, 255, 255, 0],
             },
-            DhcpOption {
+            OptionBytes {
                 code: 3,
                 value: vec![192, 168, 30, 1],
             },
-            DhcpOption {
+            OptionBytes {
                 code: 6,
                 value: vec![192, 168, 30, 1],
             },
@@ -346,8 +334,8 @@ fn reply() -> DhcpReply {
     }
 }
 
-fn option(code: u8, value: &[u8]) -> DhcpOption {
-    DhcpOption {
+fn option(code: u8, value: &[u8]) -> OptionBytes {
+    OptionBytes {
         code,
         value: value.to_vec(),
     }

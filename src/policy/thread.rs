@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 
 use super::ReloadReport;
-use super::{DhcpClient, DhcpOutcome, DhcpReply, PolicyNote, PolicyReload, PolicySet};
+use super::{DhcpClientInfo, DhcpOutcome, DhcpReplyInfo, PolicyNote, PolicyReload, PolicySet};
 use crate::config::PolicyConfig;
 use crate::core::nat::{Decision, FlowInfo, FlowTicket, PolicyAnswer, SessionPolicy, Verdict};
 
@@ -44,8 +44,8 @@ enum Request {
     },
     Dhcp {
         id: DhcpRequestId,
-        client: DhcpClient,
-        reply: DhcpReply,
+        client: DhcpClientInfo,
+        reply: DhcpReplyInfo,
     },
     Reload(PolicyReload),
 }
@@ -100,8 +100,8 @@ impl PolicyClient {
     pub fn customize_dhcp(
         &self,
         id: DhcpRequestId,
-        client: DhcpClient,
-        reply: DhcpReply,
+        client: DhcpClientInfo,
+        reply: DhcpReplyInfo,
     ) -> Result<(), PolicyBusy> {
         self.requests
             .try_send(Request::Dhcp { id, client, reply })

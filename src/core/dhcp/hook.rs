@@ -41,11 +41,20 @@ pub enum DhcpMessageKind {
     Inform,
 }
 
+/// One option of a reply: its code and its value's bytes, as on the wire (at most 255).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionBytes {
+    /// The option code (1 to 254).
+    pub code: u8,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
 /// What the policy sees of the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DhcpClientInfo {
     /// The client's message.
-    pub kind: DhcpMessageKind,
+    pub message_type: DhcpMessageKind,
     /// Its hardware address.
     pub mac: [u8; 6],
     /// Option 61, if sent.
@@ -66,7 +75,7 @@ pub struct DhcpReplyInfo {
     /// Option 51, if present.
     pub lease_seconds: Option<u32>,
     /// The options as they would be sent, by code, without 53 and 54.
-    pub options: Vec<(u8, Vec<u8>)>,
+    pub options: Vec<OptionBytes>,
 }
 
 /// A policy's changes to a reply.
@@ -121,14 +130,14 @@ pub trait DhcpPolicy {
 /// see (RELEASE, DECLINE).
 pub fn client_info(msg: &Message, mac: [u8; 6]) -> Option<DhcpClientInfo> {
     let opts = msg.opts();
-    let kind = match opts.msg_type()? {
+    let message_type = match opts.msg_type()? {
         MessageType::Discover => DhcpMessageKind::Discover,
         MessageType::Request => DhcpMessageKind::Request,
         MessageType::Inform => DhcpMessageKind::Inform,
         _ => return None,
     };
     Some(DhcpClientInfo {
-        kind,
+        message_type,
         mac,
         client_id: match opts.get(OptionCode::ClientIdentifier) {
             Some(DhcpOption::ClientIdentifier(id)) => Some(id.clone()),
@@ -153,13 +162,18 @@ pub fn client_info(msg: &Message, mac: [u8; 6]) -> Option<DhcpClientInfo> {
 
 /// What the policy is told about `reply`.
 pub fn reply_info(reply: &Message) -> DhcpReplyInfo {
-    let mut options: Vec<(u8, Vec<u8>)> = reply
+    let mut options: Vec<OptionBytes> = reply
         .opts()
         .iter()
         .filter(|(code, _)| !matches!(code, OptionCode::MessageType | OptionCode::ServerIdentifier))
-        .filter_map(|(code, opt)| Some((u8::from(*code), option_data(opt)?)))
+        .filter_map(|(code, opt)| {
+            Some(OptionBytes {
+                code: u8::from(*code),
+                value: option_data(opt)?,
+            })
+        })
         .collect();
-    options.sort_by_key(|(code, _)| *code);
+    options.sort_by_key(|o| o.code);
     DhcpReplyInfo {
         your_address: reply.yiaddr(),
         lease_seconds: match reply.opts().get(OptionCode::AddressLeaseTime) {
@@ -368,9 +382,9 @@ mod tests {
     fn the_reply_is_shown_without_the_servers_own_options() {
         let info = reply_info(&reply());
         assert_eq!(info.lease_seconds, Some(7200));
-        let codes: Vec<u8> = info.options.iter().map(|(c, _)| *c).collect();
+        let codes: Vec<u8> = info.options.iter().map(|o| o.code).collect();
         assert_eq!(codes, [6, 51, 58, 59]);
-        assert_eq!(info.options[0].1, [192, 168, 30, 1]);
+        assert_eq!(info.options[0].value, [192, 168, 30, 1]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod tests;
 
 pub use hook::{
     DhcpAnswer, DhcpChanges, DhcpClientInfo, DhcpDecision, DhcpMessageKind, DhcpPolicy,
-    DhcpReplyInfo, DhcpTicket,
+    DhcpReplyInfo, DhcpTicket, OptionBytes,
 };
 pub use options::{DhcpSettings, Reservation, StaticRoute};
 pub use pool::{ClientKey, Lease, LeaseId, LeasePool, LeaseState};

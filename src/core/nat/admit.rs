@@ -163,13 +163,6 @@ fn redirect_rules(
     }
 }
 
-impl NatSettings {
-    /// Whether `dst` may be reached from the segment of `host`; `Err` says why not.
-    pub fn check_outbound(&self, dst: Ipv4Addr, host: &HostSettings) -> Result<(), &'static str> {
-        safety_rules(dst, host, self)
-    }
-}
-
 struct PendingFlow {
     key: FlowKey,
     mac: [u8; 6],

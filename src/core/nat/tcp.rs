@@ -270,21 +270,6 @@ impl TcpStack {
         self.seed = self.seed.wrapping_add(1);
     }
 
-    /// Connections with a socket (connected, or closing).
-    pub fn len(&self) -> usize {
-        self.sets.len()
-    }
-
-    /// True when no connection has a socket.
-    pub fn is_empty(&self) -> bool {
-        self.sets.is_empty()
-    }
-
-    /// Whether connection `id` has a socket.
-    pub fn contains(&self, id: SessionId) -> bool {
-        self.sets.contains_key(&id)
-    }
-
     /// The state of connection `id`'s socket.
     pub fn state(&self, id: SessionId) -> Option<tcp::State> {
         let (set, handle) = self.sets.get(&id)?;
@@ -304,8 +289,9 @@ impl TcpStack {
         self.sets.insert(id, (set, handle));
     }
 
-    /// Feeds one segment to connection `id`'s set, or to the empty set (which answers with a
-    /// RST) when no connection owns it. Returns the state of `id`'s socket afterwards.
+    /// Feeds one segment to connection `id`'s set and returns the socket's state afterwards;
+    /// `None`, with nothing fed, while `id` has no socket yet (its connect is under way).
+    /// Without `id`, the segment goes to the empty set, which answers it with a RST.
     fn ingress(
         &mut self,
         now: Instant,
@@ -322,8 +308,9 @@ impl TcpStack {
             mtu,
             scratch: &mut self.scratch,
         };
-        match id.and_then(|id| self.sets.get_mut(&id).map(|s| (id, s))) {
-            Some((id, (set, handle))) => {
+        match id {
+            Some(id) => {
+                let (set, handle) = self.sets.get_mut(&id)?;
                 let _ = self.iface.poll_ingress_single(now, &mut device, set);
                 self.dirty.insert(id);
                 Some(set.get::<tcp::Socket>(*handle).state())
@@ -338,7 +325,8 @@ impl TcpStack {
     }
 
     /// Runs egress for the connections that are dirty or have a timer due, and frees buried
-    /// ones. Returns the connections it polled (whose state may have changed).
+    /// ones. Returns the polled connections whose socket is now closed (or in TIME-WAIT): the
+    /// only ones that may be over.
     fn egress(
         &mut self,
         now: Instant,
@@ -346,8 +334,9 @@ impl TcpStack {
         our_mac: EthernetAddress,
         mtu: usize,
     ) -> Vec<SessionId> {
+        let mut closed = Vec::new();
         if !self.wants_poll(now) {
-            return Vec::new();
+            return closed;
         }
         let mut ids: Vec<SessionId> = self.dirty.drain().collect();
         self.take_due(now, &mut ids);
@@ -360,7 +349,7 @@ impl TcpStack {
                 self.dirty.extend(ids[i..].iter().copied());
                 break;
             }
-            let Some((set, _)) = self.sets.get_mut(&id) else {
+            let Some((set, handle)) = self.sets.get_mut(&id) else {
                 continue;
             };
             let mut device = PollDevice {
@@ -375,6 +364,12 @@ impl TcpStack {
                 == smoltcp::iface::PollResult::SocketStateChanged
             {}
             let at = self.iface.poll_at(now, set);
+            if matches!(
+                set.get::<tcp::Socket>(*handle).state(),
+                tcp::State::Closed | tcp::State::TimeWait
+            ) {
+                closed.push(id);
+            }
             self.set_deadline(id, at);
         }
         let graveyard = std::mem::take(&mut self.graveyard);
@@ -386,7 +381,7 @@ impl TcpStack {
                 self.set_deadline(id, None);
             }
         }
-        ids
+        closed
     }
 
     /// Connection `id` is over: its socket is aborted (a RST to the client) when `abort` and
@@ -474,16 +469,14 @@ impl VirtualHost {
             if let Some(s) = self.nat.table.get_mut(id) {
                 s.last_activity = now;
             }
-            if self.nat.stack.contains(id) {
-                if let Some(state) = self.stack_ingress(now, p.as_ref(), Some(id)) {
-                    self.tcp_after_ingress(id, seg.rst(), state, now);
-                }
-            } else if seg.rst() {
+            match self.stack_ingress(now, p.as_ref(), Some(id)) {
+                Some(state) => self.tcp_after_ingress(id, seg.rst(), state, now),
                 // The client gave up while we connect: the connect is cancelled.
-                self.end_session(id, EndReason::ResetByClient, now);
+                None if seg.rst() => self.end_session(id, EndReason::ResetByClient, now),
+                // A retransmitted SYN while we connect: the SYN-ACK comes when the connect
+                // does.
+                None => {}
             }
-            // Otherwise a retransmitted SYN while we connect: the SYN-ACK comes when the
-            // connect does.
             return Ok(());
         }
         let to_us = p.dst_addr() == self.settings.host.ip;
@@ -719,11 +712,11 @@ impl VirtualHost {
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
         let host = self.settings.host;
-        let polled = self
+        let closed = self
             .nat
             .stack
             .egress(now, &mut self.link, host.mac, host.mtu);
-        for id in polled {
+        for id in closed {
             if self.nat.table.get(id).is_some() {
                 self.tcp_check_end(id, now);
             }
