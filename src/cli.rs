@@ -7,7 +7,10 @@ use hubnat::control::client::Client;
 use hyper::Method;
 use serde_json::{Map, Value};
 
-use crate::{ClientArgs, DhcpCommand, JsonArgs, NatCommand, SectionCommand, SetArgs, TableArgs};
+use crate::{
+    ClientArgs, DhcpCommand, JsonArgs, NatCommand, PolicyCommand, SectionCommand, SetArgs,
+    TableArgs,
+};
 
 /// The client of the socket `args` point to: `--control`, else the configuration's.
 fn client(args: &ClientArgs) -> Result<Client> {
@@ -316,4 +319,117 @@ pub fn dhcp(command: DhcpCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+pub fn policy(command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::List(args) => {
+            let list = client(&args.client)?.get("/v1/policies")?;
+            if args.json {
+                return print_json(&list);
+            }
+            print_policies(&list);
+            Ok(())
+        }
+        PolicyCommand::Reload(args) => {
+            let report = client(&args)?.request(Method::POST, "/v1/policies/reload", None)?;
+            let names = |key: &str| -> Vec<String> {
+                report[key]
+                    .as_array()
+                    .map(|a| a.iter().map(cell).collect())
+                    .unwrap_or_default()
+            };
+            let (in_force, kept) = (names("in_force"), names("kept_previous"));
+            match in_force.is_empty() {
+                true => println!("reloaded: no policy in force"),
+                false => println!("reloaded: in force {}", in_force.join(", ")),
+            }
+            let errors = report["errors"].as_array().cloned().unwrap_or_default();
+            for e in &errors {
+                let name = cell(&e["name"]);
+                let outcome = match kept.contains(&name) {
+                    true => "its previous module stays in force",
+                    false => "it is not in force",
+                };
+                eprintln!(
+                    "hubnat: error: policy {name:?} ({}): {}; {outcome}",
+                    cell(&e["path"]),
+                    cell(&e["reason"])
+                );
+            }
+            if !in_force.is_empty() {
+                println!();
+                print_policies(&report["policies"]);
+            }
+            match errors.len() {
+                0 => Ok(()),
+                n => anyhow::bail!("{n} of the configured policies failed to load (see above)"),
+            }
+        }
+    }
+}
+
+/// Bytes as people write them in the configuration ("16MiB"), exact.
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+/// The policies in force (`GET /v1/policies`) as a table.
+fn print_policies(list: &Value) {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let c = &p["calls"];
+            let hooks: Vec<&str> = [("session", "session_filter"), ("dhcp", "dhcp_customizer")]
+                .iter()
+                .filter(|(_, key)| p[*key].as_bool().unwrap_or(false))
+                .map(|(name, _)| *name)
+                .collect();
+            let errors =
+                n(&c["timeouts"]) + n(&c["out_of_memory"]) + n(&c["traps"]) + n(&c["broken"]);
+            vec![
+                cell(&p["name"]),
+                hooks.join("+"),
+                cell(&p["on_error"]),
+                cell(&p["timeout"]),
+                size(n(&p["memory"])),
+                format!("{}/{}", n(&c["session"]), n(&c["dhcp"])),
+                format!(
+                    "{}/{}/{}",
+                    n(&c["rejected"]),
+                    n(&c["dropped"]),
+                    n(&c["redirected"])
+                ),
+                format!("{}/{}", n(&c["dhcp_changed"]), n(&c["dhcp_no_reply"])),
+                errors.to_string(),
+                cell(&p["loaded"]),
+                cell(&p["path"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NAME",
+            "HOOKS",
+            "ON-ERROR",
+            "TIMEOUT",
+            "MEMORY",
+            "CALLS(S/D)",
+            "REJ/DROP/REDIR",
+            "CHANGED/NOREPLY",
+            "ERRORS",
+            "LOADED",
+            "PATH",
+        ],
+        &rows,
+    );
 }

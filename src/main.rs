@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hubnat::config::{BackendKind, Config, HostDefaults, Loaded, LogFormat, Override, Sources};
-use hubnat::control::{ControlOptions, ControlServer};
-use hubnat::driver::Gateway;
+use hubnat::control::{ControlOptions, ControlServer, PolicySource};
+use hubnat::driver::{Gateway, GatewayHandle};
 
 mod cli;
 use tracing_subscriber::EnvFilter;
@@ -22,8 +22,8 @@ use tracing_subscriber::EnvFilter;
 /// environment variables (HUBNAT_DHCP__LEASE=1h sets dhcp.lease), the changes made at run time
 /// through the control API (kept in the state directory), and the flags of the command.
 ///
-/// The operator commands (status, enable, disable, host, nat, dhcp) talk to a running gateway
-/// through its control socket (control.sock in its state directory).
+/// The operator commands (status, enable, disable, host, nat, dhcp, dns, policy) talk to a
+/// running gateway through its control socket (control.sock in its state directory).
 #[derive(Parser, Debug)]
 #[command(name = "hubnat", version, propagate_version = true)]
 struct Cli {
@@ -36,7 +36,8 @@ enum Command {
     /// Run the gateway on the configured backend until SIGINT or SIGTERM.
     ///
     /// The TAP backend (the default) needs CAP_NET_ADMIN to open the device. Leases are saved
-    /// in the state directory on every change and reloaded at start.
+    /// in the state directory on every change and reloaded at start. SIGHUP reloads the
+    /// [[policy]] modules from the configuration (as `hubnat policy reload` does).
     Run(RunArgs),
     /// Print the effective configuration (after every layer and validation) as TOML.
     Config(ConfigArgs),
@@ -61,6 +62,9 @@ enum Command {
     /// The DNS redirect's settings (upstream servers) in a running gateway.
     #[command(subcommand)]
     Dns(SectionCommand),
+    /// The WASM policies of a running gateway: the list in force, reload.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
 /// How a command finds the running gateway's control socket.
@@ -157,6 +161,19 @@ enum DhcpCommand {
         #[arg(value_name = "MAC|IP")]
         target: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// List the policies in force, in order, with their calls, verdicts and errors.
+    List(JsonArgs),
+    /// Reload every policy from the gateway's configuration (as SIGHUP does).
+    ///
+    /// The gateway re-reads its [[policy]] tables from the configuration file, environment
+    /// and flags it was started with, and swaps the new modules in: open sessions are kept,
+    /// new flows and DHCP replies meet the new policies. A module that fails to load keeps the
+    /// previous one of its name in force; the exit status is then 1.
+    Reload(ClientArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -331,16 +348,34 @@ fn run(args: RunArgs) -> Result<()> {
 
     let overridden = Config::overridden(&config, &sources);
     let gateway = Gateway::new(config.clone())?;
-    let control = ControlServer::start(gateway.handle(), ControlOptions::new(&config, overridden))?;
+    // A reload re-reads the configuration from the sources it came from at start.
+    let policy_source = {
+        let sources = sources.clone();
+        PolicySource::new(move || Config::load(&sources).map(|loaded| loaded.config.policy))
+    };
+    let mut options = ControlOptions::new(&config, overridden);
+    options.policy_source = Some(policy_source.clone());
+    let control = ControlServer::start(gateway.handle(), options)?;
     async_io::block_on(async {
-        let signals =
-            async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
-                .context("cannot install the SIGTERM/SIGINT handlers")?;
+        use async_signal::Signal;
+        let signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])
+            .context("cannot install the SIGTERM/SIGINT/SIGHUP handlers")?;
+        let handle = gateway.handle();
         let shutdown = async move {
             use futures_lite::StreamExt;
             let mut signals = signals;
-            if let Some(Ok(sig)) = signals.next().await {
-                tracing::info!(signal = ?sig, "stopping");
+            while let Some(signal) = signals.next().await {
+                match signal {
+                    Ok(Signal::Hup) => reload_policies(&handle, &policy_source),
+                    Ok(sig) => {
+                        tracing::info!(signal = ?sig, "stopping");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read signals; stopping");
+                        break;
+                    }
+                }
             }
         };
         match config.backend.kind {
@@ -373,6 +408,28 @@ fn run(args: RunArgs) -> Result<()> {
     })?;
     control.stop();
     Ok(())
+}
+
+/// SIGHUP: re-reads the `[[policy]]` list and reloads the policies, on a thread of its own (the
+/// gateway logs the report; a configuration that no longer loads changes nothing).
+fn reload_policies(handle: &GatewayHandle, source: &PolicySource) {
+    tracing::info!("SIGHUP: reloading the policies");
+    let (handle, source) = (handle.clone(), source.clone());
+    let spawned = std::thread::Builder::new()
+        .name("hubnat-sighup".into())
+        .spawn(move || match source.read() {
+            Ok(configs) => {
+                if let Err(e) = async_io::block_on(handle.reload_policies(configs, "SIGHUP")) {
+                    tracing::error!(error = %e, "SIGHUP: the policies were not reloaded");
+                }
+            }
+            Err(e) => tracing::error!(
+                "SIGHUP: the configuration does not load, so the policies in force stay: {e}"
+            ),
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "SIGHUP: cannot start the reload");
+    }
 }
 
 /// Runs the gateway on `backend`, recording its frames to a pcap file when `capture.path` is set.
@@ -422,6 +479,7 @@ fn main() -> ExitCode {
         Command::Nat(c) => cli::nat(c),
         Command::Dhcp(c) => cli::dhcp(c),
         Command::Dns(c) => cli::section("dns", c),
+        Command::Policy(c) => cli::policy(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

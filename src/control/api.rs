@@ -11,6 +11,8 @@
 //! | DELETE | `/v1/nat/sessions/{id}` | end one session |
 //! | GET | `/v1/dhcp/leases` | the lease table |
 //! | DELETE | `/v1/dhcp/leases/{mac or ip}` | release one lease |
+//! | GET | `/v1/policies` | the policies in force, with their counters |
+//! | POST | `/v1/policies/reload` | re-read the `[[policy]]` list and reload; the report |
 //! | GET | `/metrics` | Prometheus text |
 //!
 //! A PATCH body is a JSON object of keys of the section (`"range_end"`, or in full
@@ -26,8 +28,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
-use super::Peer;
-use crate::config::{persist_changes, Change, Overridden, Override, ORIGIN_PERSISTED};
+use super::{Peer, PolicySource};
+use crate::config::{persist_changes, Change, ConfigError, Overridden, Override, ORIGIN_PERSISTED};
 use crate::core::nat::{Protocol, SessionId};
 use crate::core::LeaseTarget;
 use crate::driver::{GatewayHandle, HandleError};
@@ -44,6 +46,7 @@ pub(super) struct State {
     pub(super) owner: u32,
     pub(super) state_dir: PathBuf,
     pub(super) overridden: RefCell<Vec<Overridden>>,
+    pub(super) policy_source: Option<PolicySource>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -158,13 +161,20 @@ pub(super) async fn route(state: &State, peer: Peer, req: Request<Incoming>) -> 
             Err(_) => stopped(),
         },
         (Method::DELETE, ["v1", "dhcp", "leases", target]) => release(state, target, &source).await,
+        (Method::GET, ["v1", "policies"]) => match state.handle.policies().await {
+            Ok(list) => answer(StatusCode::OK, &json!(list)),
+            Err(_) => stopped(),
+        },
+        (Method::POST, ["v1", "policies", "reload"]) => reload(state, &source).await,
         (
             _,
             ["metrics"]
             | ["v1", "status" | "enable" | "disable" | "host" | "nat" | "dhcp" | "dns"]
             | ["v1", "nat" | "dhcp", "enable" | "disable"]
             | ["v1", "nat", "sessions", ..]
-            | ["v1", "dhcp", "leases", ..],
+            | ["v1", "dhcp", "leases", ..]
+            | ["v1", "policies"]
+            | ["v1", "policies", "reload"],
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             None,
@@ -407,6 +417,50 @@ async fn end_session(state: &State, id: &str, source: &str) -> Answer {
             format!("no session {n} (it may have ended already)"),
         ),
         Err(_) => stopped(),
+    }
+}
+
+async fn reload(state: &State, source: &str) -> Answer {
+    let Some(policy_source) = &state.policy_source else {
+        return error(
+            StatusCode::CONFLICT,
+            None,
+            "this gateway has no configuration to re-read the policies from (it is embedded); \
+             its program reloads them with GatewayHandle::reload_policies",
+        );
+    };
+    let configs = match policy_source.read() {
+        Ok(configs) => configs,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                first_key(&e),
+                format!("the configuration does not load, so nothing was reloaded: {e}"),
+            )
+        }
+    };
+    match state.handle.reload_policies(configs, source).await {
+        Ok(report) => {
+            let mut body = json!(report);
+            match state.handle.policies().await {
+                Ok(list) => body["policies"] = json!(list),
+                Err(_) => return stopped(),
+            }
+            answer(StatusCode::OK, &body)
+        }
+        Err(HandleError::Invalid { key, message }) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, key.as_deref(), message)
+        }
+        Err(HandleError::Stopped) => stopped(),
+    }
+}
+
+/// The key of the first invalid value in `e`, if it names one.
+fn first_key(e: &ConfigError) -> Option<&str> {
+    match e {
+        ConfigError::Invalid { key, .. } => Some(key),
+        ConfigError::Several(list) => list.iter().find_map(first_key),
+        _ => None,
     }
 }
 

@@ -3,7 +3,8 @@
 //! Each scrape asks the gateway for its [`Status`] and builds a fresh registry from it: the
 //! counters live in the core, not here, so nothing is kept between scrapes. Labelled families
 //! carry the breakdowns (sessions by protocol, ends by reason, refusals by reason, frames
-//! dropped by reason, DHCP messages by type); every other counter of the status comes out as
+//! dropped by reason, DHCP messages by type, policy calls, errors and verdicts by policy);
+//! every other counter of the status comes out as
 //! `hubnat_<group>_<name>_total`, so a counter added to the core shows up without a change
 //! here.
 
@@ -24,6 +25,15 @@ fn counters(pairs: &[(&str, u64)], label: &str) -> Family<Labels, Counter> {
         family
             .get_or_create(&vec![(label.to_string(), value.to_string())])
             .inc_by(*n);
+    }
+    family
+}
+
+/// A counter family over rows of `(labels, value)`.
+fn labelled(rows: Vec<(Labels, u64)>) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    for (labels, n) in rows {
+        family.get_or_create(&labels).inc_by(n);
     }
     family
 }
@@ -184,6 +194,51 @@ pub(super) fn encode(status: &Status) -> String {
             ],
             "type",
         ),
+    );
+    let (mut calls, mut errors, mut outcomes) = (Vec::new(), Vec::new(), Vec::new());
+    for p in &status.policies {
+        let k = &p.calls;
+        let row = |label: &str, value: &str, n: u64| {
+            let labels = vec![
+                ("policy".to_string(), p.name.clone()),
+                (label.to_string(), value.to_string()),
+            ];
+            (labels, n)
+        };
+        if p.session_filter {
+            calls.push(row("hook", "session", k.session));
+        }
+        if p.dhcp_customizer {
+            calls.push(row("hook", "dhcp", k.dhcp));
+        }
+        errors.extend([
+            row("kind", "timeout", k.timeouts),
+            row("kind", "out_of_memory", k.out_of_memory),
+            row("kind", "trap", k.traps),
+            row("kind", "broken", k.broken),
+        ]);
+        outcomes.extend([
+            row("outcome", "reject", k.rejected),
+            row("outcome", "drop", k.dropped),
+            row("outcome", "redirect", k.redirected),
+            row("outcome", "dhcp_changed", k.dhcp_changed),
+            row("outcome", "dhcp_no_reply", k.dhcp_no_reply),
+        ]);
+    }
+    r.register(
+        "policy_calls",
+        "Calls of each policy in force, by hook (since it was loaded)",
+        labelled(calls),
+    );
+    r.register(
+        "policy_errors",
+        "Failed policy calls, by policy and kind (on_error was applied)",
+        labelled(errors),
+    );
+    r.register(
+        "policy_outcomes",
+        "Policy answers other than allow or unchanged, by policy and outcome",
+        labelled(outcomes),
     );
     // Everything else the status counts, by name.
     let json = serde_json::to_value(status).unwrap_or_default();

@@ -25,9 +25,12 @@
 //! it); the control API adds a line of its own for each session ended and each lease released
 //! by an operator, with the uid.
 //!
-//! **The running configuration.** The handle has no command that returns the configuration,
-//! so the server keeps the configuration the gateway started with and applies to it every
-//! change the gateway accepted; it is only read to answer `GET /v1/<section>`.
+//! **Policies.** `GET /v1/policies` lists the policies in force with their counters;
+//! `POST /v1/policies/reload` re-reads the `[[policy]]` list through the [`PolicySource`] the
+//! embedder gave (`hubnat run` re-loads its configuration file, environment and flags, as at
+//! start) and waits for the gateway's reload report. A configuration that no longer loads
+//! changes nothing (400, with the key); a module that fails to load keeps its previous one in
+//! force (200, the report says which and why).
 //!
 //! The routes are in `api.rs`, the metrics in `metrics.rs`, and the client the CLI uses in
 //! `client.rs`.
@@ -44,6 +47,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_io::Async;
@@ -51,7 +55,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
-use crate::config::{Config, Overridden};
+use crate::config::{Config, ConfigError, Overridden, PolicyConfig};
 use crate::driver::GatewayHandle;
 
 /// Connections served at once on each listener; more are closed at once (a local client
@@ -92,6 +96,31 @@ impl Drop for Slot {
     }
 }
 
+/// Where a policy reload gets its `[[policy]]` list: `hubnat run` re-loads its configuration
+/// from the same sources as at start (SIGHUP uses the same source).
+#[derive(Clone)]
+pub struct PolicySource(Arc<dyn Fn() -> Result<Vec<PolicyConfig>, ConfigError> + Send + Sync>);
+
+impl PolicySource {
+    /// A source that calls `read` for each reload.
+    pub fn new(
+        read: impl Fn() -> Result<Vec<PolicyConfig>, ConfigError> + Send + Sync + 'static,
+    ) -> Self {
+        PolicySource(Arc::new(read))
+    }
+
+    /// The `[[policy]]` list as the source has it now, or why it cannot be read.
+    pub fn read(&self) -> Result<Vec<PolicyConfig>, ConfigError> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicySource")
+    }
+}
+
 /// What the control server needs besides the gateway's handle.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
@@ -103,6 +132,9 @@ pub struct ControlOptions {
     pub config: Config,
     /// The values the configuration's layers set (see [`Config::overridden`]).
     pub overridden: Vec<Overridden>,
+    /// Where `POST /v1/policies/reload` reads the policies from; `None`: the reload is
+    /// refused (an embedder reloads with `GatewayHandle::reload_policies`).
+    pub policy_source: Option<PolicySource>,
 }
 
 impl ControlOptions {
@@ -114,6 +146,7 @@ impl ControlOptions {
             metrics_listen: config.control.metrics_listen,
             config: config.clone(),
             overridden,
+            policy_source: None,
         }
     }
 }
@@ -194,6 +227,7 @@ impl ControlServer {
                     owner,
                     state_dir: options.config.state.dir.clone(),
                     overridden: RefCell::new(options.overridden),
+                    policy_source: options.policy_source,
                 });
                 let ex = Rc::new(async_executor::LocalExecutor::new());
                 let serve = serve(ex.clone(), state, listener, metrics);

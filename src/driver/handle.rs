@@ -12,6 +12,7 @@ use crate::config::{Change, Config, Override, LIVE_SECTIONS};
 use crate::core::dhcp::{server::fmt_mac, DhcpCounters, Lease};
 use crate::core::nat::{IcmpMode, NatCounters, Protocol, SessionId};
 use crate::core::{Counters, LeaseTarget, LinkCounters};
+use crate::policy::{PolicyInfo, ReloadReport};
 
 /// Sessions by protocol.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -65,6 +66,8 @@ pub struct Status {
     pub nat: NatCounters,
     /// The DHCP server's counters.
     pub dhcp: DhcpCounters,
+    /// The policies in force, in order, with their counters.
+    pub policies: Vec<PolicyInfo>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -151,9 +154,11 @@ pub(super) enum Command {
         reply: Reply<Result<Vec<Change>, HandleError>>,
     },
     Config(Reply<Config>),
+    Policies(Reply<Vec<PolicyInfo>>),
     ReloadPolicies(
         Vec<crate::config::PolicyConfig>,
-        Reply<Result<(), HandleError>>,
+        String,
+        Reply<Result<ReloadReport, HandleError>>,
     ),
     EndSession(SessionId, String, Reply<bool>),
     ReleaseLease(LeaseTarget, String, Reply<Option<LeaseRow>>),
@@ -234,14 +239,26 @@ impl GatewayHandle {
         self.set(changes, source).await
     }
 
-    /// Reloads the policies from `configs` (a `[[policy]]` list, usually re-read from the
-    /// configuration file). The modules compile off the loop; the report goes to the security
-    /// log. A module that fails to load leaves the previous one of its name in force.
+    /// The policies in force, in order, with what their calls did.
+    pub async fn policies(&self) -> Result<Vec<PolicyInfo>, HandleError> {
+        self.ask(Command::Policies).await
+    }
+
+    /// Replaces the policies in force with those of `configs` (a `[[policy]]` list, usually
+    /// re-read from the configuration file), in its order, and waits for the report. The
+    /// modules compile off the loop, and are swapped in between two policy calls: sessions
+    /// already open are not touched; flows and DHCP replies that arrive after the swap meet the
+    /// new policies. A module that fails to load leaves the previous one of its name in force
+    /// (the report's `kept_previous` and `errors` say which and why); a policy left out of
+    /// `configs` is gone. The report also goes to the security log, with `source` (who asked).
     pub async fn reload_policies(
         &self,
         configs: Vec<crate::config::PolicyConfig>,
-    ) -> Result<(), HandleError> {
-        self.ask(|r| Command::ReloadPolicies(configs, r)).await?
+        source: &str,
+    ) -> Result<ReloadReport, HandleError> {
+        let source = source.to_owned();
+        self.ask(|r| Command::ReloadPolicies(configs, source, r))
+            .await?
     }
 
     /// The running configuration (the file's, with every live change since).

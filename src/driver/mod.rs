@@ -347,11 +347,11 @@ impl Gateway {
         ex: &Rc<LocalExecutor<'static>>,
         backend: &mut B,
         kicked: async_channel::Receiver<()>,
-        mut policies: Option<policies::Policies>,
+        mut policies: policies::Policies,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), GatewayError> {
         let max_frame = backend.max_frame_len();
-        let responses = policies.as_ref().map(|p| p.responses.clone());
+        let responses = policies.responses.clone();
         let mut rx = FrameBatch::new(RX_BATCH_FRAMES, max_frame);
         let mut tx = FrameBatch::new(crate::core::TX_QUEUE_FRAMES, max_frame);
         let mut shutdown = pin!(shutdown);
@@ -407,12 +407,10 @@ impl Gateway {
                     }
                 };
                 let policy = async {
-                    match &responses {
-                        Some(r) => match r.recv().await {
-                            Ok(response) => Wake::Policy(response),
-                            Err(_) => std::future::pending().await,
-                        },
-                        None => std::future::pending().await,
+                    match responses.recv().await {
+                        Ok(response) => Wake::Policy(response),
+                        // The policy thread has stopped (it does not while the loop runs).
+                        Err(_) => std::future::pending().await,
                     }
                 };
                 let stop = async {
@@ -456,11 +454,11 @@ impl Gateway {
                     &backend.describe(),
                     max_frame,
                     started,
-                    policies.as_ref(),
+                    &mut policies,
                 );
             }
-            if let (Some(r), Some(p)) = (response, policies.as_mut()) {
-                self.policy_response(shared, p, r, now);
+            if let Some(r) = response {
+                self.policy_response(shared, &mut policies, r, now);
             }
             {
                 let mut core = shared.core.borrow_mut();
@@ -486,41 +484,41 @@ impl Gateway {
         }
     }
 
-    /// Loads the configured policies and starts their thread; hooks them into the core.
+    /// Loads the configured policies (none is fine) and starts their thread; hooks it into
+    /// the core, so that a reload can bring policies in later. While no policy in force has a
+    /// session filter (or a DHCP customizer), the hooks answer at once.
     fn start_policies(
         &mut self,
         core: &mut VirtualHost,
-    ) -> Result<Option<policies::Policies>, GatewayError> {
-        if self.config.policy.is_empty() {
-            return Ok(None);
-        }
+    ) -> Result<policies::Policies, GatewayError> {
         let set = crate::policy::PolicySet::load(&self.config.policy)?;
         let (sessions, dhcp) = (set.has_session_filter(), set.has_dhcp_customizer());
         let names = set.names().join(",");
+        let loaded = !set.is_empty();
         let (client, responses, thread) =
             crate::policy::PolicyThread::spawn(set).map_err(GatewayError::PolicyThread)?;
         let shown = policies::Shown::default();
-        if sessions {
-            core.set_session_policy(Some(Box::new(client.clone())));
+        core.set_session_policy(Some(Box::new(client.clone())));
+        core.set_dhcp_policy(Some(Box::new(policies::DhcpBridge {
+            client: client.clone(),
+            shown: shown.clone(),
+        })));
+        if loaded {
+            info!(policies = %names, sessions, dhcp, "policies loaded");
+            self.seclog.write(
+                "POLICY",
+                "loaded",
+                &format!("policies={names:?} session_filter={sessions} dhcp_customizer={dhcp}"),
+            );
         }
-        if dhcp {
-            core.set_dhcp_policy(Some(Box::new(policies::DhcpBridge {
-                client: client.clone(),
-                shown: shown.clone(),
-            })));
-        }
-        info!(policies = %names, sessions, dhcp, "policies loaded");
-        self.seclog.write(
-            "POLICY",
-            "loaded",
-            &format!("policies={names:?} session_filter={sessions} dhcp_customizer={dhcp}"),
-        );
-        Ok(Some(policies::Policies {
+        Ok(policies::Policies {
             client,
             responses,
             shown,
-            _thread: Some(thread),
-        }))
+            reloads: HashMap::new(),
+            next_reload: 0,
+            _thread: thread,
+        })
     }
 
     /// An answer from the policy thread: a verdict, a DHCP outcome, a reload's report.
@@ -536,7 +534,7 @@ impl Gateway {
             PolicyResponse::Verdict { notes, .. } | PolicyResponse::Dhcp { notes, .. } => {
                 notes.as_slice()
             }
-            PolicyResponse::Reloaded(_) => &[],
+            PolicyResponse::Reloaded { .. } => &[],
         };
         for note in notes {
             note.emit();
@@ -564,22 +562,26 @@ impl Gateway {
                 let (decision, by) = policies::dhcp_decision(&shown, outcome);
                 core.handle_dhcp_decision(crate::core::dhcp::DhcpTicket(id.0), decision, by, now);
             }
-            PolicyResponse::Reloaded(report) => {
+            PolicyResponse::Reloaded { id, report } => {
                 drop(core);
+                let Some((source, reply)) = p.reloads.remove(&id.0) else {
+                    return;
+                };
+                let errors: Vec<String> = report.errors.iter().map(|e| e.to_string()).collect();
+                if errors.is_empty() {
+                    info!(in_force = ?report.in_force, by = %source, "policies reloaded");
+                } else {
+                    tracing::warn!(in_force = ?report.in_force, kept_previous = ?report.kept_previous, errors = ?errors, by = %source, "policies reloaded, not all of them");
+                }
                 self.seclog.write(
                     "POLICY",
                     "reloaded",
                     &format!(
-                        "in_force={:?} kept_previous={:?} errors={:?}",
-                        report.in_force,
-                        report.kept_previous,
-                        report
-                            .errors
-                            .iter()
-                            .map(|e| e.to_string())
-                            .collect::<Vec<_>>()
+                        "in_force={:?} kept_previous={:?} errors={errors:?} by={source:?}",
+                        report.in_force, report.kept_previous,
                     ),
                 );
+                let _ = reply.try_send(Ok(report));
             }
         }
     }
@@ -592,14 +594,14 @@ impl Gateway {
         backend: &str,
         max_frame: usize,
         started: std::time::Instant,
-        policies: Option<&policies::Policies>,
+        policies: &mut policies::Policies,
     ) {
         let clock = &shared.clock;
         let now = clock.now();
         match command {
             Command::Status(reply) => {
                 let core = shared.core.borrow();
-                let _ = reply.try_send(self.status(&core, backend, started));
+                let _ = reply.try_send(self.status(&core, backend, started, policies));
             }
             Command::Sessions(reply) => {
                 let core = shared.core.borrow();
@@ -641,23 +643,24 @@ impl Gateway {
                 }
                 let _ = reply.try_send(lease.as_ref().map(|l| lease_row(clock, l)));
             }
-            Command::ReloadPolicies(configs, reply) => {
-                let result = match policies {
-                    Some(p) => p
-                        .client
-                        .reload_from(configs)
-                        .map_err(|e| HandleError::Invalid {
+            Command::Policies(reply) => {
+                let _ = reply.try_send(policies.client.policies());
+            }
+            Command::ReloadPolicies(configs, source, reply) => {
+                // Compiled on a thread of its own; the report comes back as a policy response.
+                policies.next_reload += 1;
+                let id = crate::policy::ReloadId(policies.next_reload);
+                match policies.client.reload_from(configs, id) {
+                    Ok(()) => {
+                        policies.reloads.insert(id.0, (source, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.try_send(Err(HandleError::Invalid {
                             key: None,
-                            message: format!("cannot reload the policies: {e}"),
-                        }),
-                    None => Err(HandleError::Invalid {
-                        key: None,
-                        message: "no policies were configured at start-up; restart hubnat \
-                                  to load some"
-                            .into(),
-                    }),
-                };
-                let _ = reply.try_send(result);
+                            message: format!("cannot start loading the policies: {e}"),
+                        }));
+                    }
+                }
             }
             Command::Config(reply) => {
                 let _ = reply.try_send(self.config.clone());
@@ -734,7 +737,13 @@ impl Gateway {
         Ok(changed)
     }
 
-    fn status(&self, core: &VirtualHost, backend: &str, started: std::time::Instant) -> Status {
+    fn status(
+        &self,
+        core: &VirtualHost,
+        backend: &str,
+        started: std::time::Instant,
+        policies: &policies::Policies,
+    ) -> Status {
         let s = core.settings();
         let nat = core.nat();
         let by = nat.table().count_by_protocol();
@@ -767,6 +776,7 @@ impl Gateway {
             link: *core.link_counters(),
             nat: *nat.counters(),
             dhcp: core.dhcp().counters(),
+            policies: policies.client.policies(),
         }
     }
 

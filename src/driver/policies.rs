@@ -9,11 +9,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use super::handle::Reply;
+use super::HandleError;
 use crate::core::dhcp::{
     DhcpAnswer, DhcpChanges, DhcpClientInfo, DhcpDecision, DhcpPolicy, DhcpReplyInfo, DhcpTicket,
 };
 use crate::policy::{
-    DhcpOutcome, DhcpRequestId, PolicyClient, PolicyResponse, PolicyThread, RESERVED_OPTIONS,
+    DhcpOutcome, DhcpRequestId, PolicyClient, PolicyResponse, PolicyThread, ReloadReport,
+    RESERVED_OPTIONS,
 };
 
 /// The replies shown to the policies, by request, until their answer comes.
@@ -24,8 +27,12 @@ pub(super) struct Policies {
     pub(super) client: PolicyClient,
     pub(super) responses: async_channel::Receiver<PolicyResponse>,
     pub(super) shown: Shown,
+    /// Reloads under way, by id: who asked (for the security log) and where the report goes.
+    pub(super) reloads: HashMap<u64, (String, Reply<Result<ReloadReport, HandleError>>)>,
+    /// The id of the last reload asked for.
+    pub(super) next_reload: u64,
     /// Held: the thread serves as long as the gateway runs.
-    pub(super) _thread: Option<PolicyThread>,
+    pub(super) _thread: PolicyThread,
 }
 
 /// The core's DHCP hook, answered by the policy thread.
@@ -41,6 +48,9 @@ impl DhcpPolicy for DhcpBridge {
         client: &DhcpClientInfo,
         reply: &DhcpReplyInfo,
     ) -> DhcpAnswer {
+        if !self.client.customizes_dhcp() {
+            return DhcpAnswer::Decided(DhcpDecision::Unchanged, None);
+        }
         match self
             .client
             .customize_dhcp(DhcpRequestId(ticket.0), client.clone(), reply.clone())

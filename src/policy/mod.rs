@@ -45,6 +45,7 @@
 //! [`PolicyAnswer::Later`]: crate::core::nat::PolicyAnswer::Later
 
 mod runtime;
+mod stats;
 mod thread;
 
 #[cfg(test)]
@@ -54,8 +55,10 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use runtime::{PolicyReload, PolicySet, ReloadReport, TICK};
+pub use stats::{PolicyCalls, PolicyInfo};
 pub use thread::{
-    DhcpRequestId, PolicyBusy, PolicyClient, PolicyResponse, PolicyThread, MAX_QUEUED_REQUESTS,
+    DhcpRequestId, PolicyBusy, PolicyClient, PolicyResponse, PolicyThread, ReloadId,
+    MAX_QUEUED_REQUESTS,
 };
 
 /// Log lines a policy may write in one call; more are counted and left out.
@@ -64,7 +67,7 @@ pub const MAX_LOG_LINES_PER_CALL: usize = 16;
 pub const MAX_LOG_LINE: usize = 1024;
 
 /// Why a policy could not be loaded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, serde::Serialize)]
 #[error("policy {name:?} ({}): {reason}", path.display())]
 pub struct PolicyError {
     /// The policy's configured name.

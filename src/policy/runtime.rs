@@ -22,6 +22,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceType};
 use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 
+use super::stats::Stats;
 use super::{
     DhcpClientInfo, DhcpMessageKind, DhcpOutcome, DhcpReplyInfo, Failure, LogLevel, NoteKind,
     OptionBytes, PolicyError, PolicyNote, MAX_LOG_LINE, MAX_LOG_LINES_PER_CALL, RESERVED_OPTIONS,
@@ -230,6 +231,8 @@ pub(super) struct Policy {
     dhcp: Option<dhcp::GuestIndices>,
     /// The instance, or why it could not be made afresh.
     live: Result<Live, String>,
+    /// What its calls did.
+    stats: Arc<Stats>,
 }
 
 impl Policy {
@@ -315,6 +318,7 @@ impl Policy {
             session,
             dhcp,
             live: Err(String::new()),
+            stats: Arc::new(Stats::new(cfg, exports_session, exports_dhcp)),
         };
         policy.live = Ok(policy
             .instantiate()
@@ -416,6 +420,7 @@ impl Policy {
     }
 
     fn note_failure(&self, notes: &mut Vec<PolicyNote>, failure: &Failure) {
+        self.stats.failure(failure);
         notes.push(self.note(NoteKind::Failed {
             failure: failure.clone(),
             on_error: self.on_error,
@@ -433,13 +438,15 @@ impl Policy {
                 .expect("invariant: a live instance has the exports its indices name");
             guest.call_check(&mut live.store, s)
         });
-        Some(match result {
+        let verdict = match result {
             Ok(v) => from_wit_verdict(v),
             Err(_) => match on_error {
                 OnError::Allow => Verdict::Allow,
                 OnError::Deny => Verdict::Reject,
             },
-        })
+        };
+        self.stats.session_call(&verdict);
+        Some(verdict)
     }
 
     /// This policy's answer for `reply`: `None` if it has no DHCP customizer.
@@ -497,6 +504,11 @@ impl PolicySet {
     /// Whether there are no policies.
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()
+    }
+
+    /// Each policy's counters, in order.
+    pub(super) fn stats(&self) -> Vec<Arc<Stats>> {
+        self.policies.iter().map(|p| p.stats.clone()).collect()
     }
 
     /// Whether any policy exports `session-filter`.
@@ -558,6 +570,10 @@ impl PolicySet {
                     OnError::Deny => dhcp::Decision::NoReply,
                 },
             };
+            p.stats.dhcp_call(
+                matches!(decision, dhcp::Decision::Change(_)),
+                matches!(decision, dhcp::Decision::NoReply),
+            );
             match decision {
                 dhcp::Decision::Unchanged => {}
                 dhcp::Decision::NoReply => {
@@ -632,7 +648,7 @@ impl PolicyReload {
 }
 
 /// What a reload did.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct ReloadReport {
     /// The policies in force afterwards, in order.
     pub in_force: Vec<String>,

@@ -482,10 +482,34 @@ fn the_thread_answers_in_order_and_survives_a_timeout() {
         other => panic!("{other:?}"),
     }
 
+    // The counters saw the three calls.
+    let listed = client_.policies();
+    assert_eq!(listed.len(), 1);
+    let (info, calls) = (&listed[0], listed[0].calls);
+    assert_eq!(
+        (
+            info.name.as_str(),
+            info.session_filter,
+            info.dhcp_customizer
+        ),
+        ("m", true, true)
+    );
+    assert_eq!((calls.session, calls.dhcp), (2, 1), "{calls:?}");
+    assert_eq!(
+        (calls.timeouts, calls.rejected, calls.dhcp_changed),
+        (1, 1, 1),
+        "{calls:?}"
+    );
+    assert_eq!(calls.errors(), 1);
+    assert!(client_.customizes_dhcp());
+
     // A reload to a set with no session filter: flows are allowed without a round trip.
-    client_.reload_from(vec![per_mac()]).expect("reload thread");
+    client_
+        .reload_from(vec![per_mac()], ReloadId(9))
+        .expect("reload thread");
     match answers.recv_blocking().expect("answer") {
-        PolicyResponse::Reloaded(report) => {
+        PolicyResponse::Reloaded { id, report } => {
+            assert_eq!(id, ReloadId(9));
             assert_eq!(report.in_force, ["lab"]);
             assert!(report.errors.is_empty());
         }
@@ -494,6 +518,12 @@ fn the_thread_answers_in_order_and_survives_a_timeout() {
     assert_eq!(
         client_.check(FlowTicket(3), &tcp("198.51.100.7:5")),
         PolicyAnswer::Decided(Decision::allow())
+    );
+    let listed = client_.policies();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].calls.session),
+        ("lab", 0)
     );
 
     drop(client_);

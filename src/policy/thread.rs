@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use super::ReloadReport;
+use super::stats::InForce;
 use super::{DhcpClientInfo, DhcpOutcome, DhcpReplyInfo, PolicyNote, PolicyReload, PolicySet};
+use super::{PolicyInfo, ReloadReport};
 use crate::config::PolicyConfig;
 use crate::core::nat::{Decision, FlowInfo, FlowTicket, PolicyAnswer, SessionPolicy, Verdict};
 
@@ -31,6 +32,10 @@ const BUSY: &str = "policy-queue";
 /// The driver's name for one DHCP reply waiting for the policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DhcpRequestId(pub u64);
+
+/// The driver's name for one reload, to match its report to whoever asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReloadId(pub u64);
 
 /// The policy thread's queue is full, or the thread has stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -47,7 +52,7 @@ enum Request {
         client: DhcpClientInfo,
         reply: DhcpReplyInfo,
     },
-    Reload(PolicyReload),
+    Reload(PolicyReload, ReloadId),
 }
 
 /// An answer from the policy thread.
@@ -72,7 +77,12 @@ pub enum PolicyResponse {
         notes: Vec<PolicyNote>,
     },
     /// A reload was applied (or not, for the policies in `errors`).
-    Reloaded(ReloadReport),
+    Reloaded {
+        /// The reload's request.
+        id: ReloadId,
+        /// What it did.
+        report: ReloadReport,
+    },
 }
 
 /// The way to the policy thread. Clones share the thread.
@@ -81,6 +91,10 @@ pub struct PolicyClient {
     requests: async_channel::Sender<Request>,
     /// Whether a policy in force filters sessions (kept by the thread).
     filters_sessions: Arc<AtomicBool>,
+    /// Whether a policy in force customises DHCP replies (kept by the thread).
+    customizes_dhcp: Arc<AtomicBool>,
+    /// The policies in force and their counters (published by the thread).
+    in_force: InForce,
 }
 
 impl std::fmt::Debug for Request {
@@ -88,12 +102,23 @@ impl std::fmt::Debug for Request {
         match self {
             Request::Session { ticket, .. } => write!(f, "Session({ticket:?})"),
             Request::Dhcp { id, .. } => write!(f, "Dhcp({id:?})"),
-            Request::Reload(r) => write!(f, "Reload({r:?})"),
+            Request::Reload(r, id) => write!(f, "Reload({r:?}, {id:?})"),
         }
     }
 }
 
 impl PolicyClient {
+    /// The policies in force, in order, with their counters (a snapshot; does not wait for
+    /// the thread).
+    pub fn policies(&self) -> Vec<PolicyInfo> {
+        self.in_force.snapshot()
+    }
+
+    /// Whether a policy in force customises DHCP replies: when not, a reply need not wait.
+    pub fn customizes_dhcp(&self) -> bool {
+        self.customizes_dhcp.load(Ordering::Acquire)
+    }
+
     /// Queues a DHCP reply for the customizers; the answer is a [`PolicyResponse::Dhcp`] with
     /// `id`. Does not block. `Err` when the queue is full or the thread has stopped (send the
     /// reply unchanged, or not at all, as the caller sees fit).
@@ -109,31 +134,32 @@ impl PolicyClient {
     }
 
     /// Queues a reload, waiting for room in the queue; the answer is a
-    /// [`PolicyResponse::Reloaded`]. `Err` only when the thread has stopped.
-    pub async fn reload(&self, reload: PolicyReload) -> Result<(), PolicyBusy> {
+    /// [`PolicyResponse::Reloaded`] with `id`. `Err` only when the thread has stopped.
+    pub async fn reload(&self, reload: PolicyReload, id: ReloadId) -> Result<(), PolicyBusy> {
         self.requests
-            .send(Request::Reload(reload))
+            .send(Request::Reload(reload, id))
             .await
             .map_err(|_| PolicyBusy)
     }
 
     /// [`reload`](Self::reload), blocking the calling thread.
-    pub fn reload_blocking(&self, reload: PolicyReload) -> Result<(), PolicyBusy> {
+    pub fn reload_blocking(&self, reload: PolicyReload, id: ReloadId) -> Result<(), PolicyBusy> {
         self.requests
-            .send_blocking(Request::Reload(reload))
+            .send_blocking(Request::Reload(reload, id))
             .map_err(|_| PolicyBusy)
     }
 
     /// Loads `configs` on a new thread (compiling takes time) and then queues the reload; the
-    /// answer is a [`PolicyResponse::Reloaded`]. `Err` if the thread cannot be started.
-    pub fn reload_from(&self, configs: Vec<PolicyConfig>) -> io::Result<()> {
+    /// answer is a [`PolicyResponse::Reloaded`] with `id`. `Err` if the thread cannot be
+    /// started.
+    pub fn reload_from(&self, configs: Vec<PolicyConfig>, id: ReloadId) -> io::Result<()> {
         let client = self.clone();
         thread::Builder::new()
             .name("hubnat-policy-load".into())
             .spawn(move || {
                 let reload = PolicyReload::load(&configs);
                 // The thread has stopped if this fails; nobody is left to tell.
-                let _ = client.reload_blocking(reload);
+                let _ = client.reload_blocking(reload, id);
             })
             .map(|_| ())
     }
@@ -176,15 +202,17 @@ impl PolicyThread {
     )> {
         let (requests, queue) = async_channel::bounded(MAX_QUEUED_REQUESTS);
         let (answers, responses) = async_channel::bounded(MAX_QUEUED_REQUESTS);
-        let filters_sessions = Arc::new(AtomicBool::new(set.has_session_filter()));
-        let flag = filters_sessions.clone();
-        let handle = thread::Builder::new()
-            .name("hubnat-policy".into())
-            .spawn(move || serve(set, &queue, &answers, &flag))?;
         let client = PolicyClient {
             requests,
-            filters_sessions,
+            filters_sessions: Arc::default(),
+            customizes_dhcp: Arc::default(),
+            in_force: InForce::default(),
         };
+        let published = client.clone_flags();
+        published.publish(&set);
+        let handle = thread::Builder::new()
+            .name("hubnat-policy".into())
+            .spawn(move || serve(set, &queue, &answers, &published))?;
         Ok((client, responses, PolicyThread { handle }))
     }
 
@@ -194,11 +222,39 @@ impl PolicyThread {
     }
 }
 
+/// What the thread publishes about the set in force: a [`PolicyClient`] without the way in
+/// (holding one would keep the thread alive).
+struct Published {
+    filters_sessions: Arc<AtomicBool>,
+    customizes_dhcp: Arc<AtomicBool>,
+    in_force: InForce,
+}
+
+impl PolicyClient {
+    fn clone_flags(&self) -> Published {
+        Published {
+            filters_sessions: self.filters_sessions.clone(),
+            customizes_dhcp: self.customizes_dhcp.clone(),
+            in_force: self.in_force.clone(),
+        }
+    }
+}
+
+impl Published {
+    fn publish(&self, set: &PolicySet) {
+        self.filters_sessions
+            .store(set.has_session_filter(), Ordering::Release);
+        self.customizes_dhcp
+            .store(set.has_dhcp_customizer(), Ordering::Release);
+        self.in_force.publish(set.stats());
+    }
+}
+
 fn serve(
     mut set: PolicySet,
     queue: &async_channel::Receiver<Request>,
     answers: &async_channel::Sender<PolicyResponse>,
-    filters_sessions: &AtomicBool,
+    published: &Published,
 ) {
     while let Ok(request) = queue.recv_blocking() {
         let response = match request {
@@ -214,10 +270,10 @@ fn serve(
                 let (outcome, notes) = set.customize_dhcp(client, reply);
                 PolicyResponse::Dhcp { id, outcome, notes }
             }
-            Request::Reload(reload) => {
+            Request::Reload(reload, id) => {
                 let report = set.apply_reload(reload);
-                filters_sessions.store(set.has_session_filter(), Ordering::Release);
-                PolicyResponse::Reloaded(report)
+                published.publish(&set);
+                PolicyResponse::Reloaded { id, report }
             }
         };
         if answers.send_blocking(response).is_err() {
