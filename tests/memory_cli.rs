@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant as StdInstant};
 
-use common::cli::{cli, json, ok};
+use common::cli::{cli, json, ok, parse_metrics};
 use common::inproc::{start, Running};
 use common::smol_client::{acquire, SmolClient};
 use hubnat::config::{Config, Override, Sources};
@@ -405,51 +405,7 @@ fn metrics_parse_and_move_with_traffic() {
         assert_eq!(status.as_u16(), 200);
         String::from_utf8(body.to_vec()).unwrap()
     };
-    let parse = |text: &str| -> std::collections::HashMap<String, f64> {
-        // The Python client's OpenMetrics parser: a real parser, strict about the format.
-        let script = r#"
-import sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for s in family.samples:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-        print(f"{s.name}{{{labels}}} {s.value}")
-"#;
-        let python = if Path::new("/usr/bin/python3").exists() {
-            "/usr/bin/python3"
-        } else {
-            "python3"
-        };
-        let mut child = Command::new(python)
-            .args(["-c", script])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "the parser refused the metrics (is python3-prometheus-client installed? scripts/test.sh installs it): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect()
-    };
-    let before = parse(&scrape());
+    let before = parse_metrics(&scrape());
     assert_eq!(before["hubnat_leases{}"], 0.0);
     assert_eq!(before["hubnat_pool_size{}"], 191.0);
     assert_eq!(before["hubnat_enabled{function=nat}"], 1.0);
@@ -476,7 +432,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         }
         sent == 5000 && c.tcp(h).send_queue() == 0
     });
-    let after = parse(&scrape());
+    let after = parse_metrics(&scrape());
     assert_eq!(after["hubnat_leases{}"], 1.0);
     assert_eq!(after["hubnat_sessions{protocol=tcp}"], 1.0);
     assert_eq!(after["hubnat_sessions_created_total{protocol=tcp}"], 1.0);

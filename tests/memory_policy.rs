@@ -12,7 +12,7 @@ use std::time::{Duration, Instant as StdInstant};
 use std::io::{Read, Write};
 use std::path::Path;
 
-use common::cli::{cli, json, ok};
+use common::cli::{cli, json, ok, parse_metrics};
 use common::inproc::start;
 use common::smol_client::{acquire, SmolClient};
 use hubnat::config::{Config, OnError, PolicyConfig, Sources};
@@ -212,10 +212,18 @@ fn the_cli_lists_and_reloads_policies_while_a_connection_stays_open() {
     let (_, body) = hubnat::control::client::Client::new(&sock)
         .raw(hyper::Method::GET, "/metrics", None)
         .unwrap();
-    let text = String::from_utf8_lossy(&body);
-    assert!(
-        text.contains("hubnat_policy_calls_total{policy=\"deny\",hook=\"session\"} 4"),
-        "{text}"
+    let metrics = parse_metrics(&String::from_utf8_lossy(&body));
+    assert_eq!(
+        metrics["hubnat_policy_calls_total{hook=session,policy=deny}"],
+        4.0
+    );
+    assert_eq!(
+        metrics["hubnat_policy_outcomes_total{outcome=reject,policy=deny}"],
+        2.0
+    );
+    assert_eq!(
+        metrics["hubnat_policy_errors_total{kind=timeout,policy=deny}"],
+        0.0
     );
 
     // The connection opened before the reloads still carries data both ways.
