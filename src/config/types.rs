@@ -314,7 +314,8 @@ pub struct CaptureConfig {
     pub path: Option<PathBuf>,
     /// Bytes kept of each frame.
     pub snaplen: u32,
-    /// Rotate the file when it would grow past this many bytes; `None` (`""`): never.
+    /// Rotate the file when it would grow past this many bytes (100 MiB by default);
+    /// `None` (`""`): never.
     #[serde(with = "size_text")]
     pub max_size: Option<u64>,
     /// Files kept when rotating, the current one included (`PATH`, `PATH.1`, …).
@@ -326,7 +327,7 @@ impl Default for CaptureConfig {
         CaptureConfig {
             path: None,
             snaplen: hubnat_backend::capture::DEFAULT_SNAPLEN,
-            max_size: None,
+            max_size: Some(hubnat_backend::capture::DEFAULT_MAX_SIZE),
             max_files: hubnat_backend::capture::DEFAULT_MAX_FILES,
         }
     }
@@ -603,7 +604,7 @@ mod tests {
             CaptureConfig {
                 path: None,
                 snaplen: 65535,
-                max_size: None,
+                max_size: Some(100 * 1024 * 1024),
                 max_files: 2,
             }
         );

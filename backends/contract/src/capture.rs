@@ -35,6 +35,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -60,6 +61,10 @@ pub const RECORD_HEADER_LEN: u64 = 16;
 
 /// How many files a rotating capture keeps by default.
 pub const DEFAULT_MAX_FILES: u32 = 2;
+
+/// The size at which hubnat's configuration rotates a capture by default (100 MiB), so a
+/// capture left on cannot fill the disk.
+pub const DEFAULT_MAX_SIZE: u64 = 100 << 20;
 
 /// The pcap magic number for microsecond time stamps.
 const MAGIC_MICROS: u32 = 0xa1b2_c3d4;
@@ -132,12 +137,17 @@ impl PcapWriter {
 
     fn open(options: &CaptureOptions) -> io::Result<BufWriter<File>> {
         let path = &options.path;
+        // Frames carry the clients' traffic: the file is the owner's alone, also when it was
+        // there before with a wider mode.
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| name_error(path, "create", e))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| name_error(path, "restrict the mode of", e))?;
         let mut file = BufWriter::with_capacity(buffer_len(options.snaplen), file);
         let mut header = [0u8; FILE_HEADER_LEN as usize];
         header[0..4].copy_from_slice(&MAGIC_MICROS.to_ne_bytes());
@@ -387,6 +397,29 @@ mod tests {
         let mut f = vec![n; len];
         f[..6].copy_from_slice(&[0xff; 6]);
         f
+    }
+
+    #[test]
+    fn the_file_is_the_owners_alone_even_if_it_was_there_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempdir();
+        let path = dir.join("old.pcap");
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let options = CaptureOptions {
+            max_size: Some(200),
+            ..CaptureOptions::new(&path)
+        };
+        let mut w = PcapWriter::create(options).expect("create");
+        for n in 0..4 {
+            w.write_frame(SystemTime::now(), &frame(n, 100))
+                .expect("write");
+        }
+        w.flush().expect("flush");
+        for p in [path.clone(), rotated_path(&path, 1)] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
     }
 
     #[test]
