@@ -16,15 +16,27 @@
 //! loop and the control API each hold one): before each line a writer checks that `PATH` is
 //! still the file it has open, and reopens it when another writer rotated it.
 //!
+//! # Rate limit
+//!
+//! A hostile client can make events as fast as it sends frames (a SYN per closed port, a
+//! DISCOVER per random MAC). Each kind of line (its subsystem and event, such as `NAT session
+//! refused`) may write a burst of [`BURST`] lines, then [`RATE`] a second; lines beyond that
+//! are counted, not written (nor sent to `tracing`). The next line written after a kind's
+//! budget recovers is preceded by `SECLOG suppressed: kind="NAT session refused" lines=N`;
+//! any later line of any kind, or the gateway's stop, writes such summaries for every kind
+//! with lines held back. The operator's and the gateway's own lines (`GATEWAY`, `CONTROL`)
+//! are never held back.
+//!
 //! The driver opens the log with [`SecurityLog::open`]; the rotation of a path is registered
 //! beforehand with [`configure`] (the binary does it from `log.security_max_size` and
 //! `log.security_max_files`). A path never configured rotates at the defaults.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::core::dhcp::{server::fmt_mac, DhcpEvent, Lease};
 use crate::core::nat::{FlowKey, NatEvent};
@@ -47,6 +59,32 @@ impl Default for Rotation {
     }
 }
 
+/// Lines of one kind written at once before [`RATE`] applies.
+pub const BURST: f64 = 100.0;
+/// Lines of one kind written per second once its burst is spent.
+pub const RATE: f64 = 10.0;
+
+/// Subsystems whose lines are never held back: the gateway's own and the operator's.
+const UNLIMITED: [&str; 2] = ["GATEWAY", "CONTROL"];
+
+/// One kind's budget: a token bucket, and the lines held back since its last line.
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    at: Instant,
+    suppressed: u64,
+}
+
+impl Budget {
+    /// Refills for the time since the last look; whether a line may be written.
+    fn refill(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * RATE).min(BURST);
+        self.at = now;
+        self.tokens >= 1.0
+    }
+}
+
 /// The security log file.
 #[derive(Debug)]
 pub struct SecurityLog {
@@ -54,6 +92,10 @@ pub struct SecurityLog {
     path: PathBuf,
     rotation: Rotation,
     failed: bool,
+    /// By kind ("NAT session refused").
+    budgets: HashMap<String, Budget>,
+    /// Whether some kind has lines held back.
+    held: bool,
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -91,6 +133,8 @@ impl SecurityLog {
                 ..rotation
             },
             failed: false,
+            budgets: HashMap::new(),
+            held: false,
         })
     }
 
@@ -134,9 +178,71 @@ impl SecurityLog {
         &self.path
     }
 
-    /// Appends one line. A write failure is reported once through `tracing` and does not stop
-    /// the gateway (the event is still in the tracing output).
+    /// Appends one line, unless its kind is over its rate (see the module's documentation). A
+    /// write failure is reported once through `tracing` and does not stop the gateway (the
+    /// event is still in the tracing output).
     pub fn write(&mut self, subsystem: &str, event: &str, fields: &str) {
+        self.write_at(Instant::now(), subsystem, event, fields);
+    }
+
+    /// [`write`](Self::write) at `now` (for the rate limit).
+    fn write_at(&mut self, now: Instant, subsystem: &str, event: &str, fields: &str) {
+        if self.held {
+            self.summarize(now);
+        }
+        if UNLIMITED.contains(&subsystem) {
+            self.append(subsystem, event, fields);
+            return;
+        }
+        let kind = format!("{subsystem} {event}");
+        let budget = self.budgets.entry(kind).or_insert(Budget {
+            tokens: BURST,
+            at: now,
+            suppressed: 0,
+        });
+        if !budget.refill(now) {
+            budget.suppressed += 1;
+            self.held = true;
+            return;
+        }
+        budget.tokens -= 1.0;
+        self.append(subsystem, event, fields);
+    }
+
+    /// Writes a `SECLOG suppressed` line for each kind with lines held back whose budget has
+    /// recovered; with `force`, for every such kind (on the way out).
+    fn summarize_kinds(&mut self, now: Instant, force: bool) {
+        let mut lines = Vec::new();
+        self.held = false;
+        for (kind, budget) in &mut self.budgets {
+            if budget.suppressed == 0 {
+                continue;
+            }
+            if force || budget.refill(now) {
+                lines.push(format!("kind={kind:?} lines={}", budget.suppressed));
+                budget.suppressed = 0;
+            } else {
+                self.held = true;
+            }
+        }
+        lines.sort();
+        for line in lines {
+            self.append("SECLOG", "suppressed", &line);
+        }
+    }
+
+    fn summarize(&mut self, now: Instant) {
+        self.summarize_kinds(now, false);
+    }
+
+    /// Writes what the rate limit held back, whatever the budgets (call it before stopping).
+    pub fn flush_suppressed(&mut self) {
+        if self.held {
+            self.summarize_kinds(Instant::now(), true);
+        }
+    }
+
+    fn append(&mut self, subsystem: &str, event: &str, fields: &str) {
         let now = humantime::format_rfc3339_millis(SystemTime::now());
         tracing::info!(target: "security", "{subsystem} {event}: {fields}");
         let line = format!("{now} {subsystem} {event}: {fields}\n");
@@ -343,6 +449,52 @@ mod tests {
         );
         assert!(
             text.contains(&format!(" DHCP lease revoked: {fields}\n")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_flood_of_one_kind_is_held_back_and_summarized() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("security.log");
+        let mut log = SecurityLog::open(&path).expect("open");
+        let t0 = Instant::now();
+        // A burst of 1,000 refusals in one instant, and one operator line among them.
+        for i in 0..1000 {
+            log.write_at(t0, "NAT", "session refused", &format!("n={i}"));
+            if i == 500 {
+                log.write_at(t0, "CONTROL", "session ended by operator", "id=1");
+            }
+        }
+        let count = |text: &str, what: &str| text.lines().filter(|l| l.contains(what)).count();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(count(&text, "NAT session refused"), BURST as usize);
+        assert_eq!(count(&text, "CONTROL session ended by operator"), 1);
+        assert_eq!(count(&text, "SECLOG"), 0, "nothing to summarize yet");
+        // A second later the kind has 10 lines again: the summary comes before the next one.
+        let t1 = t0 + Duration::from_secs(1);
+        log.write_at(t1, "NAT", "session refused", "n=late");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tail: Vec<&str> = text.lines().rev().take(2).collect();
+        assert!(
+            tail[1].ends_with("SECLOG suppressed: kind=\"NAT session refused\" lines=900"),
+            "{tail:?}"
+        );
+        assert!(tail[0].ends_with("NAT session refused: n=late"), "{tail:?}");
+        // Another kind is not affected by the first one's flood.
+        log.write_at(t1, "DHCP", "pool exhausted", "mac=x");
+        // Held back lines of a kind that has not recovered are written out on the way out.
+        for _ in 0..50 {
+            log.write_at(t1, "NAT", "session refused", "n=more");
+        }
+        log.flush_suppressed();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(count(&text, "DHCP pool exhausted"), 1);
+        assert!(
+            text.lines()
+                .last()
+                .unwrap()
+                .ends_with("SECLOG suppressed: kind=\"NAT session refused\" lines=41"),
             "{text}"
         );
     }

@@ -330,6 +330,7 @@ impl Gateway {
             malformed = c.malformed,
             "hubnat stopped"
         );
+        self.seclog.flush_suppressed();
         self.seclog.write(
             "GATEWAY",
             "stopped",
