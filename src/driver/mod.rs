@@ -262,7 +262,13 @@ impl Gateway {
         core.set_icmp_mode(icmp_mode);
         let policies = self.start_policies(&mut core)?;
         match host::raise_fd_limit() {
-            Ok(n) => tracing::debug!(open_files = n, "file descriptor limit"),
+            Ok(n) => {
+                tracing::debug!(open_files = n, "file descriptor limit");
+                if let Some(warning) = fd_limit_warning(self.config.nat.max_sessions, n) {
+                    tracing::warn!("{warning}");
+                    self.seclog.write("GATEWAY", "warning", &warning);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
         let d = &self.config.dhcp;
@@ -805,5 +811,41 @@ impl Gateway {
         if let Err(e) = self.state.save_leases(&leases) {
             error!(error = %e, "cannot save the lease table; leases given out since the last save would be lost on restart");
         }
+    }
+}
+
+/// Descriptors kept for everything but sessions: the backend, the control API, the state
+/// directory, the policy threads, DNS, the log files.
+const RESERVED_FDS: u64 = 64;
+
+/// A warning when `max_sessions` sessions (one socket each) cannot all be open under the
+/// open-file limit `limit`.
+fn fd_limit_warning(max_sessions: u32, limit: u64) -> Option<String> {
+    let room = limit.saturating_sub(RESERVED_FDS);
+    (u64::from(max_sessions) > room).then(|| {
+        format!(
+            "nat.max_sessions = {max_sessions}, but the open-file limit is {limit}: only about \
+             {room} sessions can be open at once, and new ones beyond that fail (logged as \
+             session failed); raise the limit (ulimit -n, LimitNOFILE= in the unit) or lower \
+             nat.max_sessions"
+        )
+    })
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::fd_limit_warning;
+
+    #[test]
+    fn max_sessions_is_checked_against_the_open_file_limit() {
+        assert_eq!(fd_limit_warning(16384, 1 << 20), None);
+        assert_eq!(fd_limit_warning(960, 1024), None);
+        let w = fd_limit_warning(16384, 1024).expect("a warning");
+        assert!(
+            w.starts_with(
+                "nat.max_sessions = 16384, but the open-file limit is 1024: only about 960"
+            ),
+            "{w}"
+        );
     }
 }
