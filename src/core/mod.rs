@@ -468,6 +468,11 @@ impl VirtualHost {
             self.counters.dhcp_disabled += 1;
             return;
         }
+        if let Err(why) = dhcp::guard::check_option_lengths(payload) {
+            self.counters.malformed += 1;
+            debug!(%why, "dhcp: malformed message dropped");
+            return;
+        }
         let msg = match dhcproto::v4::Message::decode(&mut Decoder::new(payload)) {
             Ok(msg) => msg,
             Err(e) => {

@@ -251,6 +251,13 @@ pub fn dhcp_frame(
     let mut body = Vec::new();
     msg.encode(&mut Encoder::new(&mut body))
         .expect("invariant: a small message encodes");
+    dhcp_payload_frame(&body)
+}
+
+/// A frame from the client (0.0.0.0:68 to 255.255.255.255:67) carrying `body`, a DHCP message
+/// as bytes (any bytes).
+pub fn dhcp_payload_frame(body: &[u8]) -> Vec<u8> {
+    use smoltcp::wire::{UdpPacket, UdpRepr};
     let (src, dst) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
     let mut frame = vec![0u8; 14 + 20 + 8 + body.len()];
     EthernetRepr {
@@ -279,7 +286,7 @@ pub fn dhcp_frame(
         &IpAddress::Ipv4(src),
         &IpAddress::Ipv4(dst),
         body.len(),
-        |b| b.copy_from_slice(&body),
+        |b| b.copy_from_slice(body),
         &ChecksumCapabilities::default(),
     );
     frame

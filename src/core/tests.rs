@@ -208,6 +208,43 @@ fn dhcp_discover() -> Vec<u8> {
     super::testkit::dhcp_frame(dhcproto::v4::MessageType::Discover, None)
 }
 
+/// A DISCOVER whose options end with `extra` (before the end option).
+fn discover_with(extra: &[u8]) -> Vec<u8> {
+    use dhcproto::v4::{DhcpOption, Message, MessageType};
+    use dhcproto::{Encodable, Encoder};
+    let mut msg = Message::new_with_id(
+        9,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &super::testkit::CLIENT_MAC.0,
+    );
+    msg.opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Discover));
+    let mut body = Vec::new();
+    msg.encode(&mut Encoder::new(&mut body)).unwrap();
+    assert_eq!(body.pop(), Some(255), "the end option comes last");
+    body.extend_from_slice(extra);
+    body.push(255);
+    super::testkit::dhcp_payload_frame(&body)
+}
+
+#[test]
+fn an_option_length_dhcproto_trusts_is_checked_first() {
+    let mut h = host();
+    // Rapid Commit with a byte in it: a debug assertion in dhcproto (a panic in this build).
+    for bad in [&[80u8, 1, 0][..], &[81, 1, 0], &[94, 2, 0, 0], &[151, 0]] {
+        h.handle_frame(now(), &discover_with(bad));
+        assert!(sent(&mut h).is_empty(), "{bad:?}: no offer");
+    }
+    assert_eq!(h.counters().malformed, 4);
+    // The same options with their proper lengths are fine.
+    h.handle_frame(now(), &discover_with(&[80, 0, 94, 3, 1, 2, 0]));
+    assert_eq!(sent(&mut h).len(), 1, "an offer");
+    assert_eq!(h.counters().malformed, 4);
+}
+
 fn set_dhcp(h: &mut VirtualHost, enabled: bool) {
     let mut s = h.settings().clone();
     s.dhcp.enabled = enabled;

@@ -2,6 +2,7 @@
 //! options it hands out ([`options`]). Messages are parsed and built with `dhcproto`; the
 //! frame-level work (Ethernet, IPv4, UDP) is the core's.
 
+pub(crate) mod guard;
 pub mod hook;
 pub mod options;
 pub mod pool;
