@@ -234,7 +234,6 @@ pub fn dhcp_frame(
 ) -> Vec<u8> {
     use dhcproto::v4::{DhcpOption, Message};
     use dhcproto::{Encodable, Encoder};
-    use smoltcp::wire::{UdpPacket, UdpRepr};
     let mut msg = Message::new_with_id(
         9,
         Ipv4Addr::UNSPECIFIED,
