@@ -369,6 +369,88 @@ fn peers_beyond_the_limit_are_refused_until_one_leaves() {
 }
 
 #[test]
+fn a_burst_of_connections_gets_no_more_than_max_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = HubSocketConfig::new(1500, vec![Endpoint::Unix(dir.path().join("hub.sock"))]);
+    config.max_peers = 2;
+    let hub = HubSocket::start(config).unwrap();
+    let sock = dir.path().join("hub.sock");
+    // Twenty at once, before the hub's thread runs any of their tasks.
+    let mut peers: Vec<Peer> = (0..20).map(|_| Peer::unix(&sock)).collect();
+    wait_until(Duration::from_secs(5), "every connection answered", || {
+        let s = hub.socket_stats();
+        s.connected + s.refused == 20
+    });
+    let stats = hub.socket_stats();
+    assert_eq!((stats.connected, stats.refused, stats.peers), (2, 18, 2), "{stats:?}");
+    let open = peers
+        .iter_mut()
+        .map(|p| p.closed_by_hub(Duration::from_millis(200)))
+        .filter(|closed| !closed)
+        .count();
+    assert_eq!(open, 2, "the hub closed all but two");
+}
+
+#[test]
+fn a_peer_that_writes_without_pause_does_not_starve_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = start(dir.path(), false);
+    let sock = dir.path().join("hub.sock");
+    let (mut flooder, mut other) = (Peer::unix(&sock), Peer::unix(&sock));
+    wait_until(Duration::from_secs(5), "two peers", || {
+        hub.socket_stats().peers == 2
+    });
+    // The hub learns where the host is; the other peer sees its broadcast.
+    host_send(&mut hub, &[frame(BROADCAST, HOST, 0x01)]);
+    assert_eq!(other.drain(QUIET), vec![(HOST[5], 0x01)]);
+    // The flooder writes frames to the host as fast as its socket takes them, without ever
+    // reading.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let f = frame(HOST, mac(1), 0);
+            let mut framed = Vec::new();
+            for _ in 0..64 {
+                framed.extend_from_slice(&(f.len() as u32).to_be_bytes());
+                framed.extend_from_slice(&f);
+            }
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if flooder.0.write_all(&framed).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    // Meanwhile the other peer's frames reach the host (through a queue the flood keeps
+    // full, so some may be dropped and sent again), and the host's reach it.
+    let mut batch = FrameBatch::new(64, 1514);
+    for tag in 1..=20u8 {
+        let until = StdInstant::now() + Duration::from_secs(20);
+        let mut sent_at = StdInstant::now();
+        other.send(&frame(HOST, mac(2), tag));
+        loop {
+            assert!(StdInstant::now() < until, "frame {tag} from the other peer never came");
+            batch.clear();
+            futures_lite::future::block_on(hub.recv_batch(&mut batch)).expect("recv_batch");
+            if batch.iter().any(|f| (f[11], f[14]) == (2, tag)) {
+                break;
+            }
+            if sent_at.elapsed() > Duration::from_millis(50) {
+                other.send(&frame(HOST, mac(2), tag));
+                sent_at = StdInstant::now();
+            }
+        }
+    }
+    host_send(&mut hub, &[frame(mac(2), HOST, 0x55)]);
+    assert_eq!(other.drain(QUIET), vec![(HOST[5], 0x55)]);
+    // And the hub stops while the flood goes on.
+    drop(hub);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flooding.join().unwrap();
+}
+
+#[test]
 fn socket_files_are_owner_only_by_default_stale_ones_replaced_and_live_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.sock");

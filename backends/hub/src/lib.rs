@@ -13,7 +13,9 @@ pub mod memory;
 pub mod socket;
 pub mod switch;
 
-pub use memory::{HubStats, MemoryHub, MemoryHubConfig, MemoryPort, DEFAULT_QUEUE_FRAMES};
+pub use memory::{
+    HubStats, MemoryHub, MemoryHubConfig, MemoryPort, DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_FRAMES,
+};
 pub use socket::{
     Endpoint, EndpointError, HubSocket, HubSocketConfig, HubSocketError, SocketStats,
     DEFAULT_MAX_PEERS, DEFAULT_SOCKET_MODE, MAX_WIRE_FRAME,

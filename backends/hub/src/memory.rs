@@ -27,7 +27,10 @@
 //!
 //! # Limits
 //!
-//! Each port queues at most [`MemoryHubConfig::queue_frames`] frames (default 1024); the switch
+//! Each port queues at most [`MemoryHubConfig::queue_frames`] frames (default 1024) and
+//! [`MemoryHubConfig::queue_bytes`] bytes of them (default 4 MiB), so a port that never reads
+//! holds at most that much, whatever the MTU; a queued frame's buffer is as long as the frame
+//! (buffers reused from the pool may be longer, up to the largest frame carried). The switch
 //! remembers at most [`SwitchLimits::max_entries`] stations, each for
 //! [`SwitchLimits::max_age`] after its last frame (defaults 4096 and 300 s). The number of
 //! ports is not limited: each costs one queue. Switching time is measured with
@@ -35,7 +38,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -47,6 +50,9 @@ use crate::switch::{Forward, PortId, Switch, SwitchLimits};
 /// The default depth of each port's queue, in frames.
 pub const DEFAULT_QUEUE_FRAMES: usize = 1024;
 
+/// The default most bytes of frames queued for one port.
+pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
+
 /// How many spare frame buffers the hub keeps for reuse.
 const POOL_BUFFERS: usize = 256;
 
@@ -57,6 +63,8 @@ pub struct MemoryHubConfig {
     pub mtu: u32,
     /// The depth of each port's queue, in frames (at least 1).
     pub queue_frames: usize,
+    /// The most bytes of frames queued for one port (at least one largest frame).
+    pub queue_bytes: usize,
     /// The learning table's bounds.
     pub switch: SwitchLimits,
 }
@@ -67,6 +75,7 @@ impl MemoryHubConfig {
         MemoryHubConfig {
             mtu,
             queue_frames: DEFAULT_QUEUE_FRAMES,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
             switch: SwitchLimits::default(),
         }
     }
@@ -100,6 +109,8 @@ struct PortCounters {
     tx_frames: AtomicU64,
     tx_bytes: AtomicU64,
     tx_dropped: AtomicU64,
+    /// Bytes of frames in the port's queue now.
+    queued_bytes: AtomicUsize,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -138,13 +149,14 @@ impl Shared {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn buffer(&self) -> Vec<u8> {
+    /// A buffer for a frame of `len` bytes: a spare one, or a new one of that length.
+    fn buffer(&self, len: usize) -> Vec<u8> {
         match self.pool_out.try_recv() {
             Ok(mut buf) => {
                 buf.clear();
                 buf
             }
-            Err(_) => Vec::with_capacity(self.max_frame_len),
+            Err(_) => Vec::with_capacity(len),
         }
     }
 
@@ -157,21 +169,30 @@ impl Shared {
     fn deliver(&self, stats: &mut HubStats, link: &PortLink, frame: &[u8]) {
         // Only the hub sends on a port's queue, and it does so under the lock: a queue seen
         // not full here cannot fill up before the send below.
-        if link.queue.is_full() {
+        let queued = &link.counters.queued_bytes;
+        if link.queue.is_full()
+            || queued.load(Ordering::Relaxed) + frame.len() > self.config.queue_bytes
+        {
             stats.queue_full += 1;
             bump(&link.counters.rx_dropped, 1);
             return;
         }
-        let mut buf = self.buffer();
+        let mut buf = self.buffer(frame.len());
         buf.extend_from_slice(frame);
+        // Counted before it can be received (and uncounted), taken back if it is not queued.
+        queued.fetch_add(frame.len(), Ordering::Relaxed);
         match link.queue.try_send(buf) {
             Ok(()) => {}
             Err(TrySendError::Full(buf)) => {
+                queued.fetch_sub(frame.len(), Ordering::Relaxed);
                 stats.queue_full += 1;
                 bump(&link.counters.rx_dropped, 1);
                 self.recycle(buf);
             }
-            Err(TrySendError::Closed(buf)) => self.recycle(buf),
+            Err(TrySendError::Closed(buf)) => {
+                queued.fetch_sub(frame.len(), Ordering::Relaxed);
+                self.recycle(buf);
+            }
         }
     }
 
@@ -231,10 +252,14 @@ impl MemoryHub {
         MemoryHub::with_config(MemoryHubConfig::new(mtu))
     }
 
-    /// A hub with explicit limits. A `queue_frames` of 0 is taken as 1.
+    /// A hub with explicit limits. A `queue_frames` of 0 is taken as 1, a `queue_bytes`
+    /// under one largest frame as one largest frame.
     pub fn with_config(config: MemoryHubConfig) -> MemoryHub {
         let config = MemoryHubConfig {
             queue_frames: config.queue_frames.max(1),
+            queue_bytes: config
+                .queue_bytes
+                .max(config.mtu as usize + ETHERNET_HEADER_LEN),
             ..config
         };
         let (pool_in, pool_out) = async_channel::bounded(POOL_BUFFERS);
@@ -385,6 +410,12 @@ impl MemoryPort {
     fn count_rx(&self, len: usize) {
         bump(&self.counters.rx_frames, 1);
         bump(&self.counters.rx_bytes, len as u64);
+        self.counters.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Bytes of frames queued for this port, not yet received.
+    pub fn queued_bytes(&self) -> usize {
+        self.counters.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Appends a received frame to `batch` and returns its buffer to the pool.
@@ -455,5 +486,31 @@ impl Drop for MemoryPort {
         let forgotten = inner.switch.port_gone(self.id);
         drop(inner);
         tracing::debug!(port = %self.id, forgotten, "memory hub: port disconnected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_that_never_reads_holds_at_most_queue_bytes() {
+        let hub = MemoryHub::new(9000);
+        let (sender, idle) = (hub.connect(), hub.connect());
+        // A full broadcast frame from a unicast station.
+        let mut frame = vec![0xffu8; 9014];
+        frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        for _ in 0..1000 {
+            assert!(sender.try_send(&frame));
+        }
+        assert!(idle.queued_bytes() <= DEFAULT_QUEUE_BYTES, "{}", idle.queued_bytes());
+        assert_eq!(idle.queued(), DEFAULT_QUEUE_BYTES / 9014);
+        assert_eq!(idle.rx_dropped(), 1000 - idle.queued() as u64);
+        // Reading gives the room back.
+        let mut buf = Vec::new();
+        while idle.try_recv(&mut buf) {}
+        assert_eq!(idle.queued_bytes(), 0);
+        assert!(sender.try_send(&frame));
+        assert_eq!(idle.queued_bytes(), 9014);
     }
 }

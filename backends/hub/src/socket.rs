@@ -65,7 +65,9 @@ use async_io::{Async, Timer};
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 
-use crate::memory::{HubStats, MemoryHub, MemoryHubConfig, MemoryPort, DEFAULT_QUEUE_FRAMES};
+use crate::memory::{
+    HubStats, MemoryHub, MemoryHubConfig, MemoryPort, DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_FRAMES,
+};
 use crate::switch::SwitchLimits;
 
 /// The longest length prefix a peer may send: an Ethernet frame of the largest MTU any peer
@@ -164,6 +166,8 @@ pub struct HubSocketConfig {
     pub max_peers: usize,
     /// The depth of each port's queue, in frames.
     pub queue_frames: usize,
+    /// The most bytes of frames queued for one port (a peer that does not read).
+    pub queue_bytes: usize,
     /// The learning table's bounds.
     pub switch: SwitchLimits,
 }
@@ -178,6 +182,7 @@ impl HubSocketConfig {
             socket_mode: DEFAULT_SOCKET_MODE,
             max_peers: DEFAULT_MAX_PEERS,
             queue_frames: DEFAULT_QUEUE_FRAMES,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
             switch: SwitchLimits::default(),
         }
     }
@@ -253,6 +258,21 @@ struct Server {
     counters: Arc<Counters>,
     max_frame_len: usize,
     max_peers: usize,
+}
+
+impl Server {
+    /// Takes a peer's place, if one is free (else counts the refusal). The count moves here,
+    /// before the peer's task is spawned, so a burst of connections cannot all slip in; the
+    /// place is given back when [`serve_peer`] ends.
+    fn claim_peer(&self) -> bool {
+        let peers = &self.counters.peers;
+        if peers.load(Ordering::Relaxed) >= self.max_peers {
+            bump(&self.counters.refused);
+            return false;
+        }
+        peers.fetch_add(1, Ordering::Relaxed);
+        true
+    }
 }
 
 /// A listening socket, bound at start-up.
@@ -341,6 +361,7 @@ impl HubSocket {
         let hub = MemoryHub::with_config(MemoryHubConfig {
             mtu: config.mtu,
             queue_frames: config.queue_frames,
+            queue_bytes: config.queue_bytes,
             switch: config.switch,
         });
         let port = hub.connect();
@@ -567,9 +588,7 @@ async fn accept_loop(ex: Weak<LocalExecutor<'static>>, server: Rc<Server>, liste
                 continue;
             }
         };
-        let counters = &server.counters;
-        if counters.peers.load(Ordering::Relaxed) >= server.max_peers {
-            bump(&counters.refused);
+        if !server.claim_peer() {
             tracing::warn!(
                 endpoint = %endpoint,
                 max_peers = server.max_peers,
@@ -604,8 +623,7 @@ async fn connect_loop(server: Rc<Server>, endpoint: Endpoint) {
             Ok(stream) => {
                 failures = 0;
                 delay = RECONNECT_FIRST;
-                if server.counters.peers.load(Ordering::Relaxed) >= server.max_peers {
-                    bump(&server.counters.refused);
+                if !server.claim_peer() {
                     tracing::warn!(endpoint = %endpoint, "hub socket: not using the connection: the maximum number of peers is connected");
                 } else {
                     let name = peer_name(&server, &stream, &endpoint);
@@ -650,10 +668,10 @@ enum PeerEnd {
     Error(io::Error),
 }
 
-/// Runs one peer until it disconnects, misbehaves or the server stops.
+/// Runs one peer, claimed with [`Server::claim_peer`], until it disconnects, misbehaves or the
+/// server stops; gives its place back.
 async fn serve_peer(server: &Server, stream: Stream, name: &str) {
     let counters = &server.counters;
-    counters.peers.fetch_add(1, Ordering::Relaxed);
     bump(&counters.connected);
     let port = server.hub.connect();
     tracing::info!(peer = name, port = %port.id(), "hub socket: peer connected");
@@ -735,6 +753,9 @@ where
             end -= start;
             start = 0;
         }
+        // A peer that writes without pause would otherwise keep this thread to itself: every
+        // read succeeds at once. Let the other peers (and the stop signal) have a turn.
+        futures_lite::future::yield_now().await;
         match reader.read(&mut buf[end..]).await {
             Ok(0) => return PeerEnd::Closed,
             Ok(n) => end += n,
@@ -761,6 +782,8 @@ where
             push_framed(&mut out, &frame);
         }
         writer.write_all(&out).await?;
+        // Likewise for a port that always has frames queued and a socket that always has room.
+        futures_lite::future::yield_now().await;
     }
 }
 
