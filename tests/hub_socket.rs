@@ -382,7 +382,11 @@ fn a_burst_of_connections_gets_no_more_than_max_peers() {
         s.connected + s.refused == 20
     });
     let stats = hub.socket_stats();
-    assert_eq!((stats.connected, stats.refused, stats.peers), (2, 18, 2), "{stats:?}");
+    assert_eq!(
+        (stats.connected, stats.refused, stats.peers),
+        (2, 18, 2),
+        "{stats:?}"
+    );
     let open = peers
         .iter_mut()
         .map(|p| p.closed_by_hub(Duration::from_millis(200)))
@@ -430,7 +434,10 @@ fn a_peer_that_writes_without_pause_does_not_starve_the_others() {
         let mut sent_at = StdInstant::now();
         other.send(&frame(HOST, mac(2), tag));
         loop {
-            assert!(StdInstant::now() < until, "frame {tag} from the other peer never came");
+            assert!(
+                StdInstant::now() < until,
+                "frame {tag} from the other peer never came"
+            );
             batch.clear();
             futures_lite::future::block_on(hub.recv_batch(&mut batch)).expect("recv_batch");
             if batch.iter().any(|f| (f[11], f[14]) == (2, tag)) {

@@ -59,6 +59,11 @@ use sessions::Shared;
 /// Frames read from the backend per wake-up, at most.
 pub const RX_BATCH_FRAMES: usize = 64;
 
+/// Passes of the loop in a row that may find an input ready without waiting before it yields
+/// to the session tasks: under a flood of frames the executor would otherwise never run them
+/// (a future that is always ready never gives the executor a turn).
+const BUSY_PASSES: u32 = 8;
+
 /// Why the gateway could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -374,15 +379,18 @@ impl Gateway {
             Stop,
         }
 
+        // Passes in a row that found an input ready at once (a flood of frames, say).
+        let mut busy = 0u32;
         loop {
             let (deadline, again) = {
                 let core = shared.core.borrow();
                 (core.poll_timeout(), core.wants_poll())
             };
-            if again {
-                // More to send right away (the last batch was full): let the session tasks run,
-                // then go round without waiting.
+            if again || busy >= BUSY_PASSES {
+                // More to send right away (the last batch was full), or inputs have been
+                // ready for a while: let the session tasks run, then go round without waiting.
                 futures_lite::future::yield_now().await;
+                busy = 0;
             }
             rx.clear();
             let wake = {
@@ -424,12 +432,16 @@ impl Gateway {
                     shutdown.as_mut().await;
                     Wake::Stop
                 };
-                stop.or(recv)
-                    .or(command)
-                    .or(policy)
-                    .or(kick)
-                    .or(timer)
-                    .await
+                let mut waited = false;
+                let mut wake = pin!(stop.or(recv).or(command).or(policy).or(kick).or(timer));
+                let wake = std::future::poll_fn(|cx| {
+                    let poll = wake.as_mut().poll(cx);
+                    waited |= poll.is_pending();
+                    poll
+                })
+                .await;
+                busy = if waited { 0 } else { busy + 1 };
+                wake
             };
             let now = shared.clock.now();
             let mut command = None;

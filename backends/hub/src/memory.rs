@@ -503,7 +503,11 @@ mod tests {
         for _ in 0..1000 {
             assert!(sender.try_send(&frame));
         }
-        assert!(idle.queued_bytes() <= DEFAULT_QUEUE_BYTES, "{}", idle.queued_bytes());
+        assert!(
+            idle.queued_bytes() <= DEFAULT_QUEUE_BYTES,
+            "{}",
+            idle.queued_bytes()
+        );
         assert_eq!(idle.queued(), DEFAULT_QUEUE_BYTES / 9014);
         assert_eq!(idle.rx_dropped(), 1000 - idle.queued() as u64);
         // Reading gives the room back.
