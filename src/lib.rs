@@ -29,5 +29,6 @@ pub mod core;
 pub mod driver;
 pub mod host;
 pub mod policy;
+pub mod privilege;
 pub mod seclog;
 pub mod state;

@@ -440,6 +440,19 @@ async fn run_backend<B: hubnat_backend::Backend>(
     config: &Config,
 ) -> Result<()> {
     use hubnat_backend::capture::{Capture, PcapWriter};
+    // Everything that needs root is open: give it up before anything else runs. Nothing
+    // hubnat starts may gain privileges either way.
+    hubnat::privilege::no_new_privs().context("cannot set no_new_privs")?;
+    if let Some(account) = hubnat::privilege::resolve(&config.process)? {
+        let log = config.security_log_path();
+        hubnat::privilege::become_user(&account, &config.state.dir, &[log])?;
+        tracing::info!(
+            user = %account.user,
+            uid = account.uid,
+            gid = account.gid,
+            "gave up root: running as this user from now on"
+        );
+    }
     match config.capture_options() {
         Some(options) => {
             let path = options.path.clone();

@@ -137,3 +137,37 @@ fn printed_config_loads_back() -> Result<()> {
     }
     Ok(())
 }
+
+/// The systemd unit passes `systemd-analyze verify` (its syntax, every directive known), with
+/// `ExecStart` pointed at the binary under test.
+#[test]
+fn the_systemd_unit_verifies() -> Result<()> {
+    let unit = std::fs::read_to_string(config_dir().join("hubnat.service"))?;
+    ensure!(
+        unit.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+        "reload is SIGHUP"
+    );
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("hubnat.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/hubnat", env!("CARGO_BIN_EXE_hubnat")),
+    )?;
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .context(
+            "systemd-analyze is missing: install the systemd package (scripts/test.sh does)",
+        )?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify: {text}"
+    );
+    Ok(())
+}

@@ -713,14 +713,15 @@ mod tests {
                 [
                     "environment variable HUBNAT_BIN is ignored: it names no hubnat setting \
                   (variables HUBNAT_SECTION__KEY set section.key, e.g. HUBNAT_DHCP__LEASE=1h; \
-                  the sections are backend, capture, control, dhcp, dns, host, log, nat, policy, state)"
+                  the sections are backend, capture, control, dhcp, dns, host, log, nat, policy, process, state)"
                 ]
             );
             assert!(about("HUBNAT_NAT__MTU").is_empty() && about("HUBNAT_CONFIG").is_empty());
             assert!(loaded.warnings.contains(&ConfigWarning::UnknownEnv {
                 name: "HUBNAT_BIN".into(),
-                sections: "backend, capture, control, dhcp, dns, host, log, nat, policy, state"
-                    .into(),
+                sections:
+                    "backend, capture, control, dhcp, dns, host, log, nat, policy, process, state"
+                        .into(),
             }));
 
             // Without the environment, nothing to warn about.

@@ -403,7 +403,7 @@ mod tests {
         assert_eq!(
             refused(&["bogus.key=x"]),
             "config key bogus.key = \"x\" (from the control API): unknown key; the sections are \
-             backend, capture, control, dhcp, dns, host, log, nat, policy, state, and of them host, dhcp, nat, dns \
+             backend, capture, control, dhcp, dns, host, log, nat, policy, process, state, and of them host, dhcp, nat, dns \
              can change while hubnat runs"
         );
         let err = Config::default()

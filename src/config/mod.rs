@@ -84,9 +84,9 @@ pub use persisted::{
 pub use render::{ConfigError, ConfigWarning};
 pub use types::{
     BackendConfig, BackendKind, CaptureConfig, Config, ControlConfig, DhcpConfig, DnsConfig,
-    HostConfig, HubConfig, LogConfig, LogFormat, NatConfig, OnError, PolicyConfig, RawConfig,
-    StateConfig, StaticLease, TapConfig, DEFAULT_SECURITY_MAX_FILES, DEFAULT_SECURITY_MAX_SIZE,
-    DEFAULT_TCP_BUFFER,
+    HostConfig, HubConfig, LogConfig, LogFormat, NatConfig, OnError, PolicyConfig, ProcessConfig,
+    RawConfig, StateConfig, StaticLease, TapConfig, DEFAULT_SECURITY_MAX_FILES,
+    DEFAULT_SECURITY_MAX_SIZE, DEFAULT_TCP_BUFFER,
 };
 pub use validate::{
     MAX_CAPTURE_FILES, MAX_HUB_PEERS, MAX_LEASE, MAX_MTU, MAX_NAT_SESSIONS, MAX_NAT_TIMEOUT,

@@ -66,6 +66,8 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// The control API (Unix socket) and the metrics endpoint.
     pub control: ControlConfig,
+    /// Who the process runs as once its backend is open.
+    pub process: ProcessConfig,
     /// WASM policy modules, `[[policy]]` tables, run in this order. Changing them is a reload
     /// (SIGHUP), not a live setting.
     pub policy: Vec<PolicyConfig>,
@@ -457,6 +459,19 @@ pub struct ControlConfig {
     /// A TCP address that serves `/metrics` only, for scrapers; `None` (`""`): none.
     #[serde(with = "opt_text")]
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Who the process runs as: `hubnat run` started as root opens what needs root (the TAP
+/// device, the raw socket, the listening sockets), then becomes `user` (and `group`) for good.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// The user to become, by name or number; `None` (`""`): stay who started it.
+    #[serde(with = "opt_text")]
+    pub user: Option<String>,
+    /// The group to become, by name or number; `None` (`""`): the user's primary group.
+    #[serde(with = "opt_text")]
+    pub group: Option<String>,
 }
 
 impl LogConfig {

@@ -477,6 +477,25 @@ impl Config {
             );
         }
 
+        // process
+        for (key, value) in [
+            ("process.user", &self.process.user),
+            ("process.group", &self.process.group),
+        ] {
+            if let Some(name) = value {
+                if let Err(why) = check_account_name(name) {
+                    c.fail(key, format!("{name:?}"), why);
+                }
+            }
+        }
+        if self.process.group.is_some() && self.process.user.is_none() {
+            c.fail(
+                "process.group",
+                format!("{:?}", self.process.group.as_deref().unwrap_or_default()),
+                "needs process.user: hubnat changes its group only when it changes its user",
+            );
+        }
+
         // policy
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, p) in self.policy.iter().enumerate() {
@@ -712,6 +731,20 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// A user or group name as `useradd` accepts it (or a number), before it is looked up.
+fn check_account_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 32 {
+        return Err("must be 1 to 32 characters: a user or group name, or a number");
+    }
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'$'));
+    if !ok || name.starts_with('-') {
+        return Err("must be a user or group name (letters, digits, '_', '-', '.') or a number");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -117,6 +117,9 @@ impl Topology {
             .tempdir()
             .expect("tempdir");
         let path = dir.path().to_path_buf();
+        // Searchable by others: a hubnat that gives up root still reaches its state directory.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod the topology directory");
         let server = Netns::new("hnsv");
         let gw = Netns::new("hngw");
         let client = Netns::new("hncl");

@@ -160,10 +160,14 @@ fn open_hint(cause: &io::Error) -> &'static str {
 /// Advice for an error from configuring the interface.
 fn config_hint(cause: &io::Error) -> &'static str {
     match cause.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => EPERM_HINT,
+        Some(libc::EPERM) | Some(libc::EACCES) => CONFIG_EPERM_HINT,
         _ => "",
     }
 }
+
+const CONFIG_EPERM_HINT: &str = " (EPERM: changing a TAP device's MTU or bringing it up needs \
+     CAP_NET_ADMIN; with a persistent device made for this user, set them once as root: \
+     `ip link set dev NAME mtu MTU up`, with the MTU hubnat is configured for)";
 
 /// An I/O error on an open device, with the device named in its message.
 #[derive(Debug, thiserror::Error)]

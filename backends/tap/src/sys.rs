@@ -74,12 +74,19 @@ fn ifreq_ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut libc::ifreq) ->
     }
 }
 
-/// Sets the MTU of interface `name` (`SIOCSIFMTU`).
+/// Sets the MTU of interface `name` (`SIOCSIFMTU`), unless it has it already
+/// (`SIOCGIFMTU`): a persistent device made for an ordinary user (`ip tuntap add ... user U`)
+/// and configured by root can then be used without CAP_NET_ADMIN.
 pub(crate) fn set_mtu(name: &str, mtu: u32) -> io::Result<()> {
     let mtu = libc::c_int::try_from(mtu)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "MTU out of range"))?;
     let sock = control_socket()?;
     let mut req = ifreq_for(name);
+    ifreq_ioctl(&sock, libc::SIOCGIFMTU, &mut req)?;
+    // SAFETY: SIOCGIFMTU succeeded, so the kernel wrote ifru_mtu.
+    if unsafe { req.ifr_ifru.ifru_mtu } == mtu {
+        return Ok(());
+    }
     req.ifr_ifru.ifru_mtu = mtu;
     ifreq_ioctl(&sock, libc::SIOCSIFMTU, &mut req)
 }
