@@ -167,6 +167,14 @@ pub struct NatConfig {
     /// the NAT. Off by default: a client would otherwise reach services that listen only
     /// locally on the host.
     pub allow_host_loopback: bool,
+    /// Whether clients may reach link-local addresses (169.254.0.0/16) through the NAT. Off by
+    /// default: cloud metadata services answer at 169.254.169.254, with the host's
+    /// credentials.
+    pub allow_link_local: bool,
+    /// Whether clients may reach the host's own addresses (those of its interfaces other than
+    /// the loopback) through the NAT. Off by default: a client would otherwise reach every
+    /// service that listens on the host.
+    pub allow_host_addresses: bool,
     /// Destinations the NAT refuses, as IPv4 networks (`"10.0.0.0/8"`); empty: none. An IPv6
     /// network is refused by validation: the NAT carries IPv4 only, so it would match nothing.
     #[serde(with = "text_list")]
@@ -190,6 +198,8 @@ impl Default for NatConfig {
             tcp_timeout: Duration::from_secs(7200),
             udp_timeout: Duration::from_secs(600),
             allow_host_loopback: false,
+            allow_link_local: false,
+            allow_host_addresses: false,
             deny: Vec::new(),
             max_sessions: 16384,
             max_sessions_per_client: 4096,
@@ -581,6 +591,8 @@ mod tests {
                 tcp_timeout: Duration::from_secs(7200),
                 udp_timeout: Duration::from_secs(600),
                 allow_host_loopback: false,
+                allow_link_local: false,
+                allow_host_addresses: false,
                 deny: Vec::new(),
                 max_sessions: 16384,
                 max_sessions_per_client: 4096,

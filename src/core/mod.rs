@@ -239,8 +239,9 @@ impl VirtualHost {
     /// - the host's address or mask: smoltcp and the DHCP server answer from the new one;
     /// - `dhcp.*`: a new range, lease time or reservation applies to new leases and renewals;
     ///   leases are kept;
-    /// - `nat.*` timeouts: every session, at once; limits, `nat.deny`, the TCP buffer and the
-    ///   DNS upstreams: new flows; the MTU: new segments and datagrams.
+    /// - `nat.*` timeouts: every session, at once; limits, `nat.deny`, the `nat.allow_*`
+    ///   rules (and the host's addresses), the TCP buffer and the DNS upstreams: new flows;
+    ///   the MTU: new segments and datagrams.
     pub fn apply_settings(&mut self, new: Settings, now: Instant) {
         self.now = now;
         let old = std::mem::replace(&mut self.settings, new);

@@ -132,7 +132,8 @@ fn dhcp_settings(config: &Config) -> DhcpSettings {
     }
 }
 
-/// The NAT's settings from the configuration.
+/// The NAT's settings from the configuration, and the host's own addresses as they are now
+/// (read again on every change of the settings).
 fn nat_settings(config: &Config) -> NatSettings {
     let n = &config.nat;
     NatSettings {
@@ -140,6 +141,12 @@ fn nat_settings(config: &Config) -> NatSettings {
         tcp_timeout: n.tcp_timeout.into(),
         udp_timeout: n.udp_timeout.into(),
         allow_host_loopback: n.allow_host_loopback,
+        allow_link_local: n.allow_link_local,
+        allow_host_addresses: n.allow_host_addresses,
+        host_addresses: host::own_addresses().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the host's addresses; the NAT cannot refuse them");
+            Vec::new()
+        }),
         // Validation refuses IPv6 entries (the NAT carries IPv4 only) and host bits.
         deny: n
             .deny

@@ -7,7 +7,9 @@
 //! virtual host over UDP or TCP) comes here, and three steps run in a fixed order:
 //!
 //! 1. **Safety rules** ([`safety_rules`]): never the virtual segment itself, broadcast,
-//!    multicast, 0.0.0.0/8, 240.0.0.0/4, the host's loopback (unless allowed) or `nat.deny`.
+//!    multicast, 0.0.0.0/8, 240.0.0.0/4, the host's loopback, link-local addresses (cloud
+//!    metadata services answer at 169.254.169.254), the host's own addresses (each unless
+//!    allowed) or `nat.deny`.
 //!    Flows to the virtual host's own DNS port skip this step (the forwarder is ours).
 //! 2. **Policy**: the [`SessionPolicy`], if one is installed, sees a [`FlowInfo`] and answers
 //!    now or later. While it has not answered, the flow waits here with its packets (a few
@@ -24,7 +26,7 @@
 //! [`VERDICT_TIMEOUT`] (then it is dropped as denied by policy).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{Icmpv4DstUnreachable, Ipv4Packet};
@@ -114,6 +116,9 @@ pub trait SessionPolicy {
     fn check(&mut self, ticket: FlowTicket, flow: &FlowInfo) -> PolicyAnswer;
 }
 
+const HOST_ADDRESS: &str =
+    "destination is one of the host's own addresses (nat.allow_host_addresses = false)";
+
 /// Whether `dst` may be reached from the segment of `host`; `Err` says which rule forbids it.
 pub fn safety_rules(
     dst: Ipv4Addr,
@@ -133,6 +138,12 @@ pub fn safety_rules(
     if dst.is_loopback() && !nat.allow_host_loopback {
         return Err("destination is the host's loopback (nat.allow_host_loopback = false)");
     }
+    if dst.is_link_local() && !nat.allow_link_local {
+        return Err("destination is link-local, 169.254.0.0/16 (nat.allow_link_local = false)");
+    }
+    if !nat.allow_host_addresses && nat.host_addresses.contains(&IpAddr::V4(dst)) {
+        return Err(HOST_ADDRESS);
+    }
     if nat.deny.iter().any(|net| net.contains(dst)) {
         return Err("destination is in nat.deny");
     }
@@ -140,7 +151,7 @@ pub fn safety_rules(
 }
 
 /// The safety rules for a redirect target, which may be IPv6.
-fn redirect_rules(
+pub(super) fn redirect_rules(
     target: SocketAddr,
     host: &HostSettings,
     nat: &NatSettings,
@@ -157,6 +168,12 @@ fn redirect_rules(
             }
             if ip.is_loopback() && !nat.allow_host_loopback {
                 return Err("destination is the host's loopback (nat.allow_host_loopback = false)");
+            }
+            if ip.is_unicast_link_local() && !nat.allow_link_local {
+                return Err("destination is link-local, fe80::/10 (nat.allow_link_local = false)");
+            }
+            if !nat.allow_host_addresses && nat.host_addresses.contains(&IpAddr::V6(*ip)) {
+                return Err(HOST_ADDRESS);
             }
             Ok(())
         }

@@ -25,8 +25,10 @@
 //! | ICMP echo to an outside address | [`icmp`] | `IcmpOpen` + `IcmpSend` (or a synthesized reply) | [`ICMP_TIMEOUT`] idle |
 //!
 //! Never NATed: the virtual subnet itself, broadcast, multicast, 0.0.0.0/8 and 240.0.0.0/4;
-//! 127.0.0.0/8 unless `nat.allow_host_loopback`; anything in `nat.deny`. A refused TCP SYN gets
-//! a RST, a refused datagram or echo an ICMP "administratively prohibited".
+//! 127.0.0.0/8 unless `nat.allow_host_loopback`; 169.254.0.0/16 unless `nat.allow_link_local`;
+//! the host's own addresses unless `nat.allow_host_addresses`; anything in `nat.deny`. A
+//! refused TCP SYN gets a RST, a refused datagram or echo an ICMP "administratively
+//! prohibited".
 //!
 //! The protocols share the [`Link`](super::link::Link) (neighbours and transmit queue) and read
 //! the live [`NatSettings`] from the core's one [`Settings`](super::Settings) value; nothing
@@ -47,7 +49,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{IpAddress, IpCidr, IpProtocol, Ipv4Packet};
@@ -100,6 +102,16 @@ pub struct NatSettings {
     pub udp_timeout: Duration,
     /// Whether 127.0.0.0/8 may be reached.
     pub allow_host_loopback: bool,
+    /// Whether link-local addresses (169.254.0.0/16, where cloud metadata services answer;
+    /// fe80::/10 for a redirect) may be reached.
+    pub allow_link_local: bool,
+    /// Whether the host's own addresses ([`host_addresses`](Self::host_addresses)) may be
+    /// reached.
+    pub allow_host_addresses: bool,
+    /// The host's own addresses, loopback excluded (the loopback has its own rule): not a
+    /// configuration key but what the driver finds on the host's interfaces, at start and on
+    /// every change of the settings.
+    pub host_addresses: Vec<IpAddr>,
     /// Networks never to reach.
     pub deny: Vec<Subnet>,
     /// Sessions at most.
