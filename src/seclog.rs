@@ -176,6 +176,27 @@ impl SecurityLog {
                     ),
                 );
             }
+            DhcpEvent::Ignored {
+                mac,
+                chaddr,
+                reason,
+                suppressed,
+            } => {
+                let more = if *suppressed > 0 {
+                    format!(" (and {suppressed} more ignored since the last line)")
+                } else {
+                    String::new()
+                };
+                self.write(
+                    "DHCP",
+                    "message ignored",
+                    &format!(
+                        "mac={} chaddr={} reason={reason:?}{more}",
+                        fmt_mac(mac),
+                        fmt_mac(chaddr)
+                    ),
+                );
+            }
             DhcpEvent::PoolExhausted { mac } => {
                 self.write(
                     "DHCP",
@@ -343,6 +364,31 @@ mod tests {
         );
         assert!(
             text.contains(&format!(" DHCP lease revoked: {fields}\n")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn spoofed_dhcp_messages_are_logged_with_the_number_left_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("security.log");
+        let mut log = SecurityLog::open(&path).expect("open");
+        log.dhcp(
+            &DhcpEvent::Ignored {
+                mac: [0x52, 0x54, 0, 0, 0, 0xb],
+                chaddr: [0x52, 0x54, 0, 0, 0, 0xa],
+                reason: "chaddr is not the frame's source MAC",
+                suppressed: 3,
+            },
+            Lease::clone,
+        );
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.contains(
+                " DHCP message ignored: mac=52:54:00:00:00:0b chaddr=52:54:00:00:00:0a \
+                 reason=\"chaddr is not the frame's source MAC\" (and 3 more ignored since the \
+                 last line)\n"
+            ),
             "{text}"
         );
     }
