@@ -784,6 +784,7 @@ impl Gateway {
             match event {
                 Event::Dhcp(e) => self.seclog.dhcp(&e, |l| shared.clock.lease_to_wall(l)),
                 Event::Nat(e) => self.seclog.nat(&e),
+                Event::Link(e) => self.seclog.link(&e),
                 Event::LeasesChanged => changed = true,
             }
         }
