@@ -160,6 +160,10 @@ pub struct NatConfig {
     /// How long an idle TCP session lives.
     #[serde(with = "duration_text")]
     pub tcp_timeout: Duration,
+    /// How long a TCP client has, from hubnat's SYN-ACK, to complete the three-way handshake;
+    /// a half-open session (a client that never ACKs, or a spoofed SYN) ends then.
+    #[serde(with = "duration_text")]
+    pub tcp_handshake_timeout: Duration,
     /// How long an idle UDP session lives.
     #[serde(with = "duration_text")]
     pub udp_timeout: Duration,
@@ -196,6 +200,7 @@ impl Default for NatConfig {
             enabled: true,
             mtu: 1500,
             tcp_timeout: Duration::from_secs(7200),
+            tcp_handshake_timeout: Duration::from_secs(20),
             udp_timeout: Duration::from_secs(600),
             allow_host_loopback: false,
             allow_link_local: false,
@@ -589,6 +594,7 @@ mod tests {
                 enabled: true,
                 mtu: 1500,
                 tcp_timeout: Duration::from_secs(7200),
+                tcp_handshake_timeout: Duration::from_secs(20),
                 udp_timeout: Duration::from_secs(600),
                 allow_host_loopback: false,
                 allow_link_local: false,

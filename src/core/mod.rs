@@ -385,7 +385,7 @@ impl VirtualHost {
                 let (outcome, learn) =
                     arp::handle(eth.payload(), host.mac, host.ip, &mut self.link.tx)?;
                 if let Some((ip, mac)) = learn {
-                    if self.learnable(ip) {
+                    if self.is_client_address(ip) {
                         self.link.neighbours.learn(ip, mac, now);
                     }
                 }
@@ -420,11 +420,11 @@ impl VirtualHost {
         self.settings.host.on_segment(ip)
     }
 
-    /// Whether `ip` may be learnt into the neighbour table from a frame: a client address of
-    /// the segment's subnet (not ours, not the subnet's network or broadcast address).
-    /// Anything else would only let a client fill the table (and evict real clients) with
-    /// addresses nobody sends to.
-    fn learnable(&self, ip: Ipv4Addr) -> bool {
+    /// Whether `ip` is a client address of the segment: in its subnet, not ours, not the
+    /// subnet's network or broadcast address. Only these are learnt into the neighbour table
+    /// (anything else would only let a client fill it, and evict real clients, with addresses
+    /// nobody sends to) and only these may open NAT sessions.
+    fn is_client_address(&self, ip: Ipv4Addr) -> bool {
         let host = &self.settings.host;
         ip != host.ip
             && subnet::Subnet::from_mask(host.ip, host.mask)
@@ -446,7 +446,7 @@ impl VirtualHost {
         let packet = Ipv4Packet::new_checked(payload)?;
         let (src, dst) = (packet.src_addr(), packet.dst_addr());
         let host = self.settings.host;
-        if self.learnable(src) {
+        if self.is_client_address(src) {
             self.link.neighbours.learn(src, src_mac, now);
         }
         let to_us = dst == host.ip;
@@ -559,7 +559,7 @@ impl VirtualHost {
                 |buf| buf.copy_from_slice(body),
             );
             self.link.pushed(pushed);
-            if self.learnable(reply.to.ip) {
+            if self.is_client_address(reply.to.ip) {
                 self.link
                     .neighbours
                     .learn(reply.to.ip, EthernetAddress(reply.to.mac), now);

@@ -139,6 +139,7 @@ fn nat_settings(config: &Config) -> NatSettings {
     NatSettings {
         enabled: n.enabled,
         tcp_timeout: n.tcp_timeout.into(),
+        tcp_handshake_timeout: n.tcp_handshake_timeout.into(),
         udp_timeout: n.udp_timeout.into(),
         allow_host_loopback: n.allow_host_loopback,
         allow_link_local: n.allow_link_local,

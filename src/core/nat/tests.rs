@@ -928,3 +928,109 @@ fn redirects_follow_the_link_local_and_host_address_rules() {
         );
     }
 }
+
+#[test]
+fn a_client_that_never_completes_the_handshake_is_ended_after_the_handshake_timeout() {
+    let mut s = settings();
+    s.tcp_handshake_timeout = Duration::from_secs(20);
+    let mut h = host_with(s);
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    // The SYN of a client that will never ACK (or of a spoofed address that never sees the
+    // SYN-ACK).
+    h.handle_frame(
+        t(0),
+        &tcp_frame(remote, 40070, TcpControl::Syn, 1, None, &[]),
+    );
+    let (id, _) = connect_op(&mut h);
+    connected(&mut h, id, t(1000));
+    assert!(!tcp_segments(&sent(&mut h, t(1000))).is_empty(), "SYN-ACK");
+    // A client that does complete it is left alone.
+    let (_c, done) = Client::connect(&mut h, remote, 40071, t(1000));
+    assert!(h.poll_timeout().is_some_and(|at| at <= t(21_000)));
+    // The half-open one's SYN retransmissions do not extend it.
+    h.handle_frame(
+        t(15_000),
+        &tcp_frame(remote, 40070, TcpControl::Syn, 1, None, &[]),
+    );
+    h.handle_timeout(t(20_999));
+    assert!(h.nat().table().get(id).is_some());
+    h.handle_timeout(t(21_000));
+    assert!(h.nat().table().get(id).is_none(), "half-open session ended");
+    assert!(
+        h.nat().table().get(done).is_some(),
+        "the established one stays"
+    );
+    assert_eq!(ended(&mut h), [EndReason::HandshakeTimeout]);
+    assert_eq!(
+        h.nat().counters().ended[EndReason::HandshakeTimeout.index()],
+        1
+    );
+    let closes = ops(&mut h);
+    assert!(
+        closes.contains(&format!("Close {{ id: {id:?}, abort: true }}")),
+        "{closes:?}"
+    );
+}
+
+#[test]
+fn sessions_come_only_from_client_addresses_of_the_segment() {
+    let mut h = host_with(settings());
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    let spoofed = [
+        Ipv4Addr::new(10, 9, 9, 9),       // another network
+        Ipv4Addr::new(192, 168, 30, 255), // the segment's broadcast address
+        Ipv4Addr::new(192, 168, 30, 0),   // its network address
+        OUR_IP,                           // the virtual host itself
+    ];
+    for (i, src) in spoofed.iter().enumerate() {
+        let src = SocketAddrV4::new(*src, 40080 + i as u16);
+        h.handle_frame(t(0), &tcp_syn_from(CLIENT_MAC, src, remote));
+    }
+    assert!(ops(&mut h).is_empty(), "no connect");
+    assert!(sent(&mut h, t(0)).is_empty(), "nothing answered");
+    assert!(h.nat().table().is_empty());
+    assert_eq!(h.nat().counters().refused_rules, 4);
+    let mut details = Vec::new();
+    while let Some(e) = h.poll_event() {
+        if let Event::Nat(NatEvent::Refused { reason, detail, .. }) = e {
+            details.push((reason, detail));
+        }
+    }
+    assert_eq!(
+        details,
+        [(
+            EndReason::DeniedByRule,
+            "source is not a client address of the segment".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn the_per_client_limit_counts_by_mac_as_well_as_by_address() {
+    let mut s = settings();
+    s.max_sessions_per_client = 2;
+    let mut h = host_with(s);
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    // One MAC rotating its source address: capped all the same.
+    for last in 10..13u8 {
+        let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, last), 40090);
+        h.handle_frame(t(0), &tcp_syn_from(CLIENT_MAC, src, remote));
+    }
+    assert_eq!(h.nat().table().len(), 2);
+    assert_eq!(h.nat().counters().refused_limits, 1);
+    let mut details = Vec::new();
+    while let Some(e) = h.poll_event() {
+        if let Event::Nat(NatEvent::Refused { detail, .. }) = e {
+            details.push(detail);
+        }
+    }
+    assert_eq!(
+        details,
+        ["client 52:54:00:00:00:01 has 2 sessions (nat.max_sessions_per_client)"]
+    );
+    // Another MAC is not held back.
+    let other = smoltcp::wire::EthernetAddress([0x52, 0x54, 0, 0, 0, 2]);
+    let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 20), 40091);
+    h.handle_frame(t(0), &tcp_syn_from(other, src, remote));
+    assert_eq!(h.nat().table().len(), 3);
+}
