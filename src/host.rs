@@ -122,15 +122,17 @@ pub fn udp_take_error(socket: &UdpSocket) -> Option<io::Error> {
     Some(io::Error::other("an error queued on the socket"))
 }
 
-/// An unbound UDP socket for DNS queries of one address family.
-pub fn udp_any(v6: bool) -> io::Result<Async<UdpSocket>> {
-    let bind: SocketAddr = if v6 {
-        "[::]:0".parse()
-    } else {
-        "0.0.0.0:0".parse()
-    }
-    .expect("invariant: literal");
-    Async::new(UdpSocket::bind(bind)?)
+/// A fresh UDP socket for one DNS query to `upstream`: on a port of its own (the kernel picks
+/// it at random from the ephemeral range), connected to the upstream so that the kernel drops
+/// datagrams from anyone else. A blind spoofer must guess the port as well as the query's id.
+pub fn dns_query_socket(upstream: SocketAddr) -> io::Result<Async<UdpSocket>> {
+    let bind: SocketAddr = match upstream {
+        SocketAddr::V4(_) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("invariant: literal"),
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.connect(upstream)?;
+    Async::new(socket)
 }
 
 /// An unprivileged ICMP socket connected to `target`.

@@ -52,6 +52,7 @@ mod frame;
 pub mod icmp;
 pub mod link;
 pub mod nat;
+pub mod rng;
 pub mod subnet;
 #[doc(hidden)]
 pub mod testkit;

@@ -317,7 +317,6 @@ impl Gateway {
             clock,
             kick,
             sockets: RefCell::new(HashMap::new()),
-            dns: RefCell::new([None, None]),
             last_open_warning: Cell::new(None),
             unwarned_open_failures: Cell::new(0),
         });

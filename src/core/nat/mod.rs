@@ -499,7 +499,7 @@ impl NatState {
             pending_syns: table::IdMap::default(),
             admission: admit::Admission::default(),
             frag: frag::Reassembler::default(),
-            dns: DnsForwarder::new((seed >> 16) as u16),
+            dns: DnsForwarder::new(seed),
             icmp_mode: IcmpMode::Synthesized,
             ops: VecDeque::new(),
             op_buf: Vec::new(),
