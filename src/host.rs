@@ -7,7 +7,7 @@
 //! (`SOCK_DGRAM`/`IPPROTO_ICMP`), allowed by `net.ipv4.ping_group_range`.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -122,15 +122,17 @@ pub fn udp_take_error(socket: &UdpSocket) -> Option<io::Error> {
     Some(io::Error::other("an error queued on the socket"))
 }
 
-/// An unbound UDP socket for DNS queries of one address family.
-pub fn udp_any(v6: bool) -> io::Result<Async<UdpSocket>> {
-    let bind: SocketAddr = if v6 {
-        "[::]:0".parse()
-    } else {
-        "0.0.0.0:0".parse()
-    }
-    .expect("invariant: literal");
-    Async::new(UdpSocket::bind(bind)?)
+/// A fresh UDP socket for one DNS query to `upstream`: on a port of its own (the kernel picks
+/// it at random from the ephemeral range), connected to the upstream so that the kernel drops
+/// datagrams from anyone else. A blind spoofer must guess the port as well as the query's id.
+pub fn dns_query_socket(upstream: SocketAddr) -> io::Result<Async<UdpSocket>> {
+    let bind: SocketAddr = match upstream {
+        SocketAddr::V4(_) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("invariant: literal"),
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.connect(upstream)?;
+    Async::new(socket)
 }
 
 /// An unprivileged ICMP socket connected to `target`.
@@ -181,4 +183,59 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+/// The host's own addresses: every address of every interface of this network namespace,
+/// loopback addresses excluded (the NAT's loopback rule covers them), sorted. The NAT refuses
+/// them as destinations unless `nat.allow_host_addresses`; an error leaves the list empty.
+pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs with a valid pointer to a local; on success the list is freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed; `ifa_addr`
+        // is null or points to a sockaddr of the family it names, which fixes its size.
+        unsafe {
+            let ifa = &*cur;
+            let sa = ifa.ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in>());
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in6>());
+                        out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs returned, freed once; nothing points into it any more.
+    unsafe { libc::freeifaddrs(list) };
+    out.retain(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_addresses_leave_out_the_loopback() {
+        let own = own_addresses().expect("getifaddrs");
+        assert!(own.iter().all(|ip| !ip.is_loopback()), "{own:?}");
+        assert!(own.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+    }
 }

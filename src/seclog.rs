@@ -40,6 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::core::dhcp::{server::fmt_mac, DhcpEvent, Lease};
 use crate::core::nat::{FlowKey, NatEvent};
+use crate::core::LinkEvent;
 
 /// When the security log rotates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +283,27 @@ impl SecurityLog {
                     ),
                 );
             }
+            DhcpEvent::Ignored {
+                mac,
+                chaddr,
+                reason,
+                suppressed,
+            } => {
+                let more = if *suppressed > 0 {
+                    format!(" (and {suppressed} more ignored since the last line)")
+                } else {
+                    String::new()
+                };
+                self.write(
+                    "DHCP",
+                    "message ignored",
+                    &format!(
+                        "mac={} chaddr={} reason={reason:?}{more}",
+                        fmt_mac(mac),
+                        fmt_mac(chaddr)
+                    ),
+                );
+            }
             DhcpEvent::PoolExhausted { mac } => {
                 self.write(
                     "DHCP",
@@ -294,6 +316,25 @@ impl SecurityLog {
 }
 
 impl SecurityLog {
+    /// Logs an event of the segment itself: a peer claiming the virtual host's MAC or address.
+    pub fn link(&mut self, event: &LinkEvent) {
+        match event {
+            LinkEvent::OwnMacClaimed { ip } => self.write(
+                "LINK",
+                "frames from the virtual host's own MAC dropped",
+                &format!("ip={ip} (a peer on the segment claims the MAC; reported once)"),
+            ),
+            LinkEvent::ArpSpoofed { mac, ip } => self.write(
+                "LINK",
+                "ARP spoofing dropped",
+                &format!(
+                    "mac={} claims ip={ip} (the virtual host's address; reported once per MAC)",
+                    fmt_mac(mac)
+                ),
+            ),
+        }
+    }
+
     /// Logs a NAT event: session created, connected, failed, deleted (with byte counts),
     /// refused.
     pub fn nat(&mut self, event: &NatEvent) {
@@ -495,6 +536,59 @@ mod tests {
                 .last()
                 .unwrap()
                 .ends_with("SECLOG suppressed: kind=\"NAT session refused\" lines=41"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn spoofed_dhcp_messages_are_logged_with_the_number_left_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("security.log");
+        let mut log = SecurityLog::open(&path).expect("open");
+        log.dhcp(
+            &DhcpEvent::Ignored {
+                mac: [0x52, 0x54, 0, 0, 0, 0xb],
+                chaddr: [0x52, 0x54, 0, 0, 0, 0xa],
+                reason: "chaddr is not the frame's source MAC",
+                suppressed: 3,
+            },
+            Lease::clone,
+        );
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.contains(
+                " DHCP message ignored: mac=52:54:00:00:00:0b chaddr=52:54:00:00:00:0a \
+                 reason=\"chaddr is not the frame's source MAC\" (and 3 more ignored since the \
+                 last line)\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn link_events_name_the_mac_and_the_address() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("security.log");
+        let mut log = SecurityLog::open(&path).expect("open");
+        let ip = std::net::Ipv4Addr::new(192, 168, 30, 1);
+        log.link(&LinkEvent::ArpSpoofed {
+            mac: [0x52, 0x54, 0, 0, 0, 0x66],
+            ip,
+        });
+        log.link(&LinkEvent::OwnMacClaimed {
+            ip: std::net::Ipv4Addr::new(192, 168, 30, 10),
+        });
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.contains(
+                " LINK ARP spoofing dropped: mac=52:54:00:00:00:66 claims ip=192.168.30.1 "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                " LINK frames from the virtual host's own MAC dropped: ip=192.168.30.10 "
+            ),
             "{text}"
         );
     }

@@ -162,6 +162,10 @@ pub struct NatConfig {
     /// How long an idle TCP session lives.
     #[serde(with = "duration_text")]
     pub tcp_timeout: Duration,
+    /// How long a TCP client has, from hubnat's SYN-ACK, to complete the three-way handshake;
+    /// a half-open session (a client that never ACKs, or a spoofed SYN) ends then.
+    #[serde(with = "duration_text")]
+    pub tcp_handshake_timeout: Duration,
     /// How long an idle UDP session lives.
     #[serde(with = "duration_text")]
     pub udp_timeout: Duration,
@@ -169,6 +173,14 @@ pub struct NatConfig {
     /// the NAT. Off by default: a client would otherwise reach services that listen only
     /// locally on the host.
     pub allow_host_loopback: bool,
+    /// Whether clients may reach link-local addresses (169.254.0.0/16) through the NAT. Off by
+    /// default: cloud metadata services answer at 169.254.169.254, with the host's
+    /// credentials.
+    pub allow_link_local: bool,
+    /// Whether clients may reach the host's own addresses (those of its interfaces other than
+    /// the loopback) through the NAT. Off by default: a client would otherwise reach every
+    /// service that listens on the host.
+    pub allow_host_addresses: bool,
     /// Destinations the NAT refuses, as IPv4 networks (`"10.0.0.0/8"`); empty: none. An IPv6
     /// network is refused by validation: the NAT carries IPv4 only, so it would match nothing.
     #[serde(with = "text_list")]
@@ -190,8 +202,11 @@ impl Default for NatConfig {
             enabled: true,
             mtu: 1500,
             tcp_timeout: Duration::from_secs(7200),
+            tcp_handshake_timeout: Duration::from_secs(20),
             udp_timeout: Duration::from_secs(600),
             allow_host_loopback: false,
+            allow_link_local: false,
+            allow_host_addresses: false,
             deny: Vec::new(),
             max_sessions: 16384,
             max_sessions_per_client: 4096,
@@ -595,8 +610,11 @@ mod tests {
                 enabled: true,
                 mtu: 1500,
                 tcp_timeout: Duration::from_secs(7200),
+                tcp_handshake_timeout: Duration::from_secs(20),
                 udp_timeout: Duration::from_secs(600),
                 allow_host_loopback: false,
+                allow_link_local: false,
+                allow_host_addresses: false,
                 deny: Vec::new(),
                 max_sessions: 16384,
                 max_sessions_per_client: 4096,

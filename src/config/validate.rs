@@ -19,6 +19,9 @@
 //!   expiry time representable (the DHCP lease-time option is 32-bit seconds, and
 //!   `Instant + lease` cannot overflow).
 //! - `nat.tcp_timeout`, `nat.udp_timeout`: 1 s to 365 days, for the same overflow reason.
+//! - `nat.tcp_handshake_timeout`: 1 s to 10 minutes. A client's ACK follows the SYN-ACK
+//!   within a round trip (a few seconds with retransmissions); a longer value would only let
+//!   half-open sessions hold table rows and host sockets.
 //! - `nat.mtu`, `backend.tap.mtu`: 576 (the IPv4 minimum datagram every host must accept) to
 //!   65520 (the largest MTU a Linux TAP device and other user-mode NATs use).
 //! - The DHCP range holds at most 65536 addresses, so the lease pool stays bounded.
@@ -61,6 +64,8 @@ pub const MAX_LEASE: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const MIN_NAT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest NAT idle timeout accepted (365 days).
 pub const MAX_NAT_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest TCP handshake timeout accepted (10 minutes).
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(600);
 /// The most addresses a DHCP range may hold.
 pub const MAX_RANGE_SIZE: u64 = 65536;
 /// The longest network interface name Linux accepts (IFNAMSIZ − 1).
@@ -232,6 +237,12 @@ impl Config {
             nat.tcp_timeout,
             MIN_NAT_TIMEOUT,
             MAX_NAT_TIMEOUT,
+        );
+        c.check_duration(
+            "nat.tcp_handshake_timeout",
+            nat.tcp_handshake_timeout,
+            MIN_NAT_TIMEOUT,
+            MAX_HANDSHAKE_TIMEOUT,
         );
         c.check_duration(
             "nat.udp_timeout",
@@ -1003,6 +1014,10 @@ mod tests {
         assert_rejects(
             "[nat]\ntcp_timeout = \"0s\"",
             &["config key nat.tcp_timeout = \"0s\" (from file x.toml): must be from 1s to 365days"],
+        );
+        assert_rejects(
+            "[nat]\ntcp_handshake_timeout = \"11m\"",
+            &["config key nat.tcp_handshake_timeout = \"11m\" (from file x.toml): must be from 1s to 10m"],
         );
         assert_rejects(
             "[nat]\nudp_timeout = \"500ms\"",

@@ -3,7 +3,8 @@
 //! Answering for other addresses would steal other hosts' traffic on a shared segment, and a
 //! DHCP client that probes its offered address (RFC 5227, sender address 0.0.0.0) would find
 //! it "in use" and decline it. Every ARP packet also teaches the neighbour table where its
-//! sender is.
+//! sender is, except one that claims the virtual host's own address from another MAC (ARP
+//! spoofing: it is neither answered nor learnt, and the caller counts and reports it).
 
 use std::net::Ipv4Addr;
 
@@ -22,6 +23,8 @@ pub enum ArpOutcome {
     NotForUs,
     /// A request for our address, but the transmit queue was full: no answer.
     QueueFull,
+    /// The sender claims our address from another MAC: not answered, not learnt.
+    Spoofed(EthernetAddress),
 }
 
 /// Parses an ARP payload; returns the sender to learn (if it has an address) and whether the
@@ -43,6 +46,9 @@ pub fn handle(
     else {
         return Err(smoltcp::wire::Error);
     };
+    if source_protocol_addr == our_ip && source_hardware_addr != our_mac {
+        return Ok((ArpOutcome::Spoofed(source_hardware_addr), None));
+    }
     let learn = (!source_protocol_addr.is_unspecified() && source_hardware_addr.is_unicast())
         .then_some((source_protocol_addr, source_hardware_addr));
     if operation != ArpOperation::Request || target_protocol_addr != our_ip {

@@ -2,23 +2,37 @@
 //!
 //! # Theory of operation
 //!
-//! Each query gets a fresh 16-bit id (clients' ids may collide) and is sent to the first
-//! upstream. If no answer comes within [`QUERY_TIMEOUT`], it is sent to the next upstream, and
-//! so on; after the last one the client gets SERVFAIL. An answer is accepted only from the
-//! upstream the query was last sent to, with the id it was sent with; the client's id is put
-//! back and the answer goes out from the virtual host's address. At most [`MAX_PENDING`]
-//! queries wait at once; more are dropped (the client retries). TCP to port 53 is relayed as
-//! a TCP session to the upstreams (see the NAT).
+//! Each query gets a fresh random 16-bit id (clients' ids may collide, and an off-path spoofer
+//! must not guess it: the ids come from the core's [`Rng`], keyed by the driver's seed) and is
+//! sent to the first upstream. If no answer comes within [`QUERY_TIMEOUT`], it is sent to the
+//! next upstream, and so on; after the last one the client gets SERVFAIL. An answer is
+//! accepted only from the upstream the query was last sent to, with the id it was sent with;
+//! the client's id is put back and the answer goes out from the virtual host's address.
+//!
+//! Bounds: at most [`MAX_PENDING`] queries wait at once, and at most
+//! [`MAX_PENDING_PER_CLIENT`] (an eighth) of one client, counted by its address and by its MAC
+//! alike, so one client cannot take everyone's slots; more are dropped (the client retries).
+//! TCP to port 53 is relayed as a TCP session to the upstreams (see the NAT).
+//!
+//! The queries leave from the driver's DNS socket (one per address family, on a port the
+//! kernel picked at random when it was opened): a fresh port per query is not done, so the
+//! random id is the only thing a blind spoofer has to guess besides the query itself.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use smoltcp::time::{Duration, Instant};
+
+use super::rng::Rng;
 
 /// How long an upstream gets to answer before the next one is tried.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Queries waiting for an answer at once.
 pub const MAX_PENDING: usize = 1024;
+/// Queries of one client (address, or MAC) waiting for an answer at once.
+pub const MAX_PENDING_PER_CLIENT: usize = MAX_PENDING / 8;
+/// The [`Rng`] stream of the query ids.
+const ID_STREAM: u64 = 0x646e_735f_6964; // "dns_id"
 const HEADER_LEN: usize = 12;
 
 /// How many address → name entries the forwarder remembers from answers it relayed.
@@ -119,6 +133,7 @@ fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
 #[derive(Debug)]
 struct Pending {
     client: SocketAddrV4,
+    client_mac: [u8; 6],
     client_id: u16,
     /// The resolvers this query may go to, in order (the settings' upstreams when it was
     /// asked, or the one a policy redirected it to), and the one it went to last.
@@ -139,8 +154,10 @@ pub struct DnsCounters {
     pub failovers: u64,
     /// Queries answered with SERVFAIL after every upstream timed out (or none is configured).
     pub servfails: u64,
-    /// Queries dropped: malformed, or too many waiting.
+    /// Queries dropped: malformed, or [`MAX_PENDING`] waiting.
     pub dropped: u64,
+    /// Queries dropped because their client had [`MAX_PENDING_PER_CLIENT`] waiting.
+    pub client_limit: u64,
     /// Answers that matched no query (late, spoofed, from the wrong server).
     pub stray_answers: u64,
 }
@@ -168,7 +185,9 @@ pub enum DnsAction<'a> {
 #[derive(Debug)]
 pub struct DnsForwarder {
     pending: HashMap<u16, Pending>,
-    next_id: u16,
+    per_client: HashMap<Ipv4Addr, usize>,
+    per_mac: HashMap<[u8; 6], usize>,
+    ids: Rng,
     buf: Vec<u8>,
     /// Counters.
     pub counters: DnsCounters,
@@ -177,11 +196,13 @@ pub struct DnsForwarder {
 }
 
 impl DnsForwarder {
-    /// A forwarder; `seed` starts its query ids.
-    pub fn new(seed: u16) -> Self {
+    /// A forwarder; `seed` keys its query ids (take it from a real random source).
+    pub fn new(seed: u64) -> Self {
         DnsForwarder {
             pending: HashMap::new(),
-            next_id: seed,
+            per_client: HashMap::new(),
+            per_mac: HashMap::new(),
+            ids: Rng::new(seed, ID_STREAM),
             buf: Vec::new(),
             counters: DnsCounters::default(),
             names: NameCache::default(),
@@ -193,10 +214,12 @@ impl DnsForwarder {
         self.pending.len()
     }
 
-    /// A query from `client`, to go to `upstreams` in turn. Returns what to send, if anything.
+    /// A query from `client` (at `client_mac`), to go to `upstreams` in turn. Returns what to
+    /// send, if anything.
     pub fn query(
         &mut self,
         client: SocketAddrV4,
+        client_mac: [u8; 6],
         payload: &[u8],
         upstreams: &[SocketAddr],
         now: Instant,
@@ -218,12 +241,21 @@ impl DnsForwarder {
             self.counters.dropped += 1;
             return None;
         }
-        let client_id = u16::from_be_bytes([payload[0], payload[1]]);
-        let mut id = self.next_id;
-        while self.pending.contains_key(&id) {
-            id = id.wrapping_add(1);
+        let count = |n: Option<&usize>| n.copied().unwrap_or(0);
+        if count(self.per_client.get(client.ip())) >= MAX_PENDING_PER_CLIENT
+            || count(self.per_mac.get(&client_mac)) >= MAX_PENDING_PER_CLIENT
+        {
+            self.counters.client_limit += 1;
+            return None;
         }
-        self.next_id = id.wrapping_add(1);
+        let client_id = u16::from_be_bytes([payload[0], payload[1]]);
+        // At most MAX_PENDING of the 65,536 ids are taken: a few draws find a free one.
+        let mut id = self.ids.next_u16();
+        while self.pending.contains_key(&id) {
+            id = self.ids.next_u16();
+        }
+        *self.per_client.entry(*client.ip()).or_insert(0) += 1;
+        *self.per_mac.entry(client_mac).or_insert(0) += 1;
         let mut query = payload.to_vec();
         query[..2].copy_from_slice(&id.to_be_bytes());
         let upstream = upstreams[0];
@@ -231,6 +263,7 @@ impl DnsForwarder {
             id,
             Pending {
                 client,
+                client_mac,
                 client_id,
                 upstreams: upstreams.to_vec(),
                 upstream: 0,
@@ -260,7 +293,7 @@ impl DnsForwarder {
             self.counters.stray_answers += 1;
             return None;
         }
-        let p = self.pending.remove(&id).expect("invariant: checked above");
+        let p = self.remove(id).expect("invariant: checked above");
         self.counters.answers += 1;
         self.names.learn(payload);
         self.buf.clear();
@@ -295,7 +328,7 @@ impl DnsForwarder {
                     payload: &p.query,
                 });
             } else {
-                let p = self.pending.remove(&id).expect("invariant: present");
+                let p = self.remove(id).expect("invariant: present");
                 self.counters.servfails += 1;
                 tracing::debug!(client = %p.client, "dns: every upstream timed out; SERVFAIL");
                 let mut query = p.query;
@@ -309,9 +342,27 @@ impl DnsForwarder {
         }
     }
 
+    /// Takes query `id` out of the table and its client's counts.
+    fn remove(&mut self, id: u16) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        uncount(&mut self.per_client, *p.client.ip());
+        uncount(&mut self.per_mac, p.client_mac);
+        Some(p)
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) next has work.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.pending.values().map(|p| p.deadline).min()
+    }
+}
+
+/// Takes one off `key`'s count, forgetting it at zero.
+fn uncount<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+    if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
     }
 }
 
@@ -353,18 +404,106 @@ mod tests {
         "192.168.30.10:5353".parse().unwrap()
     }
 
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+
+    /// The id a query went upstream with.
+    fn sent_id(action: Option<DnsAction<'_>>) -> u16 {
+        match action {
+            Some(DnsAction::Send { payload, .. }) => u16::from_be_bytes([payload[0], payload[1]]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_ids_are_random_under_the_seed() {
+        let up: Vec<SocketAddr> = vec!["10.77.0.2:53".parse().unwrap()];
+        let ids = |seed: u64| {
+            let mut f = DnsForwarder::new(seed);
+            (0..100u16)
+                .map(|i| {
+                    let c = SocketAddrV4::new(
+                        std::net::Ipv4Addr::new(192, 168, 30, 10 + (i % 8) as u8),
+                        5353,
+                    );
+                    sent_id(f.query(
+                        c,
+                        [0x52, 0x54, 0, 0, 0, (i % 8) as u8],
+                        &query_bytes(7),
+                        &up,
+                        Instant::from_secs(0),
+                    ))
+                })
+                .collect::<Vec<u16>>()
+        };
+        let a = ids(1);
+        assert_eq!(a, ids(1), "deterministic under the seed");
+        assert_ne!(a, ids(2));
+        // Not a counter: consecutive ids are not consecutive numbers, and all differ.
+        let steps = a
+            .windows(2)
+            .filter(|w| w[1] == w[0].wrapping_add(1))
+            .count();
+        assert!(steps < 5, "{steps} sequential steps: {a:?}");
+        let mut distinct = a.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), a.len(), "ids of pending queries are unique");
+    }
+
+    #[test]
+    fn one_client_takes_at_most_an_eighth_of_the_pending_queries() {
+        let up: Vec<SocketAddr> = vec!["10.77.0.2:53".parse().unwrap()];
+        let mut f = DnsForwarder::new(0);
+        let now = Instant::from_secs(0);
+        let mut sent = 0;
+        for i in 0..200u16 {
+            if f.query(client(), MAC, &query_bytes(i), &up, now).is_some() {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, MAX_PENDING_PER_CLIENT);
+        assert_eq!(MAX_PENDING_PER_CLIENT, MAX_PENDING / 8);
+        assert_eq!(f.counters.client_limit, 200 - MAX_PENDING_PER_CLIENT as u64);
+        // The same MAC from another address is the same client.
+        let other_ip: SocketAddrV4 = "192.168.30.99:5353".parse().unwrap();
+        assert!(f.query(other_ip, MAC, &query_bytes(1), &up, now).is_none());
+        // Everyone else is still served.
+        let other_mac = [0x52, 0x54, 0, 0, 0, 2];
+        assert!(f
+            .query(other_ip, other_mac, &query_bytes(1), &up, now)
+            .is_some());
+        // An answer frees the client's slot.
+        let id = f
+            .pending
+            .iter()
+            .find(|(_, p)| p.client == client())
+            .map(|(id, _)| *id)
+            .unwrap();
+        let mut answer = query_bytes(0);
+        answer[..2].copy_from_slice(&id.to_be_bytes());
+        answer[2] |= 0x80;
+        assert!(f.answer(up[0], &answer).is_some());
+        assert!(f.query(client(), MAC, &query_bytes(1), &up, now).is_some());
+    }
+
     #[test]
     fn answers_return_with_the_clients_id() {
         let up: SocketAddr = "10.77.0.2:53".parse().unwrap();
         let (mut f, ups): (_, Vec<SocketAddr>) = (DnsForwarder::new(100), vec![up]);
-        let sent = match f.query(client(), &query_bytes(0xbeef), &ups, Instant::from_secs(0)) {
+        let sent = match f.query(
+            client(),
+            MAC,
+            &query_bytes(0xbeef),
+            &ups,
+            Instant::from_secs(0),
+        ) {
             Some(DnsAction::Send { upstream, payload }) => {
                 assert_eq!(upstream, up);
                 payload.to_vec()
             }
             other => panic!("{other:?}"),
         };
-        assert_eq!(&sent[..2], &100u16.to_be_bytes());
+        assert_eq!(f.pending(), 1);
         let mut answer = sent.clone();
         answer[2] |= 0x80;
         // From the wrong server: ignored.
@@ -386,7 +525,7 @@ mod tests {
         let a: SocketAddr = "10.77.0.2:53".parse().unwrap();
         let b: SocketAddr = "10.77.0.3:5353".parse().unwrap();
         let (mut f, ups): (_, Vec<SocketAddr>) = (DnsForwarder::new(1), vec![a, b]);
-        f.query(client(), &query_bytes(7), &ups, Instant::from_secs(0))
+        f.query(client(), MAC, &query_bytes(7), &ups, Instant::from_secs(0))
             .unwrap();
         assert_eq!(f.next_deadline(), Some(Instant::from_secs(2)));
         let mut actions = Vec::new();
@@ -446,18 +585,30 @@ mod tests {
         let (mut f, ups): (_, Vec<SocketAddr>) =
             (DnsForwarder::new(0), vec!["10.77.0.2:53".parse().unwrap()]);
         assert_eq!(
-            f.query(client(), &[1, 2, 3], &ups, Instant::from_secs(0)),
+            f.query(client(), MAC, &[1, 2, 3], &ups, Instant::from_secs(0)),
             None
         );
+        // Eight clients fill the table, each with its share.
         for i in 0..MAX_PENDING as u16 {
+            let n = (i as usize / MAX_PENDING_PER_CLIENT) as u8;
+            let c = SocketAddrV4::new(std::net::Ipv4Addr::new(192, 168, 30, 10 + n), 5353);
+            let mac = [0x52, 0x54, 0, 0, 1, n];
             assert!(f
-                .query(client(), &query_bytes(i), &ups, Instant::from_secs(0))
+                .query(c, mac, &query_bytes(i), &ups, Instant::from_secs(0))
                 .is_some());
         }
+        let newcomer: SocketAddrV4 = "192.168.30.99:5353".parse().unwrap();
         assert_eq!(
-            f.query(client(), &query_bytes(1), &ups, Instant::from_secs(0)),
+            f.query(
+                newcomer,
+                [0x52, 0x54, 0, 0, 2, 0],
+                &query_bytes(1),
+                &ups,
+                Instant::from_secs(0)
+            ),
             None
         );
         assert_eq!(f.counters.dropped, 2);
+        assert_eq!(f.counters.client_limit, 0);
     }
 }

@@ -5,7 +5,7 @@
 //! none keeps its own queue or its own neighbour cache. A frame that cannot be sent (the queue
 //! is full, or the client's MAC is unknown) is counted here, once, in [`LinkCounters`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use hubnat_backend::FrameBatch;
@@ -23,6 +23,9 @@ use super::{frame, HostSettings};
 ///
 /// [`VirtualHost::take_transmit`]: super::VirtualHost::take_transmit
 pub const TX_QUEUE_FRAMES: usize = 256;
+
+/// How many MACs the link reports in [`LinkEvent`]s at most (each once); more are counted only.
+pub const MAX_REPORTED: usize = 1024;
 
 /// The neighbour table: where each address on the segment is. Learnt from ARP and from the
 /// source of IPv4 frames. Bounded: the oldest entry goes when it is full.
@@ -68,6 +71,27 @@ impl Neighbours {
     }
 }
 
+/// What the security log hears about the segment itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A frame came from the virtual host's own MAC: a peer on the segment claims it (to take
+    /// the host's traffic on a learning switch, or to poison neighbour tables). Such frames
+    /// are dropped; this is reported once. `ip` is the first one's IPv4 or ARP sender address
+    /// (0.0.0.0 for other frames).
+    OwnMacClaimed {
+        /// The address the frame came from.
+        ip: Ipv4Addr,
+    },
+    /// An ARP packet from `mac` claims the virtual host's address `ip` (ARP spoofing). Such
+    /// packets are dropped; this is reported once per MAC.
+    ArpSpoofed {
+        /// The MAC that claims it.
+        mac: [u8; 6],
+        /// The virtual host's address.
+        ip: Ipv4Addr,
+    },
+}
+
 /// Frames the link could not send; every such frame is in exactly one of them.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct LinkCounters {
@@ -83,6 +107,8 @@ pub struct Link {
     pub(crate) neighbours: Neighbours,
     pub(crate) tx: FrameBatch,
     pub(crate) counters: LinkCounters,
+    /// The MACs already reported in a [`LinkEvent`] (bounded by [`MAX_REPORTED`]).
+    reported: HashSet<[u8; 6]>,
     /// IPv4 identification of the fragmented datagrams the host originates.
     ident: u16,
 }
@@ -93,8 +119,15 @@ impl Link {
             neighbours: Neighbours::default(),
             tx: FrameBatch::new(TX_QUEUE_FRAMES, mtu + ETHERNET_HEADER_LEN),
             counters: LinkCounters::default(),
+            reported: HashSet::new(),
             ident: seed,
         }
+    }
+
+    /// Whether `mac` is to be reported now: the first time it is seen misbehaving. After
+    /// [`MAX_REPORTED`] MACs, new ones are only counted.
+    pub(crate) fn first_report(&mut self, mac: [u8; 6]) -> bool {
+        self.reported.len() < MAX_REPORTED && self.reported.insert(mac)
     }
 
     /// Counts a frame that did not fit the queue when `pushed` is false; returns `pushed`.

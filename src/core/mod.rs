@@ -38,7 +38,10 @@
 //!
 //! A frame that does not parse is dropped and counted in [`Counters::malformed`]; nothing a
 //! client sends can make the core panic. Frames for other MAC addresses (the segment is a hub)
-//! are counted in [`Counters::not_for_us`] and ignored. Every frame in is in `frames_in`;
+//! are counted in [`Counters::not_for_us`] and ignored; frames from the virtual host's own MAC
+//! (a peer claiming it) in [`Counters::own_mac`], and ARP claiming its address from another
+//! MAC in [`Counters::arp_spoofed`], both dropped and reported once per MAC
+//! ([`Event::Link`]). Every frame in is in `frames_in`;
 //! every frame that leaves is in `frames_out` (counted when the driver takes it); every frame
 //! the core could not send is in [`LinkCounters`].
 
@@ -49,6 +52,7 @@ mod frame;
 pub mod icmp;
 pub mod link;
 pub mod nat;
+pub mod rng;
 pub mod subnet;
 #[doc(hidden)]
 pub mod testkit;
@@ -66,13 +70,13 @@ use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, UdpPacket,
     UdpRepr,
 };
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 pub use smoltcp::time::Instant;
 
 use dhcp::{DhcpEvent, DhcpServer, DhcpSettings, Lease};
 use link::Link;
-pub use link::{LinkCounters, Neighbours, TX_QUEUE_FRAMES};
+pub use link::{LinkCounters, LinkEvent, Neighbours, TX_QUEUE_FRAMES};
 use nat::{EndReason, NatEvent, NatSettings, NatState};
 
 /// The virtual host's own identity on the segment.
@@ -127,6 +131,8 @@ pub enum Event {
     Dhcp(DhcpEvent),
     /// Something happened in the NAT (session created, connected, deleted, refused).
     Nat(NatEvent),
+    /// Something on the segment itself: a peer claims the virtual host's MAC or address.
+    Link(LinkEvent),
     /// The lease table changed and should be saved.
     LeasesChanged,
 }
@@ -155,6 +161,10 @@ pub struct Counters {
     pub echo_replies: u64,
     /// DHCP messages that arrived while the DHCP server was disabled.
     pub dhcp_disabled: u64,
+    /// Frames whose source is the virtual host's own MAC (a peer claims it): dropped.
+    pub own_mac: u64,
+    /// ARP packets claiming the virtual host's address from another MAC: dropped.
+    pub arp_spoofed: u64,
 }
 
 /// The virtual host. See the module documentation.
@@ -239,8 +249,9 @@ impl VirtualHost {
     /// - the host's address or mask: smoltcp and the DHCP server answer from the new one;
     /// - `dhcp.*`: a new range, lease time or reservation applies to new leases and renewals;
     ///   leases are kept;
-    /// - `nat.*` timeouts: every session, at once; limits, `nat.deny`, the TCP buffer and the
-    ///   DNS upstreams: new flows; the MTU: new segments and datagrams.
+    /// - `nat.*` timeouts: every session, at once; limits, `nat.deny`, the `nat.allow_*`
+    ///   rules (and the host's addresses), the TCP buffer and the DNS upstreams: new flows;
+    ///   the MTU: new segments and datagrams.
     pub fn apply_settings(&mut self, new: Settings, now: Instant) {
         self.now = now;
         let old = std::mem::replace(&mut self.settings, new);
@@ -355,6 +366,17 @@ impl VirtualHost {
             return Err(smoltcp::wire::Error);
         }
         let host = self.settings.host;
+        if src == host.mac {
+            // We never hear our own frames (the backends see to it): a peer claims our MAC.
+            self.counters.own_mac += 1;
+            if self.link.first_report(src.0) {
+                let ip = claimed_ip(&eth);
+                warn!(%ip, "a peer on the segment sends from the virtual host's own MAC; its frames are dropped");
+                self.events
+                    .push_back(Event::Link(LinkEvent::OwnMacClaimed { ip }));
+            }
+            return Ok(());
+        }
         if dst != host.mac && !dst.is_broadcast() && !dst.is_multicast() {
             self.counters.not_for_us += 1;
             return Ok(());
@@ -364,7 +386,7 @@ impl VirtualHost {
                 let (outcome, learn) =
                     arp::handle(eth.payload(), host.mac, host.ip, &mut self.link.tx)?;
                 if let Some((ip, mac)) = learn {
-                    if self.in_subnet(ip) {
+                    if self.is_client_address(ip) {
                         self.link.neighbours.learn(ip, mac, now);
                     }
                 }
@@ -374,6 +396,16 @@ impl VirtualHost {
                         self.link.pushed(false);
                     }
                     arp::ArpOutcome::NotForUs => {}
+                    arp::ArpOutcome::Spoofed(mac) => {
+                        self.counters.arp_spoofed += 1;
+                        if self.link.first_report(mac.0) {
+                            warn!(%mac, ip = %host.ip, "ARP from another MAC claims the virtual host's address; dropped");
+                            self.events.push_back(Event::Link(LinkEvent::ArpSpoofed {
+                                mac: mac.0,
+                                ip: host.ip,
+                            }));
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -387,6 +419,17 @@ impl VirtualHost {
 
     fn in_subnet(&self, ip: Ipv4Addr) -> bool {
         self.settings.host.on_segment(ip)
+    }
+
+    /// Whether `ip` is a client address of the segment: in its subnet, not ours, not the
+    /// subnet's network or broadcast address. Only these are learnt into the neighbour table
+    /// (anything else would only let a client fill it, and evict real clients, with addresses
+    /// nobody sends to) and only these may open NAT sessions.
+    fn is_client_address(&self, ip: Ipv4Addr) -> bool {
+        let host = &self.settings.host;
+        ip != host.ip
+            && subnet::Subnet::from_mask(host.ip, host.mask)
+                .is_ok_and(|s| s.contains(ip) && ip != s.network() && ip != s.broadcast())
     }
 
     fn handle_ipv4(
@@ -404,7 +447,7 @@ impl VirtualHost {
         let packet = Ipv4Packet::new_checked(payload)?;
         let (src, dst) = (packet.src_addr(), packet.dst_addr());
         let host = self.settings.host;
-        if self.in_subnet(src) && src != host.ip {
+        if self.is_client_address(src) {
             self.link.neighbours.learn(src, src_mac, now);
         }
         let to_us = dst == host.ip;
@@ -522,7 +565,7 @@ impl VirtualHost {
                 |buf| buf.copy_from_slice(body),
             );
             self.link.pushed(pushed);
-            if !reply.to.ip.is_broadcast() {
+            if self.is_client_address(reply.to.ip) {
                 self.link
                     .neighbours
                     .learn(reply.to.ip, EthernetAddress(reply.to.mac), now);
@@ -547,6 +590,28 @@ impl VirtualHost {
     /// The lease records worth saving.
     pub fn leases_to_save(&self) -> Vec<Lease> {
         self.dhcp.pool().persistent()
+    }
+}
+
+/// The IPv4 source of an IPv4 frame or the sender of an ARP packet; 0.0.0.0 for anything
+/// else.
+fn claimed_ip(eth: &EthernetFrame<&[u8]>) -> Ipv4Addr {
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => Ipv4Packet::new_checked(eth.payload())
+            .map(|p| p.src_addr())
+            .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        EthernetProtocol::Arp => smoltcp::wire::ArpPacket::new_checked(eth.payload())
+            .ok()
+            .and_then(|p| smoltcp::wire::ArpRepr::parse(&p).ok())
+            .map(|r| match r {
+                smoltcp::wire::ArpRepr::EthernetIpv4 {
+                    source_protocol_addr,
+                    ..
+                } => source_protocol_addr,
+                _ => Ipv4Addr::UNSPECIFIED,
+            })
+            .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        _ => Ipv4Addr::UNSPECIFIED,
     }
 }
 

@@ -53,8 +53,12 @@ pub fn settings() -> Settings {
         nat: NatSettings {
             enabled: true,
             tcp_timeout: Duration::from_secs(7200),
+            tcp_handshake_timeout: Duration::from_secs(20),
             udp_timeout: Duration::from_secs(600),
             allow_host_loopback: false,
+            allow_link_local: false,
+            allow_host_addresses: false,
+            host_addresses: vec![],
             deny: vec![],
             max_sessions: 100,
             max_sessions_per_client: 10,
@@ -150,6 +154,18 @@ pub fn tcp_segment(
             &ChecksumCapabilities::default(),
         )
     })
+}
+
+/// A SYN from `src` (an address the test picks, spoofed or not) at `mac` to `dst`.
+pub fn tcp_syn_from(mac: EthernetAddress, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let mut frame = tcp_frame(dst, src.port(), TcpControl::Syn, 1, None, &[]);
+    EthernetFrame::new_unchecked(&mut frame[..]).set_src_addr(mac);
+    let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    ip.set_src_addr(*src.ip());
+    ip.fill_checksum();
+    let mut tcp = TcpPacket::new_unchecked(ip.payload_mut());
+    tcp.fill_checksum(&IpAddress::Ipv4(*src.ip()), &IpAddress::Ipv4(*dst.ip()));
+    frame
 }
 
 /// A broadcast ARP request from the client (as `sender_ip`) for `target_ip`.

@@ -427,3 +427,139 @@ fn a_late_dhcp_decision_sends_the_reply_and_no_reply_withholds_the_ack() {
     h.handle_dhcp_decision(late, super::dhcp::DhcpDecision::Unchanged, None, now());
     assert!(sent(&mut h).is_empty(), "too late: ignored");
 }
+
+// ---- the neighbour table and spoofing on the segment -------------------------------------
+
+const INTRUDER_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0, 0, 0x66]);
+
+/// `frame` (Ethernet + IPv4) with its Ethernet source and IPv4 source replaced.
+fn from(mut frame: Vec<u8>, mac: EthernetAddress, ip: Ipv4Addr) -> Vec<u8> {
+    EthernetFrame::new_unchecked(&mut frame[..]).set_src_addr(mac);
+    let mut p = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    p.set_src_addr(ip);
+    p.fill_checksum();
+    frame
+}
+
+/// An ARP packet of `operation` from `mac` claiming `sender_ip`, about `target_ip`.
+fn arp_from(
+    operation: ArpOperation,
+    mac: EthernetAddress,
+    sender_ip: Ipv4Addr,
+    target_ip: Ipv4Addr,
+) -> Vec<u8> {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation,
+        source_hardware_addr: mac,
+        source_protocol_addr: sender_ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target_ip,
+    };
+    let mut frame = vec![0u8; 14 + repr.buffer_len()];
+    EthernetRepr {
+        src_addr: mac,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    repr.emit(&mut ArpPacket::new_unchecked(&mut frame[14..]));
+    frame
+}
+
+fn link_events(h: &mut VirtualHost) -> Vec<super::link::LinkEvent> {
+    let mut out = Vec::new();
+    while let Some(e) = h.poll_event() {
+        if let super::Event::Link(e) = e {
+            out.push(e);
+        }
+    }
+    out
+}
+
+#[test]
+fn only_client_addresses_of_the_segment_are_learnt() {
+    let mut h = host();
+    let off_segment = Ipv4Addr::new(10, 0, 0, 5);
+    let network = Ipv4Addr::new(192, 168, 30, 0);
+    let broadcast = Ipv4Addr::new(192, 168, 30, 255);
+    for ip in [off_segment, network, broadcast] {
+        h.handle_frame(now(), &from(echo_request(OUR_IP, OUR_MAC), CLIENT_MAC, ip));
+        h.handle_frame(
+            now(),
+            &arp_from(ArpOperation::Reply, CLIENT_MAC, ip, OUR_IP),
+        );
+    }
+    assert!(h.neighbours().is_empty(), "nothing learnt");
+    h.handle_frame(now(), &echo_request(OUR_IP, OUR_MAC));
+    assert_eq!(h.neighbours().lookup(CLIENT_IP), Some(CLIENT_MAC));
+    assert_eq!(h.neighbours().len(), 1);
+}
+
+#[test]
+fn frames_from_the_virtual_hosts_own_mac_are_dropped_counted_and_logged_once() {
+    let mut h = host();
+    // A peer on the segment sends with the virtual host's MAC (to take its traffic on a
+    // learning switch, or to poison the neighbour table).
+    for _ in 0..3 {
+        h.handle_frame(
+            now(),
+            &from(echo_request(OUR_IP, OUR_MAC), OUR_MAC, CLIENT_IP),
+        );
+    }
+    h.handle_frame(
+        now(),
+        &arp_from(ArpOperation::Request, OUR_MAC, CLIENT_IP, OUR_IP),
+    );
+    assert!(sent(&mut h).is_empty(), "no answer");
+    assert_eq!(h.neighbours().lookup(CLIENT_IP), None, "not learnt");
+    assert_eq!(h.counters().own_mac, 4);
+    assert_eq!(h.counters().echo_replies + h.counters().arp_replies, 0);
+    assert_eq!(
+        link_events(&mut h),
+        [super::link::LinkEvent::OwnMacClaimed { ip: CLIENT_IP }]
+    );
+}
+
+#[test]
+fn arp_claiming_the_virtual_hosts_address_is_dropped_counted_and_logged_once_per_mac() {
+    let mut h = host();
+    // A gratuitous ARP reply, a request in our name, an announcement: all from another MAC.
+    h.handle_frame(
+        now(),
+        &arp_from(ArpOperation::Reply, INTRUDER_MAC, OUR_IP, OUR_IP),
+    );
+    h.handle_frame(
+        now(),
+        &arp_from(ArpOperation::Request, INTRUDER_MAC, OUR_IP, CLIENT_IP),
+    );
+    h.handle_frame(
+        now(),
+        &arp_from(ArpOperation::Request, INTRUDER_MAC, OUR_IP, OUR_IP),
+    );
+    assert!(sent(&mut h).is_empty(), "no answer");
+    assert_eq!(
+        h.neighbours().lookup(OUR_IP),
+        None,
+        "our address is never learnt"
+    );
+    assert_eq!(h.counters().arp_spoofed, 3);
+    let other = EthernetAddress([0x52, 0x54, 0, 0, 0, 0x67]);
+    h.handle_frame(now(), &arp_from(ArpOperation::Reply, other, OUR_IP, OUR_IP));
+    assert_eq!(
+        link_events(&mut h),
+        [
+            super::link::LinkEvent::ArpSpoofed {
+                mac: INTRUDER_MAC.0,
+                ip: OUR_IP
+            },
+            super::link::LinkEvent::ArpSpoofed {
+                mac: other.0,
+                ip: OUR_IP
+            },
+        ]
+    );
+    // The real clients are answered as before.
+    h.handle_frame(now(), &arp_request(CLIENT_IP, OUR_IP));
+    assert_eq!(sent(&mut h).len(), 1);
+    assert_eq!(h.counters().arp_spoofed, 4);
+}

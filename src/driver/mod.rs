@@ -137,14 +137,22 @@ fn dhcp_settings(config: &Config) -> DhcpSettings {
     }
 }
 
-/// The NAT's settings from the configuration.
+/// The NAT's settings from the configuration, and the host's own addresses as they are now
+/// (read again on every change of the settings).
 fn nat_settings(config: &Config) -> NatSettings {
     let n = &config.nat;
     NatSettings {
         enabled: n.enabled,
         tcp_timeout: n.tcp_timeout.into(),
+        tcp_handshake_timeout: n.tcp_handshake_timeout.into(),
         udp_timeout: n.udp_timeout.into(),
         allow_host_loopback: n.allow_host_loopback,
+        allow_link_local: n.allow_link_local,
+        allow_host_addresses: n.allow_host_addresses,
+        host_addresses: host::own_addresses().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the host's addresses; the NAT cannot refuse them");
+            Vec::new()
+        }),
         // Validation refuses IPv6 entries (the NAT carries IPv4 only) and host bits.
         deny: n
             .deny
@@ -320,7 +328,6 @@ impl Gateway {
             clock,
             kick,
             sockets: RefCell::new(HashMap::new()),
-            dns: RefCell::new([None, None]),
             last_open_warning: Cell::new(None),
             unwarned_open_failures: Cell::new(0),
         });
@@ -806,6 +813,7 @@ impl Gateway {
             match event {
                 Event::Dhcp(e) => self.seclog.dhcp(&e, |l| shared.clock.lease_to_wall(l)),
                 Event::Nat(e) => self.seclog.nat(&e),
+                Event::Link(e) => self.seclog.link(&e),
                 Event::LeasesChanged => changed = true,
             }
         }

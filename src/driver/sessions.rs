@@ -1,7 +1,12 @@
 //! The host side of the sessions: each session's OS socket and the task serving it, the DNS
-//! query sockets, and the execution of the core's [`HostOp`]s. Tasks report what happened
+//! queries, and the execution of the core's [`HostOp`]s. Tasks report what happened
 //! ([`HostEvent`]); they never end a session. [`HostOp::Close`] drops a session's socket and
 //! task, a connect under way included.
+//!
+//! Each DNS query ([`HostOp::DnsSend`]) goes out on a socket of its own
+//! ([`host::dns_query_socket`]: a random source port, connected to the upstream), whose task
+//! waits for one answer for [`DNS_ANSWER_WAIT`] and then closes it. The core bounds the
+//! queries waiting at once, so these sockets are bounded too.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -27,16 +32,16 @@ pub(super) struct Shared {
     pub(super) kick: async_channel::Sender<()>,
     /// Each session's host socket and the task serving it.
     pub(super) sockets: RefCell<HashMap<SessionId, HostSide>>,
-    /// DNS query sockets (IPv4, IPv6), opened on first use, with their answer tasks.
-    pub(super) dns: RefCell<[Option<DnsSocket>; 2]>,
     /// When a host socket last failed to open for lack of resources (rate-limited warnings).
     pub(super) last_open_warning: Cell<Option<std::time::Instant>>,
     /// Open failures not warned about since the last warning.
     pub(super) unwarned_open_failures: Cell<u64>,
 }
 
-/// A DNS query socket and the task reading its answers.
-pub(super) type DnsSocket = (Rc<Async<UdpSocket>>, Task<()>);
+/// How long a DNS query's socket waits for its answer: the core's time for one upstream
+/// ([`QUERY_TIMEOUT`](crate::core::dns::QUERY_TIMEOUT); after it the core asks the next
+/// upstream, and a late answer would be ignored) and a second for the loop to get there.
+pub const DNS_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// A TCP session's stream, once connected (shared by its task and the map, so that an abort
 /// can set SO_LINGER before the drop).
@@ -98,13 +103,19 @@ impl Shared {
                 HostOp::TcpConnect { id, target } => {
                     let slot: StreamSlot = Rc::new(RefCell::new(None));
                     let task = ex.spawn(tcp_session(shared.clone(), id, target, slot.clone()));
-                    shared.sockets.borrow_mut().insert(id, HostSide::Tcp(slot, task));
+                    shared
+                        .sockets
+                        .borrow_mut()
+                        .insert(id, HostSide::Tcp(slot, task));
                 }
                 HostOp::UdpOpen { id, target } => match host::udp_connect(target) {
                     Ok(sock) => {
                         let sock = Rc::new(sock);
                         let task = ex.spawn(udp_replies(shared.clone(), id, sock.clone()));
-                        shared.sockets.borrow_mut().insert(id, HostSide::Udp(sock, task));
+                        shared
+                            .sockets
+                            .borrow_mut()
+                            .insert(id, HostSide::Udp(sock, task));
                     }
                     Err(e) => failed.push(Failure::Open(id, e)),
                 },
@@ -120,7 +131,10 @@ impl Shared {
                     Ok(sock) => {
                         let sock = Rc::new(sock);
                         let task = ex.spawn(icmp_replies(shared.clone(), id, sock.clone()));
-                        shared.sockets.borrow_mut().insert(id, HostSide::Icmp(sock, task));
+                        shared
+                            .sockets
+                            .borrow_mut()
+                            .insert(id, HostSide::Icmp(sock, task));
                     }
                     Err(e) => failed.push(Failure::Open(id, e)),
                 },
@@ -133,16 +147,16 @@ impl Shared {
                         }
                     }
                 }
-                HostOp::DnsSend { upstream, payload } => {
-                    match Shared::dns_socket(shared, ex, upstream.is_ipv6()) {
-                        Ok(sock) => {
-                            if let Err(e) = sock.get_ref().send_to(payload, upstream) {
-                                tracing::debug!(%upstream, error = %e, "dns: cannot send the query");
-                            }
+                HostOp::DnsSend { upstream, payload } => match host::dns_query_socket(upstream) {
+                    Ok(sock) => match sock.get_ref().send(payload) {
+                        Ok(_) => ex.spawn(dns_answer(shared.clone(), sock)).detach(),
+                        Err(e) => {
+                            tracing::debug!(%upstream, error = %e, "dns: cannot send the query")
                         }
-                        Err(e) => tracing::warn!(error = %e, "dns: cannot open a socket for queries"),
-                    }
-                }
+                    },
+                    // The client retries; the core answers SERVFAIL when the upstreams run out.
+                    Err(e) => tracing::debug!(error = %e, "dns: cannot open a socket for a query"),
+                },
                 HostOp::Close { id, abort } => {
                     let side = shared.sockets.borrow_mut().remove(&id);
                     if let Some(HostSide::Tcp(slot, _)) = &side {
@@ -174,22 +188,6 @@ impl Shared {
             drop(core);
             shared.kick();
         }
-    }
-
-    fn dns_socket(
-        shared: &Rc<Shared>,
-        ex: &Rc<LocalExecutor<'static>>,
-        v6: bool,
-    ) -> io::Result<Rc<Async<UdpSocket>>> {
-        let mut dns = shared.dns.borrow_mut();
-        let slot = &mut dns[usize::from(v6)];
-        if let Some((sock, _)) = slot {
-            return Ok(sock.clone());
-        }
-        let sock = Rc::new(host::udp_any(v6)?);
-        let task = ex.spawn(dns_answers(shared.clone(), sock.clone()));
-        *slot = Some((sock.clone(), task));
-        Ok(sock)
     }
 }
 
@@ -397,24 +395,43 @@ async fn icmp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<socket2:
     }
 }
 
-/// Answers from the DNS upstreams.
-async fn dns_answers(shared: Rc<Shared>, sock: Rc<Async<UdpSocket>>) {
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match sock.recv_from(&mut buf).await {
-            Ok((n, from)) => {
-                let now = shared.now();
-                shared
-                    .core
-                    .borrow_mut()
-                    .nat_dns_answer(from, &buf[..n], now);
+thread_local! {
+    /// Where DNS answers are read: one buffer for every query's task (they run on this
+    /// thread, and a read never spans an await), large enough for any UDP answer.
+    static DNS_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65536]);
+}
+
+/// The answer to one DNS query, on the query's own socket: the first datagram goes to the
+/// core, then the socket closes; so does it after [`DNS_ANSWER_WAIT`] or an error (an ICMP
+/// port unreachable from the upstream: the core moves on when its timer runs out).
+async fn dns_answer(shared: Rc<Shared>, sock: Async<UdpSocket>) {
+    let answer = async {
+        loop {
+            sock.readable().await?;
+            let read = DNS_BUF.with_borrow_mut(|buf| match sock.get_ref().recv_from(buf) {
+                Ok((n, from)) => {
+                    let now = shared.now();
+                    shared
+                        .core
+                        .borrow_mut()
+                        .nat_dns_answer(from, &buf[..n], now);
+                    Ok(true)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                Err(e) => Err(e),
+            });
+            if read? {
                 shared.kick();
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "dns: query socket failed");
-                return;
+                return Ok(());
             }
         }
+    };
+    let timeout = async {
+        async_io::Timer::after(DNS_ANSWER_WAIT).await;
+        Ok(())
+    };
+    let result: io::Result<()> = futures_lite::FutureExt::or(answer, timeout).await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "dns: no answer on the query's socket");
     }
 }

@@ -11,17 +11,37 @@
 //!   - *selecting* (server identifier present): ours → bind the requested address, ACK or NAK;
 //!     another server's → the client chose it, our offer is withdrawn, no reply;
 //!   - *init-reboot* (requested address, no `ciaddr`): an address outside our subnet → NAK;
-//!     the client's own or a free address that the settings give the client (see
-//!     [`LeasePool`]) → ACK; anything else → NAK;
+//!     a client the server has no record of (no lease record, no reservation) → no reply
+//!     (RFC 2131 §4.3.2: it "MUST remain silent", so that a server that does not know the
+//!     client leaves the answer to one that does); the client's own or a free address that
+//!     the settings give the client (see [`LeasePool`]) → ACK; anything else → NAK;
 //!   - *renewing/rebinding* (`ciaddr` set): the same test on `ciaddr`.
 //! - **RELEASE** → the lease is released (kept for stickiness). No reply.
 //! - **DECLINE** → the address is quarantined. No reply.
+//!
+//! RELEASE and DECLINE of a lease recorded for another MAC are ignored (see *Spoofing*).
 //! - **INFORM** → ACK with the configuration options, no address and no lease time, to `ciaddr`.
 //!
-//! Where replies go (RFC 2131 §4.1): to the relay when `giaddr` is set; a NAK is broadcast;
-//! to `ciaddr` when set; broadcast when the client set the broadcast flag; else unicast to the
-//! offered address and the client's MAC (the client cannot ARP yet, so the frame goes to its
-//! hardware address directly).
+//! Where replies go (RFC 2131 §4.1): a NAK is broadcast; to `ciaddr` when set; broadcast when
+//! the client set the broadcast flag; else unicast to the offered address and the client's
+//! MAC (the client cannot ARP yet, so the frame goes to its hardware address directly). (To
+//! the relay when `giaddr` is set — but see *Spoofing*: a relayed message comes from the
+//! relay's MAC, so it is not served.)
+//!
+//! # Spoofing
+//!
+//! On a shared segment anyone can write any `chaddr`. A message that arrives in a frame
+//! ([`DhcpServer::handle_from`]) is ignored, counted in [`DhcpCounters::spoofed`] and reported
+//! with a [`DhcpEvent::Ignored`] (at most one a second, with the number left out) when:
+//!
+//! - its `chaddr` is not the frame's Ethernet source MAC. Real clients always send their own
+//!   MAC; a relay agent forwards from its own, so relays are not served (hubnat serves the
+//!   segment it is on);
+//! - its client identifier is a hardware address (type 1, RFC 2132) other than `chaddr`;
+//! - it is a RELEASE or DECLINE for a lease recorded for another MAC (a client identifier
+//!   learnt from someone else's broadcast DISCOVER).
+//!
+//! So no client can end, quarantine, renew or take over another client's lease in its name.
 //!
 //! # Settings
 //!
@@ -133,6 +153,18 @@ pub enum DhcpEvent {
         /// The record.
         lease: Lease,
     },
+    /// A message was ignored as spoofed (see *Spoofing* in the module documentation). At most
+    /// one a second; `suppressed` counts those left out since the previous one.
+    Ignored {
+        /// The frame's Ethernet source.
+        mac: [u8; 6],
+        /// The message's hardware address.
+        chaddr: [u8; 6],
+        /// Why, in words.
+        reason: &'static str,
+        /// Messages ignored as spoofed and not reported since the previous event.
+        suppressed: u64,
+    },
     /// A client could not be offered an address.
     PoolExhausted {
         /// The client's MAC.
@@ -209,6 +241,13 @@ pub struct DhcpCounters {
     pub no_lease: u64,
     /// Dropped: a DISCOVER that found no address to offer.
     pub exhausted: u64,
+    /// Dropped: `chaddr` is not the frame's source MAC (a spoofed or relayed message), the
+    /// client identifier names another hardware address, or a RELEASE or DECLINE is for a
+    /// lease recorded for another MAC. See *Spoofing* in the module documentation.
+    pub spoofed: u64,
+    /// Dropped: an INIT-REBOOT REQUEST from a client the server has no record of (RFC 2131
+    /// §4.3.2: no reply).
+    pub unknown_client: u64,
 }
 
 impl DhcpCounters {
@@ -229,7 +268,12 @@ impl DhcpCounters {
 
     /// Messages dropped, any reason.
     pub fn dropped(&self) -> u64 {
-        self.ignored + self.other_server + self.no_lease + self.exhausted
+        self.ignored
+            + self.other_server
+            + self.no_lease
+            + self.exhausted
+            + self.spoofed
+            + self.unknown_client
     }
 }
 
@@ -248,6 +292,9 @@ pub struct DhcpServer {
     /// The pool's next deadline, recomputed after every change (the driver asks on every
     /// wake-up; the pool answers in O(leases)).
     deadline: Option<u64>,
+    /// When the last [`DhcpEvent::Ignored`] was reported, and how many were left out since.
+    last_ignored: Option<u64>,
+    ignored_unreported: u64,
 }
 
 impl DhcpServer {
@@ -265,6 +312,8 @@ impl DhcpServer {
             ),
             counters: DhcpCounters::default(),
             deadline: None,
+            last_ignored: None,
+            ignored_unreported: 0,
         }
     }
 
@@ -340,8 +389,9 @@ impl DhcpServer {
             .is_ok_and(|s| s.contains(ip))
     }
 
-    /// Handles one message from a client under `settings`. Returns the reply to send, if any;
-    /// pushes events. The caller checks `settings.enabled` first.
+    /// Handles one message from a client under `settings`, with no frame to check it against
+    /// (its sender is taken to be its `chaddr`). Returns the reply to send, if any; pushes
+    /// events. The caller checks `settings.enabled` first.
     pub fn handle(
         &mut self,
         settings: &DhcpSettings,
@@ -349,13 +399,14 @@ impl DhcpServer {
         now: u64,
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
-        let reply = self.handle_message(settings, msg, now, events);
+        let reply = self.handle_message(settings, msg, None, now, events);
         self.deadline = self.pool.next_deadline();
         reply
     }
 
     /// Handles a message carried in a frame from `frame_src`: like [`handle`](Self::handle),
-    /// but replies to a relay go back to the MAC the message came from.
+    /// but a message whose `chaddr` is not `frame_src` is ignored (see *Spoofing* in the
+    /// module documentation).
     pub fn handle_from(
         &mut self,
         settings: &DhcpSettings,
@@ -364,13 +415,56 @@ impl DhcpServer {
         now: u64,
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
-        let mut reply = self.handle(settings, msg, now, events)?;
-        if (!msg.giaddr().is_unspecified() || !msg.ciaddr().is_unspecified())
-            && reply.to.mac != BROADCAST_MAC
-        {
-            reply.to.mac = frame_src;
+        let reply = self.handle_message(settings, msg, Some(frame_src), now, events);
+        self.deadline = self.pool.next_deadline();
+        reply
+    }
+
+    /// Why `c` is to be ignored as spoofed, if it is.
+    fn spoofing(&self, c: &ClientView, msg: &Message) -> Option<&'static str> {
+        if c.frame_src != c.mac {
+            return Some("chaddr is not the frame's source MAC");
         }
-        Some(reply)
+        if let Some(DhcpOption::ClientIdentifier(id)) = msg.opts().get(OptionCode::ClientIdentifier)
+        {
+            if id.len() == 7 && id[0] == 1 && id[1..] != c.mac {
+                return Some("the client identifier names another hardware address");
+            }
+        }
+        if matches!(c.msg_type, MessageType::Release | MessageType::Decline)
+            && self.pool.get(&c.key).is_some_and(|l| l.mac != c.mac)
+        {
+            return Some("RELEASE or DECLINE of a lease bound to another MAC");
+        }
+        None
+    }
+
+    /// Counts a spoofed message and reports it, at most once a second.
+    fn ignore_spoofed(
+        &mut self,
+        c: &ClientView,
+        reason: &'static str,
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) {
+        self.counters.spoofed += 1;
+        debug!(frame_src = %fmt_mac(&c.frame_src), "dhcp: message ignored: {reason}");
+        if self.last_ignored.is_some_and(|t| now < t + 1) {
+            self.ignored_unreported += 1;
+            return;
+        }
+        self.last_ignored = Some(now);
+        warn!(
+            mac = %fmt_mac(&c.frame_src),
+            chaddr = %fmt_mac(&c.mac),
+            "dhcp: message ignored: {reason}"
+        );
+        events.push_back(DhcpEvent::Ignored {
+            mac: c.frame_src,
+            chaddr: c.mac,
+            reason,
+            suppressed: std::mem::take(&mut self.ignored_unreported),
+        });
     }
 
     fn count_received(&mut self, msg: &Message) {
@@ -389,11 +483,12 @@ impl DhcpServer {
         &mut self,
         settings: &DhcpSettings,
         msg: &Message,
+        frame_src: Option<[u8; 6]>,
         now: u64,
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
         self.count_received(msg);
-        let Some(client) = ClientView::parse(msg) else {
+        let Some(client) = ClientView::parse(msg, frame_src) else {
             self.counters.ignored += 1;
             debug!(
                 xid = msg.xid(),
@@ -403,6 +498,10 @@ impl DhcpServer {
         };
         let span = tracing::debug_span!("dhcp", mac = %fmt_mac(&client.mac), xid = msg.xid());
         let _enter = span.enter();
+        if let Some(reason) = self.spoofing(&client, msg) {
+            self.ignore_spoofed(&client, reason, now, events);
+            return None;
+        }
         match client.msg_type {
             MessageType::Discover => self.discover(settings, msg, &client, now, events),
             MessageType::Request => self.request(settings, msg, &client, now, events),
@@ -507,6 +606,7 @@ impl DhcpServer {
         now: u64,
         events: &mut VecDeque<DhcpEvent>,
     ) -> Option<Reply> {
+        let mut init_reboot = false;
         let ip = if let Some(server_id) = c.server_id {
             if server_id != self.server_ip {
                 debug!(server = %server_id, "dhcp: client chose another server");
@@ -518,6 +618,7 @@ impl DhcpServer {
         } else if !msg.ciaddr().is_unspecified() {
             msg.ciaddr()
         } else if let Some(ip) = c.requested {
+            init_reboot = true;
             ip
         } else {
             self.counters.ignored += 1;
@@ -530,6 +631,15 @@ impl DhcpServer {
         if !self.in_subnet(ip) {
             self.revoke(c, events);
             return Some(self.nak(msg, c, ip, "the address is not on this segment's subnet"));
+        }
+        if init_reboot
+            && self.pool.get(&c.key).is_none()
+            && !settings.statics.iter().any(|r| r.mac == c.mac)
+        {
+            // RFC 2131 §4.3.2: a server with no record of the client "MUST remain silent".
+            debug!(requested = %ip, "dhcp: INIT-REBOOT from a client with no record; no reply");
+            self.counters.unknown_client += 1;
+            return None;
         }
         let lease_secs = settings.lease.as_secs();
         match self
@@ -744,7 +854,8 @@ struct ClientView {
 }
 
 impl ClientView {
-    fn parse(msg: &Message) -> Option<ClientView> {
+    /// The view of `msg`, which came in a frame from `frame_src` (`None`: from its `chaddr`).
+    fn parse(msg: &Message, frame_src: Option<[u8; 6]>) -> Option<ClientView> {
         if msg.opcode() != Opcode::BootRequest || msg.htype() != HType::Eth || msg.hlen() != 6 {
             return None;
         }
@@ -775,7 +886,7 @@ impl ClientView {
             msg_type,
             key,
             mac,
-            frame_src: mac,
+            frame_src: frame_src.unwrap_or(mac),
             requested,
             server_id,
             hostname,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 
 use super::options::{DhcpSettings, Reservation, StaticRoute};
-use super::server::{DhcpEvent, DhcpServer, LeaseEventKind, Reply, CLIENT_PORT, SERVER_PORT};
+use super::server::{DhcpEvent, DhcpServer, LeaseEventKind, Reply, CLIENT_PORT};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
 const MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
@@ -289,40 +289,171 @@ fn init_reboot_acks_own_address_and_naks_foreign_ones() {
     h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
     h.send(&request_selecting(MAC_A, ip(10)), MAC_A).unwrap();
     h.lease_events();
-    let reboot = |ipaddr| {
+    let reboot = |mac, ipaddr| {
         with(
-            msg(MessageType::Request, MAC_A),
+            msg(MessageType::Request, mac),
             DhcpOption::RequestedIpAddress(ipaddr),
         )
     };
-    let ack = h.send(&reboot(ip(10)), MAC_A).unwrap();
+    let ack = h.send(&reboot(MAC_A, ip(10)), MAC_A).unwrap();
     assert_eq!(msg_type(&ack), MessageType::Ack);
     assert_eq!(h.lease_events(), vec![(LeaseEventKind::Renewed, ip(10))]);
-    // Outside the subnet: NAK, broadcast.
-    let nak = h.send(&reboot(Ipv4Addr::new(10, 1, 2, 3)), MAC_A).unwrap();
-    assert_eq!(msg_type(&nak), MessageType::Nak);
-    assert_eq!((nak.to.ip, nak.to.mac), (Ipv4Addr::BROADCAST, BCAST));
-    // In the subnet but held by A: B is NAKed.
-    let b_reboot = with(
-        msg(MessageType::Request, MAC_B),
+    // Outside the subnet: NAK, broadcast, whoever asks.
+    for mac in [MAC_A, MAC_B] {
+        let nak = h
+            .send(&reboot(mac, Ipv4Addr::new(10, 1, 2, 3)), mac)
+            .unwrap();
+        assert_eq!(msg_type(&nak), MessageType::Nak);
+        assert_eq!((nak.to.ip, nak.to.mac), (Ipv4Addr::BROADCAST, BCAST));
+    }
+    // A client with a record asking for an address the settings do not give it: NAK.
+    assert_eq!(
+        msg_type(&h.send(&reboot(MAC_A, ip(100)), MAC_A).unwrap()),
+        MessageType::Nak
+    );
+}
+
+#[test]
+fn init_reboot_from_a_client_without_a_record_gets_silence() {
+    // RFC 2131 §4.3.2: "If the DHCP server has no record of this client, then it MUST remain
+    // silent". B never talked to this server: whatever it asks for in the subnet (A's
+    // address, an address outside the range, a free one), nothing is bound and nothing sent.
+    let mut s = settings();
+    let mac_c = [0x52, 0x54, 0, 0, 0, 0xc];
+    s.statics = vec![Reservation {
+        mac: mac_c,
+        ip: ip(50),
+        hostname: None,
+    }];
+    let mut h = Harness::new(s);
+    bind(&mut h, MAC_A);
+    h.lease_events();
+    for asked in [ip(10), ip(100), ip(12)] {
+        let reboot = with(
+            msg(MessageType::Request, MAC_B),
+            DhcpOption::RequestedIpAddress(asked),
+        );
+        assert!(h.send(&reboot, MAC_B).is_none(), "{asked}");
+    }
+    assert!(h.lease_events().is_empty());
+    assert!(h.server.pool().get_by_ip(ip(12)).is_none(), "nothing bound");
+    assert_eq!(h.server.counters().unknown_client, 3);
+    // A client with a static reservation is known by it: its own address is ACKed.
+    let reboot = with(
+        msg(MessageType::Request, mac_c),
+        DhcpOption::RequestedIpAddress(ip(50)),
+    );
+    assert_eq!(msg_type(&h.send(&reboot, mac_c).unwrap()), MessageType::Ack);
+    // After a restart with the lease table restored, A is known again.
+    let saved = h.server.pool().persistent();
+    let mut h2 = Harness::new(settings());
+    h2.server.restore(saved);
+    let reboot = with(
+        msg(MessageType::Request, MAC_A),
         DhcpOption::RequestedIpAddress(ip(10)),
     );
     assert_eq!(
-        msg_type(&h.send(&b_reboot, MAC_B).unwrap()),
-        MessageType::Nak
+        msg_type(&h2.send(&reboot, MAC_A).unwrap()),
+        MessageType::Ack
     );
-    // In the subnet, outside the range: NAK.
-    let b_out = with(
-        msg(MessageType::Request, MAC_B),
-        DhcpOption::RequestedIpAddress(ip(100)),
+}
+
+#[test]
+fn messages_from_another_mac_than_their_chaddr_are_ignored_and_logged() {
+    let mut h = Harness::new(settings());
+    let a = bind(&mut h, MAC_A);
+    h.events.clear();
+    // B (frame source) sends a RELEASE and a DECLINE in A's name (chaddr A).
+    let mut release = with(
+        msg(MessageType::Release, MAC_A),
+        DhcpOption::ServerIdentifier(SERVER),
     );
-    assert_eq!(msg_type(&h.send(&b_out, MAC_B).unwrap()), MessageType::Nak);
-    // In the range and free: ACK (the client kept its address across our restart).
-    let b_free = with(
-        msg(MessageType::Request, MAC_B),
-        DhcpOption::RequestedIpAddress(ip(12)),
+    release.set_ciaddr(a);
+    let decline = with(
+        with(
+            msg(MessageType::Decline, MAC_A),
+            DhcpOption::ServerIdentifier(SERVER),
+        ),
+        DhcpOption::RequestedIpAddress(a),
     );
-    assert_eq!(msg_type(&h.send(&b_free, MAC_B).unwrap()), MessageType::Ack);
+    assert!(h.send(&release, MAC_B).is_none());
+    assert!(h.send(&decline, MAC_B).is_none());
+    // Nor may B take A's address by renewing it in A's name.
+    let mut renew_a = msg(MessageType::Request, MAC_A);
+    renew_a.set_ciaddr(a);
+    assert!(h.send(&renew_a, MAC_B).is_none());
+    // A client identifier that names A's hardware address, from B's own chaddr: spoofed too.
+    let mut as_a = with(
+        msg(MessageType::Release, MAC_B),
+        DhcpOption::ServerIdentifier(SERVER),
+    );
+    as_a.set_ciaddr(a);
+    let mut id = vec![1u8];
+    id.extend_from_slice(&MAC_A);
+    let as_a = with(as_a, DhcpOption::ClientIdentifier(id));
+    assert!(h.send(&as_a, MAC_B).is_none());
+    let lease = h.server.pool().get_by_ip(a).expect("A keeps its lease");
+    assert_eq!((lease.state, lease.mac), (super::LeaseState::Bound, MAC_A));
+    let c = h.server.counters();
+    assert_eq!((c.releases, c.declines, c.requests), (2, 1, 2));
+    assert_eq!(c.spoofed, 4);
+    assert_eq!(c.received(), c.sent() + c.dropped());
+    // One line for the security log; the rest of the same second are counted in the next.
+    let ignored: Vec<DhcpEvent> = h.events.drain(..).collect();
+    assert_eq!(
+        ignored,
+        [DhcpEvent::Ignored {
+            mac: MAC_B,
+            chaddr: MAC_A,
+            reason: "chaddr is not the frame's source MAC",
+            suppressed: 0,
+        }]
+    );
+    h.now += 1;
+    assert!(h.send(&as_a, MAC_B).is_none());
+    assert_eq!(
+        h.events.pop_front(),
+        Some(DhcpEvent::Ignored {
+            mac: MAC_B,
+            chaddr: MAC_B,
+            reason: "the client identifier names another hardware address",
+            suppressed: 3,
+        })
+    );
+    // A's own RELEASE still works.
+    assert!(h.send(&release, MAC_A).is_none());
+    assert_eq!(h.lease_events(), vec![(LeaseEventKind::Released, a)]);
+}
+
+#[test]
+fn release_and_decline_of_a_lease_bound_to_another_mac_are_ignored() {
+    // B learnt A's client identifier (it is broadcast in every DISCOVER) and sends it with
+    // its own chaddr: the lease's MAC is not B's.
+    let mut h = Harness::new(settings());
+    let id = DhcpOption::ClientIdentifier(b"\x00duid-of-a".to_vec());
+    h.send(&with(msg(MessageType::Discover, MAC_A), id.clone()), MAC_A)
+        .unwrap();
+    h.send(&with(request_selecting(MAC_A, ip(10)), id.clone()), MAC_A)
+        .unwrap();
+    h.events.clear();
+    let mut release = with(
+        with(msg(MessageType::Release, MAC_B), id.clone()),
+        DhcpOption::ServerIdentifier(SERVER),
+    );
+    release.set_ciaddr(ip(10));
+    assert!(h.send(&release, MAC_B).is_none());
+    assert_eq!(
+        h.server.pool().get_by_ip(ip(10)).map(|l| l.state),
+        Some(super::LeaseState::Bound)
+    );
+    assert_eq!(h.server.counters().spoofed, 1);
+    assert!(matches!(
+        h.events.pop_front(),
+        Some(DhcpEvent::Ignored {
+            reason: "RELEASE or DECLINE of a lease bound to another MAC",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -462,26 +593,27 @@ fn static_reservation_with_host_name() {
         opt(&offer, OptionCode::Hostname),
         Some(&DhcpOption::Hostname("printer".into()))
     );
-    // Someone else asking for it is NAKed.
+    // Someone else asking for it is NAKed (once the server knows it: a client without a
+    // record gets no answer at all to an INIT-REBOOT).
     let steal = with(
         msg(MessageType::Request, MAC_A),
         DhcpOption::RequestedIpAddress(ip(50)),
     );
+    assert!(h.send(&steal, MAC_A).is_none());
+    bind(&mut h, MAC_A);
     assert_eq!(msg_type(&h.send(&steal, MAC_A).unwrap()), MessageType::Nak);
 }
 
 #[test]
-fn relayed_messages_are_answered_to_the_relay() {
+fn relayed_messages_are_not_served() {
+    // A relay forwards the client's message from its own MAC: hubnat serves its own segment
+    // only, and such a message looks like any other whose chaddr is not its sender.
     let mut h = Harness::new(settings());
     let relay_mac = [0x52, 0x54, 0, 0, 0, 0x99];
     let mut d = msg(MessageType::Discover, MAC_A);
     d.set_giaddr(ip(254));
-    let offer = h.send(&d, relay_mac).unwrap();
-    assert_eq!(
-        (offer.to.ip, offer.to.mac, offer.to.port),
-        (ip(254), relay_mac, SERVER_PORT)
-    );
-    assert_eq!(offer.msg.giaddr(), ip(254));
+    assert!(h.send(&d, relay_mac).is_none());
+    assert_eq!(h.server.counters().spoofed, 1);
 }
 
 #[test]
@@ -676,7 +808,8 @@ fn new_and_removed_reservations_apply_to_new_offers_at_once() {
     let offer = h.send(&msg(MessageType::Discover, MAC_A), MAC_A).unwrap();
     assert_eq!(offer.msg.yiaddr(), ip(10));
     assert!(opt(&offer, OptionCode::Hostname).is_none());
-    // Another client asking for the former reservation is refused: outside the range.
+    // Another (known) client asking for the former reservation is refused: outside the range.
+    bind(&mut h, MAC_B);
     let steal = with(
         msg(MessageType::Request, MAC_B),
         DhcpOption::RequestedIpAddress(ip(50)),
@@ -863,6 +996,8 @@ fn every_message_is_counted_once_by_type_and_outcome() {
         other_server: 3,
         no_lease: 2,
         exhausted: 1,
+        spoofed: 0,
+        unknown_client: 0,
     };
     assert_eq!(h.server.counters(), want);
     assert_eq!(want.received(), 19);

@@ -6,25 +6,34 @@
 //! endpoint and remote endpoint, the first echo request of an identifier, a DNS query to the
 //! virtual host over UDP or TCP) comes here, and three steps run in a fixed order:
 //!
+//! 0. **Source**: only a client address of the segment (in its subnet; not the virtual host's,
+//!    not the subnet's network or broadcast address) may open a flow. Anything else is a
+//!    spoofed source: refused silently (nothing to answer: the reply would go to whoever holds
+//!    that address) and counted with the safety rules.
 //! 1. **Safety rules** ([`safety_rules`]): never the virtual segment itself, broadcast,
-//!    multicast, 0.0.0.0/8, 240.0.0.0/4, the host's loopback (unless allowed) or `nat.deny`.
+//!    multicast, 0.0.0.0/8, 240.0.0.0/4, the host's loopback, link-local addresses (cloud
+//!    metadata services answer at 169.254.169.254), the host's own addresses (each unless
+//!    allowed) or `nat.deny`.
 //!    Flows to the virtual host's own DNS port skip this step (the forwarder is ours).
 //! 2. **Policy**: the [`SessionPolicy`], if one is installed, sees a [`FlowInfo`] and answers
 //!    now or later. While it has not answered, the flow waits here with its packets (a few
 //!    datagrams are queued, retransmitted SYNs are dropped); [`VirtualHost::handle_verdict`]
 //!    brings the answer. A redirect must pass the safety rules for its new destination.
-//! 3. **Limits**: `nat.max_sessions` and `nat.max_sessions_per_client`.
+//! 3. **Limits**: `nat.max_sessions` and `nat.max_sessions_per_client`, the latter for the
+//!    client's address and for its MAC alike (a client that rotates its source address is
+//!    still held to its share).
 //!
 //! The outcome is a [`Verdict`]: *allow* and *redirect* create a session; *reject* answers
 //! the client (a RST for TCP, ICMP "administratively prohibited" for UDP and ICMP); *drop* is
 //! silent. Every refusal is counted and logged with its [`EndReason`] (rate-limited).
 //!
 //! Bounds: at most [`MAX_PENDING_VERDICTS`] flows wait at once, [`MAX_PENDING_PER_CLIENT`]
-//! per client, [`MAX_QUEUED_PER_FLOW`] packets each, and none longer than
+//! per client address and per client MAC, [`MAX_QUEUED_PER_FLOW`] packets each, and none
+//! longer than
 //! [`VERDICT_TIMEOUT`] (then it is dropped as denied by policy).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{Icmpv4DstUnreachable, Ipv4Packet};
@@ -35,7 +44,7 @@ use crate::core::{HostSettings, VirtualHost};
 
 /// Flows waiting for a verdict at once, at most.
 pub const MAX_PENDING_VERDICTS: usize = 1024;
-/// Flows of one client waiting for a verdict at once, at most.
+/// Flows of one client (address, or MAC) waiting for a verdict at once, at most.
 pub const MAX_PENDING_PER_CLIENT: usize = 64;
 /// Packets kept for a flow while it waits for its verdict.
 pub const MAX_QUEUED_PER_FLOW: usize = 8;
@@ -114,6 +123,9 @@ pub trait SessionPolicy {
     fn check(&mut self, ticket: FlowTicket, flow: &FlowInfo) -> PolicyAnswer;
 }
 
+const HOST_ADDRESS: &str =
+    "destination is one of the host's own addresses (nat.allow_host_addresses = false)";
+
 /// Whether `dst` may be reached from the segment of `host`; `Err` says which rule forbids it.
 pub fn safety_rules(
     dst: Ipv4Addr,
@@ -133,6 +145,12 @@ pub fn safety_rules(
     if dst.is_loopback() && !nat.allow_host_loopback {
         return Err("destination is the host's loopback (nat.allow_host_loopback = false)");
     }
+    if dst.is_link_local() && !nat.allow_link_local {
+        return Err("destination is link-local, 169.254.0.0/16 (nat.allow_link_local = false)");
+    }
+    if !nat.allow_host_addresses && nat.host_addresses.contains(&IpAddr::V4(dst)) {
+        return Err(HOST_ADDRESS);
+    }
     if nat.deny.iter().any(|net| net.contains(dst)) {
         return Err("destination is in nat.deny");
     }
@@ -140,7 +158,7 @@ pub fn safety_rules(
 }
 
 /// The safety rules for a redirect target, which may be IPv6.
-fn redirect_rules(
+pub(super) fn redirect_rules(
     target: SocketAddr,
     host: &HostSettings,
     nat: &NatSettings,
@@ -157,6 +175,12 @@ fn redirect_rules(
             }
             if ip.is_loopback() && !nat.allow_host_loopback {
                 return Err("destination is the host's loopback (nat.allow_host_loopback = false)");
+            }
+            if ip.is_unicast_link_local() && !nat.allow_link_local {
+                return Err("destination is link-local, fe80::/10 (nat.allow_link_local = false)");
+            }
+            if !nat.allow_host_addresses && nat.host_addresses.contains(&IpAddr::V6(*ip)) {
+                return Err(HOST_ADDRESS);
             }
             Ok(())
         }
@@ -177,6 +201,7 @@ pub(super) struct Admission {
     pending: HashMap<FlowTicket, PendingFlow>,
     by_key: HashMap<FlowKey, FlowTicket>,
     per_client: HashMap<Ipv4Addr, usize>,
+    per_mac: HashMap<[u8; 6], usize>,
     next_ticket: u64,
     last_log: Option<Instant>,
     suppressed: u64,
@@ -224,6 +249,12 @@ impl Admission {
                 self.per_client.remove(&client);
             }
         }
+        if let Some(n) = self.per_mac.get_mut(&p.mac) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_mac.remove(&p.mac);
+            }
+        }
         Some(p)
     }
 }
@@ -240,6 +271,12 @@ impl VirtualHost {
         mac: [u8; 6],
         p: &Ipv4Packet<&[u8]>,
     ) {
+        if !self.is_client_address(*key.client.ip()) {
+            // A spoofed source: whatever we answered would go to someone else.
+            let detail = "source is not a client address of the segment".to_owned();
+            self.refuse(key, EndReason::DeniedByRule, detail, now);
+            return;
+        }
         let adm = &mut self.nat.admission;
         if let Some(ticket) = adm.by_key.get(&key) {
             // Already waiting for its verdict: keep a few datagrams; a retransmitted SYN has
@@ -273,6 +310,7 @@ impl VirtualHost {
         let client = *key.client.ip();
         if adm.pending.len() >= MAX_PENDING_VERDICTS
             || adm.per_client.get(&client).copied().unwrap_or(0) >= MAX_PENDING_PER_CLIENT
+            || adm.per_mac.get(&mac).copied().unwrap_or(0) >= MAX_PENDING_PER_CLIENT
         {
             let detail = "too many flows waiting for a policy verdict".to_owned();
             self.refuse(key, EndReason::Limit, detail, now);
@@ -305,6 +343,7 @@ impl VirtualHost {
                 );
                 adm.by_key.insert(key, ticket);
                 *adm.per_client.entry(client).or_insert(0) += 1;
+                *adm.per_mac.entry(mac).or_insert(0) += 1;
             }
         }
     }
@@ -367,6 +406,7 @@ impl VirtualHost {
         adm.pending.clear();
         adm.by_key.clear();
         adm.per_client.clear();
+        adm.per_mac.clear();
     }
 
     /// Carries out `decision` for a flow: refuse it, or (after the limits) make it a session
@@ -436,7 +476,7 @@ impl VirtualHost {
                 return;
             }
         };
-        self.session_created(id, redirected_by, now);
+        self.session_created(id, redirected_by);
         match key.protocol {
             Protocol::Tcp => self.tcp_start(id, first, target),
             Protocol::Udp => self.udp_start(id, packets, now),

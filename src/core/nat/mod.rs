@@ -18,15 +18,17 @@
 //!
 //! | flow                          | file     | host side                        | ends |
 //! |-------------------------------|----------|----------------------------------|------|
-//! | TCP SYN to an outside address | [`tcp`]  | `TcpConnect`, then a relay task  | both FINs, a RST either way, `nat.tcp_timeout` idle |
+//! | TCP SYN to an outside address | [`tcp`]  | `TcpConnect`, then a relay task  | both FINs, a RST either way, `nat.tcp_timeout` idle, `nat.tcp_handshake_timeout` without the client's ACK |
 //! | TCP SYN to our port 53        | [`tcp`]  | `TcpConnect` to the DNS upstreams in turn | as TCP |
 //! | UDP to an outside address     | [`udp`]  | `UdpOpen` + `UdpSend`            | `nat.udp_timeout` idle |
 //! | UDP to our port 53            | [`udp`]  | the [DNS forwarder](crate::core::dns) | [`DNS_SESSION_TIMEOUT`] idle |
 //! | ICMP echo to an outside address | [`icmp`] | `IcmpOpen` + `IcmpSend` (or a synthesized reply) | [`ICMP_TIMEOUT`] idle |
 //!
 //! Never NATed: the virtual subnet itself, broadcast, multicast, 0.0.0.0/8 and 240.0.0.0/4;
-//! 127.0.0.0/8 unless `nat.allow_host_loopback`; anything in `nat.deny`. A refused TCP SYN gets
-//! a RST, a refused datagram or echo an ICMP "administratively prohibited".
+//! 127.0.0.0/8 unless `nat.allow_host_loopback`; 169.254.0.0/16 unless `nat.allow_link_local`;
+//! the host's own addresses unless `nat.allow_host_addresses`; anything in `nat.deny`. A
+//! refused TCP SYN gets a RST, a refused datagram or echo an ICMP "administratively
+//! prohibited".
 //!
 //! The protocols share the [`Link`](super::link::Link) (neighbours and transmit queue) and read
 //! the live [`NatSettings`] from the core's one [`Settings`](super::Settings) value; nothing
@@ -47,7 +49,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{IpAddress, IpCidr, IpProtocol, Ipv4Packet};
@@ -96,15 +98,27 @@ pub struct NatSettings {
     pub enabled: bool,
     /// Idle timeout of TCP sessions.
     pub tcp_timeout: Duration,
+    /// How long a TCP client has, from the SYN-ACK, to complete the three-way handshake.
+    pub tcp_handshake_timeout: Duration,
     /// Idle timeout of UDP sessions.
     pub udp_timeout: Duration,
     /// Whether 127.0.0.0/8 may be reached.
     pub allow_host_loopback: bool,
+    /// Whether link-local addresses (169.254.0.0/16, where cloud metadata services answer;
+    /// fe80::/10 for a redirect) may be reached.
+    pub allow_link_local: bool,
+    /// Whether the host's own addresses ([`host_addresses`](Self::host_addresses)) may be
+    /// reached.
+    pub allow_host_addresses: bool,
+    /// The host's own addresses, loopback excluded (the loopback has its own rule): not a
+    /// configuration key but what the driver finds on the host's interfaces, at start and on
+    /// every change of the settings.
+    pub host_addresses: Vec<IpAddr>,
     /// Networks never to reach.
     pub deny: Vec<Subnet>,
     /// Sessions at most.
     pub max_sessions: usize,
-    /// Sessions per client address at most.
+    /// Sessions per client address, and per client MAC, at most.
     pub max_sessions_per_client: usize,
     /// Each TCP connection's receive and send buffer in smoltcp, bytes (new connections).
     pub tcp_buffer: usize,
@@ -192,6 +206,9 @@ pub enum EndReason {
     ResetByRemote,
     /// Nothing moved for the protocol's idle timeout.
     IdleTimeout,
+    /// TCP: the client did not complete the three-way handshake (no ACK of the SYN-ACK)
+    /// within `nat.tcp_handshake_timeout`: a half-open connection, or a spoofed SYN.
+    HandshakeTimeout,
     /// The remote refused the connection.
     Refused,
     /// The remote could not be reached (no route, host down, no answer to the connect).
@@ -210,12 +227,13 @@ pub enum EndReason {
 
 impl EndReason {
     /// Every reason, in the order of [`index`](Self::index).
-    pub const ALL: [EndReason; 12] = [
+    pub const ALL: [EndReason; 13] = [
         EndReason::ClosedByClient,
         EndReason::ClosedByRemote,
         EndReason::ResetByClient,
         EndReason::ResetByRemote,
         EndReason::IdleTimeout,
+        EndReason::HandshakeTimeout,
         EndReason::Refused,
         EndReason::Unreachable,
         EndReason::DeniedByRule,
@@ -238,6 +256,7 @@ impl EndReason {
             EndReason::ResetByClient => "reset by client",
             EndReason::ResetByRemote => "reset by remote",
             EndReason::IdleTimeout => "idle timeout",
+            EndReason::HandshakeTimeout => "handshake timeout",
             EndReason::Refused => "refused",
             EndReason::Unreachable => "unreachable",
             EndReason::DeniedByRule => "denied by rule",
@@ -417,7 +436,7 @@ pub struct NatCounters {
     /// Sessions created, by protocol ([`Protocol::index`]).
     pub created: [u64; 3],
     /// Sessions ended, by reason ([`EndReason::index`]).
-    pub ended: [u64; 12],
+    pub ended: [u64; 13],
     /// Flows refused by the safety rules or `nat.deny`.
     pub refused_rules: u64,
     /// Flows a session policy rejected or dropped.
@@ -480,7 +499,7 @@ impl NatState {
             pending_syns: table::IdMap::default(),
             admission: admit::Admission::default(),
             frag: frag::Reassembler::default(),
-            dns: DnsForwarder::new((seed >> 16) as u16),
+            dns: DnsForwarder::new(seed),
             icmp_mode: IcmpMode::Synthesized,
             ops: VecDeque::new(),
             op_buf: Vec::new(),
@@ -533,21 +552,34 @@ impl NatState {
         start..self.op_buf.len()
     }
 
-    /// The idle timeout of a session, or `None` while it is not to be timed out: a TCP session
-    /// still connecting (the connect has its own timeout), or one whose connection is already
-    /// over.
-    fn idle_timeout(
+    /// When a session's time is up, and why, or `None` while it is not to be timed out: a
+    /// TCP session still connecting (the connect has its own timeout), or one whose connection
+    /// is already over. A TCP connection whose client has not completed the handshake has
+    /// `nat.tcp_handshake_timeout` from the SYN-ACK (retransmitted SYNs do not extend it);
+    /// every other session its idle timeout from its last activity.
+    fn deadline(
         &self,
         s: &Session,
         settings: &NatSettings,
         host_ip: Ipv4Addr,
-    ) -> Option<Duration> {
+    ) -> Option<(Instant, EndReason)> {
+        use smoltcp::socket::tcp::State;
+        let idle = |t: Duration| Some((s.last_activity + t, EndReason::IdleTimeout));
         match s.key.protocol {
             Protocol::Tcp if s.state == SessionState::Connecting => None,
-            Protocol::Tcp => self.stack.is_open(s.id).then_some(settings.tcp_timeout),
-            Protocol::Udp if *s.key.remote.ip() == host_ip => Some(DNS_SESSION_TIMEOUT),
-            Protocol::Udp => Some(settings.udp_timeout),
-            Protocol::Icmp => Some(ICMP_TIMEOUT),
+            Protocol::Tcp => match self.stack.state(s.id)? {
+                State::SynReceived => s.synack_at.map(|t| {
+                    (
+                        t + settings.tcp_handshake_timeout,
+                        EndReason::HandshakeTimeout,
+                    )
+                }),
+                State::Closed | State::TimeWait => None,
+                _ => idle(settings.tcp_timeout),
+            },
+            Protocol::Udp if *s.key.remote.ip() == host_ip => idle(DNS_SESSION_TIMEOUT),
+            Protocol::Udp => idle(settings.udp_timeout),
+            Protocol::Icmp => idle(ICMP_TIMEOUT),
         }
     }
 
@@ -735,10 +767,18 @@ impl VirtualHost {
         if self.nat.idle_deadline.is_some_and(|t| t <= now) {
             let nat = &self.nat;
             let (settings, ip) = (&self.settings.nat, self.settings.host.ip);
-            let (idle, next) = nat.table.sweep(now, |s| nat.idle_timeout(s, settings, ip));
+            let deadline = |s: &Session| nat.deadline(s, settings, ip).map(|(at, _)| at);
+            let (due, next) = nat.table.sweep(now, deadline);
+            let due: Vec<(SessionId, EndReason)> = due
+                .into_iter()
+                .filter_map(|id| {
+                    let s = nat.table.get(id)?;
+                    Some((id, nat.deadline(s, settings, ip)?.1))
+                })
+                .collect();
             self.nat.idle_deadline = next;
-            for id in idle {
-                self.end_session(id, EndReason::IdleTimeout, now);
+            for (id, reason) in due {
+                self.end_session(id, reason, now);
             }
         }
         self.expire_verdicts(now);
@@ -794,7 +834,7 @@ impl VirtualHost {
 
     /// Records a new session: its remote name (from the DNS cache), its idle timer, and the
     /// security log's line.
-    fn session_created(&mut self, id: SessionId, redirected_by: Option<String>, now: Instant) {
+    fn session_created(&mut self, id: SessionId, redirected_by: Option<String>) {
         let nat = &mut self.nat;
         let Some(s) = nat.table.get_mut(id) else {
             return;
@@ -810,19 +850,21 @@ impl VirtualHost {
             remote_name: name,
             redirected_by,
         });
-        self.schedule_session_idle(id, now);
+        self.schedule_session_idle(id);
     }
 
-    fn schedule_session_idle(&mut self, id: SessionId, now: Instant) {
+    /// Session `id` may have a deadline now (it was created, or connected): the next sweep is
+    /// no later than it.
+    fn schedule_session_idle(&mut self, id: SessionId) {
         let nat = &self.nat;
-        let Some(t) = nat
+        let Some((at, _)) = nat
             .table
             .get(id)
-            .and_then(|s| nat.idle_timeout(s, &self.settings.nat, self.settings.host.ip))
+            .and_then(|s| nat.deadline(s, &self.settings.nat, self.settings.host.ip))
         else {
             return;
         };
-        self.nat.schedule_idle(now + t);
+        self.nat.schedule_idle(at);
     }
 }
 

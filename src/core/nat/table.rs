@@ -10,15 +10,19 @@
 //!
 //! The table refuses a new session when it holds `nat.max_sessions`, or when the client already
 //! has `nat.max_sessions_per_client` (the limits are passed in with each insert: they are live
-//! settings, not the table's); the caller refuses the flow (RST, or a dropped datagram).
-//! Idle sessions are found by [`SessionTable::sweep`] from their last activity.
+//! settings, not the table's); the caller refuses the flow (RST, or a dropped datagram). A
+//! client is counted both by its address and by its MAC, and the per-client limit applies to
+//! each: a client that picks its source address (rotating it, or spoofing others on the
+//! segment) is still held to its share by its MAC.
+//! Sessions whose time is up (idle, or a handshake not completed) are found by
+//! [`SessionTable::sweep`] from the deadline the caller gives each.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use smoltcp::time::{Duration, Instant};
+use smoltcp::time::Instant;
 
 /// A session's identity in the table, the logs and the driver.
 #[derive(
@@ -197,6 +201,9 @@ pub struct Session {
     pub created: Instant,
     /// The last time a byte or packet moved either way.
     pub last_activity: Instant,
+    /// TCP: when the outbound connect succeeded and the SYN-ACK went to the client; the
+    /// client has `nat.tcp_handshake_timeout` from then to complete the handshake.
+    pub synack_at: Option<Instant>,
     /// Payload bytes from the client to the remote.
     pub bytes_out: u64,
     /// Payload bytes from the remote to the client.
@@ -233,11 +240,19 @@ pub enum LimitError {
     /// `nat.max_sessions` reached.
     #[error("the NAT session table is full ({0} sessions, nat.max_sessions)")]
     Global(usize),
-    /// `nat.max_sessions_per_client` reached for this client.
+    /// `nat.max_sessions_per_client` reached for this client address.
     #[error("client {client} has {limit} sessions (nat.max_sessions_per_client)")]
     PerClient {
         /// The client.
         client: Ipv4Addr,
+        /// The limit.
+        limit: usize,
+    },
+    /// `nat.max_sessions_per_client` reached for this client MAC (over all its addresses).
+    #[error("client {} has {limit} sessions (nat.max_sessions_per_client)", crate::core::dhcp::server::fmt_mac(.mac))]
+    PerClientMac {
+        /// The client's MAC.
+        mac: [u8; 6],
         /// The limit.
         limit: usize,
     },
@@ -249,6 +264,7 @@ pub struct SessionTable {
     sessions: IdMap<Session>,
     by_key: HashMap<FlowKey, SessionId>,
     per_client: HashMap<Ipv4Addr, usize>,
+    per_mac: HashMap<[u8; 6], usize>,
     per_protocol: [usize; 3],
     next_id: u64,
 }
@@ -258,7 +274,7 @@ pub struct SessionTable {
 pub struct Limits {
     /// Sessions at most.
     pub max_sessions: usize,
-    /// Sessions per client address at most.
+    /// Sessions per client address, and per client MAC, at most.
     pub max_per_client: usize,
 }
 
@@ -275,6 +291,7 @@ impl SessionTable {
             sessions: IdMap::default(),
             by_key: HashMap::new(),
             per_client: HashMap::new(),
+            per_mac: HashMap::new(),
             per_protocol: [0; 3],
             next_id: 1,
         }
@@ -315,14 +332,20 @@ impl SessionTable {
         self.sessions.values()
     }
 
-    /// Whether a new session of `client` fits the limits.
-    pub fn check(&self, client: Ipv4Addr, limits: Limits) -> Result<(), LimitError> {
+    /// Whether a new session of `client` at `mac` fits the limits.
+    pub fn check(&self, client: Ipv4Addr, mac: [u8; 6], limits: Limits) -> Result<(), LimitError> {
         if self.sessions.len() >= limits.max_sessions {
             return Err(LimitError::Global(limits.max_sessions));
         }
         if self.count_for(client) >= limits.max_per_client {
             return Err(LimitError::PerClient {
                 client,
+                limit: limits.max_per_client,
+            });
+        }
+        if self.count_for_mac(mac) >= limits.max_per_client {
+            return Err(LimitError::PerClientMac {
+                mac,
                 limit: limits.max_per_client,
             });
         }
@@ -339,10 +362,11 @@ impl SessionTable {
         now: Instant,
     ) -> Result<SessionId, LimitError> {
         let client = *key.client.ip();
-        self.check(client, limits)?;
+        self.check(client, client_mac, limits)?;
         let id = SessionId(self.next_id);
         self.next_id += 1;
         *self.per_client.entry(client).or_insert(0) += 1;
+        *self.per_mac.entry(client_mac).or_insert(0) += 1;
         self.per_protocol[key.protocol.index()] += 1;
         self.by_key.insert(key, id);
         self.sessions.insert(
@@ -356,6 +380,7 @@ impl SessionTable {
                 state: SessionState::Connecting,
                 created: now,
                 last_activity: now,
+                synack_at: None,
                 bytes_out: 0,
                 bytes_in: 0,
                 packets_out: 0,
@@ -381,23 +406,29 @@ impl SessionTable {
                 self.per_client.remove(&client);
             }
         }
+        if let Some(n) = self.per_mac.get_mut(&s.client_mac) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_mac.remove(&s.client_mac);
+            }
+        }
         Some(s)
     }
 
-    /// One pass over the table at `now`: the sessions idle for their timeout or longer, and
-    /// the earliest time another one will be. `timeout` gives a session's idle timeout, or
-    /// `None` for a session that is not to be timed out (yet). The caller runs this when the
-    /// time it returned last has come, not on every wake-up: it is O(sessions).
+    /// One pass over the table at `now`: the sessions whose time is up, and the earliest time
+    /// another one's will be. `deadline` gives the time a session ends (its last activity
+    /// plus its idle timeout, say), or `None` for a session that is not to be timed out (yet).
+    /// The caller runs this when the time it returned last has come, not on every wake-up: it
+    /// is O(sessions).
     pub fn sweep(
         &self,
         now: Instant,
-        timeout: impl Fn(&Session) -> Option<Duration>,
+        deadline: impl Fn(&Session) -> Option<Instant>,
     ) -> (Vec<SessionId>, Option<Instant>) {
         let mut idle = Vec::new();
         let mut next: Option<Instant> = None;
         for s in self.sessions.values() {
-            let Some(t) = timeout(s) else { continue };
-            let at = s.last_activity + t;
+            let Some(at) = deadline(s) else { continue };
             if at <= now {
                 idle.push(s.id);
             } else {
@@ -411,11 +442,17 @@ impl SessionTable {
     pub fn count_for(&self, client: Ipv4Addr) -> usize {
         self.per_client.get(&client).copied().unwrap_or(0)
     }
+
+    /// Sessions held by the client at `mac`, over all its addresses.
+    pub fn count_for_mac(&self, mac: [u8; 6]) -> usize {
+        self.per_mac.get(&mac).copied().unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smoltcp::time::Duration;
 
     fn key(client_port: u16) -> FlowKey {
         FlowKey {
@@ -447,11 +484,12 @@ mod tests {
         ));
         let mut other = key(4);
         other.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 11), 4);
-        t.insert(other, MAC, target(), l, now).unwrap();
+        let (mac_b, mac_c) = ([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 3]);
+        t.insert(other, mac_b, target(), l, now).unwrap();
         let mut third = key(5);
         third.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 12), 5);
         assert_eq!(
-            t.insert(third, MAC, target(), l, now),
+            t.insert(third, mac_c, target(), l, now),
             Err(LimitError::Global(3))
         );
         assert_eq!(t.count_by_protocol(), [0, 3, 0]);
@@ -460,6 +498,31 @@ mod tests {
         assert_eq!(t.find(&key(1)), None);
         assert!(t.insert(key(3), MAC, target(), l, now).is_ok());
         assert_eq!(t.count_for(Ipv4Addr::new(192, 168, 30, 10)), 2);
+    }
+
+    #[test]
+    fn the_per_client_limit_applies_to_each_mac_too() {
+        let mut t = SessionTable::new();
+        let l = Limits {
+            max_sessions: 10,
+            max_per_client: 2,
+        };
+        let now = Instant::from_secs(0);
+        let from = |last: u8| {
+            let mut k = key(4000 + u16::from(last));
+            k.client = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, last), 4000);
+            k
+        };
+        let a = t.insert(from(10), MAC, target(), l, now).unwrap();
+        t.insert(from(11), MAC, target(), l, now).unwrap();
+        assert_eq!(
+            t.insert(from(12), MAC, target(), l, now),
+            Err(LimitError::PerClientMac { mac: MAC, limit: 2 })
+        );
+        assert_eq!(t.count_for_mac(MAC), 2);
+        t.remove(a);
+        assert_eq!(t.count_for_mac(MAC), 1);
+        assert!(t.insert(from(12), MAC, target(), l, now).is_ok());
     }
 
     #[test]
@@ -476,8 +539,9 @@ mod tests {
             .insert(key(2), MAC, target(), l, Instant::from_secs(0))
             .unwrap();
         t.get_mut(b).unwrap().count_out(10, Instant::from_secs(50));
-        let udp_only =
-            |s: &Session| (s.key.protocol == Protocol::Udp).then_some(Duration::from_secs(60));
+        let udp_only = |s: &Session| {
+            (s.key.protocol == Protocol::Udp).then_some(s.last_activity + Duration::from_secs(60))
+        };
         assert_eq!(
             t.sweep(Instant::from_secs(59), udp_only),
             (vec![], Some(Instant::from_secs(60)))
@@ -486,8 +550,9 @@ mod tests {
             t.sweep(Instant::from_secs(60), udp_only),
             (vec![a], Some(Instant::from_secs(110)))
         );
-        let tcp_only =
-            |s: &Session| (s.key.protocol == Protocol::Tcp).then_some(Duration::from_secs(60));
+        let tcp_only = |s: &Session| {
+            (s.key.protocol == Protocol::Tcp).then_some(s.last_activity + Duration::from_secs(60))
+        };
         assert_eq!(t.sweep(Instant::from_secs(600), tcp_only), (vec![], None));
         // Ids are never reused.
         t.remove(a);

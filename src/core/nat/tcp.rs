@@ -625,10 +625,11 @@ impl VirtualHost {
         if let Some(s) = self.nat.table.get_mut(id) {
             s.state = SessionState::Established;
             s.last_activity = now;
+            s.synack_at = Some(now);
             let key = s.key;
             self.nat.events.push_back(NatEvent::Connected { id, key });
         }
-        self.schedule_session_idle(id, now);
+        self.schedule_session_idle(id);
     }
 
     /// The outbound connection of `id` failed. For the DNS redirect the next upstream is tried

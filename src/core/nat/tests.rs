@@ -826,3 +826,211 @@ fn nat_disabled_carries_nothing() {
     assert!(sent(&mut h, t(0)).is_empty());
     assert_eq!(h.nat().counters().disabled, 2);
 }
+
+#[test]
+fn link_local_and_the_hosts_own_addresses_are_refused_unless_allowed() {
+    let metadata = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
+    let own = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 22);
+    let mut s = settings();
+    s.host_addresses = vec![(*own.ip()).into(), "2001:db8::1".parse().unwrap()];
+    let mut h = host_with(s.clone());
+    for (dst, sport) in [(metadata, 40060), (own, 40061)] {
+        h.handle_frame(t(0), &tcp_frame(dst, sport, TcpControl::Syn, 1, None, &[]));
+    }
+    h.handle_frame(t(0), &udp_frame(metadata, 41060, b"x"));
+    h.handle_frame(t(2000), &udp_frame(own, 41061, b"x"));
+    assert!(
+        ops(&mut h).is_empty(),
+        "nothing goes to 169.254.0.0/16 or the host"
+    );
+    let segs = tcp_segments(&sent(&mut h, t(2000)));
+    assert_eq!(segs.iter().filter(|s| s.2 == TcpControl::Rst).count(), 2);
+    assert_eq!(h.nat().counters().refused_rules, 4);
+    let mut details = Vec::new();
+    while let Some(e) = h.poll_event() {
+        if let Event::Nat(NatEvent::Refused { reason, detail, .. }) = e {
+            assert_eq!(reason, EndReason::DeniedByRule);
+            details.push(detail);
+        }
+    }
+    // One line per second of refusals: the first and the last.
+    assert_eq!(
+        details,
+        [
+            "destination is link-local, 169.254.0.0/16 (nat.allow_link_local = false)",
+            "destination is one of the host's own addresses (nat.allow_host_addresses = false)",
+        ]
+    );
+    // Each allowed on its own.
+    s.allow_link_local = true;
+    let mut h = host_with(s.clone());
+    h.handle_frame(
+        t(0),
+        &tcp_frame(metadata, 40062, TcpControl::Syn, 1, None, &[]),
+    );
+    h.handle_frame(t(0), &tcp_frame(own, 40063, TcpControl::Syn, 1, None, &[]));
+    assert_eq!(ops(&mut h).len(), 1);
+    s.allow_link_local = false;
+    s.allow_host_addresses = true;
+    let mut h = host_with(s);
+    h.handle_frame(
+        t(0),
+        &tcp_frame(metadata, 40064, TcpControl::Syn, 1, None, &[]),
+    );
+    h.handle_frame(t(0), &tcp_frame(own, 40065, TcpControl::Syn, 1, None, &[]));
+    let o = ops(&mut h);
+    assert_eq!(o.len(), 1);
+    assert!(o[0].contains("10.77.0.1:22"), "{o:?}");
+}
+
+#[test]
+fn redirects_follow_the_link_local_and_host_address_rules() {
+    use super::admit::safety_rules;
+    let host = testkit::settings().host;
+    let mut s = settings();
+    s.host_addresses = vec!["10.77.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+    for dst in ["169.254.169.254", "169.254.0.1", "10.77.0.1"] {
+        assert!(
+            safety_rules(dst.parse().unwrap(), &host, &s).is_err(),
+            "{dst}"
+        );
+    }
+    assert_eq!(
+        safety_rules("10.77.0.2".parse().unwrap(), &host, &s),
+        Ok(())
+    );
+    for target in [
+        "[fe80::1]:80",
+        "[2001:db8::1]:80",
+        "[::ffff:169.254.169.254]:80",
+    ] {
+        let target: SocketAddr = target.parse().unwrap();
+        assert!(
+            super::admit::redirect_rules(target, &host, &s).is_err(),
+            "{target}"
+        );
+    }
+    let fine: SocketAddr = "[2001:db8::2]:80".parse().unwrap();
+    assert_eq!(super::admit::redirect_rules(fine, &host, &s), Ok(()));
+    s.allow_link_local = true;
+    s.allow_host_addresses = true;
+    for target in [
+        "[fe80::1]:80",
+        "[2001:db8::1]:80",
+        "169.254.169.254:80",
+        "10.77.0.1:22",
+    ] {
+        let target: SocketAddr = target.parse().unwrap();
+        assert_eq!(
+            super::admit::redirect_rules(target, &host, &s),
+            Ok(()),
+            "{target}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_never_completes_the_handshake_is_ended_after_the_handshake_timeout() {
+    let mut s = settings();
+    s.tcp_handshake_timeout = Duration::from_secs(20);
+    let mut h = host_with(s);
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    // The SYN of a client that will never ACK (or of a spoofed address that never sees the
+    // SYN-ACK).
+    h.handle_frame(
+        t(0),
+        &tcp_frame(remote, 40070, TcpControl::Syn, 1, None, &[]),
+    );
+    let (id, _) = connect_op(&mut h);
+    connected(&mut h, id, t(1000));
+    assert!(!tcp_segments(&sent(&mut h, t(1000))).is_empty(), "SYN-ACK");
+    // A client that does complete it is left alone.
+    let (_c, done) = Client::connect(&mut h, remote, 40071, t(1000));
+    assert!(h.poll_timeout().is_some_and(|at| at <= t(21_000)));
+    // The half-open one's SYN retransmissions do not extend it.
+    h.handle_frame(
+        t(15_000),
+        &tcp_frame(remote, 40070, TcpControl::Syn, 1, None, &[]),
+    );
+    h.handle_timeout(t(20_999));
+    assert!(h.nat().table().get(id).is_some());
+    h.handle_timeout(t(21_000));
+    assert!(h.nat().table().get(id).is_none(), "half-open session ended");
+    assert!(
+        h.nat().table().get(done).is_some(),
+        "the established one stays"
+    );
+    assert_eq!(ended(&mut h), [EndReason::HandshakeTimeout]);
+    assert_eq!(
+        h.nat().counters().ended[EndReason::HandshakeTimeout.index()],
+        1
+    );
+    let closes = ops(&mut h);
+    assert!(
+        closes.contains(&format!("Close {{ id: {id:?}, abort: true }}")),
+        "{closes:?}"
+    );
+}
+
+#[test]
+fn sessions_come_only_from_client_addresses_of_the_segment() {
+    let mut h = host_with(settings());
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    let spoofed = [
+        Ipv4Addr::new(10, 9, 9, 9),       // another network
+        Ipv4Addr::new(192, 168, 30, 255), // the segment's broadcast address
+        Ipv4Addr::new(192, 168, 30, 0),   // its network address
+        OUR_IP,                           // the virtual host itself
+    ];
+    for (i, src) in spoofed.iter().enumerate() {
+        let src = SocketAddrV4::new(*src, 40080 + i as u16);
+        h.handle_frame(t(0), &tcp_syn_from(CLIENT_MAC, src, remote));
+    }
+    assert!(ops(&mut h).is_empty(), "no connect");
+    assert!(sent(&mut h, t(0)).is_empty(), "nothing answered");
+    assert!(h.nat().table().is_empty());
+    assert_eq!(h.nat().counters().refused_rules, 4);
+    let mut details = Vec::new();
+    while let Some(e) = h.poll_event() {
+        if let Event::Nat(NatEvent::Refused { reason, detail, .. }) = e {
+            details.push((reason, detail));
+        }
+    }
+    assert_eq!(
+        details,
+        [(
+            EndReason::DeniedByRule,
+            "source is not a client address of the segment".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn the_per_client_limit_counts_by_mac_as_well_as_by_address() {
+    let mut s = settings();
+    s.max_sessions_per_client = 2;
+    let mut h = host_with(s);
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    // One MAC rotating its source address: capped all the same.
+    for last in 10..13u8 {
+        let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, last), 40090);
+        h.handle_frame(t(0), &tcp_syn_from(CLIENT_MAC, src, remote));
+    }
+    assert_eq!(h.nat().table().len(), 2);
+    assert_eq!(h.nat().counters().refused_limits, 1);
+    let mut details = Vec::new();
+    while let Some(e) = h.poll_event() {
+        if let Event::Nat(NatEvent::Refused { detail, .. }) = e {
+            details.push(detail);
+        }
+    }
+    assert_eq!(
+        details,
+        ["client 52:54:00:00:00:01 has 2 sessions (nat.max_sessions_per_client)"]
+    );
+    // Another MAC is not held back.
+    let other = smoltcp::wire::EthernetAddress([0x52, 0x54, 0, 0, 0, 2]);
+    let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 20), 40091);
+    h.handle_frame(t(0), &tcp_syn_from(other, src, remote));
+    assert_eq!(h.nat().table().len(), 3);
+}

@@ -109,7 +109,7 @@ impl VirtualHost {
             return;
         };
         s.count_out(payload.len(), now);
-        let (key, target) = (s.key, s.target);
+        let (key, target, mac) = (s.key, s.target, s.client_mac);
         if *key.remote.ip() == self.settings.host.ip {
             let ups = &self.settings.nat.dns_upstreams;
             let redirected = target != SocketAddr::V4(key.remote) && !ups.contains(&target);
@@ -118,7 +118,7 @@ impl VirtualHost {
             } else {
                 &ups[..]
             };
-            if let Some(action) = self.nat.dns.query(key.client, payload, upstreams, now) {
+            if let Some(action) = self.nat.dns.query(key.client, mac, payload, upstreams, now) {
                 let action = own_action(action);
                 self.apply_dns(action);
             }
