@@ -13,7 +13,7 @@
 //!   policy's DNS servers, domain, lease time and classless static routes (option 121, set up
 //!   as routes by the script), and one whose MAC does not gets hubnat's defaults. The two
 //!   clients are macvlan interfaces on the TAP device, each in a namespace of its own.
-//! - Limits: `misbehave` with a 5 ms timeout, 16 MiB of memory and `on_error = "deny"`:
+//! - Limits: `misbehave` with a 5 ms timeout, 4 MiB of memory and `on_error = "deny"`:
 //!   connections to ports 1 (endless loop) and 2 (memory growth), which have listeners, are
 //!   refused, with "call failed" lines naming the policy; during a storm of such flows from a
 //!   second client, the first client's rate-limited download started before it keeps moving
@@ -223,7 +223,8 @@ fn denied_ports_are_refused_and_udp_gets_administratively_prohibited() {
         "{refused}"
     );
     // Refusals are logged at most once per interval; let it pass so the TCP one has its line.
-    std::thread::sleep(Duration::from_millis(1100));
+    let interval = hubnat::core::nat::REFUSAL_LOG_INTERVAL.total_millis();
+    std::thread::sleep(Duration::from_millis(interval + 100));
 
     // TCP: :8080 serves, the denied port is refused at once (a RST to the SYN).
     assert_eq!(get(&topo, &url(HTTP_PORT, "/health")), "ok\n");
