@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cli::{cli, json, ok};
-use common::netns::{read, require_programs, require_root, wait_until};
+use common::netns::{require_programs, require_root, wait_until};
 use common::topology::{Options, Topology, HTTP_PORT, SERVER_IP, VHOST_IP};
 use serde_json::Value;
 
@@ -34,40 +34,6 @@ fn curl(topo: &Topology, args: &[&str]) -> Command {
 
 fn url(path: &str) -> String {
     format!("http://{SERVER_IP}:{HTTP_PORT}{path}")
-}
-
-/// A one-shot DHCP exchange by busybox udhcpc on the client's interface (the address is not
-/// configured; the topology's own client keeps its own): returns (address, lease seconds).
-fn one_lease(topo: &Topology, n: u32) -> (String, u64) {
-    let events = topo.path(&format!("oneshot-{n}.log"));
-    let script = topo.path("oneshot.sh");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\necho \"event=$1 ip=$ip lease=$lease\" >> \"$TEST_EVENTS\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let dev = topo.client_dev.clone().unwrap();
-    let out = topo
-        .client_cmd("udhcpc")
-        .env("TEST_EVENTS", &events)
-        .args(["-f", "-q", "-n", "-i", &dev, "-s", script.to_str().unwrap()])
-        .args(["-t", "10", "-T", "1"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("udhcpc");
-    let text = read(&events);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("event=bound"))
-        .unwrap_or_else(|| panic!("no lease: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
-    let field = |k: &str| {
-        line.split(' ')
-            .find_map(|f| f.strip_prefix(k))
-            .unwrap()
-            .to_string()
-    };
-    (field("ip="), field("lease=").parse().unwrap())
 }
 
 fn metric(sock: &Path, name: &str) -> f64 {
@@ -126,7 +92,7 @@ fn the_cli_drives_a_gateway_serving_real_clients() {
             .all(|l| l["state"] != "bound"),
         "{leases}"
     );
-    let (ip, lease) = one_lease(&topo, 1);
+    let (ip, lease) = topo.one_lease(1);
     let last: u8 = ip.rsplit('.').next().unwrap().parse().unwrap();
     assert!((50..=60).contains(&last), "{ip} is in the new range");
     assert_eq!(lease, 180, "the new lease time");
@@ -150,7 +116,7 @@ fn the_cli_drives_a_gateway_serving_real_clients() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "curl must fail with the NAT off");
-    let (again, _) = one_lease(&topo, 2);
+    let (again, _) = topo.one_lease(2);
     assert_eq!(again, ip, "DHCP still answers with the NAT off");
     ok(&sock, &["nat", "enable"]);
     assert!(curl(&topo, &["-o", "/dev/null", &url("/files/small")])

@@ -243,7 +243,7 @@ fn udp_to_a_closed_port_is_refused_as_without_the_nat() {
     // What dig read: an ICMP port unreachable from the server's own address.
     let to = format!("{SERVER_IP}:{CLOSED_PORT}");
     assert_eq!(
-        without_time(&probe(&topo, "udp", &to, None)),
+        without_time(&topo.probe("udp", &to, None)),
         format!("result=error errno=ECONNREFUSED origin=icmp type=3 code=3 offender={SERVER_IP}")
     );
     topo.finish();
@@ -308,26 +308,6 @@ fn curl_downloads_end_with_a_clean_close() {
     eprintln!("curl downloads: {by_remote} closed by remote, {by_client} closed by client");
     assert_eq!(by_remote + by_client, n, "{reasons:?}");
     topo.finish();
-}
-
-/// Runs `probe.py PROTO --to TO [--sport SPORT]` in the client namespace; returns its line.
-fn probe(topo: &Topology, proto: &str, to: &str, sport: Option<u16>) -> String {
-    let fixture = fixture("probe.py");
-    let mut args = vec!["python3", fixture.to_str().unwrap(), proto, "--to", to];
-    let sport = sport.map(|p| p.to_string());
-    if let Some(p) = &sport {
-        args.extend(["--sport", p.as_str()]);
-    }
-    let (out, took) = topo.client_run(&args);
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        out.status.success(),
-        "probe.py {proto} --to {to} ({}, {took:?}):\n{text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("probe.py {proto} --to {to}: {text}");
-    text
 }
 
 /// The `key=value` fields of a probe's line, `after` left out.
@@ -449,13 +429,13 @@ fn unreachable_as_without_the_nat(
         if let Some(route) = route {
             direct.server.exec_ok(route);
         }
-        let udp = without_time(&probe(&direct, "udp", &udp_to, None));
+        let udp = without_time(&direct.probe("udp", &udp_to, None));
         assert_eq!(
             udp,
             want_udp(DIRECT_SERVER_SIDE_IP),
             "UDP to {udp_to} without the NAT"
         );
-        let tcp = without_time(&probe(&direct, "tcp", &tcp_to, None));
+        let tcp = without_time(&direct.probe("tcp", &tcp_to, None));
         assert_eq!(tcp, want_tcp, "TCP to {tcp_to} without the NAT");
     }
     let topo = tap();
@@ -470,9 +450,9 @@ fn unreachable_as_without_the_nat(
     );
     let found_by_route = gateway_route(&topo, ip);
     eprintln!("gateway: ip route get {ip}: {}", found_by_route.trim());
-    let udp = without_time(&probe(&topo, "udp", &udp_to, None));
+    let udp = without_time(&topo.probe("udp", &udp_to, None));
     assert_eq!(udp, want_udp(VHOST_IP), "UDP to {udp_to} through the NAT");
-    let tcp = without_time(&probe(&topo, "tcp", &tcp_to, None));
+    let tcp = without_time(&topo.probe("tcp", &tcp_to, None));
     assert_eq!(tcp, want_tcp, "TCP to {tcp_to} through the NAT");
     let ended: &[&String] = match found {
         Found::AtOpen => &[&udp_to, &tcp_to],
@@ -572,7 +552,7 @@ fn udp_to_a_network_a_router_cannot_reach_gets_network_unreachable() {
     topo.server
         .exec_ok(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
     let to = "10.77.7.7:5000";
-    let line = probe(&topo, "udp", to, None);
+    let line = topo.probe("udp", to, None);
     assert_eq!(
         without_time(&line),
         format!("result=error errno=ENETUNREACH origin=icmp type=3 code=0 offender={VHOST_IP}"),
@@ -592,7 +572,7 @@ fn a_udp_flow_whose_route_goes_away_gets_host_unreachable_and_recovers() {
     let to = format!("{SERVER_IP}:{ECHO_PORT}");
     let sport = Some(40001);
     let reply = "result=reply bytes=16";
-    assert_eq!(without_time(&probe(&topo, "udp", &to, sport)), reply);
+    assert_eq!(without_time(&topo.probe("udp", &to, sport)), reply);
     // The flow's host socket is open; now its sends fail with EHOSTUNREACH.
     let unroute = [
         "ip",
@@ -603,7 +583,7 @@ fn a_udp_flow_whose_route_goes_away_gets_host_unreachable_and_recovers() {
     ];
     topo.gw.exec_ok(&unroute);
     assert_eq!(
-        without_time(&probe(&topo, "udp", &to, sport)),
+        without_time(&topo.probe("udp", &to, sport)),
         format!("result=error errno=EHOSTUNREACH origin=icmp type=3 code=1 offender={VHOST_IP}")
     );
     topo.gw.exec_ok(&[
@@ -613,7 +593,7 @@ fn a_udp_flow_whose_route_goes_away_gets_host_unreachable_and_recovers() {
         "unreachable",
         &format!("{SERVER_IP}/32"),
     ]);
-    assert_eq!(without_time(&probe(&topo, "udp", &to, sport)), reply);
+    assert_eq!(without_time(&topo.probe("udp", &to, sport)), reply);
     // One flow throughout: the error did not end it.
     let log = topo.security_log();
     let client = format!("client={}:40001 ", topo.client_ip.as_ref().unwrap());

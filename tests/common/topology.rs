@@ -470,6 +470,145 @@ level = "{level}"
         self.hubnat.as_ref().expect("hubnat not running").pid()
     }
 
+    /// Sends `sig` to hubnat (it must be running), by its PID.
+    pub fn signal_hubnat(&self, sig: i32) {
+        self.hubnat
+            .as_ref()
+            .expect("hubnat not running")
+            .signal(sig);
+    }
+
+    /// curl in the client namespace with the flags every call uses: quiet but with errors, no
+    /// proxy, a connect bounded to 10 s and the whole transfer to 120 s.
+    pub fn curl(&self, args: &[&str]) -> Command {
+        let mut c = self.client_cmd("curl");
+        c.args([
+            "-sS",
+            "--noproxy",
+            "*",
+            "--connect-timeout",
+            "10",
+            "--max-time",
+            "120",
+        ])
+        .args(args);
+        c
+    }
+
+    /// Runs `tests/fixtures/probe.py PROTO --to TO [--sport SPORT]` in the client namespace
+    /// (one UDP datagram and what came back, ICMP errors read from the socket's error queue;
+    /// or one TCP connect) and returns its line, `result=… after=S`.
+    pub fn probe(&self, proto: &str, to: &str, sport: Option<u16>) -> String {
+        let fixture = fixture("probe.py");
+        let mut args = vec!["python3", fixture.to_str().unwrap(), proto, "--to", to];
+        let sport = sport.map(|p| p.to_string());
+        if let Some(p) = &sport {
+            args.extend(["--sport", p.as_str()]);
+        }
+        let (out, took) = self.client_run(&args);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success(),
+            "probe.py {proto} --to {to} ({}, {took:?}):\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("probe.py {proto} --to {to}: {text}");
+        text
+    }
+
+    /// A one-shot DHCP exchange by busybox udhcpc on the client's interface (the address is not
+    /// configured; the topology's own DHCP client keeps its own): returns (address, lease
+    /// seconds). `n` tells apart the event files of several calls.
+    pub fn one_lease(&self, n: u32) -> (String, u64) {
+        let events = self.path(&format!("oneshot-{n}.log"));
+        let script = self.path("oneshot.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho \"event=$1 ip=$ip lease=$lease\" >> \"$TEST_EVENTS\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let dev = self.client_dev.clone().expect("no client interface");
+        let out = self
+            .client_cmd("udhcpc")
+            .env("TEST_EVENTS", &events)
+            .args(["-f", "-q", "-n", "-i", &dev, "-s", script.to_str().unwrap()])
+            .args(["-t", "10", "-T", "1"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("udhcpc");
+        let text = read(&events);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("event=bound"))
+            .unwrap_or_else(|| {
+                panic!("no lease: {text}\n{}", String::from_utf8_lossy(&out.stderr))
+            });
+        let field = |k: &str| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(k))
+                .unwrap()
+                .to_string()
+        };
+        (field("ip="), field("lease=").parse().unwrap())
+    }
+
+    /// Another `tests/fixtures/http_server.py` in the server namespace, on `bind:port`, serving
+    /// the files of `root` under `/files/`; returns once it listens. `bind` must be an address
+    /// of the server namespace (one of the topology's plan). Stopped with the topology.
+    pub fn start_http_server(&mut self, bind: &str, port: u16, root: &Path) {
+        let mut http = self.server.command("python3");
+        let uploads = self.path(&format!("uploads-{bind}-{port}.log"));
+        http.arg(fixture("http_server.py")).args([
+            "--bind",
+            bind,
+            "--port",
+            &port.to_string(),
+            "--root",
+            root.to_str().unwrap(),
+            "--uploads",
+            uploads.to_str().unwrap(),
+        ]);
+        let log = self.path(&format!("http-{bind}-{port}.log"));
+        self.procs
+            .push(Proc::spawn(http, "extra HTTP server", &log));
+        self.wait_listening("tcp", bind, port);
+    }
+
+    /// Another `tests/fixtures/udp_echo_server.py` in the server namespace, on `bind:port`;
+    /// returns once it listens. Stopped with the topology.
+    pub fn start_udp_echo(&mut self, bind: &str, port: u16) {
+        let mut echo = self.server.command("python3");
+        echo.arg(fixture("udp_echo_server.py"))
+            .args(["--bind", bind, "--port", &port.to_string()]);
+        let log = self.path(&format!("udp-echo-{bind}-{port}.log"));
+        self.procs
+            .push(Proc::spawn(echo, "extra UDP echo server", &log));
+        self.wait_listening("udp", bind, port);
+    }
+
+    /// Waits until something listens on `proto` (`tcp` or `udp`) `bind:port` in the server
+    /// namespace; fails if one of the topology's processes exits meanwhile.
+    fn wait_listening(&mut self, proto: &str, bind: &str, port: u16) {
+        let srv = &self.server;
+        let procs = &mut self.procs;
+        wait_until(
+            Duration::from_secs(15),
+            &format!("a server to listen on {proto} {bind}:{port}"),
+            || {
+                for p in procs.iter_mut() {
+                    assert!(p.is_running(), "{} exited early", p.what);
+                }
+                let ss = srv.exec(&["ss", "-H", "-lntu"]);
+                String::from_utf8_lossy(&ss.stdout)
+                    .lines()
+                    .any(|l| l.starts_with(proto) && l.contains(&format!("{bind}:{port} ")))
+            },
+        );
+    }
+
     fn start_servers(&mut self) {
         let srv = &self.server;
         let mut http = srv.command("python3");
