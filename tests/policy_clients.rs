@@ -18,7 +18,7 @@
 //!   refused, with "call failed" lines naming the policy; during a storm of such flows from a
 //!   second client, the first client's rate-limited download started before it keeps moving
 //!   bytes and completes intact, its DHCP request is answered and its new connection served.
-//! - Reload on SIGHUP (needs the handler from main; ignored until then): a policy's new
+//! - Reload on SIGHUP: a policy's new
 //!   `[policy.config]` applies to new sessions while a download goes on, and a module that
 //!   fails to load leaves the previous one in force, with the reason in the security log.
 //!
@@ -490,14 +490,15 @@ fn dhclient_gets_the_options_of_its_mac_prefix() {
     assert!(!routes.contains("10.77.50.0"), "{routes}");
     assert_ne!(got["ip"], lab.bound()["ip"]);
 
-    // The line does not name the policy yet (it says `policy=""`: the policy thread's outcome
-    // of a changed reply does not carry who changed it); what it changed is there.
+    // The line names the policy and what it changed.
     let changed = wait_log(
         &topo,
         &["DHCP reply changed by policy", &format!("mac={lab_mac} ")],
     );
     assert!(
-        changed.contains("set_options=[6, 15, 121]") && changed.contains("Some(600)"),
+        changed.contains("policy=\"lab-macs\"")
+            && changed.contains("set_options=[6, 15, 121]")
+            && changed.contains("Some(600)"),
         "{changed}"
     );
     assert!(
@@ -641,7 +642,6 @@ fn rewrite_policy(topo: &Topology, change: impl FnOnce(&mut toml::Table)) {
 /// SIGHUP reloads the `[[policy]]` list: new verdicts for new sessions, established ones
 /// untouched, and a module that fails to load keeps the previous one.
 #[test]
-#[ignore = "needs SIGHUP reload from main"]
 fn sighup_reloads_the_policies_and_a_broken_module_keeps_the_previous_one() {
     if !require_root("sighup_reloads_the_policies_and_a_broken_module_keeps_the_previous_one") {
         return;

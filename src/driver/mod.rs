@@ -562,6 +562,13 @@ impl Gateway {
             }
             PolicyResponse::Reloaded { .. } => &[],
         };
+        // The policies that changed a DHCP reply, for its security log line.
+        let changed_by: Vec<&str> = notes
+            .iter()
+            .filter(|n| n.kind == NoteKind::ChangedReply)
+            .map(|n| n.policy.as_str())
+            .collect();
+        let changed_by = (!changed_by.is_empty()).then(|| changed_by.join(","));
         for note in notes {
             note.emit();
             if let NoteKind::Failed { failure, on_error } = &note.kind {
@@ -586,6 +593,7 @@ impl Gateway {
                     return;
                 };
                 let (decision, by) = policies::dhcp_decision(&shown, outcome);
+                let by = by.or(changed_by);
                 core.handle_dhcp_decision(crate::core::dhcp::DhcpTicket(id.0), decision, by, now);
             }
             PolicyResponse::Reloaded { id, report } => {

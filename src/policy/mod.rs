@@ -109,6 +109,8 @@ pub enum NoteKind {
     Ignored(String),
     /// More log lines than [`MAX_LOG_LINES_PER_CALL`] were left out.
     LogLinesDropped(usize),
+    /// The policy changed the DHCP reply (the security log names it).
+    ChangedReply,
 }
 
 /// How a policy call failed.
@@ -166,6 +168,7 @@ impl PolicyNote {
             NoteKind::LogLinesDropped(n) => {
                 tracing::warn!(policy, "{n} log lines of one call left out")
             }
+            NoteKind::ChangedReply => tracing::debug!(policy, "changed a DHCP reply"),
         }
     }
 }

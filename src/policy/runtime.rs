@@ -581,6 +581,7 @@ impl PolicySet {
                     return (DhcpOutcome::NoReply { by }, notes);
                 }
                 dhcp::Decision::Change(changes) => {
+                    notes.push(p.note(NoteKind::ChangedReply));
                     for why in apply_changes(&mut reply, changes) {
                         notes.push(p.note(NoteKind::Ignored(why)));
                     }

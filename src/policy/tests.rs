@@ -367,7 +367,11 @@ fn per_mac_dhcp_gives_matching_clients_their_own_options() {
     assert!(set.has_dhcp_customizer() && !set.has_session_filter());
 
     let (outcome, notes) = set.customize_dhcp(client(LAB_MAC, None), reply());
-    assert!(notes.is_empty(), "{notes:?}");
+    let changed = PolicyNote {
+        policy: "lab".into(),
+        kind: NoteKind::ChangedReply,
+    };
+    assert_eq!(notes, [changed], "the change is noted with the policy's name");
     let mut expected = reply();
     // Option 6 replaced where it was; 15 and 121 added after.
     expected.options[2] = option(6, &[10, 1, 1, 1, 10, 1, 1, 2]);
