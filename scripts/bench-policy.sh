@@ -27,6 +27,7 @@
 # on Ctrl-C or an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 N=${N:-2000}
 ROUNDS=${ROUNDS:-3}
@@ -64,17 +65,6 @@ pids=()    # the echo server: lives as long as the run
 bpids=()   # hubnat: one measurement
 HUBNAT_PID=
 
-stop_list() { # stop_list ARRAY_NAME: SIGTERM, up to 5 s, then SIGKILL, each by its PID
-  local -n list=$1
-  local p
-  for p in "${list[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${list[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  list=()
-}
 
 cleanup() {
   local rc=$?

@@ -170,16 +170,26 @@ pub fn tcp_syn_from(mac: EthernetAddress, src: SocketAddrV4, dst: SocketAddrV4) 
 
 /// A broadcast ARP request from the client (as `sender_ip`) for `target_ip`.
 pub fn arp_request(sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
+    arp_from(ArpOperation::Request, CLIENT_MAC, sender_ip, target_ip)
+}
+
+/// A broadcast ARP packet of `operation` from `mac` (as `sender_ip`) about `target_ip`.
+pub fn arp_from(
+    operation: ArpOperation,
+    mac: EthernetAddress,
+    sender_ip: Ipv4Addr,
+    target_ip: Ipv4Addr,
+) -> Vec<u8> {
     let repr = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: CLIENT_MAC,
+        operation,
+        source_hardware_addr: mac,
         source_protocol_addr: sender_ip,
         target_hardware_addr: EthernetAddress([0; 6]),
         target_protocol_addr: target_ip,
     };
     let mut frame = vec![0u8; 14 + repr.buffer_len()];
     EthernetRepr {
-        src_addr: CLIENT_MAC,
+        src_addr: mac,
         dst_addr: EthernetAddress::BROADCAST,
         ethertype: EthernetProtocol::Arp,
     }

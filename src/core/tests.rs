@@ -9,7 +9,7 @@ use smoltcp::wire::{
     EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
 };
 
-use super::testkit::arp_request;
+use super::testkit::{arp_from, arp_request};
 use super::{Instant, VirtualHost};
 
 const OUR_MAC: EthernetAddress = EthernetAddress([0x00, 0xac, 1, 2, 3, 4]);
@@ -438,31 +438,6 @@ fn from(mut frame: Vec<u8>, mac: EthernetAddress, ip: Ipv4Addr) -> Vec<u8> {
     let mut p = Ipv4Packet::new_unchecked(&mut frame[14..]);
     p.set_src_addr(ip);
     p.fill_checksum();
-    frame
-}
-
-/// An ARP packet of `operation` from `mac` claiming `sender_ip`, about `target_ip`.
-fn arp_from(
-    operation: ArpOperation,
-    mac: EthernetAddress,
-    sender_ip: Ipv4Addr,
-    target_ip: Ipv4Addr,
-) -> Vec<u8> {
-    let repr = ArpRepr::EthernetIpv4 {
-        operation,
-        source_hardware_addr: mac,
-        source_protocol_addr: sender_ip,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: target_ip,
-    };
-    let mut frame = vec![0u8; 14 + repr.buffer_len()];
-    EthernetRepr {
-        src_addr: mac,
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Arp,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    repr.emit(&mut ArpPacket::new_unchecked(&mut frame[14..]));
     frame
 }
 

@@ -371,7 +371,11 @@ fn per_mac_dhcp_gives_matching_clients_their_own_options() {
         policy: "lab".into(),
         kind: NoteKind::ChangedReply,
     };
-    assert_eq!(notes, [changed], "the change is noted with the policy's name");
+    assert_eq!(
+        notes,
+        [changed],
+        "the change is noted with the policy's name"
+    );
     let mut expected = reply();
     // Option 6 replaced where it was; 15 and 121 added after.
     expected.options[2] = option(6, &[10, 1, 1, 1, 10, 1, 1, 2]);
