@@ -203,3 +203,29 @@ fn a_returning_mac_gets_its_address_back_after_a_restart() {
     let log = security_log(state.path());
     assert!(log.contains("leases_restored=1"), "{log}");
 }
+
+#[test]
+fn no_ack_leaves_while_the_lease_table_cannot_be_saved() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = MemoryHub::new(1500);
+    let gw = start(config(state.path()), &hub);
+    // The save writes leases.tmp and renames it: a directory of that name makes it fail, as a
+    // full disk would.
+    let blocker = state.path().join("leases.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut client = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0x41], Instant::now());
+    assert!(
+        try_acquire(&mut client, Duration::from_secs(4)).is_none(),
+        "an ACK left although its lease was not saved"
+    );
+    assert!(!state.path().join("leases.json").exists());
+    // The disk has room again: the client's next try is ACKed, and the lease is on disk.
+    std::fs::remove_dir(&blocker).unwrap();
+    let got = acquire(&mut client, Duration::from_secs(30));
+    let saved = std::fs::read_to_string(state.path().join("leases.json")).unwrap();
+    assert!(
+        saved.contains("52:54:00:00:00:41") && saved.contains(&got.address.address().to_string()),
+        "{saved}"
+    );
+    gw.stop();
+}

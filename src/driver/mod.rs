@@ -496,8 +496,11 @@ impl Gateway {
             }
             Shared::run_host_ops(shared, ex);
             // Events first: a lease is on disk before the ACK that grants it leaves, so a crash
-            // right after the ACK cannot lose it.
-            self.drain_events(shared);
+            // right after the ACK cannot lose it; when it cannot be saved, the ACKs of this
+            // pass do not leave at all (the client asks again).
+            if !self.drain_events(shared) {
+                withhold_dhcp_acks(&mut tx);
+            }
             if !tx.is_empty() {
                 if let Err(source) = backend.send_batch(&tx).await {
                     return Err(GatewayError::Backend {
@@ -814,7 +817,9 @@ impl Gateway {
         }
     }
 
-    fn drain_events(&mut self, shared: &Shared) {
+    /// Logs the core's events and saves the leases if they changed; false when that save
+    /// failed.
+    fn drain_events(&mut self, shared: &Shared) -> bool {
         let mut core = shared.core.borrow_mut();
         let mut changed = false;
         while let Some(event) = core.poll_event() {
@@ -825,19 +830,22 @@ impl Gateway {
                 Event::LeasesChanged => changed = true,
             }
         }
-        if changed {
-            self.save(&shared.clock, &core);
-        }
+        !changed || self.save(&shared.clock, &core)
     }
 
-    fn save(&self, clock: &Clock, core: &VirtualHost) {
+    /// Saves the lease table; false (and logged) when it could not.
+    fn save(&self, clock: &Clock, core: &VirtualHost) -> bool {
         let leases: Vec<Lease> = core
             .leases_to_save()
             .iter()
             .map(|l| clock.lease_to_wall(l))
             .collect();
-        if let Err(e) = self.state.save_leases(&leases) {
-            error!(error = %e, "cannot save the lease table; leases given out since the last save would be lost on restart");
+        match self.state.save_leases(&leases) {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %e, "cannot save the lease table: the DHCP ACKs of this moment are withheld (the clients ask again), and leases given out since the last save would be lost on restart");
+                false
+            }
         }
     }
 }
@@ -876,4 +884,50 @@ mod fd_tests {
             "{w}"
         );
     }
+}
+
+/// Whether `frame` is a DHCP ACK from the server (UDP from port 67, message type 5).
+fn is_dhcp_ack(frame: &[u8]) -> bool {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, UdpPacket};
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return false;
+    }
+    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+        return false;
+    };
+    if ip.next_header() != IpProtocol::Udp {
+        return false;
+    }
+    let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
+        return false;
+    };
+    udp.src_port() == 67
+        && <dhcproto::v4::Message as dhcproto::Decodable>::decode(&mut dhcproto::Decoder::new(
+            udp.payload(),
+        ))
+        .is_ok_and(|m| m.opts().msg_type() == Some(dhcproto::v4::MessageType::Ack))
+}
+
+/// Takes the DHCP ACKs out of `tx` (the lease table they grant could not be saved).
+fn withhold_dhcp_acks(tx: &mut FrameBatch) {
+    if !tx.iter().any(is_dhcp_ack) {
+        return;
+    }
+    let kept: Vec<Vec<u8>> = tx
+        .iter()
+        .filter(|f| !is_dhcp_ack(f))
+        .map(<[u8]>::to_vec)
+        .collect();
+    let withheld = tx.len() - kept.len();
+    tx.clear();
+    for frame in &kept {
+        tx.push(frame);
+    }
+    tracing::warn!(
+        withheld,
+        "DHCP ACKs withheld: the lease table could not be saved"
+    );
 }
