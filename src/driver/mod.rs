@@ -868,24 +868,6 @@ fn fd_limit_warning(max_sessions: u32, limit: u64) -> Option<String> {
     })
 }
 
-#[cfg(test)]
-mod fd_tests {
-    use super::fd_limit_warning;
-
-    #[test]
-    fn max_sessions_is_checked_against_the_open_file_limit() {
-        assert_eq!(fd_limit_warning(16384, 1 << 20), None);
-        assert_eq!(fd_limit_warning(960, 1024), None);
-        let w = fd_limit_warning(16384, 1024).expect("a warning");
-        assert!(
-            w.starts_with(
-                "nat.max_sessions = 16384, but the open-file limit is 1024: only about 960"
-            ),
-            "{w}"
-        );
-    }
-}
-
 /// Whether `frame` is a DHCP ACK from the server (UDP from port 67, message type 5).
 fn is_dhcp_ack(frame: &[u8]) -> bool {
     use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, UdpPacket};
@@ -930,4 +912,22 @@ fn withhold_dhcp_acks(tx: &mut FrameBatch) {
         withheld,
         "DHCP ACKs withheld: the lease table could not be saved"
     );
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::fd_limit_warning;
+
+    #[test]
+    fn max_sessions_is_checked_against_the_open_file_limit() {
+        assert_eq!(fd_limit_warning(16384, 1 << 20), None);
+        assert_eq!(fd_limit_warning(960, 1024), None);
+        let w = fd_limit_warning(16384, 1024).expect("a warning");
+        assert!(
+            w.starts_with(
+                "nat.max_sessions = 16384, but the open-file limit is 1024: only about 960"
+            ),
+            "{w}"
+        );
+    }
 }
