@@ -138,7 +138,11 @@ fn measure(n: usize, buffer: usize) -> (f64, f64) {
 
 fn main() {
     // Each measurement runs in a fresh process, so that memory freed by one does not flatter
-    // or spoil the next (the allocator reuses it).
+    // or spoil the next (the allocator reuses it). The allocator is set as `hubnat run` sets
+    // it (`HUBNAT_BENCH_DEFAULT_MALLOC=1` leaves glibc's default, to compare).
+    if std::env::var_os("HUBNAT_BENCH_DEFAULT_MALLOC").is_none() {
+        hubnat::host::fix_mmap_threshold();
+    }
     let args: Vec<String> = std::env::args().collect();
     if let Some(pos) = args.iter().position(|a| a == "--one") {
         let n: usize = args[pos + 1].parse().expect("sessions");

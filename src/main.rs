@@ -297,6 +297,7 @@ fn init_logging(config: &Config) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    hubnat::host::fix_mmap_threshold();
     let mut extra = Vec::new();
     if let Some(b) = args.backend {
         extra.push(quoted(
