@@ -160,6 +160,19 @@ pub fn echo_request(out: &mut Vec<u8>, seq: u16, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
+/// The process's resident memory, bytes (`/proc/self/statm`).
+pub fn resident_memory() -> io::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| io::Error::other("/proc/self/statm has no resident size"))?;
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    Ok(pages * page)
+}
+
 /// The size from which glibc's malloc gives every allocation its own mapping; see
 /// [`fix_mmap_threshold`].
 pub const MMAP_THRESHOLD: usize = 128 * 1024;

@@ -66,7 +66,7 @@ fn a_denied_port_is_reset_at_once_and_another_port_works() {
         name: "no-test-port".into(),
         path: component("deny-destinations"),
         on_error: OnError::Allow,
-        timeout: Duration::from_millis(50),
+        timeout: Duration::from_secs(1),
         memory: 16 << 20,
         config: [("ports".to_string(), denied_port.to_string())].into(),
     }];
@@ -100,7 +100,7 @@ fn a_denied_port_is_reset_at_once_and_another_port_works() {
 /// `port`.
 fn write_policy_file(file: &Path, path: &Path, port: u16) {
     let text = format!(
-        "[[policy]]\nname = \"deny\"\npath = {:?}\ntimeout = \"50ms\"\nmemory = \"16MiB\"\n\
+        "[[policy]]\nname = \"deny\"\npath = {:?}\ntimeout = \"1s\"\nmemory = \"16MiB\"\n\
          [policy.config]\nports = \"{port}\"\n",
         path.display().to_string()
     );

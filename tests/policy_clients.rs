@@ -175,7 +175,7 @@ fn denied_ports_are_refused_and_udp_gets_administratively_prohibited() {
             "no-alt-ports",
             "deny-destinations",
             "allow",
-            ("100ms", "16MiB"),
+            ("1s", "16MiB"),
             &[("ports", &format!("{DENIED_TCP},{ECHO_PORT}"))],
         ),
         ..Options::default()
@@ -266,7 +266,7 @@ fn a_redirect_lands_on_the_other_server() {
     require_programs(&["curl", "python3"]);
     const TARGET: &str = "192.0.2.1";
     let mut topo = Topology::tap(Options {
-        config: policy_toml("misbehave", "misbehave", "deny", ("100ms", "16MiB"), &[]),
+        config: policy_toml("misbehave", "misbehave", "deny", ("1s", "16MiB"), &[]),
         ..Options::default()
     });
     // TEST-NET-1 on the server's veth, routed there from the gateway namespace.
@@ -444,7 +444,7 @@ fn dhclient_gets_the_options_of_its_mac_prefix() {
             "lab-macs",
             "per-mac-dhcp",
             "allow",
-            ("100ms", "16MiB"),
+            ("1s", "16MiB"),
             &[
                 ("mac_prefix", "02:aa:bb"),
                 ("dns", "10.77.0.53, 10.77.0.54"),
@@ -655,7 +655,7 @@ fn sighup_reloads_the_policies_and_a_broken_module_keeps_the_previous_one() {
             "deny",
             "deny-destinations",
             "allow",
-            ("100ms", "16MiB"),
+            ("1s", "16MiB"),
             &[("ports", &PORT_A.to_string())],
         ),
         ..Options::default()

@@ -24,6 +24,9 @@ use super::host::default_state_dir;
 use super::values::{duration_text, opt_text, size_required, size_text, text_list};
 use super::{MacAddr, Route, SocketMode};
 
+/// `nat.memory_limit` by default: 1 GiB.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
+
 /// `nat.tcp_buffer` by default: 1 MiB, window scale 5 (smoltcp offers `log2ceil(buffer + 1) - 16`).
 pub const DEFAULT_TCP_BUFFER: u64 = 1 << 20;
 
@@ -194,6 +197,12 @@ pub struct NatConfig {
     /// segments, and costs up to twice this much memory per busy connection.
     #[serde(with = "size_required")]
     pub tcp_buffer: u64,
+    /// New sessions are refused while the process's resident memory is at or above this
+    /// (bytes, or a size such as "1GiB"); `None` (`""`): no limit. Sessions already open keep
+    /// theirs: their buffers fill as data waits (a client that does not read holds up to
+    /// twice `tcp_buffer`).
+    #[serde(with = "size_text")]
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for NatConfig {
@@ -211,6 +220,7 @@ impl Default for NatConfig {
             max_sessions: 16384,
             max_sessions_per_client: 4096,
             tcp_buffer: DEFAULT_TCP_BUFFER,
+            memory_limit: Some(DEFAULT_MEMORY_LIMIT),
         }
     }
 }
@@ -619,6 +629,7 @@ mod tests {
                 max_sessions: 16384,
                 max_sessions_per_client: 4096,
                 tcp_buffer: DEFAULT_TCP_BUFFER,
+                memory_limit: Some(1024 * 1024 * 1024),
             }
         );
         assert_eq!(c.backend.kind, BackendKind::Tap);

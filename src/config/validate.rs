@@ -28,7 +28,7 @@
 //! - `host.mask` is at most /30: the subnet must hold the virtual host and at least one client.
 //! - `nat.max_sessions`: 1 to 1,000,000, so the session table stays bounded; and
 //!   `nat.max_sessions_per_client` from 1 to `nat.max_sessions`.
-//! - `nat.tcp_buffer`: 16 KiB to 64 MiB.
+//! - `nat.tcp_buffer`: 16 KiB to 64 MiB; `nat.memory_limit` at least 1 MiB, or none.
 //! - `backend.hub.max_peers`: 1 to 4096 (each peer costs a thread-free task and ~130 KiB of
 //!   buffers). `backend.hub.socket_mode`: permission bits only (at most 0777).
 //! - `capture.snaplen`: 14 (an Ethernet header) to 262144 (tcpdump's "everything");
@@ -74,6 +74,8 @@ pub const MAX_TAP_NAME_LEN: usize = 15;
 pub const MAX_NAT_SESSIONS: u32 = 1_000_000;
 /// The most peers `backend.hub.max_peers` may allow.
 pub const MAX_HUB_PEERS: u32 = 4096;
+/// `nat.memory_limit` at least (when set).
+pub const MIN_MEMORY_LIMIT: u64 = 1 << 20;
 /// `nat.tcp_buffer` at least (a few segments of a 1500-byte MTU).
 pub const MIN_TCP_BUFFER: u64 = 16 << 10;
 /// `nat.tcp_buffer` at most.
@@ -282,6 +284,16 @@ impl Config {
             );
         }
 
+        if let Some(limit) = nat.memory_limit.filter(|l| *l < MIN_MEMORY_LIMIT) {
+            c.fail(
+                "nat.memory_limit",
+                format!("{:?}", size_text::words(limit)),
+                format!(
+                    "must be at least {} (or \"\" for no limit)",
+                    size_text::words(MIN_MEMORY_LIMIT)
+                ),
+            );
+        }
         if !(MIN_TCP_BUFFER..=MAX_TCP_BUFFER).contains(&nat.tcp_buffer) {
             c.fail(
                 "nat.tcp_buffer",

@@ -63,6 +63,7 @@ pub fn settings() -> Settings {
             max_sessions: 100,
             max_sessions_per_client: 10,
             tcp_buffer: 1 << 20,
+            memory_limit: None,
             dns_upstreams: vec!["10.77.0.53:53".parse().expect("literal")],
         },
     }

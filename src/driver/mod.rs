@@ -59,6 +59,10 @@ use sessions::Shared;
 /// Frames read from the backend per wake-up, at most.
 pub const RX_BATCH_FRAMES: usize = 64;
 
+/// How often the loop measures the process's memory for `nat.memory_limit` (at most; only
+/// while it runs).
+const MEMORY_CHECK_PERIOD: Duration = Duration::from_millis(250);
+
 /// Passes of the loop in a row that may find an input ready without waiting before it yields
 /// to the session tasks: under a flood of frames the executor would otherwise never run them
 /// (a future that is always ready never gives the executor a turn).
@@ -165,6 +169,7 @@ fn nat_settings(config: &Config) -> NatSettings {
         max_sessions: n.max_sessions as usize,
         max_sessions_per_client: n.max_sessions_per_client as usize,
         tcp_buffer: n.tcp_buffer as usize,
+        memory_limit: n.memory_limit,
         dns_upstreams: config.dns.upstream.clone(),
     }
 }
@@ -388,6 +393,8 @@ impl Gateway {
 
         // Passes in a row that found an input ready at once (a flood of frames, say).
         let mut busy = 0u32;
+        // When the process's memory is next measured for nat.memory_limit.
+        let mut next_memory_check = std::time::Instant::now();
         loop {
             let (deadline, again) = {
                 let core = shared.core.borrow();
@@ -455,6 +462,12 @@ impl Gateway {
             let mut response = None;
             {
                 let mut core = shared.core.borrow_mut();
+                if std::time::Instant::now() >= next_memory_check {
+                    if let Ok(bytes) = host::resident_memory() {
+                        core.set_memory_use(bytes);
+                    }
+                    next_memory_check = std::time::Instant::now() + MEMORY_CHECK_PERIOD;
+                }
                 match wake {
                     Wake::Frames(Ok(())) => {
                         for frame in rx.iter() {

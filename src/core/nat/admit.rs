@@ -466,7 +466,15 @@ impl VirtualHost {
         };
         let redirected_by = matches!(decision.verdict, Verdict::Redirect(_)).then(|| by.to_owned());
         let limits = self.settings.nat.limits();
-        let id = match self.nat.table.insert(key, mac, target, limits, now) {
+        let memory = match self.settings.nat.memory_limit {
+            Some(limit) if self.nat.memory_use >= limit => Err(super::LimitError::Memory {
+                used: self.nat.memory_use,
+                limit,
+            }),
+            _ => Ok(()),
+        };
+        let inserted = memory.and_then(|()| self.nat.table.insert(key, mac, target, limits, now));
+        let id = match inserted {
             Ok(id) => id,
             Err(e) => {
                 self.refuse(key, EndReason::Limit, e.to_string(), now);

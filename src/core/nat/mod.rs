@@ -122,6 +122,9 @@ pub struct NatSettings {
     pub max_sessions_per_client: usize,
     /// Each TCP connection's receive and send buffer in smoltcp, bytes (new connections).
     pub tcp_buffer: usize,
+    /// New sessions are refused while the process's memory (as the driver last reported it
+    /// with [`VirtualHost::set_memory_use`]) is at or above this many bytes.
+    pub memory_limit: Option<u64>,
     /// DNS resolvers for the redirect.
     pub dns_upstreams: Vec<SocketAddr>,
 }
@@ -478,6 +481,8 @@ pub struct NatState {
     /// later than the truth (activity only pushes sessions' times out), so a sweep may find
     /// nothing and set the next one.
     idle_deadline: Option<Instant>,
+    /// The process's resident memory, bytes, as the driver last measured it.
+    memory_use: u64,
 }
 
 impl std::fmt::Debug for NatState {
@@ -508,6 +513,7 @@ impl NatState {
             reassembled: Vec::new(),
             events: VecDeque::new(),
             idle_deadline: None,
+            memory_use: 0,
         }
     }
 
@@ -598,6 +604,12 @@ impl VirtualHost {
     /// Sets how echo to outside hosts is answered (the driver probes what the OS allows).
     pub fn set_icmp_mode(&mut self, mode: IcmpMode) {
         self.nat.icmp_mode = mode;
+    }
+
+    /// The process's resident memory in bytes, measured by the driver (the core reads no
+    /// process state): new sessions are refused while it is at or above `nat.memory_limit`.
+    pub fn set_memory_use(&mut self, bytes: u64) {
+        self.nat.memory_use = bytes;
     }
 
     /// Installs the session policy consulted for every new flow (after the safety rules,

@@ -248,6 +248,14 @@ pub enum LimitError {
         /// The limit.
         limit: usize,
     },
+    /// The process's memory is at or above `nat.memory_limit`.
+    #[error("hubnat holds {used} bytes of memory, at or above nat.memory_limit ({limit} bytes)")]
+    Memory {
+        /// Resident bytes, as last measured.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// `nat.max_sessions_per_client` reached for this client MAC (over all its addresses).
     #[error("client {} has {limit} sessions (nat.max_sessions_per_client)", crate::core::dhcp::server::fmt_mac(.mac))]
     PerClientMac {
