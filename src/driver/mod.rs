@@ -533,7 +533,8 @@ impl Gateway {
         &mut self,
         core: &mut VirtualHost,
     ) -> Result<policies::Policies, GatewayError> {
-        let set = crate::policy::PolicySet::load(&self.config.policy)?;
+        let cache = self.config.state.dir.join("policy-cache");
+        let set = crate::policy::PolicySet::load_cached(&self.config.policy, Some(cache))?;
         let (sessions, dhcp) = (set.has_session_filter(), set.has_dhcp_customizer());
         let names = set.names().join(",");
         let loaded = !set.is_empty();

@@ -13,6 +13,7 @@
 //! [`InstancePre`], so a policy never runs on in a state a trap left behind.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
@@ -236,8 +237,8 @@ pub(super) struct Policy {
 }
 
 impl Policy {
-    /// Reads, compiles, checks and instantiates the policy `cfg` names.
-    fn load(cfg: &PolicyConfig) -> Result<Policy, PolicyError> {
+    /// Reads, compiles (or takes from `cache`), checks and instantiates the policy `cfg` names.
+    fn load(cfg: &PolicyConfig, cache: Option<&Path>) -> Result<Policy, PolicyError> {
         let fail = |reason: String| PolicyError {
             name: cfg.name.clone(),
             path: cfg.path.clone(),
@@ -257,8 +258,17 @@ impl Policy {
             }
             _ => return Err(fail("is not a WebAssembly component".into())),
         }
-        let component = Component::from_binary(engine, &bytes)
-            .map_err(|e| fail(format!("is not a valid WebAssembly component: {e:#}")))?;
+        let component = match cache.and_then(|dir| cached(engine, dir, &cfg.name, &bytes)) {
+            Some(component) => component,
+            None => {
+                let component = Component::from_binary(engine, &bytes)
+                    .map_err(|e| fail(format!("is not a valid WebAssembly component: {e:#}")))?;
+                if let Some(dir) = cache {
+                    store(dir, &cfg.name, &bytes, &component);
+                }
+                component
+            }
+        };
 
         let ty = component.component_type();
         let mut linker: Linker<HostState> = Linker::new(engine);
@@ -471,6 +481,8 @@ impl Policy {
 #[derive(Default)]
 pub struct PolicySet {
     policies: Vec<Policy>,
+    /// Where compiled modules are kept ([`PolicySet::load_cached`]).
+    cache: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -492,8 +504,28 @@ impl PolicySet {
     /// its file and what is wrong: the file is missing, is not a component, exports neither
     /// interface, imports something hubnat does not provide, or does not match the contract.
     pub fn load(configs: &[PolicyConfig]) -> Result<PolicySet, PolicyError> {
-        let policies = configs.iter().map(Policy::load).collect::<Result<_, _>>()?;
-        Ok(PolicySet { policies })
+        Self::load_cached(configs, None)
+    }
+
+    /// [`load`](Self::load), keeping each module's machine code in `cache` (a directory only
+    /// this process writes, such as one in the state directory) and taking it from there
+    /// when the module is the same file byte for byte: a start or a reload then takes
+    /// milliseconds instead of a compilation per module. Reloads through the set's thread use
+    /// the same cache.
+    pub fn load_cached(
+        configs: &[PolicyConfig],
+        cache: Option<PathBuf>,
+    ) -> Result<PolicySet, PolicyError> {
+        let policies = configs
+            .iter()
+            .map(|c| Policy::load(c, cache.as_deref()))
+            .collect::<Result<_, _>>()?;
+        Ok(PolicySet { policies, cache })
+    }
+
+    /// The directory of compiled modules, if the set has one.
+    pub fn cache(&self) -> Option<&Path> {
+        self.cache.as_deref()
     }
 
     /// The names of the policies in force, in order.
@@ -641,9 +673,9 @@ impl std::fmt::Debug for PolicyReload {
 impl PolicyReload {
     /// Loads every policy of `configs` (compiling each; call it off the frame path), keeping
     /// the errors of those that fail.
-    pub fn load(configs: &[PolicyConfig]) -> PolicyReload {
+    pub fn load(configs: &[PolicyConfig], cache: Option<&Path>) -> PolicyReload {
         PolicyReload {
-            entries: configs.iter().map(Policy::load).collect(),
+            entries: configs.iter().map(|c| Policy::load(c, cache)).collect(),
         }
     }
 }
@@ -657,6 +689,54 @@ pub struct ReloadReport {
     pub kept_previous: Vec<String>,
     /// Why each failing policy failed.
     pub errors: Vec<PolicyError>,
+}
+
+/// The compiled module of policy `name` from `dir`, if the module kept beside it is `bytes`
+/// byte for byte and wasmtime accepts the machine code (same version and settings).
+fn cached(engine: &Engine, dir: &Path, name: &str, bytes: &[u8]) -> Option<Component> {
+    let source = std::fs::read(dir.join(format!("{name}.wasm"))).ok()?;
+    if source != bytes {
+        return None;
+    }
+    let compiled = dir.join(format!("{name}.cwasm"));
+    // SAFETY: `deserialize_file` runs machine code from the file as it is, so the file must
+    // be wasmtime's own output: the cache directory is in the state directory (mode 0700,
+    // this process's user's) and only `store` below writes `.cwasm` files into it, from
+    // `Component::serialize`. wasmtime checks its version and settings in the header and
+    // refuses a file made by another.
+    match unsafe { Component::deserialize_file(engine, &compiled) } {
+        Ok(component) => {
+            tracing::debug!(policy = name, path = %compiled.display(), "policy module taken from the cache");
+            Some(component)
+        }
+        Err(e) => {
+            tracing::debug!(policy = name, error = %e, "policy cache entry not usable; compiling");
+            None
+        }
+    }
+}
+
+/// Keeps `component`'s machine code and the module it came from in `dir` (each written to a
+/// temporary file and renamed, so a reader sees a whole file or none). A failure only costs
+/// the next start a compilation.
+fn store(dir: &Path, name: &str, bytes: &[u8], component: &Component) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let code = component.serialize().map_err(std::io::Error::other)?;
+        // The module copy goes first and comes back last: while the code is replaced, no
+        // module beside it can match, so stale code is never taken for a new module.
+        let _ = std::fs::remove_file(dir.join(format!("{name}.wasm")));
+        for (ext, data) in [("cwasm", code.as_slice()), ("wasm", bytes)] {
+            let path = dir.join(format!("{name}.{ext}"));
+            let tmp = dir.join(format!("{name}.{ext}.tmp"));
+            std::fs::write(&tmp, data)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        tracing::debug!(policy = name, error = %e, dir = %dir.display(), "cannot keep the compiled policy");
+    }
 }
 
 /// Links every function of every `wasi:` interface `component` imports to one that traps,

@@ -425,7 +425,10 @@ fn a_reload_keeps_the_previous_module_of_a_policy_that_fails_to_load() {
         path: "/nonexistent/d.wasm".into(),
         ..policy("d", "deny-destinations", &[("ports", "80")])
     };
-    let report = set.apply_reload(PolicyReload::load(&[misbehave(OnError::Allow), broken]));
+    let report = set.apply_reload(PolicyReload::load(
+        &[misbehave(OnError::Allow), broken],
+        None,
+    ));
     assert_eq!(report.in_force, ["m", "d"]);
     assert_eq!(report.kept_previous, ["d"]);
     assert_eq!(report.errors.len(), 1);
@@ -444,7 +447,7 @@ fn a_reload_keeps_the_previous_module_of_a_policy_that_fails_to_load() {
         Decision::allow()
     );
     // A policy left out of the reload is gone.
-    let report = set.apply_reload(PolicyReload::load(&[]));
+    let report = set.apply_reload(PolicyReload::load(&[], None));
     assert!(report.in_force.is_empty() && report.errors.is_empty());
     assert!(set.is_empty());
 }
@@ -539,4 +542,56 @@ fn the_thread_answers_in_order_and_survives_a_timeout() {
 
     drop(client_);
     thread.join().expect("the policy thread ends cleanly");
+}
+
+#[test]
+fn compiled_modules_are_kept_and_taken_only_for_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("policy-cache");
+    let deny = policy("p", "deny-destinations", &[("ports", "25")]);
+    let mut set = PolicySet::load_cached(std::slice::from_ref(&deny), Some(cache.clone())).unwrap();
+    assert_eq!(
+        set.check_session(&tcp("198.51.100.7:25")).0,
+        rejected_by("p")
+    );
+    let code = cache.join("p.cwasm");
+    let kept = std::fs::read(&code).expect("the machine code is kept");
+    assert_eq!(
+        std::fs::read(cache.join("p.wasm")).unwrap(),
+        std::fs::read(&deny.path).unwrap()
+    );
+    // Taken, not compiled again: the code file is left as it was.
+    let modified = std::fs::metadata(&code).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut again =
+        PolicySet::load_cached(std::slice::from_ref(&deny), Some(cache.clone())).unwrap();
+    assert_eq!(
+        again.check_session(&tcp("198.51.100.7:25")).0,
+        rejected_by("p")
+    );
+    assert_eq!(
+        std::fs::metadata(&code).unwrap().modified().unwrap(),
+        modified
+    );
+    // Another module under the same name: compiled, not taken for the old one.
+    let other = policy("p", "misbehave", &[]);
+    let mut changed =
+        PolicySet::load_cached(std::slice::from_ref(&other), Some(cache.clone())).unwrap();
+    assert_eq!(
+        changed.check_session(&tcp("198.51.100.7:25")).0,
+        Decision::allow()
+    );
+    assert_eq!(
+        changed.check_session(&tcp("198.51.100.7:5")).0,
+        rejected_by("p")
+    );
+    assert_ne!(std::fs::read(&code).unwrap(), kept);
+    // Code wasmtime refuses is compiled afresh.
+    std::fs::write(&code, b"not machine code").unwrap();
+    let mut fresh = PolicySet::load_cached(std::slice::from_ref(&other), Some(cache)).unwrap();
+    assert_eq!(
+        fresh.check_session(&tcp("198.51.100.7:5")).0,
+        rejected_by("p")
+    );
+    assert_ne!(std::fs::read(&code).unwrap(), b"not machine code");
 }

@@ -13,6 +13,7 @@
 //! drop at once, by "policy-queue": under such a load a new flow waits no better.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -95,6 +96,8 @@ pub struct PolicyClient {
     customizes_dhcp: Arc<AtomicBool>,
     /// The policies in force and their counters (published by the thread).
     in_force: InForce,
+    /// The set's directory of compiled modules, for reloads.
+    cache: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Request {
@@ -157,7 +160,7 @@ impl PolicyClient {
         thread::Builder::new()
             .name("hubnat-policy-load".into())
             .spawn(move || {
-                let reload = PolicyReload::load(&configs);
+                let reload = PolicyReload::load(&configs, client.cache.as_deref());
                 // The thread has stopped if this fails; nobody is left to tell.
                 let _ = client.reload_blocking(reload, id);
             })
@@ -207,6 +210,7 @@ impl PolicyThread {
             filters_sessions: Arc::default(),
             customizes_dhcp: Arc::default(),
             in_force: InForce::default(),
+            cache: set.cache().map(Path::to_owned),
         };
         let published = client.clone_flags();
         published.publish(&set);
