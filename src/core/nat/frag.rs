@@ -1,8 +1,12 @@
 //! IPv4 reassembly of the fragments clients send, so that a datagram bigger than the MTU can
 //! still be carried (UDP to a host socket, TCP into smoltcp, ICMP echo).
 //!
-//! Bounded: at most [`MAX_DATAGRAMS`] datagrams are reassembled at once (the oldest is dropped
-//! to make room), each at most 65535 bytes, each given [`TIMEOUT`] to complete. Overlapping
+//! Bounded: at most [`MAX_DATAGRAMS`] datagrams are reassembled at once, at most
+//! [`MAX_PER_SOURCE`] of them from one source address, each at most 65535 bytes, each given
+//! [`TIMEOUT`] to complete. Room is made at the expense of whoever takes the most: a source at
+//! its share loses its own oldest datagram; when the table is full, the source holding the
+//! most loses its oldest. One client sending fragment after fragment therefore cannot push
+//! out another client's datagram. Overlapping
 //! fragments are accepted (the later bytes win), as Linux does.
 
 use std::net::Ipv4Addr;
@@ -12,6 +16,8 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet};
 
 /// Datagrams in reassembly at once.
 pub const MAX_DATAGRAMS: usize = 64;
+/// Datagrams in reassembly at once from one source address.
+pub const MAX_PER_SOURCE: usize = 8;
 /// Time for all fragments of a datagram to arrive.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_LEN: usize = 65535;
@@ -91,9 +97,21 @@ impl Reassembler {
         let index = match self.datagrams.iter().position(|d| d.key == key) {
             Some(i) => i,
             None => {
-                if self.datagrams.len() >= MAX_DATAGRAMS {
-                    self.datagrams.remove(0);
-                    self.dropped += 1;
+                let src = key.src;
+                let mine = self.datagrams.iter().filter(|d| d.key.src == src).count();
+                let victim = if mine >= MAX_PER_SOURCE {
+                    Some(src)
+                } else if self.datagrams.len() >= MAX_DATAGRAMS {
+                    self.largest_source()
+                } else {
+                    None
+                };
+                if let Some(victim) = victim {
+                    // The table is in arrival order: the first of a source is its oldest.
+                    if let Some(i) = self.datagrams.iter().position(|d| d.key.src == victim) {
+                        self.datagrams.remove(i);
+                        self.dropped += 1;
+                    }
                 }
                 self.datagrams.push(Datagram {
                     key,
@@ -138,6 +156,21 @@ impl Reassembler {
         p.set_frag_offset(0);
         p.fill_checksum();
         true
+    }
+
+    /// The source address with the most datagrams in reassembly.
+    fn largest_source(&self) -> Option<Ipv4Addr> {
+        let mut counts: Vec<(Ipv4Addr, usize)> = Vec::new();
+        for d in &self.datagrams {
+            match counts.iter_mut().find(|(src, _)| *src == d.key.src) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((d.key.src, 1)),
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(src, _)| src)
     }
 
     /// Drops datagrams that ran out of time.
@@ -240,5 +273,58 @@ mod tests {
             );
         }
         assert!(r.datagrams.len() <= MAX_DATAGRAMS);
+    }
+
+    /// `frag` with another source address and identification.
+    fn from(frag: &[u8], src: Ipv4Addr, ident: u16) -> Vec<u8> {
+        let mut f = frag.to_vec();
+        let mut p = Ipv4Packet::new_unchecked(&mut f[..]);
+        p.set_src_addr(src);
+        p.set_ident(ident);
+        p.fill_checksum();
+        f
+    }
+
+    #[test]
+    fn one_source_cannot_push_out_another_sources_datagram() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let frags = fragments(&payload, 1480);
+        let (victim, flooder) = (
+            Ipv4Addr::new(192, 168, 30, 10),
+            Ipv4Addr::new(192, 168, 30, 66),
+        );
+        let mut r = Reassembler::default();
+        let mut out = Vec::new();
+        let now = Instant::from_secs(1);
+        let add = |r: &mut Reassembler, f: &[u8], out: &mut Vec<u8>| {
+            r.add(&Ipv4Packet::new_checked(f).unwrap(), now, out)
+        };
+        assert!(!add(&mut r, &from(&frags[0], victim, 1), &mut out));
+        // The flooder starts datagram after datagram and never ends one.
+        for ident in 0..1000 {
+            add(&mut r, &from(&frags[0], flooder, ident), &mut out);
+        }
+        let flooders = r.datagrams.iter().filter(|d| d.key.src == flooder).count();
+        assert_eq!(flooders, MAX_PER_SOURCE, "held to its share");
+        // The victim's datagram is still there and completes.
+        let mut done = false;
+        for f in &frags[1..] {
+            done = add(&mut r, &from(f, victim, 1), &mut out);
+        }
+        assert!(done, "the other source's datagram survived the flood");
+        assert_eq!(
+            Ipv4Packet::new_checked(&out[..]).unwrap().payload(),
+            &payload[..]
+        );
+        // Many sources fill the table: the largest one pays, not the newcomer.
+        let mut r = Reassembler::default();
+        for n in 0..(MAX_DATAGRAMS as u8) {
+            let src = Ipv4Addr::new(192, 168, 30, 100 + n / 4);
+            add(&mut r, &from(&frags[0], src, u16::from(n)), &mut out);
+        }
+        assert_eq!(r.datagrams.len(), MAX_DATAGRAMS);
+        add(&mut r, &from(&frags[0], victim, 9), &mut out);
+        assert!(r.datagrams.iter().any(|d| d.key.src == victim));
+        assert_eq!(r.datagrams.len(), MAX_DATAGRAMS);
     }
 }
