@@ -396,7 +396,9 @@ fn run(args: RunArgs) -> Result<()> {
                 run_backend(gateway, raw, shutdown, &config).await?;
             }
             BackendKind::Hub => {
-                let hub = hubnat_hub::HubSocket::start(config.hub_socket_config())
+                let mut hub_config = config.hub_socket_config();
+                hub_config.own_mac = Some(gateway.mac().0);
+                let hub = hubnat_hub::HubSocket::start(hub_config)
                     .context("backend.hub: cannot start the hub socket")?;
                 run_backend(gateway, hub, shutdown, &config).await?;
             }

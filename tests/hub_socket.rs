@@ -369,6 +369,40 @@ fn peers_beyond_the_limit_are_refused_until_one_leaves() {
 }
 
 #[test]
+fn a_peer_cannot_claim_the_virtual_hosts_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = HubSocketConfig::new(1500, vec![Endpoint::Unix(dir.path().join("hub.sock"))]);
+    config.own_mac = Some(HOST);
+    let mut hub = HubSocket::start(config).unwrap();
+    let sock = dir.path().join("hub.sock");
+    let (mut thief, mut client) = (Peer::unix(&sock), Peer::unix(&sock));
+    wait_until(Duration::from_secs(5), "two peers", || {
+        hub.socket_stats().peers == 2
+    });
+    // The thief sends as the virtual host: nothing of it reaches anyone.
+    thief.send(&frame(BROADCAST, HOST, 1));
+    thief.send(&frame(mac(2), HOST, 2));
+    assert_eq!(
+        client.drain(QUIET),
+        vec![],
+        "the claimed frames are dropped"
+    );
+    assert_eq!(
+        host_drain(&mut hub, QUIET),
+        vec![],
+        "not even looped back to the host"
+    );
+    // The client's frames to the virtual host still reach it, and only it.
+    client.send(&frame(HOST, mac(2), 3));
+    assert_eq!(host_drain(&mut hub, QUIET), vec![(2, 3)]);
+    assert_eq!(
+        thief.drain(QUIET),
+        vec![],
+        "the thief draws nothing to itself"
+    );
+}
+
+#[test]
 fn a_burst_of_connections_gets_no_more_than_max_peers() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = HubSocketConfig::new(1500, vec![Endpoint::Unix(dir.path().join("hub.sock"))]);

@@ -303,6 +303,13 @@ impl MemoryHub {
         }
     }
 
+    /// Fixes station `mac` to `port` for good: frames to it always go there, and frames from
+    /// other ports claiming it as their source are dropped (see [`Switch::pin`]). For the
+    /// virtual host's own MAC on its port.
+    pub fn pin_station(&self, mac: [u8; 6], port: PortId) {
+        self.shared.lock().switch.pin(mac, port);
+    }
+
     /// The hub's counters, and its current numbers of ports and learnt stations.
     pub fn stats(&self) -> HubStats {
         let inner = self.shared.lock();

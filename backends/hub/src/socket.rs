@@ -168,6 +168,9 @@ pub struct HubSocketConfig {
     pub queue_frames: usize,
     /// The most bytes of frames queued for one port (a peer that does not read).
     pub queue_bytes: usize,
+    /// The virtual host's MAC: fixed to the virtual host's port, so a peer that claims it
+    /// gets its frames dropped instead of the virtual host's traffic.
+    pub own_mac: Option<[u8; 6]>,
     /// The learning table's bounds.
     pub switch: SwitchLimits,
 }
@@ -183,6 +186,7 @@ impl HubSocketConfig {
             max_peers: DEFAULT_MAX_PEERS,
             queue_frames: DEFAULT_QUEUE_FRAMES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
+            own_mac: None,
             switch: SwitchLimits::default(),
         }
     }
@@ -365,6 +369,9 @@ impl HubSocket {
             switch: config.switch,
         });
         let port = hub.connect();
+        if let Some(mac) = config.own_mac {
+            hub.pin_station(mac, port.id());
+        }
         let counters = Arc::new(Counters::default());
         let server = Server {
             max_frame_len: hub.max_frame_len(),

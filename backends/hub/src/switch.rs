@@ -273,6 +273,8 @@ fn is_group(mac: &[u8]) -> bool {
 #[derive(Debug, Clone)]
 pub struct Switch {
     table: LearningTable,
+    /// Stations fixed to a port ([`Switch::pin`]): never learnt elsewhere.
+    pinned: Vec<(MacAddr, PortId)>,
 }
 
 impl Switch {
@@ -280,7 +282,23 @@ impl Switch {
     pub fn new(limits: SwitchLimits) -> Self {
         Switch {
             table: LearningTable::new(limits),
+            pinned: Vec::new(),
         }
+    }
+
+    /// Fixes station `mac` to `port` for good (the virtual host's own MAC on its port): frames
+    /// to it always go there, and a frame from another port that claims it as its source is
+    /// dropped, so no peer can draw the station's traffic to itself.
+    pub fn pin(&mut self, mac: MacAddr, port: PortId) {
+        self.pinned.retain(|(m, _)| *m != mac);
+        self.pinned.push((mac, port));
+    }
+
+    fn pinned_port(&self, mac: &[u8]) -> Option<PortId> {
+        self.pinned
+            .iter()
+            .find(|(m, _)| m.as_slice() == mac)
+            .map(|(_, port)| *port)
     }
 
     /// Learns from `frame`, which arrived on `in_port` at `now`, and says where it goes.
@@ -295,6 +313,9 @@ impl Switch {
         if is_group(src) {
             return Forward::Drop;
         }
+        if self.pinned_port(src).is_some_and(|port| port != in_port) {
+            return Forward::Drop;
+        }
         self.table.expire(now);
         let mut src_mac = [0u8; 6];
         src_mac.copy_from_slice(src);
@@ -304,7 +325,10 @@ impl Switch {
         }
         let mut dst_mac = [0u8; 6];
         dst_mac.copy_from_slice(dst);
-        match self.table.lookup(&dst_mac, now) {
+        match self
+            .pinned_port(dst)
+            .or_else(|| self.table.lookup(&dst_mac, now))
+        {
             Some(port) if port == in_port => Forward::Drop,
             Some(port) => Forward::Unicast(port),
             None => Forward::Flood,
@@ -494,5 +518,23 @@ mod tests {
         sw.forward(B, &frame(BROADCAST, mac(5)), t0);
         let macs: Vec<MacAddr> = sw.table().iter().map(|(m, _, _)| m).collect();
         assert_eq!(macs, vec![mac(4), mac(1), mac(5)]);
+    }
+
+    #[test]
+    fn a_pinned_station_stays_on_its_port() {
+        let mut sw = Switch::new(SwitchLimits::default());
+        let now = Instant::now();
+        let (host, thief, client) = (PortId(0), PortId(1), PortId(2));
+        let host_mac = [0x00, 0xac, 0, 0, 0, 1];
+        sw.pin(host_mac, host);
+        let mut claimed = [0u8; 60];
+        claimed[..6].copy_from_slice(&BROADCAST);
+        claimed[6..12].copy_from_slice(&host_mac);
+        assert_eq!(sw.forward(thief, &claimed, now), Forward::Drop);
+        let mut to_host = [0u8; 60];
+        to_host[..6].copy_from_slice(&host_mac);
+        to_host[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 7]);
+        assert_eq!(sw.forward(client, &to_host, now), Forward::Unicast(host));
+        assert_eq!(sw.forward(host, &claimed, now), Forward::Flood);
     }
 }
