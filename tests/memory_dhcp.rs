@@ -13,12 +13,8 @@ use dhcproto::v4::{DhcpOption, Message, MessageType};
 use dhcproto::{Encodable, Encoder};
 use hubnat::config::Config;
 use hubnat_hub::MemoryHub;
-use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::Instant;
-use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
-    Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
-};
+use smoltcp::wire::{EthernetAddress, IpAddress};
 
 const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
 
@@ -52,35 +48,10 @@ fn release(client: &SmolClient, ip: Ipv4Addr) {
     msg.opts_mut().insert(DhcpOption::ServerIdentifier(GW));
     let mut body = Vec::new();
     msg.encode(&mut Encoder::new(&mut body)).unwrap();
-    let ip_repr = Ipv4Repr {
-        src_addr: ip,
-        dst_addr: GW,
-        next_header: IpProtocol::Udp,
-        payload_len: 8 + body.len(),
-        hop_limit: 64,
-    };
-    let mut frame = vec![0u8; 14 + 20 + 8 + body.len()];
-    let eth = EthernetRepr {
-        src_addr: client.mac,
-        dst_addr: EthernetAddress([0x00, 0xac, 0, 0, 0, 1]),
-        ethertype: EthernetProtocol::Ipv4,
-    };
-    eth.emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip_repr.emit(
-        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
-        &ChecksumCapabilities::default(),
-    );
-    UdpRepr {
-        src_port: 68,
-        dst_port: 67,
-    }
-    .emit(
-        &mut UdpPacket::new_unchecked(&mut frame[34..]),
-        &IpAddress::Ipv4(ip),
-        &IpAddress::Ipv4(GW),
-        body.len(),
-        |b| b.copy_from_slice(&body),
-        &ChecksumCapabilities::default(),
+    let frame = hubnat::core::testkit::udp_frame(
+        (client.mac, ip, 68),
+        (EthernetAddress([0x00, 0xac, 0, 0, 0, 1]), GW, 67),
+        &body,
     );
     assert!(client.device.port.try_send(&frame));
 }

@@ -13,10 +13,8 @@ use std::time::{Duration, Instant};
 use common::inproc::start;
 use hubnat::config::Config;
 use hubnat_hub::MemoryHub;
-use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol,
-    Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, UdpPacket,
 };
 
 const CLIENT_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0, 0, 0x42]);
@@ -30,37 +28,11 @@ fn query_frame(id: u16, sport: u16) -> Vec<u8> {
     let mut dns = id.to_be_bytes().to_vec();
     dns.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
     dns.extend_from_slice(b"\x05files\x06hubnat\x04test\x00\x00\x01\x00\x01");
-    let udp = UdpRepr {
-        src_port: sport,
-        dst_port: 53,
-    };
-    let ip = Ipv4Repr {
-        src_addr: CLIENT_IP,
-        dst_addr: VHOST_IP,
-        next_header: IpProtocol::Udp,
-        payload_len: 8 + dns.len(),
-        hop_limit: 64,
-    };
-    let mut frame = vec![0u8; 14 + 20 + 8 + dns.len()];
-    EthernetRepr {
-        src_addr: CLIENT_MAC,
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
-    ip.emit(
-        &mut Ipv4Packet::new_unchecked(&mut frame[14..]),
-        &ChecksumCapabilities::default(),
-    );
-    udp.emit(
-        &mut UdpPacket::new_unchecked(&mut frame[34..]),
-        &IpAddress::Ipv4(CLIENT_IP),
-        &IpAddress::Ipv4(VHOST_IP),
-        dns.len(),
-        |b| b.copy_from_slice(&dns),
-        &ChecksumCapabilities::default(),
-    );
-    frame
+    hubnat::core::testkit::udp_frame(
+        (CLIENT_MAC, CLIENT_IP, sport),
+        (EthernetAddress::BROADCAST, VHOST_IP, 53),
+        &dns,
+    )
 }
 
 /// The DNS payload and destination port of a UDP frame from the virtual host's port 53.

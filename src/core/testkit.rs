@@ -283,20 +283,33 @@ pub fn dhcp_frame(
 /// A frame from the client (0.0.0.0:68 to 255.255.255.255:67) carrying `body`, a DHCP message
 /// as bytes (any bytes).
 pub fn dhcp_payload_frame(body: &[u8]) -> Vec<u8> {
+    udp_frame(
+        (CLIENT_MAC, Ipv4Addr::UNSPECIFIED, 68),
+        (EthernetAddress::BROADCAST, Ipv4Addr::BROADCAST, 67),
+        body,
+    )
+}
+
+/// An Ethernet frame carrying a UDP datagram of `payload` from `src` to `dst`, each a MAC
+/// address, an IPv4 address and a port; checksums filled.
+pub fn udp_frame(
+    src: (EthernetAddress, Ipv4Addr, u16),
+    dst: (EthernetAddress, Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
     use smoltcp::wire::{UdpPacket, UdpRepr};
-    let (src, dst) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST);
-    let mut frame = vec![0u8; 14 + 20 + 8 + body.len()];
+    let mut frame = vec![0u8; 14 + 20 + 8 + payload.len()];
     EthernetRepr {
-        src_addr: CLIENT_MAC,
-        dst_addr: EthernetAddress::BROADCAST,
+        src_addr: src.0,
+        dst_addr: dst.0,
         ethertype: EthernetProtocol::Ipv4,
     }
     .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
     Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
+        src_addr: src.1,
+        dst_addr: dst.1,
         next_header: IpProtocol::Udp,
-        payload_len: 8 + body.len(),
+        payload_len: 8 + payload.len(),
         hop_limit: 64,
     }
     .emit(
@@ -304,15 +317,15 @@ pub fn dhcp_payload_frame(body: &[u8]) -> Vec<u8> {
         &ChecksumCapabilities::default(),
     );
     UdpRepr {
-        src_port: 68,
-        dst_port: 67,
+        src_port: src.2,
+        dst_port: dst.2,
     }
     .emit(
         &mut UdpPacket::new_unchecked(&mut frame[34..]),
-        &IpAddress::Ipv4(src),
-        &IpAddress::Ipv4(dst),
-        body.len(),
-        |b| b.copy_from_slice(body),
+        &IpAddress::Ipv4(src.1),
+        &IpAddress::Ipv4(dst.1),
+        payload.len(),
+        |b| b.copy_from_slice(payload),
         &ChecksumCapabilities::default(),
     );
     frame
