@@ -200,3 +200,113 @@ fn no_ack_leaves_while_the_lease_table_cannot_be_saved() {
     );
     gw.stop();
 }
+
+/// A DHCP message from `mac` (ciaddr `ciaddr`, options `opts`), broadcast from 0.0.0.0:68
+/// (or unicast from `ciaddr` to the server when it is set), as a frame.
+fn dhcp_from(mac: [u8; 6], ciaddr: Ipv4Addr, opts: Vec<DhcpOption>) -> Vec<u8> {
+    let mut msg = Message::new_with_id(
+        u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]),
+        ciaddr,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &mac,
+    );
+    for o in opts {
+        msg.opts_mut().insert(o);
+    }
+    let mut body = Vec::new();
+    msg.encode(&mut Encoder::new(&mut body)).unwrap();
+    let dst = if ciaddr.is_unspecified() {
+        (EthernetAddress::BROADCAST, Ipv4Addr::BROADCAST, 67)
+    } else {
+        (EthernetAddress([0x00, 0xac, 0, 0, 0, 1]), GW, 67)
+    };
+    hubnat::core::testkit::udp_frame((EthernetAddress(mac), ciaddr, 68), dst, &body)
+}
+
+/// The DHCP replies that reached `port` so far, decoded.
+fn replies(port: &hubnat_hub::MemoryPort) -> Vec<Message> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    while port.try_recv(&mut buf) {
+        if buf.len() > 42 && buf[23] == 17 && buf[34..36] == [0, 67] {
+            if let Ok(m) =
+                <Message as dhcproto::Decodable>::decode(&mut dhcproto::Decoder::new(&buf[42..]))
+            {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn starvation_from_random_macs_takes_the_free_addresses_but_no_bound_lease() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = MemoryHub::new(1500);
+    let gw = start(config(state.path()), &hub);
+    let mut a = SmolClient::new(hub.connect(), [0x52, 0x54, 0, 0, 0, 0xa], Instant::now());
+    let got = acquire(&mut a, Duration::from_secs(10));
+    let ip_a = got.address.address();
+
+    // The attacker binds address after address, DISCOVER then REQUEST, from made-up MACs.
+    let attacker = hub.connect();
+    let mut bound = 0;
+    for n in 0..400u32 {
+        let mac = [0x02, 0xee, (n >> 16) as u8, (n >> 8) as u8, n as u8, 0x01];
+        attacker.try_send(&dhcp_from(
+            mac,
+            Ipv4Addr::UNSPECIFIED,
+            vec![DhcpOption::MessageType(MessageType::Discover)],
+        ));
+        let offer = (0..200).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            replies(&attacker)
+                .into_iter()
+                .find(|m| m.chaddr()[..6] == mac && m.opts().msg_type() == Some(MessageType::Offer))
+        });
+        let Some(offer) = offer else {
+            break; // the pool is exhausted: no offer
+        };
+        attacker.try_send(&dhcp_from(
+            mac,
+            Ipv4Addr::UNSPECIFIED,
+            vec![
+                DhcpOption::MessageType(MessageType::Request),
+                DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                DhcpOption::ServerIdentifier(GW),
+            ],
+        ));
+        bound += 1;
+        assert_ne!(
+            offer.yiaddr(),
+            ip_a,
+            "the bound client's address was offered"
+        );
+    }
+    assert!(bound >= 150, "the attacker bound {bound} addresses");
+    let status = async_io::block_on(gw.handle.status()).unwrap();
+    assert_eq!(status.leases, status.pool_size, "the pool is exhausted");
+
+    // The client that was there keeps its address: its renewal is ACKed.
+    let mac_a = [0x52, 0x54, 0, 0, 0, 0xa];
+    let port_a = hub.connect();
+    port_a.try_send(&dhcp_from(
+        mac_a,
+        ip_a,
+        vec![DhcpOption::MessageType(MessageType::Request)],
+    ));
+    let ack = (0..1000).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(2));
+        replies(&port_a)
+            .into_iter()
+            .find(|m| m.chaddr()[..6] == mac_a)
+    });
+    let ack = ack.expect("an answer to the renewal");
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr(), ip_a);
+    gw.stop();
+    let log = security_log(state.path());
+    assert!(log.contains("DHCP pool exhausted"), "{log}");
+}
