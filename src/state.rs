@@ -4,12 +4,19 @@
 //! synced, and renamed over the old one, and the directory is synced, so a crash at any moment
 //! leaves either the old or the new content, never a mix. A lock file (`flock`) keeps two
 //! hubnat processes from sharing one state directory.
+//!
+//! Out of descriptors: every NAT session holds a socket, so a flood can take every descriptor
+//! the process may open, and then the lease file could not be written (and no DHCP ACK could
+//! leave, see the driver). The directory keeps [`SPARE_FDS`] descriptors of its own (copies of
+//! the lock file's) and gives them back for a lease save that failed for lack of descriptors,
+//! retries it, and takes them again.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +30,10 @@ const LOCK_FILE: &str = "lock";
 
 /// Version of the lease file format.
 const LEASES_VERSION: u32 = 1;
+
+/// Descriptors kept for the lease file's writes when the process has no other (a write needs
+/// one at a time: the temporary file, then the directory).
+pub const SPARE_FDS: usize = 2;
 
 /// Errors of the state directory; each names the path.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +71,10 @@ struct LeaseFile {
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
-    _lock: File,
+    lock: File,
+    /// Copies of the lock file's descriptor, given back for a lease save that ran out of
+    /// descriptors (see the module documentation).
+    spare: Mutex<Vec<File>>,
 }
 
 impl StateDir {
@@ -95,7 +109,8 @@ impl StateDir {
         }
         Ok(StateDir {
             path: path.to_owned(),
-            _lock: lock,
+            spare: Mutex::new(spares(&lock)),
+            lock,
         })
     }
 
@@ -144,14 +159,40 @@ impl StateDir {
         load_leases(&self.path)
     }
 
-    /// Saves the lease table atomically.
+    /// Saves the lease table atomically. When the process is out of descriptors, the
+    /// directory's spare ones are given back for a second try.
     pub fn save_leases(&self, leases: &[Lease]) -> Result<(), StateError> {
         let file = LeaseFileRef {
             version: LEASES_VERSION,
             leases,
         };
         let json = serde_json::to_vec_pretty(&file).expect("invariant: leases serialize");
-        write_atomic(&self.path.join(LEASES_FILE), &json)
+        let path = self.path.join(LEASES_FILE);
+        match write_atomic(&path, &json) {
+            Err(e) if e.is_out_of_descriptors() => {
+                let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+                spare.clear();
+                let result = write_atomic(&path, &json);
+                *spare = spares(&self.lock);
+                result
+            }
+            result => result,
+        }
+    }
+}
+
+/// Up to [`SPARE_FDS`] copies of `lock`'s descriptor (fewer when the process is out of them).
+fn spares(lock: &File) -> Vec<File> {
+    (0..SPARE_FDS)
+        .map_while(|_| lock.try_clone().ok())
+        .collect()
+}
+
+impl StateError {
+    /// Whether the process (or the system) had no descriptor left for the operation.
+    pub fn is_out_of_descriptors(&self) -> bool {
+        matches!(self, StateError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
     }
 }
 

@@ -63,6 +63,10 @@ pub struct Options {
     pub config: String,
     /// hubnat's `log.level`.
     pub log_level: String,
+    /// A command hubnat runs under, which must end by exec'ing its arguments (so that the
+    /// process is hubnat's): `ip netns exec GW WRAPPER... hubnat run --config FILE`. For
+    /// example `prlimit --nofile=N:N`. `{state}` in an argument is the state directory.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for Options {
@@ -73,6 +77,7 @@ impl Default for Options {
             iperf: false,
             config: String::new(),
             log_level: "info".into(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -336,7 +341,19 @@ level = "{level}"
         if let Some(p) = self.pcap(&self.gw, &self.uplink_dev, "uplink.pcap") {
             self.procs.push(p);
         }
-        let mut cmd = self.gw.command(hubnat_bin().to_str().unwrap());
+        let state = self.path("state");
+        let mut cmd = match self.opts.wrapper.split_first() {
+            None => self.gw.command(hubnat_bin().to_str().unwrap()),
+            Some((program, args)) => {
+                let mut cmd = self.gw.command(program);
+                cmd.args(
+                    args.iter()
+                        .map(|a| a.replace("{state}", state.to_str().unwrap())),
+                )
+                .arg(hubnat_bin());
+                cmd
+            }
+        };
         cmd.args(["run", "--config", config.to_str().unwrap()]);
         self.hubnat = Some(Proc::spawn(cmd, "hubnat", &self.hubnat_log));
     }
@@ -460,6 +477,17 @@ level = "{level}"
             .collect()
     }
 
+    /// Stops the topology's process `what` (as named in its `Proc`: "dnsmasq", "HTTP server",
+    /// ...) by its PID with SIGTERM; returns its exit status.
+    pub fn stop_process(&mut self, what: &str) -> std::process::ExitStatus {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.what == what)
+            .unwrap_or_else(|| panic!("no process {what:?} in the topology"));
+        self.procs.remove(i).stop()
+    }
+
     /// True while hubnat runs (false when it was never started or has exited).
     pub fn hubnat_running(&mut self) -> bool {
         self.hubnat.as_mut().is_some_and(|h| h.is_running())
@@ -495,6 +523,44 @@ level = "{level}"
         c
     }
 
+    /// Starts `curl --limit-rate RATE` of `/files/NAME` from the HTTP server in the client
+    /// namespace, into the working directory, and returns once its first bytes are there.
+    pub fn start_download(&self, name: &str, rate: &str) -> Download {
+        let out = self.path(&format!("download-{name}"));
+        let url = format!("http://{SERVER_IP}:{HTTP_PORT}/files/{name}");
+        let child = self
+            .curl(&[
+                "--fail",
+                "--limit-rate",
+                rate,
+                "-o",
+                out.to_str().unwrap(),
+                &url,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start curl");
+        let mut download = Download {
+            child,
+            out,
+            served: self.www.join(name),
+        };
+        wait_until(
+            Duration::from_secs(20),
+            &format!("the first bytes of /files/{name}"),
+            || {
+                assert!(
+                    download.is_running() || download.received() > 0,
+                    "curl exited"
+                );
+                download.received() > 0
+            },
+        );
+        download
+    }
+
     /// Runs `tests/fixtures/probe.py PROTO --to TO [--sport SPORT]` in the client namespace
     /// (one UDP datagram and what came back, ICMP errors read from the socket's error queue;
     /// or one TCP connect) and returns its line, `result=… after=S`.
@@ -521,6 +587,13 @@ level = "{level}"
     /// configured; the topology's own DHCP client keeps its own): returns (address, lease
     /// seconds). `n` tells apart the event files of several calls.
     pub fn one_lease(&self, n: u32) -> (String, u64) {
+        let dev = self.client_dev.clone().expect("no client interface");
+        self.one_lease_on(&dev, n)
+    }
+
+    /// [`one_lease`](Self::one_lease) on another interface of the client namespace (a macvlan
+    /// with a MAC of its own: another client).
+    pub fn one_lease_on(&self, dev: &str, n: u32) -> (String, u64) {
         let events = self.path(&format!("oneshot-{n}.log"));
         let script = self.path("oneshot.sh");
         std::fs::write(
@@ -530,11 +603,10 @@ level = "{level}"
         .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let dev = self.client_dev.clone().expect("no client interface");
         let out = self
             .client_cmd("udhcpc")
             .env("TEST_EVENTS", &events)
-            .args(["-f", "-q", "-n", "-i", &dev, "-s", script.to_str().unwrap()])
+            .args(["-f", "-q", "-n", "-i", dev, "-s", script.to_str().unwrap()])
             .args(["-t", "10", "-T", "1"])
             .stdin(Stdio::null())
             .output()
@@ -774,6 +846,58 @@ impl Drop for Topology {
             if let Some(dir) = self.dir.take() {
                 eprintln!("topology: kept {}", dir.keep().display());
             }
+        }
+    }
+}
+
+/// A download running in the background ([`Topology::start_download`]); curl is stopped by its
+/// PID on drop if it still runs.
+pub struct Download {
+    child: std::process::Child,
+    /// Where the bytes go.
+    pub out: PathBuf,
+    served: PathBuf,
+}
+
+impl Download {
+    /// The bytes received so far.
+    pub fn received(&self) -> u64 {
+        std::fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The length of the whole file.
+    pub fn total(&self) -> u64 {
+        std::fs::metadata(&self.served).map(|m| m.len()).unwrap()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait for curl").is_none()
+    }
+
+    /// Waits for curl to end (a hang guard of `limit`): it must have succeeded, with every byte
+    /// and the served file's SHA-256.
+    pub fn finish(mut self, limit: Duration) {
+        wait_until(limit, "the download to end", || !self.is_running());
+        let status = self.child.wait().expect("wait for curl");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+        }
+        assert!(status.success(), "the download failed ({status}): {err}");
+        assert_eq!(self.received(), self.total(), "downloaded length");
+        assert_eq!(
+            sha256(&self.out),
+            sha256(&self.served),
+            "SHA-256 of the download"
+        );
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
