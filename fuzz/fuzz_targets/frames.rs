@@ -221,6 +221,18 @@ enum Step {
         sport: u8,
         isn: u32,
     },
+    /// Data (and a FIN) from the client on a connection an earlier `Connect` opened, with
+    /// the right sequence and acknowledgement numbers.
+    Send {
+        conn: u8,
+        payload: Vec<u8>,
+        fin: bool,
+    },
+    /// The client acknowledges everything the core sent on a connection, with a window.
+    Ack {
+        conn: u8,
+        window: u16,
+    },
     Udp {
         client: u8,
         dst: Dst,
@@ -364,8 +376,18 @@ impl DhcpPolicy for FuzzDhcpPolicy {
     }
 }
 
+/// A connection a `Connect` step opened, and the client's next sequence number on it.
+struct Conn {
+    client: u8,
+    dst: Dst,
+    dport: Port,
+    sport: u8,
+    next_seq: u32,
+}
+
 struct World {
     h: Harness,
+    conns: Vec<Conn>,
     /// Per client TCP endpoint: (the next sequence number the core sent, what it acknowledged).
     tcp: HashMap<(Ipv4Addr, u16), (u32, u32)>,
     flow_tickets: Rc<RefCell<Vec<FlowTicket>>>,
@@ -573,10 +595,65 @@ impl World {
                     dst,
                     dport,
                     sport,
-                    seq: Num::Track(0),
+                    seq: Num::Raw(isn.wrapping_add(1)),
                     ack: Num::Track(0),
                     flags: 0x10,
                     window: 65535,
+                    options: vec![],
+                    payload: vec![],
+                });
+                if self.conns.len() >= 16 {
+                    self.conns.remove(0);
+                }
+                self.conns.push(Conn {
+                    client: c,
+                    dst,
+                    dport,
+                    sport,
+                    next_seq: isn.wrapping_add(1),
+                });
+            }
+            Step::Send { conn, payload, fin } => {
+                if self.conns.is_empty() {
+                    return;
+                }
+                let i = usize::from(conn) % self.conns.len();
+                let c = &mut self.conns[i];
+                let payload = &payload[..payload.len().min(1400)];
+                let seq = c.next_seq;
+                c.next_seq = seq.wrapping_add(payload.len() as u32 + u32::from(fin));
+                let (client, dst, dport, sport) = (c.client, c.dst, c.dport, c.sport);
+                self.step(Step::Tcp {
+                    client,
+                    spoof: None,
+                    dst,
+                    dport,
+                    sport,
+                    seq: Num::Raw(seq),
+                    ack: Num::Track(0),
+                    flags: 0x18 | u8::from(fin),
+                    window: 65535,
+                    options: vec![],
+                    payload: payload.to_vec(),
+                });
+            }
+            Step::Ack { conn, window } => {
+                if self.conns.is_empty() {
+                    return;
+                }
+                let c = &self.conns[usize::from(conn) % self.conns.len()];
+                let (client, dst, dport, sport, seq) =
+                    (c.client, c.dst, c.dport, c.sport, c.next_seq);
+                self.step(Step::Tcp {
+                    client,
+                    spoof: None,
+                    dst,
+                    dport,
+                    sport,
+                    seq: Num::Raw(seq),
+                    ack: Num::Track(0),
+                    flags: 0x10,
+                    window,
                     options: vec![],
                     payload: vec![],
                 });
@@ -910,6 +987,7 @@ impl World {
                 self.h.host = VirtualHost::new(settings, leases, 42, now);
                 self.h.sessions.clear();
                 self.h.dns_sent.clear();
+                self.conns.clear();
                 self.install();
                 self.h.settle();
             }
@@ -925,6 +1003,7 @@ fuzz_target!(|input: Input| {
     let mut world = World {
         h: Harness::reference(),
         tcp: HashMap::new(),
+        conns: Vec::new(),
         flow_tickets: Rc::default(),
         dhcp_tickets: Rc::default(),
         session_answers: input.session_answers.into_iter().take(16).collect(),
