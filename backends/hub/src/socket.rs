@@ -732,24 +732,18 @@ where
     let mut reader = stream;
     loop {
         // Every complete frame in the buffer.
-        while end - start >= 4 {
-            let len =
-                u32::from_be_bytes([buf[start], buf[start + 1], buf[start + 2], buf[start + 3]])
-                    as usize;
-            if !(ETHERNET_HEADER_LEN..=MAX_WIRE_FRAME).contains(&len) {
-                return PeerEnd::BadLength(len);
-            }
-            if end - start < 4 + len {
-                break;
-            }
-            let frame = &buf[start + 4..start + 4 + len];
-            if len > server.max_frame_len {
-                bump(&server.counters.oversized);
-                tracing::trace!(port = %port.id(), len, "hub socket: skipped an oversized frame");
-            } else {
+        let cut = split_frames(&buf[start..end], server.max_frame_len, |item| match item {
+            Framed::Frame(frame) => {
                 port.try_send(frame);
             }
-            start += 4 + len;
+            Framed::Oversized(len) => {
+                bump(&server.counters.oversized);
+                tracing::trace!(port = %port.id(), len, "hub socket: skipped an oversized frame");
+            }
+        });
+        match cut {
+            Ok(consumed) => start += consumed,
+            Err(len) => return PeerEnd::BadLength(len),
         }
         // Keep the partial frame at the front, so the rest of it fits.
         if start == end {
@@ -770,6 +764,53 @@ where
             Err(e) => return PeerEnd::Error(e),
         }
     }
+}
+
+/// One item [`split_frames`] cut out of a peer's bytes.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framed<'a> {
+    /// A frame for the hub.
+    Frame(&'a [u8]),
+    /// A frame of this length, longer than the segment's largest frame: skipped.
+    Oversized(usize),
+}
+
+/// Cuts every complete frame out of `bytes` (what a peer sent: each frame after its length as
+/// a 4-byte big-endian integer) and hands each to `each`, in order; a frame longer than
+/// `max_frame_len` (but within [`MAX_WIRE_FRAME`]) is handed as [`Framed::Oversized`].
+/// Returns how many bytes it consumed: the rest is the start of a frame still arriving.
+/// `Err(len)`: a length under the Ethernet header or over [`MAX_WIRE_FRAME`], which cannot be
+/// a frame (disconnect the peer); the frames before it were handed over. Pure, so the reader's
+/// framing can be tested and fuzzed without a socket.
+#[doc(hidden)]
+pub fn split_frames<'a>(
+    bytes: &'a [u8],
+    max_frame_len: usize,
+    mut each: impl FnMut(Framed<'a>),
+) -> Result<usize, usize> {
+    let mut start = 0usize;
+    while bytes.len() - start >= 4 {
+        let len = u32::from_be_bytes([
+            bytes[start],
+            bytes[start + 1],
+            bytes[start + 2],
+            bytes[start + 3],
+        ]) as usize;
+        if !(ETHERNET_HEADER_LEN..=MAX_WIRE_FRAME).contains(&len) {
+            return Err(len);
+        }
+        if bytes.len() - start < 4 + len {
+            break;
+        }
+        if len > max_frame_len {
+            each(Framed::Oversized(len));
+        } else {
+            each(Framed::Frame(&bytes[start + 4..start + 4 + len]));
+        }
+        start += 4 + len;
+    }
+    Ok(start)
 }
 
 /// Writes the frames queued for the peer's port, framed, gathering what is queued into one
@@ -832,6 +873,39 @@ mod tests {
             .expect_err("too long")
             .to_string()
             .contains("at most 107"));
+    }
+
+    #[test]
+    fn split_frames_cuts_whole_frames_and_keeps_the_rest() {
+        let mut bytes = Vec::new();
+        push_framed(&mut bytes, &[1u8; 60]);
+        push_framed(&mut bytes, &[2u8; 100]);
+        push_framed(&mut bytes, &[3u8; 20]);
+        bytes.extend_from_slice(&[0, 0, 0, 60, 4, 4]); // a frame still arriving
+        let mut items = Vec::new();
+        let consumed = split_frames(&bytes, 80, |item| items.push(format!("{item:?}")));
+        assert_eq!(consumed, Ok(64 + 104 + 24));
+        assert_eq!(items.len(), 3);
+        assert!(items[0].starts_with("Frame([1, 1"), "{}", items[0]);
+        assert_eq!(items[1], "Oversized(100)");
+        assert!(items[2].starts_with("Frame([3, 3"), "{}", items[2]);
+        // Fewer than 4 bytes: nothing yet.
+        assert_eq!(split_frames(&[0, 0, 0], 80, |_| panic!("no frame")), Ok(0));
+    }
+
+    #[test]
+    fn split_frames_refuses_lengths_that_cannot_be_frames() {
+        let mut bytes = Vec::new();
+        push_framed(&mut bytes, &[1u8; 60]);
+        bytes.extend_from_slice(&13u32.to_be_bytes());
+        let mut frames = 0;
+        assert_eq!(split_frames(&bytes, 1514, |_| frames += 1), Err(13));
+        assert_eq!(frames, 1, "the frame before the bad length was handed over");
+        let too_long = ((MAX_WIRE_FRAME + 1) as u32).to_be_bytes();
+        assert_eq!(
+            split_frames(&too_long, 1514, |_| panic!("no frame")),
+            Err(MAX_WIRE_FRAME + 1)
+        );
     }
 
     #[test]
