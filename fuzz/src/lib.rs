@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
 
-use hubnat::core::dhcp::DhcpEvent;
+use hubnat::core::dhcp::{DhcpEvent, LeaseState};
 use hubnat::core::nat::{HostOp, NatEvent, SessionId};
 use hubnat::core::testkit;
 use hubnat::core::{Event, Instant, Settings, VirtualHost, TX_QUEUE_FRAMES};
@@ -172,6 +172,7 @@ impl Harness {
         if self.sessions.len() > 4096 {
             self.sessions.drain(..2048);
         }
+        self.check_leases();
         let trace = reach_enabled();
         while let Some(event) = self.host.poll_event() {
             // Render it as the security log would.
@@ -201,6 +202,30 @@ impl Harness {
                     self.reached.insert(format!("dhcp: {}", kind.as_str()));
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// The lease table never gives one address to two records that hold it (offered, bound or
+    /// quarantined), nor the virtual host's own address to anyone.
+    pub fn check_leases(&self) {
+        let host_ip = self.host.host().ip;
+        let mut held = BTreeSet::new();
+        for lease in self.host.dhcp().leases() {
+            if matches!(
+                lease.state,
+                LeaseState::Offered | LeaseState::Bound | LeaseState::Declined
+            ) {
+                assert!(
+                    held.insert(lease.ip),
+                    "two lease records hold {}: {:?}",
+                    lease.ip,
+                    self.host.dhcp().leases().filter(|l| l.ip == lease.ip).collect::<Vec<_>>()
+                );
+                assert!(
+                    lease.ip != host_ip || lease.state == LeaseState::Declined,
+                    "the host's own address is leased: {lease:?}"
+                );
             }
         }
     }
