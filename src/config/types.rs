@@ -468,6 +468,17 @@ impl LogConfig {
             && stderr_is_terminal
             && no_color.is_none_or(|value| value.is_empty())
     }
+
+    /// The diagnostic log's filter from `level`: tracing's directives, with field values
+    /// matched as text, never compiled as regular expressions (a field value such as
+    /// `{=.g...........................}` makes a DFA that takes minutes and gigabytes to build).
+    pub fn filter(
+        &self,
+    ) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+        tracing_subscriber::EnvFilter::builder()
+            .with_regex(false)
+            .parse(&self.level)
+    }
 }
 
 /// The format of the diagnostic log.
