@@ -24,7 +24,8 @@ use super::host::default_state_dir;
 use super::values::{duration_text, opt_text, size_required, size_text, text_list};
 use super::{MacAddr, Route, SocketMode};
 
-/// `nat.tcp_buffer` by default: 1 MiB, window scale 5 (smoltcp offers `log2ceil(buffer + 1) - 16`).
+/// `nat.tcp_buffer` by default: 1 MiB, window scale 4 (the receive buffer is the largest
+/// `65535 << k` that fits, and smoltcp offers `k`).
 pub const DEFAULT_TCP_BUFFER: u64 = 1 << 20;
 
 /// A fixed address for one client, a `[[dhcp.static]]` table.
