@@ -274,7 +274,7 @@ fn init_logging(config: &Config) -> Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(&v)
             .with_context(|| format!("RUST_LOG={v:?} is not a valid log filter"))?,
-        _ => EnvFilter::try_new(&config.log.level).with_context(|| {
+        _ => config.log.filter().with_context(|| {
             format!(
                 "log.level = {:?} is not a valid log filter",
                 config.log.level

@@ -27,7 +27,8 @@ use super::{MacAddr, Route, SocketMode};
 /// `nat.memory_limit` by default: 1 GiB.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
 
-/// `nat.tcp_buffer` by default: 1 MiB, window scale 5 (smoltcp offers `log2ceil(buffer + 1) - 16`).
+/// `nat.tcp_buffer` by default: 1 MiB, window scale 4 (the receive buffer is the largest
+/// `65535 << k` that fits, and smoltcp offers `k`).
 pub const DEFAULT_TCP_BUFFER: u64 = 1 << 20;
 
 /// A fixed address for one client, a `[[dhcp.static]]` table.
@@ -507,6 +508,17 @@ impl LogConfig {
         self.format == LogFormat::Text
             && stderr_is_terminal
             && no_color.is_none_or(|value| value.is_empty())
+    }
+
+    /// The diagnostic log's filter from `level`: tracing's directives, with field values
+    /// matched as text, never compiled as regular expressions (a field value such as
+    /// `{=.g...........................}` makes a DFA that takes minutes and gigabytes to build).
+    pub fn filter(
+        &self,
+    ) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+        tracing_subscriber::EnvFilter::builder()
+            .with_regex(false)
+            .parse(&self.level)
     }
 }
 

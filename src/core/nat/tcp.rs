@@ -34,8 +34,9 @@
 //!   to its connection's set, and egress polls only the connections that have something to
 //!   send (marked dirty) or a timer due.
 //!
-//! Buffers: `nat.tcp_buffer` bytes each way per connection (1 MiB by default). Their size sets
-//! the window towards the client: 1 MiB gives window scale 5, ~10 Gbit/s through a TAP device
+//! Buffers: `nat.tcp_buffer` bytes each way per connection (1 MiB by default; the receive
+//! buffer is cut to the largest `65535 << k` that fits, see `rx_buffer_len`). Their size sets
+//! the window towards the client: 1 MiB gives window scale 4, ~10 Gbit/s through a TAP device
 //! at MTU 65520, where 256 KiB gives ~7.5 (`scripts/bench-nat.sh`). `benches/core_sessions.rs`
 //! measures the memory it costs with many sessions.
 
@@ -61,7 +62,7 @@ use crate::core::VirtualHost;
 /// malformed before they reach the NAT).
 fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; rx_buffer_len(buffer)]),
         tcp::SocketBuffer::new(vec![0u8; buffer]),
     );
     s.set_nagle_enabled(true);
@@ -72,6 +73,26 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
     })
     .expect("invariant: a fresh socket with a non-zero port can listen");
     s
+}
+
+/// The receive buffer for a `nat.tcp_buffer` of `buffer` bytes: the largest `65535 << k` that
+/// fits (or `buffer` itself below 64 KiB). smoltcp (0.14) offers window scale `k` (the bit
+/// length of the size, less 16), sends the SYN-ACK's window unscaled (at most 65535), then
+/// reads that value back as scaled: until it sends its next segment it takes `65535 << k`
+/// bytes past the SYN as in the window. With any other size that is more than the buffer, and
+/// a client's segment beyond the buffer was recorded as received but never stored: a
+/// debug-build assertion, and in a release build a panic (`enqueue_unallocated`) once the
+/// client filled the gap before it, i.e. any client could stop the gateway. Found by the
+/// `frames` fuzz target.
+fn rx_buffer_len(buffer: usize) -> usize {
+    if buffer <= 65535 {
+        return buffer;
+    }
+    let mut len = 65535;
+    while len * 2 <= buffer {
+        len *= 2;
+    }
+    len
 }
 
 /// The capabilities smoltcp sees (it copies them when the interface is built: a new MTU

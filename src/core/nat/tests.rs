@@ -1034,3 +1034,53 @@ fn the_per_client_limit_counts_by_mac_as_well_as_by_address() {
     h.handle_frame(t(0), &tcp_syn_from(other, src, remote));
     assert_eq!(h.nat().table().len(), 3);
 }
+/// Found by the `frames` fuzz target (fuzz/): smoltcp read the SYN-ACK's unscaled window back
+/// as scaled, so right after the handshake it took up to `65535 << 5` bytes (2 MiB) as in the
+/// window of a 1 MiB buffer, and a client's segment beyond the buffer was recorded as received
+/// but never stored: a debug-build assertion ("len_written == payload_len"), and in a release
+/// build a panic of the whole gateway once the client filled the gap before it. The fuzzer's
+/// minimised input was a connection with window scaling and one byte 2,031,616 bytes past
+/// the SYN; the release-build crash needs the second part.
+#[test]
+fn fuzz_regression_segments_beyond_the_receive_buffer_are_out_of_the_window() {
+    let mut h = host_with(settings());
+    assert_eq!(settings().tcp_buffer, 1 << 20);
+    let now = t(0);
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    let isn: u32 = 520_101_663;
+    h.handle_frame(
+        now,
+        &tcp_segment(remote, 40003, TcpControl::Syn, isn, None, Some(7), &[]),
+    );
+    let (id, _) = connect_op(&mut h);
+    connected(&mut h, id, now);
+    let segs = tcp_segments(&sent(&mut h, now));
+    let synack = segs
+        .iter()
+        .find(|s| s.2 == TcpControl::Syn)
+        .expect("SYN-ACK");
+    let ack = synack.3.wrapping_add(1);
+    let seg = |offset: usize, data: &[u8]| {
+        let seq = isn.wrapping_add(1).wrapping_add(offset as u32);
+        tcp_segment(remote, 40003, TcpControl::None, seq, Some(ack), None, data)
+    };
+    h.handle_frame(now, &seg(0, &[]));
+    // The fuzzer's byte.
+    h.handle_frame(now, &seg(2_031_616, &[31]));
+    // 1000 bytes from 10 before the end of 1 MiB, then everything before them, the relay not
+    // reading meanwhile.
+    let end = (1 << 20) - 10;
+    h.handle_frame(now, &seg(end, &[b'X'; 1000]));
+    let mut at = 0;
+    while at < end {
+        let n = 1460.min(end - at);
+        h.handle_frame(now, &seg(at, &vec![b'a'; n]));
+        at += n;
+    }
+    let got = relay_take(&mut h, id, now);
+    assert!(got.len() > 1_000_000, "{} bytes relayed", got.len());
+    assert!(
+        got.iter().all(|&b| b == b'a'),
+        "bytes never sent were relayed"
+    );
+}
