@@ -479,3 +479,105 @@ fn malformed_frames_of_every_kind_are_dropped_and_counted() {
     new_client_downloads(&topo, "02:aa:00:00:00:03", "file");
     topo.finish();
 }
+
+/// argv: address, port. Sends 1 MiB on each connection it accepts, then holds it open until
+/// the peer closes.
+const SEND_AND_HOLD_SERVER: &str = r#"
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(256)
+print("listening", flush=True)
+def serve(c):
+    c.sendall(bytes(range(256)) * 4096)
+    while c.recv(65536):
+        pass
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// argv: server, port, count, stop-file. Opens `count` connections, reads 1 MiB from each,
+/// prints `drained=N`, then keeps them open, quiet, until the stop file exists.
+const DRAIN_AND_IDLE: &str = r#"
+import os, socket, sys, time
+server, port, count, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+socks = [socket.create_connection((server, port)) for _ in range(count)]
+want = bytes(range(256)) * 4096
+for s in socks:
+    got = bytearray()
+    while len(got) < len(want):
+        b = s.recv(1 << 20)
+        if not b:
+            sys.exit("closed early")
+        got += b
+    if got != want:
+        sys.exit("corrupt")
+print("drained=%d" % len(socks), flush=True)
+while not os.path.exists(stop):
+    time.sleep(0.1)
+"#;
+
+#[test]
+fn quiet_sessions_give_their_buffer_memory_back() {
+    if !require_root("quiet_sessions_give_their_buffer_memory_back") {
+        return;
+    }
+    require_programs(&["udhcpc", "curl", "python3"]);
+    const SESSIONS: u64 = 64;
+    const PORT: &str = "9100";
+    let topo = Topology::tap(Options {
+        files: vec![("file".into(), 2_000_000)],
+        ..Options::default()
+    });
+    let mut server = topo.server.command("python3");
+    server.args(["-c", SEND_AND_HOLD_SERVER, SERVER_IP, PORT]);
+    let server_log = topo.path("hold-server.log");
+    let _server = common::netns::Proc::spawn(server, "send-and-hold server", &server_log);
+    wait_until(Duration::from_secs(10), "the server to listen", || {
+        read(&server_log).contains("listening")
+    });
+    let base = gauges(&topo);
+    let released_before = status(&topo)["nat"]["buffer_bytes_released"]
+        .as_u64()
+        .unwrap();
+    let stop = topo.path("idle.stop");
+    let log = topo.path("idle.log");
+    let mut cmd = topo.client_cmd("python3");
+    cmd.args(["-c", DRAIN_AND_IDLE, SERVER_IP, PORT])
+        .arg(SESSIONS.to_string())
+        .arg(&stop);
+    let mut client = common::netns::Proc::spawn(cmd, "drain-and-idle client", &log);
+    wait_until(Duration::from_secs(120), "1 MiB on each session", || {
+        assert!(client.is_running(), "{}", read(&log));
+        read(&log).contains("drained=")
+    });
+    // Quiet for two periods of nat's quiet check (2 s each), and a margin.
+    std::thread::sleep(Duration::from_secs(6));
+    let quiet = gauges(&topo);
+    let released = status(&topo)["nat"]["buffer_bytes_released"]
+        .as_u64()
+        .unwrap()
+        - released_before;
+    eprintln!("quiet: {quiet:?}; released {} KiB", released / 1024);
+    assert_eq!(quiet.tcp, base.tcp + SESSIONS, "the sessions stay open");
+    // Each session moved 1 MiB through its 1 MiB send buffer, touching most of its pages.
+    assert!(
+        released >= SESSIONS * 512 * 1024,
+        "{released} bytes released"
+    );
+    assert!(
+        quiet.rss_kib <= base.rss_kib + 16 * 1024,
+        "{} KiB resident with {SESSIONS} quiet sessions, baseline {} KiB",
+        quiet.rss_kib,
+        base.rss_kib
+    );
+    std::fs::write(&stop, b"").unwrap();
+    drop(client);
+    back_to_baseline(&topo, base, 16, Duration::from_secs(60));
+    new_client_downloads(&topo, "02:aa:00:00:00:04", "file");
+    drop(_server);
+    topo.finish();
+}

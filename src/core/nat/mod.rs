@@ -38,6 +38,7 @@
 pub mod admit;
 pub mod frag;
 pub mod icmp;
+mod pages;
 pub mod table;
 pub mod tcp;
 pub mod udp;
@@ -458,6 +459,8 @@ pub struct NatCounters {
     pub ended_bytes_to_remote: u64,
     /// Payload bytes from remotes to clients, in sessions that have ended.
     pub ended_bytes_to_client: u64,
+    /// Bytes of TCP buffer memory given back to the system by connections gone quiet.
+    pub buffer_bytes_released: u64,
 }
 
 /// The NAT's state, owned by the [`VirtualHost`].

@@ -52,6 +52,7 @@ use smoltcp::wire::{
     Ipv4Packet, TcpPacket, ETHERNET_HEADER_LEN,
 };
 
+use super::pages::Pages;
 use super::table::{FlowKey, IdMap, IdSet, Protocol, SessionId, SessionState};
 use super::{EndReason, HostError, HostEvent, NatEvent, OpRecord};
 use crate::core::link::Link;
@@ -60,11 +61,15 @@ use crate::core::VirtualHost;
 /// A fresh socket listening on `(addr, port)`, created when the outbound connect succeeded,
 /// just before the client's SYN is fed to it. `port` is not 0 (such segments are dropped as
 /// malformed before they reach the NAT).
-fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
-    let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; rx_buffer_len(buffer)]),
-        tcp::SocketBuffer::new(vec![0u8; buffer]),
-    );
+/// Also returns the whole pages inside its two buffers (receive, send), to give back when the
+/// connection goes quiet ([`Pages`]).
+fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, BufferPages) {
+    // Zeroed allocations: no memory is taken until bytes pass (see `pages`).
+    let mut rx = vec![0u8; rx_buffer_len(buffer)];
+    let mut tx = vec![0u8; buffer];
+    let pages = [Pages::inside(&mut rx), Pages::inside(&mut tx)];
+    // The Vecs move into the socket; their heap allocations stay where `pages` points.
+    let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
     s.set_nagle_enabled(true);
     s.set_congestion_control(tcp::CongestionControl::Cubic);
     s.listen(smoltcp::wire::IpListenEndpoint {
@@ -72,8 +77,15 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> tcp::Socket<'static> {
         port,
     })
     .expect("invariant: a fresh socket with a non-zero port can listen");
-    s
+    (s, pages)
 }
+
+/// The whole pages inside a connection's receive and send buffers.
+type BufferPages = [Option<Pages>; 2];
+
+/// How long a connection must carry nothing, with both buffers empty, before its buffers'
+/// memory goes back to the system: between this and twice this.
+pub const QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The receive buffer for a `nat.tcp_buffer` of `buffer` bytes: the largest `65535 << k` that
 /// fits (or `buffer` itself below 64 KiB). smoltcp (0.14) offers window scale `k` (the bit
@@ -265,6 +277,17 @@ pub struct TcpStack {
     graveyard: Vec<SessionId>,
     /// Where a frame goes that smoltcp builds while the queue is full.
     scratch: Vec<u8>,
+    /// The whole pages inside each connection's buffers.
+    pages: IdMap<BufferPages>,
+    /// Connections that took in or sent a segment since the last quiet check, and those of
+    /// the check before: one in `was_active` but not in `active` has been quiet for a whole
+    /// period.
+    active: IdSet,
+    was_active: IdSet,
+    /// The next quiet check, while there are connections to check.
+    next_quiet_check: Option<Instant>,
+    /// Bytes of buffer memory given back so far.
+    released: u64,
 }
 
 impl TcpStack {
@@ -281,6 +304,11 @@ impl TcpStack {
             deadline_of: IdMap::default(),
             graveyard: Vec::new(),
             scratch: Vec::new(),
+            pages: IdMap::default(),
+            active: IdSet::default(),
+            was_active: IdSet::default(),
+            next_quiet_check: None,
+            released: 0,
         }
     }
 
@@ -306,8 +334,10 @@ impl TcpStack {
     /// Creates connection `id`'s socket, listening where the client's SYN went.
     fn accept(&mut self, id: SessionId, addr: Ipv4Addr, port: u16, buffer: usize) {
         let mut set = SocketSet::new(Vec::with_capacity(1));
-        let handle = set.add(listener(addr, port, buffer));
+        let (socket, pages) = listener(addr, port, buffer);
+        let handle = set.add(socket);
         self.sets.insert(id, (set, handle));
+        self.pages.insert(id, pages);
     }
 
     /// Feeds one segment to connection `id`'s set and returns the socket's state afterwards;
@@ -334,6 +364,7 @@ impl TcpStack {
                 let (set, handle) = self.sets.get_mut(&id)?;
                 let _ = self.iface.poll_ingress_single(now, &mut device, set);
                 self.dirty.insert(id);
+                self.active.insert(id);
                 Some(set.get::<tcp::Socket>(*handle).state())
             }
             None => {
@@ -358,6 +389,9 @@ impl TcpStack {
         let mut closed = Vec::new();
         if !self.wants_poll(now) {
             return closed;
+        }
+        if self.next_quiet_check.is_some_and(|t| t <= now) {
+            self.release_quiet(now);
         }
         let mut ids: Vec<SessionId> = self.dirty.drain().collect();
         self.take_due(now, &mut ids);
@@ -385,6 +419,7 @@ impl TcpStack {
                 == smoltcp::iface::PollResult::SocketStateChanged
             {}
             let at = self.iface.poll_at(now, set);
+            self.active.insert(id);
             if matches!(
                 set.get::<tcp::Socket>(*handle).state(),
                 tcp::State::Closed | tcp::State::TimeWait
@@ -399,10 +434,53 @@ impl TcpStack {
                 self.graveyard.push(id);
             } else {
                 self.sets.remove(&id);
+                self.pages.remove(&id);
                 self.set_deadline(id, None);
             }
         }
+        if self.next_quiet_check.is_none() && !self.active.is_empty() {
+            self.next_quiet_check = Some(now + QUIET_AFTER.into());
+        }
         closed
+    }
+
+    /// The quiet check: a connection that was active in the period before the last and not
+    /// in the last, with both buffers empty, gives its buffers' memory back.
+    fn release_quiet(&mut self, now: Instant) {
+        let was = std::mem::replace(&mut self.was_active, std::mem::take(&mut self.active));
+        for id in was {
+            if self.was_active.contains(&id) {
+                continue;
+            }
+            let (Some((set, handle)), Some(pages)) = (self.sets.get(&id), self.pages.get(&id))
+            else {
+                continue;
+            };
+            let socket = set.get::<tcp::Socket>(*handle);
+            if socket.recv_queue() != 0 || socket.send_queue() != 0 {
+                // Bytes wait (a client's closed window, a host that does not read): they stay,
+                // and so does the memory; the next segment makes it active again.
+                continue;
+            }
+            for p in pages.iter().flatten() {
+                // SAFETY: the buffers belong to the socket in `sets`, which lives, and nothing
+                // borrows them now (the `socket` reference above is no longer used); both are
+                // empty, so smoltcp reads none of their bytes before writing them again.
+                self.released += unsafe { p.release() } as u64;
+            }
+        }
+        self.next_quiet_check = (!self.was_active.is_empty()).then(|| now + QUIET_AFTER.into());
+    }
+
+    /// The whole pages inside connection `id`'s receive and send buffers.
+    #[cfg(test)]
+    pub(super) fn buffer_pages(&self, id: SessionId) -> BufferPages {
+        self.pages.get(&id).copied().unwrap_or_default()
+    }
+
+    /// Bytes of buffer memory given back to the system so far (pages that were in memory).
+    pub fn released_bytes(&self) -> u64 {
+        self.released
     }
 
     /// Connection `id` is over: its socket is aborted (a RST to the client) when `abort` and
@@ -428,9 +506,13 @@ impl TcpStack {
             || self.next_deadline().is_some_and(|t| t <= now)
     }
 
-    /// The earliest timer of any connection.
+    /// The earliest timer of any connection, or the next quiet check.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(t, _)| *t)
+        let timer = self.deadlines.first().map(|(t, _)| *t);
+        match (timer, self.next_quiet_check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn set_deadline(&mut self, id: SessionId, at: Option<Instant>) {
@@ -738,6 +820,7 @@ impl VirtualHost {
             .nat
             .stack
             .egress(now, &mut self.link, host.mac, host.mtu);
+        self.nat.counters.buffer_bytes_released = self.nat.stack.released_bytes();
         for id in closed {
             if self.nat.table.get(id).is_some() {
                 self.tcp_check_end(id, now);

@@ -10,6 +10,7 @@ use smoltcp::wire::{EthernetFrame, IpAddress, IpProtocol, Ipv4Packet, TcpControl
 
 use super::super::testkit::{self, *};
 use super::super::{Event, VirtualHost};
+use super::tcp::QUIET_AFTER;
 use super::{EndReason, HostEvent, HostOp, NatEvent, NatSettings, SessionId};
 
 pub fn settings() -> NatSettings {
@@ -1083,4 +1084,75 @@ fn fuzz_regression_segments_beyond_the_receive_buffer_are_out_of_the_window() {
         got.iter().all(|&b| b == b'a'),
         "bytes never sent were relayed"
     );
+}
+
+/// The resident pages of connection `id`'s receive and send buffers.
+fn resident(h: &VirtualHost, id: SessionId) -> [usize; 2] {
+    h.nat
+        .stack
+        .buffer_pages(id)
+        .map(|p| p.map_or(0, |p| p.resident()))
+}
+
+#[test]
+fn a_quiet_connection_gives_its_buffer_memory_back_and_goes_on() {
+    // As `hubnat run` does: each 256 KiB buffer is a mapping of its own, untouched until used.
+    crate::host::fix_mmap_threshold();
+    let mut s = settings();
+    s.tcp_buffer = 256 * 1024;
+    let mut h = host_with(s);
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    let (mut c, id) = Client::connect(&mut h, remote, 40090, t(0));
+    let (mut held, held_id) = Client::connect(&mut h, remote, 40091, t(0));
+    assert_eq!(resident(&h, id), [0, 0], "nothing taken before bytes pass");
+    // 200 KiB from the host and 64 KiB from the client pass through the buffers.
+    let down: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    let (mut given, mut got, mut now) = (0, 0, 1);
+    while got < down.len() {
+        given += relay_give(&mut h, id, &down[given..], t(now));
+        got += c.receive(&mut h, t(now)).0;
+        now += 1;
+    }
+    for chunk in vec![0x33u8; 64 * 1024].chunks(1400) {
+        c.send(&mut h, TcpControl::Psh, chunk, t(now));
+        assert_eq!(relay_take(&mut h, id, t(now)).len(), chunk.len());
+        let _ = c.receive(&mut h, t(now));
+    }
+    // The other connection's client never acknowledges: its bytes wait in the send buffer.
+    relay_give(&mut h, held_id, &down[..100 * 1024], t(now));
+    let _ = sent(&mut h, t(now));
+    let busy = resident(&h, id);
+    assert!(busy[0] >= 8 && busy[1] >= 40, "pages touched: {busy:?}");
+    let waiting = resident(&h, held_id);
+    assert!(waiting[1] >= 20, "{waiting:?}");
+    // Quiet for two periods: the memory goes back, but not the memory of waiting bytes.
+    let quiet = now + 2 * QUIET_AFTER.as_millis() as i64 + 1;
+    let mut at = now;
+    while at < quiet {
+        at = h
+            .poll_timeout()
+            .map_or(quiet, |d| d.total_millis() - t(0).total_millis());
+        at = at.min(quiet);
+        h.handle_timeout(t(at));
+        let _ = sent(&mut h, t(at));
+    }
+    assert_eq!(resident(&h, id), [0, 0]);
+    assert_eq!(
+        resident(&h, held_id)[1],
+        waiting[1],
+        "waiting bytes keep their pages"
+    );
+    let released = h.nat().counters().buffer_bytes_released;
+    assert!(released >= (busy[0] + busy[1]) as u64 * 4096, "{released}");
+    // The connection goes on: both ways, bytes intact.
+    let more: Vec<u8> = (0..50_000).map(|i| (i % 13) as u8).collect();
+    assert_eq!(relay_give(&mut h, id, &more, t(at)), more.len());
+    let mut got = 0;
+    while got < more.len() {
+        got += c.receive(&mut h, t(at)).0;
+        at += 1;
+    }
+    c.send(&mut h, TcpControl::Psh, b"still here", t(at));
+    assert_eq!(relay_take(&mut h, id, t(at)), b"still here");
+    let _ = held.receive(&mut h, t(at));
 }

@@ -1,0 +1,124 @@
+//! Giving a quiet connection's buffer memory back to the system.
+//!
+//! A connection's two buffers (`nat.tcp_buffer` each way) are allocated zeroed, so they take
+//! no memory until bytes pass through them: the process's mmap threshold is fixed at 128 KiB
+//! (`host::fix_mmap_threshold`), so a large buffer is a mapping of its own whose pages the
+//! kernel supplies on first write. A busy connection touches every page of its ring; when it
+//! goes quiet with both buffers empty, [`Pages::release`] hands the whole pages inside the
+//! buffer back with `madvise(MADV_DONTNEED)`: they read as zero afterwards and cost nothing
+//! until they are written again. Nothing is lost: an empty ring's bytes are never read (smoltcp
+//! reads only the queued part).
+//!
+//! These are the only system calls of the core (`madvise`, and `mincore` to count what is
+//! given back); they move no data in or out and need no privilege.
+
+/// The whole pages inside one buffer: `[start, start + len)`, page-aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Pages {
+    start: usize,
+    len: usize,
+}
+
+/// The system's page size (4 KiB if it cannot be read).
+fn page_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n)
+            .ok()
+            .filter(|n| n.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
+impl Pages {
+    /// The whole pages inside `buf`, or `None` when it holds none. Keep the result only while
+    /// `buf`'s allocation lives and is not moved (a `Vec` handed to smoltcp keeps its heap
+    /// allocation for the socket's life).
+    pub(super) fn inside(buf: &mut [u8]) -> Option<Pages> {
+        let page = page_size();
+        let begin = buf.as_mut_ptr() as usize;
+        let start = begin.checked_add(page - 1)? & !(page - 1);
+        let end = (begin + buf.len()) & !(page - 1);
+        (end > start).then(|| Pages {
+            start,
+            len: end - start,
+        })
+    }
+
+    /// Gives the pages back to the system; they read as zero afterwards. Returns the bytes
+    /// that were in memory (`mincore`), now given back; pages never touched cost nothing and
+    /// are left alone.
+    ///
+    /// # Safety
+    ///
+    /// The buffer these pages were taken from ([`Pages::inside`]) must still be allocated, and
+    /// nothing may hold a reference into it during the call, nor rely on its bytes afterwards
+    /// (an empty ring buffer).
+    pub(super) unsafe fn release(&self) -> usize {
+        let resident = self.resident();
+        if resident > 0 {
+            // SAFETY: the range is whole pages inside a live allocation of ours (the caller's
+            // promise), so no other object shares them; MADV_DONTNEED on private anonymous
+            // memory only replaces their contents with zeros. A failure (it cannot fail for
+            // such a range) just leaves the memory in place.
+            unsafe {
+                libc::madvise(
+                    self.start as *mut libc::c_void,
+                    self.len,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+        resident * page_size()
+    }
+
+    /// How many of these pages are in memory (`mincore`); 0 if it cannot be told.
+    pub(super) fn resident(&self) -> usize {
+        let page = page_size();
+        let mut vec = vec![0u8; self.len / page];
+        // SAFETY: the range is page-aligned and, the buffer being alive, mapped; `vec` has one
+        // byte per page.
+        let rc =
+            unsafe { libc::mincore(self.start as *mut libc::c_void, self.len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_pages_inside_the_buffer() {
+        let page = page_size();
+        let mut buf = vec![0u8; 3 * page + 100];
+        let begin = buf.as_ptr() as usize;
+        let p = Pages::inside(&mut buf[..]).unwrap();
+        assert_eq!(p.start % page, 0);
+        assert!(p.start >= begin && p.start + p.len <= begin + buf.len());
+        assert!(p.len >= 2 * page);
+        assert_eq!(Pages::inside(&mut buf[1..page / 2]), None);
+    }
+
+    #[test]
+    fn released_pages_leave_memory_and_read_as_zero() {
+        let page = page_size();
+        let mut buf = vec![0u8; 64 * page];
+        buf.iter_mut().for_each(|b| *b = 7);
+        let p = Pages::inside(&mut buf[..]).unwrap();
+        assert!(p.resident() >= 63, "written pages are resident");
+        // SAFETY: `buf` is alive and not borrowed; its bytes are not needed any more.
+        let released = unsafe { p.release() };
+        assert!(released >= 63 * page, "{released}");
+        assert_eq!(p.resident(), 0);
+        // SAFETY: as above.
+        assert_eq!(unsafe { p.release() }, 0, "nothing left to give back");
+        let lo = p.start - buf.as_ptr() as usize;
+        assert!(buf[lo..lo + p.len].iter().all(|b| *b == 0));
+    }
+}
