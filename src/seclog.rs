@@ -311,6 +311,17 @@ impl SecurityLog {
                     &format!("mac={} (no address offered)", fmt_mac(mac)),
                 );
             }
+            DhcpEvent::MacShareFull { mac, held } => {
+                self.write(
+                    "DHCP",
+                    "share full",
+                    &format!(
+                        "mac={} holds {held} addresses under other client identifiers \
+                         (dhcp.max_leases_per_mac); no address offered",
+                        fmt_mac(mac)
+                    ),
+                );
+            }
         }
     }
 }

@@ -502,6 +502,7 @@ mod tests {
                 "dhcp.dns",
                 "dhcp.domain",
                 "dhcp.routes",
+                "dhcp.max_leases_per_mac",
                 "dhcp.static",
             ]
         );

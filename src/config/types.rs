@@ -133,6 +133,10 @@ pub struct DhcpConfig {
     /// Classless static routes (option 121), each `"CIDR via GATEWAY"`.
     #[serde(with = "text_list")]
     pub routes: Vec<Route>,
+    /// The most addresses one MAC may hold (offered or bound) at once: clients behind one MAC
+    /// that send different client identifiers (option 61) each count. A DISCOVER beyond it gets
+    /// no offer, so one client cannot take the pool by changing its identifier.
+    pub max_leases_per_mac: u32,
     /// Fixed addresses for known clients.
     #[serde(rename = "static")]
     pub statics: Vec<StaticLease>,
@@ -150,6 +154,7 @@ impl Default for DhcpConfig {
             dns: vec![Ipv4Addr::new(192, 168, 30, 1)],
             domain: None,
             routes: Vec::new(),
+            max_leases_per_mac: 4,
             statics: Vec::new(),
         }
     }

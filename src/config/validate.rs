@@ -24,7 +24,8 @@
 //!   half-open sessions hold table rows and host sockets.
 //! - `nat.mtu`, `backend.tap.mtu`: 576 (the IPv4 minimum datagram every host must accept) to
 //!   65520 (the largest MTU a Linux TAP device and other user-mode NATs use).
-//! - The DHCP range holds at most 65536 addresses, so the lease pool stays bounded.
+//! - The DHCP range holds at most 65536 addresses, so the lease pool stays bounded;
+//!   `dhcp.max_leases_per_mac` is 1 to 65536.
 //! - `host.mask` is at most /30: the subnet must hold the virtual host and at least one client.
 //! - `nat.max_sessions`: 1 to 1,000,000, so the session table stays bounded; and
 //!   `nat.max_sessions_per_client` from 1 to `nat.max_sessions`.
@@ -174,6 +175,15 @@ impl Config {
             }
         }
         c.check_duration("dhcp.lease", dhcp.lease, MIN_LEASE, MAX_LEASE);
+        if dhcp.max_leases_per_mac == 0 {
+            c.fail("dhcp.max_leases_per_mac", 0, "must be at least 1");
+        } else if dhcp.max_leases_per_mac > 65536 {
+            c.fail(
+                "dhcp.max_leases_per_mac",
+                dhcp.max_leases_per_mac,
+                "must be at most 65536 (the largest pool)",
+            );
+        }
         if let (Some(gw), Some(s)) = (dhcp.gateway, subnet) {
             c.check_in_subnet("dhcp.gateway", gw, gw, s);
         }

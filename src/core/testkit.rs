@@ -49,6 +49,7 @@ pub fn settings() -> Settings {
             domain: None,
             routes: vec![],
             statics: vec![],
+            max_leases_per_mac: 4,
         },
         nat: NatSettings {
             enabled: true,

@@ -138,6 +138,7 @@ fn dhcp_settings(config: &Config) -> DhcpSettings {
                 hostname: s.hostname.clone(),
             })
             .collect(),
+        max_leases_per_mac: d.max_leases_per_mac as usize,
     }
 }
 

@@ -59,6 +59,8 @@ pub struct DhcpSettings {
     pub routes: Vec<StaticRoute>,
     /// Static reservations.
     pub statics: Vec<Reservation>,
+    /// The most addresses (offered or bound) one MAC may hold at once.
+    pub max_leases_per_mac: usize,
 }
 
 /// Microsoft's code for classless static routes.

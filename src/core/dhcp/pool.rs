@@ -635,6 +635,19 @@ impl LeasePool {
         Some(l)
     }
 
+    /// How many addresses clients with hardware address `mac` other than `client` hold now
+    /// (offered or bound).
+    pub fn held_by_mac(&self, mac: [u8; 6], client: &ClientKey) -> usize {
+        self.by_ip
+            .values()
+            .filter(|l| {
+                l.mac == mac
+                    && l.client != *client
+                    && matches!(l.state, LeaseState::Offered | LeaseState::Bound)
+            })
+            .count()
+    }
+
     /// The lowest address bound to a client with hardware address `mac`, if any. (A MAC can
     /// hold more than one binding when clients behind it send different client identifiers.)
     pub fn bound_to_mac(&self, mac: [u8; 6]) -> Option<Ipv4Addr> {

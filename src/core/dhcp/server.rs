@@ -100,7 +100,7 @@ use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, Optio
 use tracing::{debug, info, warn};
 
 use super::options::{add_config_options, DhcpSettings};
-use super::pool::{BindError, BindOutcome, ClientKey, Lease, LeasePool};
+use super::pool::{BindError, BindOutcome, ClientKey, Lease, LeasePool, LeaseState};
 
 /// UDP port of the server.
 pub const SERVER_PORT: u16 = 67;
@@ -169,6 +169,14 @@ pub enum DhcpEvent {
     PoolExhausted {
         /// The client's MAC.
         mac: [u8; 6],
+    },
+    /// A new client was offered nothing: its MAC already holds `dhcp.max_leases_per_mac`
+    /// addresses under other client identifiers.
+    MacShareFull {
+        /// The MAC.
+        mac: [u8; 6],
+        /// The addresses it holds.
+        held: usize,
     },
     /// A DHCP policy changed or withheld a reply.
     Customized {
@@ -241,6 +249,9 @@ pub struct DhcpCounters {
     pub no_lease: u64,
     /// Dropped: a DISCOVER that found no address to offer.
     pub exhausted: u64,
+    /// Dropped: a DISCOVER from a new client identifier whose MAC already holds
+    /// `dhcp.max_leases_per_mac` addresses.
+    pub mac_share_full: u64,
     /// Dropped: `chaddr` is not the frame's source MAC (a spoofed or relayed message), the
     /// client identifier names another hardware address, or a RELEASE or DECLINE is for a
     /// lease recorded for another MAC. See *Spoofing* in the module documentation.
@@ -272,6 +283,7 @@ impl DhcpCounters {
             + self.other_server
             + self.no_lease
             + self.exhausted
+            + self.mac_share_full
             + self.spoofed
             + self.unknown_client
     }
@@ -572,6 +584,23 @@ impl DhcpServer {
         // A binding the settings no longer give the client ends here, with an event, before
         // the client is offered another address.
         self.revoke(c, events);
+        let own = self
+            .pool
+            .get(&c.key)
+            .is_some_and(|l| matches!(l.state, LeaseState::Offered | LeaseState::Bound));
+        let held = self.pool.held_by_mac(c.mac, &c.key);
+        if !own && held >= settings.max_leases_per_mac {
+            // One machine changing its client identifier would otherwise take address after
+            // address: its share is full.
+            self.counters.mac_share_full += 1;
+            debug!(
+                mac = %fmt_mac(&c.mac),
+                held,
+                "dhcp: no offer: the MAC holds dhcp.max_leases_per_mac addresses"
+            );
+            events.push_back(DhcpEvent::MacShareFull { mac: c.mac, held });
+            return None;
+        }
         match self
             .pool
             .offer(&c.key, c.mac, c.requested, c.hostname.as_deref(), now)

@@ -32,6 +32,7 @@ fn settings() -> DhcpSettings {
         domain: Some("example.test".into()),
         routes: vec![],
         statics: vec![],
+        max_leases_per_mac: 4,
     }
 }
 
@@ -996,6 +997,7 @@ fn every_message_is_counted_once_by_type_and_outcome() {
         other_server: 3,
         no_lease: 2,
         exhausted: 1,
+        mac_share_full: 0,
         spoofed: 0,
         unknown_client: 0,
     };
@@ -1145,4 +1147,62 @@ fn bind_named(h: &mut Harness, mac: [u8; 6], name: &str) -> Ipv4Addr {
     );
     assert_eq!(msg_type(&h.send(&req, mac).unwrap()), MessageType::Ack);
     offered
+}
+
+#[test]
+fn one_mac_holds_at_most_its_share_of_addresses_whatever_its_client_identifiers() {
+    let mut s = settings();
+    s.range_end = ip(40);
+    s.max_leases_per_mac = 2;
+    let mut h = Harness::new(s);
+    let id = |n: u8| DhcpOption::ClientIdentifier(vec![0, b'c', n]);
+    // Two identifiers behind MAC_A: one bound, one offered. Both count.
+    let first = h
+        .send(&with(msg(MessageType::Discover, MAC_A), id(1)), MAC_A)
+        .unwrap();
+    let ack = h
+        .send(
+            &with(request_selecting(MAC_A, first.msg.yiaddr()), id(1)),
+            MAC_A,
+        )
+        .unwrap();
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    assert!(h
+        .send(&with(msg(MessageType::Discover, MAC_A), id(2)), MAC_A)
+        .is_some());
+    h.events.clear();
+    // A third identifier gets nothing, counted and reported.
+    assert!(h
+        .send(&with(msg(MessageType::Discover, MAC_A), id(3)), MAC_A)
+        .is_none());
+    assert_eq!(h.server.counters().mac_share_full, 1);
+    assert!(matches!(
+        h.events.pop_front(),
+        Some(DhcpEvent::MacShareFull {
+            mac: MAC_A,
+            held: 2
+        })
+    ));
+    // The identifiers that hold an address are still served; so is another MAC.
+    let again = h
+        .send(&with(msg(MessageType::Discover, MAC_A), id(1)), MAC_A)
+        .unwrap();
+    assert_eq!(again.msg.yiaddr(), first.msg.yiaddr());
+    assert!(h.send(&msg(MessageType::Discover, MAC_B), MAC_B).is_some());
+    // Once one gives its address back, there is room again.
+    let release = with(
+        with(
+            {
+                let mut m = msg(MessageType::Release, MAC_A);
+                m.set_ciaddr(first.msg.yiaddr());
+                m
+            },
+            DhcpOption::ServerIdentifier(SERVER),
+        ),
+        id(1),
+    );
+    assert!(h.send(&release, MAC_A).is_none());
+    assert!(h
+        .send(&with(msg(MessageType::Discover, MAC_A), id(3)), MAC_A)
+        .is_some());
 }
