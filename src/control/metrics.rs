@@ -178,11 +178,6 @@ pub(super) fn encode(status: &Status) -> String {
         ),
     );
     r.register(
-        "tcp_buffer_released_bytes",
-        "Bytes of TCP buffer memory given back to the system by connections gone quiet",
-        counter(nat.buffer_bytes_released),
-    );
-    r.register(
         "dhcp_messages",
         "DHCP messages, by type (received: discover … other; sent: offer, ack, nak)",
         counters(
