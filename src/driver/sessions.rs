@@ -239,20 +239,23 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
                 return Poll::Ready(());
             };
             relay.register_waker(cx.waker());
-            // Client → host, straight from smoltcp's receive buffer.
+            // Client → host, straight from smoltcp's receive buffer. The write is tried first:
+            // a socket is almost always writable, and asking the reactor first would cost an
+            // epoll_ctl and a wake-up per write. Only a full socket waits for writability.
             while relay.has_client_data() {
-                match stream.poll_writable(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Err(e)) => {
-                        learnt.push(Learnt::Failed(e));
-                        break;
-                    }
-                    Poll::Ready(Ok(())) => {}
-                }
                 match relay.take_client_data(|data| (&mut stream.get_ref()).write(data)) {
                     Ok(0) => break,
                     Ok(_) => progress = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        match stream.poll_writable(cx) {
+                            Poll::Pending => break,
+                            Poll::Ready(Err(e)) => {
+                                learnt.push(Learnt::Failed(e));
+                                break;
+                            }
+                            Poll::Ready(Ok(())) => {}
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         learnt.push(Learnt::Failed(e));
@@ -264,19 +267,12 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
                 let _ = stream.get_ref().shutdown(Shutdown::Write);
                 learnt.push(Learnt::WriteShut);
             }
-            // Host → client, straight into smoltcp's send buffer.
+            // Host → client, straight into smoltcp's send buffer. The read is tried first too;
+            // on WouldBlock the reactor is asked to wake the task when bytes come.
             while learnt.iter().all(|l| matches!(l, Learnt::WriteShut))
                 && relay.may_send()
                 && relay.has_room()
             {
-                match stream.poll_readable(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Err(e)) => {
-                        learnt.push(Learnt::Failed(e));
-                        break;
-                    }
-                    Poll::Ready(Ok(())) => {}
-                }
                 let mut room = 0;
                 let r = relay.fill_from_host(|buf| {
                     room = buf.len();
@@ -293,7 +289,16 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
                     Ok(0) => break,
                     Ok(_) => progress = true,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && room == 0 => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        match stream.poll_readable(cx) {
+                            Poll::Pending => break,
+                            Poll::Ready(Err(e)) => {
+                                learnt.push(Learnt::Failed(e));
+                                break;
+                            }
+                            Poll::Ready(Ok(())) => {}
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         learnt.push(Learnt::Failed(e));
