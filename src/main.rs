@@ -383,7 +383,7 @@ fn run(args: RunArgs) -> Result<()> {
             BackendKind::Tap => {
                 let mtu = config.tap_mtu();
                 let name = &config.backend.tap.name;
-                let tap = hubnat_tap::TapBackend::open(name, mtu)
+                let tap = hubnat_tap::TapBackend::open_with(name, mtu, config.backend.tap.offload)
                     .with_context(|| format!("backend.tap.name = {name:?}: cannot open the TAP device"))?;
                 run_backend(gateway, tap, shutdown, &config).await?;
             }

@@ -507,3 +507,78 @@ fn udp_echo_of_fragmented_datagrams() {
     check_udp_echo(&topo, 8000);
     topo.finish();
 }
+
+/// The largest TCP segment tcpdump sees on the client's TAP device while `run` runs, among
+/// those from `src` (to the client when `src` is the server, else from it).
+fn largest_segment_seen(topo: &Topology, from_server: bool, run: impl FnOnce()) -> u64 {
+    let dev = topo.client_dev.clone().unwrap();
+    let filter = if from_server {
+        format!("tcp and src host {SERVER_IP}")
+    } else {
+        format!("tcp and dst host {SERVER_IP}")
+    };
+    let log = topo.path(&format!("tcpdump-{from_server}.log"));
+    let mut cmd = topo.client.command("tcpdump");
+    cmd.args(["-i", &dev, "-nn", "-l", "-q", &filter]);
+    let mut dump = common::netns::Proc::spawn(cmd, "tcpdump", &log);
+    wait_until(Duration::from_secs(10), "tcpdump to listen", || {
+        common::netns::read(&log).contains("listening on")
+    });
+    run();
+    std::thread::sleep(Duration::from_millis(300));
+    dump.signal(libc::SIGINT);
+    let _ = dump.child.wait();
+    common::netns::read(&log)
+        .lines()
+        .filter_map(|l| {
+            l.rsplit_once("tcp ")
+                .and_then(|(_, n)| n.trim().parse().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn offload_state(topo: &Topology) -> String {
+    let dev = topo.client_dev.clone().unwrap();
+    let out = topo.client.exec_ok(&["ethtool", "-k", &dev]);
+    out.lines()
+        .find(|l| l.starts_with("tcp-segmentation-offload:"))
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// With `backend.tap.offload` (the default) the kernel and hubnat pass TCP segments far
+/// longer than the MTU both ways, and the bytes arrive intact; without it, every segment
+/// fits the MTU.
+#[test]
+fn tcp_segments_longer_than_the_mtu_cross_the_tap_device_with_offload_only() {
+    if !require_root("tcp_segments_longer_than_the_mtu_cross_the_tap_device_with_offload_only") {
+        return;
+    }
+    common::netns::require_programs(&["tcpdump", "ethtool"]);
+    for offload in [true, false] {
+        let topo = tap(Options {
+            files: vec![("big".into(), 20 * MB)],
+            config: format!("[backend.tap]\noffload = {offload}\n"),
+            ..Options::default()
+        });
+        random_file(&topo.path("up-big"), 20 * MB);
+        let state = offload_state(&topo);
+        let down = largest_segment_seen(&topo, true, || check_download(&topo, "big"));
+        let up = largest_segment_seen(&topo, false, || {
+            check_upload(&topo, &topo.path("up-big"), "big")
+        });
+        eprintln!(
+            "offload = {offload}: {state}; largest segment to the client {down}, from it {up}"
+        );
+        if offload {
+            assert_eq!(state, "tcp-segmentation-offload: on");
+            assert!(down > 8000, "to the client: {down}");
+            assert!(up > 8000, "from the client: {up}");
+        } else {
+            assert_eq!(state, "tcp-segmentation-offload: off");
+            assert!(down <= 1460 && up <= 1460, "{down} {up}");
+        }
+        topo.finish();
+    }
+}

@@ -291,6 +291,10 @@ pub struct TapConfig {
     /// The device's MTU; `None`: `nat.mtu` (see [`Config::tap_mtu`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// Checksum and TCP segmentation offload (`IFF_VNET_HDR`, `TUNSETOFFLOAD`): the kernel and
+    /// hubnat pass TCP segments of up to 64 KiB, which the kernel cuts to the MTU where a wire
+    /// needs it.
+    pub offload: bool,
 }
 
 impl Default for TapConfig {
@@ -298,6 +302,7 @@ impl Default for TapConfig {
         TapConfig {
             name: "hubnat0".into(),
             mtu: None,
+            offload: true,
         }
     }
 }
@@ -674,7 +679,8 @@ mod tests {
             c.backend.tap,
             TapConfig {
                 name: "hubnat0".into(),
-                mtu: None
+                mtu: None,
+                offload: true,
             }
         );
         assert_eq!(

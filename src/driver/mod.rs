@@ -279,6 +279,7 @@ impl Gateway {
         let mut core =
             VirtualHost::new(settings(&self.config, self.mac), leases, seed, clock.now());
         core.set_icmp_mode(icmp_mode);
+        core.set_tcp_offload(backend.tcp_offload());
         let policies = self.start_policies(&mut core)?;
         match host::raise_fd_limit() {
             Ok(n) => {

@@ -25,6 +25,7 @@
 use std::io;
 
 pub mod capture;
+pub mod vnet;
 
 /// The largest Ethernet header hubnat emits or accepts (no VLAN tags are produced).
 pub const ETHERNET_HEADER_LEN: usize = 14;
@@ -194,6 +195,13 @@ pub trait Backend {
 
     /// The backend's counters.
     fn stats(&self) -> BackendStats;
+
+    /// Whether the segment takes and gives TCP/IPv4 segments longer than its MTU (TAP
+    /// segmentation offload): the core may then receive a client's super-frame whole and send
+    /// segments of up to 64 KiB, which the backend marks for the kernel to cut. Default: no.
+    fn tcp_offload(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -25,19 +25,11 @@
 //! Other GSO types (TCP over IPv6, UDP) are not cut; the backend drops and counts them.
 //! Nothing here allocates after the segmenter's buffer has grown to the largest super-frame.
 
+pub use hubnat_backend::vnet::{
+    finish_checksum, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, VNET_HDR_LEN,
+};
+use hubnat_backend::vnet::{fold, sum_words};
 use hubnat_backend::FrameBatch;
-
-/// The length of the `virtio_net_hdr` the kernel puts before each frame (no `num_buffers`).
-pub const VNET_HDR_LEN: usize = 10;
-
-/// `flags`: the checksum from `csum_start` on is partial.
-pub const F_NEEDS_CSUM: u8 = 1;
-/// `gso_type`: not a super-frame.
-pub const GSO_NONE: u8 = 0;
-/// `gso_type`: a TCP/IPv4 super-frame.
-pub const GSO_TCPV4: u8 = 1;
-/// `gso_type` bit: ECN was negotiated (CWR handling as in TSO).
-pub const GSO_ECN: u8 = 0x80;
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_VLAN: u16 = 0x8100;
@@ -45,75 +37,6 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
-
-/// A `virtio_net_hdr` as the kernel writes it for a packet socket (host byte order).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct VnetHdr {
-    /// [`F_NEEDS_CSUM`] and others.
-    pub flags: u8,
-    /// [`GSO_NONE`], [`GSO_TCPV4`], … possibly with [`GSO_ECN`].
-    pub gso_type: u8,
-    /// Length of the headers (a hint; not relied upon).
-    pub hdr_len: u16,
-    /// Payload bytes per segment of a super-frame.
-    pub gso_size: u16,
-    /// Where the partial checksum's coverage starts (from the Ethernet header).
-    pub csum_start: u16,
-    /// Where the checksum field is, from `csum_start`.
-    pub csum_offset: u16,
-}
-
-impl VnetHdr {
-    /// Parses the first [`VNET_HDR_LEN`] bytes; `None` if there are fewer.
-    pub fn parse(bytes: &[u8]) -> Option<VnetHdr> {
-        let b = bytes.get(..VNET_HDR_LEN)?;
-        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-        Some(VnetHdr {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: u16_at(2),
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
-        })
-    }
-}
-
-/// The ones'-complement sum of `data` added to `sum` (not folded).
-fn sum_words(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-        // Fold early enough that the u32 never overflows (64 KiB of 0xffff words would).
-        if sum >= 0x8000_0000 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-    }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
-    }
-    sum
-}
-
-/// Folds a sum to 16 bits and complements it.
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Completes a partial checksum in place. Returns false (and changes nothing) when the
-/// offsets do not fit the frame.
-pub fn finish_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize) -> bool {
-    let field = csum_start + csum_offset;
-    if csum_start >= frame.len() || field + 2 > frame.len() {
-        return false;
-    }
-    let sum = fold(sum_words(0, &frame[csum_start..]));
-    frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
-    true
-}
 
 /// Why a super-frame cannot be segmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

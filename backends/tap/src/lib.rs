@@ -35,17 +35,40 @@
 //! # Limits
 //!
 //! The MTU must lie in [`MIN_MTU`]`..=`[`MAX_MTU`], the range the kernel's TUN driver accepts
-//! for a TAP device. No offloads (`IFF_VNET_HDR`) are negotiated, so the kernel segments and
-//! checksums everything before handing it over, and every frame fits in `mtu + 14` bytes.
+//! for a TAP device. Without offload ([`TapBackend::open`]) the kernel segments and checksums
+//! everything before handing it over, and every frame fits in `mtu + 14` bytes.
+//!
+//! # Segmentation offload
+//!
+//! [`TapBackend::open_with`] with `offload` opens `/dev/net/tun` itself with `IFF_VNET_HDR`
+//! (tun-tap cannot) and tells the kernel, with `TUNSETOFFLOAD` (`TUN_F_CSUM | TUN_F_TSO4`),
+//! that the reader takes partial checksums and TCP/IPv4 super-frames. Every frame then comes
+//! and goes with a `virtio_net_hdr` ([`hubnat_backend::vnet`]), read and written with the frame
+//! in one `readv` / `writev`:
+//!
+//! * **In**: a partial checksum is completed; a TCP/IPv4 super-frame (up to 64 KiB) is handed
+//!   on whole, for the core takes a TCP segment of any length; other super-frames (which the
+//!   kernel does not send, as they were not offered) are discarded and counted.
+//! * **Out**: a frame that fits the MTU gets an empty header; a longer one must be a TCP/IPv4
+//!   segment, and gets a GSO header (`gso_size` = the MTU less the IPv4 and TCP headers) and a
+//!   partial checksum in a copy of its headers, so that the kernel cuts it where a wire needs
+//!   it. The core sends such segments only when [`Backend::tcp_offload`] says so.
+//!
+//! [`Backend::max_frame_len`] is then [`MAX_SUPER_FRAME`]. If the kernel refuses the offloads,
+//! the device works without them.
 
 mod sys;
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use async_io::{Async, Timer};
 use futures_lite::FutureExt;
+use hubnat_backend::vnet::{
+    finish_checksum, tcp_pseudo_header_sum, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
+    VNET_HDR_LEN,
+};
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 use tun_tap::{Iface, Mode};
 
@@ -198,23 +221,33 @@ fn gone_hint(cause: &io::Error) -> &'static str {
     }
 }
 
-/// The TAP descriptor as async-io needs it: tun-tap's `Iface` only implements `AsRawFd`.
+/// The TAP descriptor as async-io needs it: tun-tap's `Iface` (plain frames) only implements
+/// `AsRawFd`; a descriptor opened with `IFF_VNET_HDR` is our own.
 #[derive(Debug)]
-struct TapFd(Iface);
+enum TapFd {
+    Plain(Iface),
+    Vnet(OwnedFd),
+}
 
 impl AsFd for TapFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the Iface owns the descriptor (a File) until it is dropped, and the returned
-        // BorrowedFd cannot outlive the borrow of self, hence of the Iface.
-        unsafe { BorrowedFd::borrow_raw(self.0.as_raw_fd()) }
+        // SAFETY: the Iface or OwnedFd owns the descriptor until it is dropped, and the
+        // returned BorrowedFd cannot outlive the borrow of self.
+        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
     }
 }
 
 impl AsRawFd for TapFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        match self {
+            TapFd::Plain(iface) => iface.as_raw_fd(),
+            TapFd::Vnet(fd) => fd.as_raw_fd(),
+        }
     }
 }
+
+/// The largest frame with offloads: a TCP/IPv4 super-frame of 64 KiB and its Ethernet header.
+pub const MAX_SUPER_FRAME: usize = 65535 + ETHERNET_HEADER_LEN;
 
 /// Why one read did not yield a frame for the batch.
 enum ReadSkip {
@@ -243,6 +276,14 @@ pub struct TapBackend {
     max_frame_len: usize,
     stats: BackendStats,
     rx_dropped: u64,
+    /// Frames carry a `virtio_net_hdr` (the descriptor was opened with `IFF_VNET_HDR`).
+    vnet: bool,
+    /// The kernel hands over, and takes, TCP/IPv4 super-frames with partial checksums.
+    offload: bool,
+    /// Super-frames received (and handed on whole).
+    rx_super: u64,
+    /// Super-frames sent (the kernel cuts them where it must).
+    tx_super: u64,
 }
 
 impl TapBackend {
@@ -258,6 +299,15 @@ impl TapBackend {
     /// [`TapError`] says which step failed for which device and why; `EPERM` means the process
     /// lacks CAP_NET_ADMIN.
     pub fn open(name: &str, mtu: u32) -> Result<TapBackend, TapError> {
+        Self::open_with(name, mtu, false)
+    }
+
+    /// [`TapBackend::open`], with segmentation and checksum offload when `offload`: the
+    /// descriptor is opened with `IFF_VNET_HDR` and the kernel told (`TUNSETOFFLOAD`) that
+    /// hubnat takes partial checksums and TCP/IPv4 super-frames of up to 64 KiB, and hands
+    /// such super-frames back for the kernel to cut (see the crate documentation). If the
+    /// kernel refuses the offloads, the device works without them (a warning says so).
+    pub fn open_with(name: &str, mtu: u32, offload: bool) -> Result<TapBackend, TapError> {
         if let Err(reason) = sys::check_name(name) {
             return Err(TapError::InvalidName {
                 name: name.to_owned(),
@@ -270,12 +320,29 @@ impl TapBackend {
                 mtu,
             });
         }
-        let iface =
-            Iface::without_packet_info(name, Mode::Tap).map_err(|cause| TapError::Open {
+        let (tap, name, offload) = if offload {
+            let (fd, name) = sys::open_vnet(name).map_err(|cause| TapError::Open {
                 name: name.to_owned(),
                 cause,
             })?;
-        let name = iface.name().to_owned();
+            let on = match sys::set_offload(&fd, libc::TUN_F_CSUM | libc::TUN_F_TSO4) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(device = %name, error = %e, "TAP device: the kernel refused checksum and segmentation offload (TUNSETOFFLOAD); going on without");
+                    false
+                }
+            };
+            (TapFd::Vnet(fd), name, on)
+        } else {
+            let iface =
+                Iface::without_packet_info(name, Mode::Tap).map_err(|cause| TapError::Open {
+                    name: name.to_owned(),
+                    cause,
+                })?;
+            let name = iface.name().to_owned();
+            (TapFd::Plain(iface), name, false)
+        };
+        let vnet = matches!(tap, TapFd::Vnet(_));
         sys::set_mtu(&name, mtu).map_err(|cause| TapError::SetMtu {
             name: name.clone(),
             mtu,
@@ -286,12 +353,16 @@ impl TapBackend {
             cause,
         })?;
         // Async::new puts the descriptor in non-blocking mode before registering it.
-        let fd = Async::new(TapFd(iface)).map_err(|cause| TapError::Reactor {
+        let fd = Async::new(tap).map_err(|cause| TapError::Reactor {
             name: name.clone(),
             cause,
         })?;
-        let max_frame_len = mtu as usize + ETHERNET_HEADER_LEN;
-        tracing::info!(device = %name, mtu, "TAP device open");
+        let max_frame_len = if offload {
+            MAX_SUPER_FRAME.max(mtu as usize + ETHERNET_HEADER_LEN)
+        } else {
+            mtu as usize + ETHERNET_HEADER_LEN
+        };
+        tracing::info!(device = %name, mtu, offload, "TAP device open");
         Ok(TapBackend {
             fd,
             name,
@@ -299,6 +370,10 @@ impl TapBackend {
             max_frame_len,
             stats: BackendStats::default(),
             rx_dropped: 0,
+            vnet,
+            offload,
+            rx_super: 0,
+            tx_super: 0,
         })
     }
 
@@ -310,6 +385,16 @@ impl TapBackend {
     /// The interface MTU set at open time.
     pub fn mtu(&self) -> u32 {
         self.mtu
+    }
+
+    /// Whether checksum and segmentation offload is on.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    /// TCP super-frames received from the kernel and sent to it.
+    pub fn super_frames(&self) -> (u64, u64) {
+        (self.rx_super, self.tx_super)
     }
 
     /// Frames read from the device and discarded: shorter than an Ethernet header, or longer
@@ -333,14 +418,34 @@ impl TapBackend {
     /// Reads one frame into `batch` without waiting. The batch must not be full.
     fn read_one(&mut self, batch: &mut FrameBatch) -> io::Result<ReadOutcome> {
         let max = self.max_frame_len;
-        let iface = &self.fd.get_ref().0;
+        let tap = self.fd.get_ref();
         // One byte of room beyond the maximum tells an oversized frame from a full-size one
         // (the kernel truncates a frame to the buffer without saying so).
-        let read = batch.push_with(max + 1, |buf| match iface.recv(buf) {
-            Ok(n) if n < ETHERNET_HEADER_LEN || n > max => Err(ReadSkip::Discarded),
-            Ok(n) => Ok(n),
-            Err(e) => Err(ReadSkip::Io(e)),
+        let mut super_frame = false;
+        let read = batch.push_with(max + 1, |buf| {
+            let n = match tap {
+                TapFd::Plain(iface) => iface.recv(buf),
+                TapFd::Vnet(fd) => read_vnet(fd, &mut *buf).map(|(hdr, n)| {
+                    let len = n.min(buf.len());
+                    match finish_offloads(&hdr, &mut buf[..len]) {
+                        Ok(is_super) => {
+                            super_frame = is_super;
+                            n
+                        }
+                        // Not something the core can take: discarded below.
+                        Err(()) => 0,
+                    }
+                }),
+            };
+            match n {
+                Ok(n) if n < ETHERNET_HEADER_LEN || n > max => Err(ReadSkip::Discarded),
+                Ok(n) => Ok(n),
+                Err(e) => Err(ReadSkip::Io(e)),
+            }
         });
+        if super_frame && matches!(read, Ok(Some(_))) {
+            self.rx_super += 1;
+        }
         match read {
             Ok(Some(n)) => {
                 self.stats.rx_frames += 1;
@@ -408,17 +513,40 @@ impl Backend for TapBackend {
     /// have sent some of the batch's frames (never part of a frame).
     async fn send_batch(&mut self, batch: &FrameBatch) -> io::Result<()> {
         let mut may_wait = true;
+        let wire_max = self.mtu as usize + ETHERNET_HEADER_LEN;
         for frame in batch.iter() {
             if frame.len() < ETHERNET_HEADER_LEN || frame.len() > self.max_frame_len {
                 self.stats.tx_dropped += 1;
                 tracing::debug!(device = %self.name, len = frame.len(), "dropped a frame of invalid length");
                 continue;
             }
+            // What goes before the frame: nothing, or a virtio_net_hdr (a super-frame's says
+            // how to cut it, with its TCP checksum field turned into a partial one).
+            let prefix = if self.vnet {
+                match vnet_prefix(frame, wire_max, self.offload) {
+                    Some(p) => Some(p),
+                    None => {
+                        self.stats.tx_dropped += 1;
+                        tracing::debug!(device = %self.name, len = frame.len(), "dropped a frame longer than the MTU that is not a TCP/IPv4 segment");
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             loop {
-                match self.fd.get_ref().0.send(frame) {
+                let sent = match (self.fd.get_ref(), &prefix) {
+                    (TapFd::Plain(iface), _) => iface.send(frame),
+                    (TapFd::Vnet(fd), Some(p)) => write_vnet(fd, p, frame),
+                    (TapFd::Vnet(fd), None) => write_vnet(fd, &VnetPrefix::plain(), frame),
+                };
+                match sent {
                     Ok(_) => {
                         self.stats.tx_frames += 1;
                         self.stats.tx_bytes += frame.len() as u64;
+                        if prefix.as_ref().is_some_and(|p| p.hdr.gso_type != GSO_NONE) {
+                            self.tx_super += 1;
+                        }
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -450,5 +578,205 @@ impl Backend for TapBackend {
 
     fn stats(&self) -> BackendStats {
         self.stats
+    }
+
+    fn tcp_offload(&self) -> bool {
+        self.offload
+    }
+}
+
+/// Reads one `virtio_net_hdr` and the frame after it (into `buf`) with one `readv`.
+fn read_vnet(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(VnetHdr, usize)> {
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        },
+    ];
+    // SAFETY: both iovecs point to exclusively borrowed buffers of the given lengths.
+    let n = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), 2) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    let hdr = VnetHdr::parse(&hdr)
+        .filter(|_| n >= VNET_HDR_LEN)
+        .unwrap_or_default();
+    Ok((hdr, n.saturating_sub(VNET_HDR_LEN)))
+}
+
+/// Does what a received frame's header says is left to do: completes a partial checksum.
+/// Returns whether it is a TCP/IPv4 super-frame (handed on whole: the core takes a TCP segment
+/// of any length); `Err` for what the core cannot take (another kind of super-frame, a
+/// checksum that does not fit the frame).
+fn finish_offloads(hdr: &VnetHdr, frame: &mut [u8]) -> Result<bool, ()> {
+    if hdr.flags & F_NEEDS_CSUM != 0
+        && !finish_checksum(
+            frame,
+            usize::from(hdr.csum_start),
+            usize::from(hdr.csum_offset),
+        )
+    {
+        return Err(());
+    }
+    match hdr.gso_type & !GSO_ECN {
+        GSO_NONE => Ok(false),
+        GSO_TCPV4 => Ok(true),
+        _ => Err(()),
+    }
+}
+
+/// The `virtio_net_hdr` for a frame to send, and for a super-frame its headers with the TCP
+/// checksum field made partial (the frame itself is borrowed, not changed).
+struct VnetPrefix {
+    hdr: VnetHdr,
+    headers: Vec<u8>,
+}
+
+impl VnetPrefix {
+    fn plain() -> VnetPrefix {
+        VnetPrefix {
+            hdr: VnetHdr::default(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// The prefix for `frame`: empty for a frame that fits `wire_max`; for a longer TCP/IPv4
+/// segment (with `offload`), a GSO header that cuts it into segments that fit. `None` for a
+/// longer frame of any other kind.
+fn vnet_prefix(frame: &[u8], wire_max: usize, offload: bool) -> Option<VnetPrefix> {
+    if frame.len() <= wire_max {
+        return Some(VnetPrefix::plain());
+    }
+    if !offload || frame.get(12..14)? != [0x08, 0x00] || frame.get(23)? != &6 {
+        return None;
+    }
+    let l3 = ETHERNET_HEADER_LEN;
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    let l4 = l3 + ihl;
+    let thl = usize::from(frame.get(l4 + 12)? >> 4) * 4;
+    let hdr_len = l4 + thl;
+    let gso_size = wire_max.checked_sub(hdr_len)?;
+    if ihl < 20 || thl < 20 || frame.len() <= hdr_len || gso_size == 0 {
+        return None;
+    }
+    let mut headers = frame[..hdr_len].to_vec();
+    let pseudo = tcp_pseudo_header_sum(frame, l3)?;
+    headers[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+    Some(VnetPrefix {
+        hdr: VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: hdr_len as u16,
+            gso_size: gso_size as u16,
+            csum_start: l4 as u16,
+            csum_offset: 16,
+        },
+        headers,
+    })
+}
+
+/// Writes the header, the (changed) headers and the rest of `frame` with one `writev`.
+fn write_vnet(fd: &OwnedFd, prefix: &VnetPrefix, frame: &[u8]) -> io::Result<usize> {
+    let hdr = prefix.hdr.to_bytes();
+    let rest = &frame[prefix.headers.len()..];
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut libc::c_void,
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: prefix.headers.as_ptr() as *mut libc::c_void,
+            iov_len: prefix.headers.len(),
+        },
+        libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        },
+    ];
+    // SAFETY: the iovecs point to live buffers of the given lengths, which writev only reads.
+    let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 3) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An Ethernet + IPv4 + TCP frame with `payload` bytes and a 12-byte TCP option block.
+    fn tcp_frame(payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 32 + payload];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        let total = (20 + 32 + payload) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[10, 77, 0, 2]);
+        f[30..34].copy_from_slice(&[192, 168, 30, 10]);
+        f[46] = 8 << 4;
+        f
+    }
+
+    #[test]
+    fn frames_that_fit_go_with_an_empty_header() {
+        let p = vnet_prefix(&tcp_frame(1000), 1514, true).unwrap();
+        assert_eq!(p.hdr, VnetHdr::default());
+        assert!(p.headers.is_empty());
+    }
+
+    #[test]
+    fn a_long_tcp_segment_is_marked_for_the_kernel_to_cut() {
+        let frame = tcp_frame(60_000);
+        let p = vnet_prefix(&frame, 1514, true).unwrap();
+        assert_eq!(p.hdr.gso_type, GSO_TCPV4);
+        assert_eq!(p.hdr.flags, F_NEEDS_CSUM);
+        assert_eq!(p.hdr.hdr_len, 14 + 20 + 32);
+        // Each cut segment fills the MTU: 1500 less 20 of IPv4 and 32 of TCP.
+        assert_eq!(p.hdr.gso_size, 1448);
+        assert_eq!((p.hdr.csum_start, p.hdr.csum_offset), (34, 16));
+        // The checksum field holds the pseudo-header sum; the frame itself is unchanged.
+        let field = u16::from_be_bytes([p.headers[50], p.headers[51]]);
+        assert_eq!(Some(field), tcp_pseudo_header_sum(&frame, 14));
+        assert_eq!(&p.headers[..50], &frame[..50]);
+    }
+
+    #[test]
+    fn a_long_frame_of_another_kind_or_without_offload_is_refused() {
+        let mut udp = tcp_frame(3000);
+        udp[23] = 17;
+        assert!(vnet_prefix(&udp, 1514, true).is_none());
+        assert!(vnet_prefix(&tcp_frame(3000), 1514, false).is_none());
+    }
+
+    #[test]
+    fn a_received_super_frame_is_finished_and_kept_whole() {
+        let mut frame = tcp_frame(5000);
+        let partial = tcp_pseudo_header_sum(&frame, 14).unwrap();
+        frame[50..52].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 66,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        assert_eq!(finish_offloads(&hdr, &mut frame), Ok(true));
+        assert_ne!(u16::from_be_bytes([frame[50], frame[51]]), partial);
+        let udp_gso = VnetHdr {
+            gso_type: 5,
+            ..VnetHdr::default()
+        };
+        assert_eq!(finish_offloads(&udp_gso, &mut frame), Err(()));
     }
 }

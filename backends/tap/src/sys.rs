@@ -106,6 +106,65 @@ pub(crate) fn set_up(name: &str) -> io::Result<()> {
     ifreq_ioctl(&sock, libc::SIOCSIFFLAGS, &mut req)
 }
 
+/// Opens `/dev/net/tun` and attaches it to the TAP device `name` (created if missing) with
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`: each frame read or written is preceded by a
+/// `virtio_net_hdr`. Returns the descriptor and the device's name (the kernel's choice for a
+/// `%d` in `name`). `name` must have passed [`check_name`].
+pub(crate) fn open_vnet(name: &str) -> io::Result<(OwnedFd, String)> {
+    // SAFETY: open(2) with a NUL-terminated path; no memory-safety preconditions.
+    let fd = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by open(2) and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = ifreq_for(name);
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` is valid and exclusive.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETIFF as _,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name: String = req
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8 as char)
+        .collect();
+    Ok((fd, name))
+}
+
+/// Tells the kernel which offloads the reader of `fd` handles (`TUNSETOFFLOAD`): with
+/// `TUN_F_CSUM | TUN_F_TSO4`, frames may come with partial checksums and as TCP/IPv4
+/// super-frames.
+pub(crate) fn set_offload(fd: &OwnedFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flags).
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOFFLOAD as _,
+            flags as libc::c_ulong,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::check_name;

@@ -609,6 +609,17 @@ impl VirtualHost {
         self.nat.icmp_mode = mode;
     }
 
+    /// Whether the backend passes TCP segments longer than the MTU both ways (TAP segmentation
+    /// offload, `Backend::tcp_offload`): smoltcp then takes a client's super-frame as one
+    /// segment and sends segments of up to 64 KiB, which the backend marks for the kernel to
+    /// cut to the client's MSS.
+    pub fn set_tcp_offload(&mut self, on: bool) {
+        let host = self.settings.host;
+        self.nat
+            .stack
+            .set_offload(on, host.mtu, host.ip, host.mask, self.now);
+    }
+
     /// The process's resident memory in bytes, measured by the driver (the core reads no
     /// process state): new sessions are refused while it is at or above `nat.memory_limit`.
     pub fn set_memory_use(&mut self, bytes: u64) {

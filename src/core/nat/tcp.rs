@@ -288,7 +288,13 @@ pub struct TcpStack {
     next_quiet_check: Option<Instant>,
     /// Bytes of buffer memory given back so far.
     released: u64,
+    /// The backend passes TCP segments longer than the MTU (segmentation offload): smoltcp
+    /// works with [`OFFLOAD_MTU`] and clients' SYNs announce the matching MSS to it.
+    offload: bool,
 }
+
+/// smoltcp's MTU with segmentation offload: the largest IPv4 datagram.
+pub const OFFLOAD_MTU: usize = 65535;
 
 impl TcpStack {
     /// A stack for the virtual host at `ip`/`mask`, with `seed` for smoltcp's initial
@@ -309,14 +315,39 @@ impl TcpStack {
             was_active: IdSet::default(),
             next_quiet_check: None,
             released: 0,
+            offload: false,
         }
     }
 
     /// A new interface for a new address or MTU. The connections live in their own socket
     /// sets and carry on; the new MTU bounds their segments from the next poll.
     pub fn rebuild(&mut self, mtu: usize, ip: Ipv4Addr, mask: Ipv4Addr, now: Instant) {
+        let mtu = self.segment_mtu(mtu);
         self.iface = interface(self.seed.wrapping_add(1), mtu, ip, mask, now);
         self.seed = self.seed.wrapping_add(1);
+    }
+
+    /// Turns segmentation offload on or off (the backend's capability), rebuilding the
+    /// interface with the MTU smoltcp then works with.
+    pub fn set_offload(
+        &mut self,
+        on: bool,
+        mtu: usize,
+        ip: Ipv4Addr,
+        mask: Ipv4Addr,
+        now: Instant,
+    ) {
+        self.offload = on;
+        self.rebuild(mtu, ip, mask, now);
+    }
+
+    /// The MTU smoltcp works with on a link of MTU `mtu`.
+    fn segment_mtu(&self, mtu: usize) -> usize {
+        if self.offload {
+            OFFLOAD_MTU.max(mtu)
+        } else {
+            mtu
+        }
     }
 
     /// The state of connection `id`'s socket.
@@ -352,6 +383,7 @@ impl TcpStack {
         packet: &[u8],
         id: Option<SessionId>,
     ) -> Option<tcp::State> {
+        let mtu = self.segment_mtu(mtu);
         let mut device = PollDevice {
             rx: Some(packet),
             link,
@@ -390,6 +422,7 @@ impl TcpStack {
         if !self.wants_poll(now) {
             return closed;
         }
+        let mtu = self.segment_mtu(mtu);
         if self.next_quiet_check.is_some_and(|t| t <= now) {
             self.release_quiet(now);
         }
@@ -710,9 +743,13 @@ impl VirtualHost {
 
     /// The outbound connection of `id` is up: the client gets its SYN-ACK.
     fn tcp_connected(&mut self, id: SessionId, now: Instant) {
-        let Some(syn) = self.nat.pending_syns.remove(&id) else {
+        let Some(mut syn) = self.nat.pending_syns.remove(&id) else {
             return;
         };
+        if self.nat.stack.offload {
+            // The client's MSS is that of its link; the backend cuts our segments to it.
+            raise_mss(&mut syn, (OFFLOAD_MTU - 40) as u16);
+        }
         let Ok(p) = Ipv4Packet::new_checked(&syn[..]) else {
             return;
         };
@@ -826,6 +863,42 @@ impl VirtualHost {
                 self.tcp_check_end(id, now);
             }
         }
+    }
+}
+
+/// Sets the MSS option of the SYN `packet` (an IPv4 packet) to `mss` if it has one, and fixes
+/// the TCP checksum.
+fn raise_mss(packet: &mut [u8], mss: u16) {
+    let Ok(mut ip) = Ipv4Packet::new_checked(&mut packet[..]) else {
+        return;
+    };
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let Ok(mut seg) = TcpPacket::new_checked(ip.payload_mut()) else {
+        return;
+    };
+    let opts = seg.options_mut();
+    let mut i = 0;
+    let mut changed = false;
+    while i < opts.len() {
+        match opts[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = opts.get(i + 1) else { break };
+                let len = usize::from(len);
+                if len < 2 || i + len > opts.len() {
+                    break;
+                }
+                if kind == 2 && len == 4 {
+                    opts[i + 2..i + 4].copy_from_slice(&mss.to_be_bytes());
+                    changed = true;
+                }
+                i += len;
+            }
+        }
+    }
+    if changed {
+        seg.fill_checksum(&src.into(), &dst.into());
     }
 }
 

@@ -1155,3 +1155,37 @@ fn a_quiet_connection_gives_its_buffer_memory_back_and_goes_on() {
     assert_eq!(relay_take(&mut h, id, t(at)), b"still here");
     let _ = held.receive(&mut h, t(at));
 }
+
+#[test]
+fn with_segmentation_offload_segments_are_as_long_as_the_window_allows_both_ways() {
+    for offload in [true, false] {
+        let mut h = host_with(settings());
+        h.set_tcp_offload(offload);
+        // The client's SYN says MSS 1460 (its link's); its window is 64,000 bytes.
+        let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 80), 40095, t(0));
+        // A few round trips for the congestion window to open (it starts at 2 KiB).
+        let mut longest = 0;
+        for round in 1..40 {
+            relay_give(&mut h, id, &[7u8; 60_000], t(round));
+            let segs = tcp_segments(&sent(&mut h, t(round)));
+            longest = segs.iter().map(|s| s.5).max().unwrap_or(0).max(longest);
+            // The client acknowledges what it got.
+            if let Some(end) = segs.iter().map(|s| s.3.wrapping_add(s.5 as u32)).max() {
+                c.ack = end;
+            }
+            c.send(&mut h, TcpControl::None, &[], t(round));
+        }
+        if offload {
+            assert!(longest > 30_000, "{longest}");
+        } else {
+            assert_eq!(longest, 1460);
+        }
+        // A client's super-frame: one 30,000-byte segment, taken whole.
+        c.send(&mut h, TcpControl::Psh, &[9u8; 30_000], t(2));
+        let mut got = 0;
+        while h.nat_tcp_relay(id, t(2)).unwrap().has_client_data() {
+            got += relay_take(&mut h, id, t(2)).len();
+        }
+        assert_eq!(got, 30_000, "offload = {offload}");
+    }
+}
