@@ -227,8 +227,17 @@ fn spoofed_flood(test: &str, proto: &str, extra_config: &str) {
         ],
     );
     eprintln!("{}: {}", test, out.trim());
+    let frames = |s: &Value| s["counters"]["frames_in"].as_u64().unwrap();
+    let mut after_flood = status(&topo);
+    wait_until(
+        Duration::from_secs(60),
+        "the gateway to read every forged frame",
+        || {
+            after_flood = status(&topo);
+            frames(&after_flood) >= frames(&before) + u64::from(ON + OFF)
+        },
+    );
     let during = gauges(&topo);
-    let after_flood = status(&topo);
     eprintln!("during the flood: {during:?}");
     let delta = |v: &Value, w: &Value| v.as_u64().unwrap() - w.as_u64().unwrap();
     // Every frame from off the segment is refused without a session; the ones from the
@@ -463,8 +472,18 @@ fn malformed_frames_of_every_kind_are_dropped_and_counted() {
         ],
     );
     eprintln!("{}", out.trim());
+    let sent: u64 = out
+        .trim()
+        .strip_prefix("sent ")
+        .and_then(|n| n.parse().ok())
+        .expect("the number of frames sent");
     // The gateway reads them all and is still there.
-    let after = status(&topo);
+    let frames = |s: &Value| s["counters"]["frames_in"].as_u64().unwrap();
+    let mut after = status(&topo);
+    wait_until(Duration::from_secs(60), "the gateway to read every frame", || {
+        after = status(&topo);
+        frames(&after) >= frames(&before) + sent
+    });
     let grew = |key: &str| {
         after["counters"][key].as_u64().unwrap() - before["counters"][key].as_u64().unwrap()
     };
