@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real third-party clients and the tools the namespace tests drive.
-packages=(iproute2 iputils-ping isc-dhcp-client udhcpc busybox-static dnsmasq-base dnsutils curl iperf3 python3 python3-prometheus-client qemu-system-x86 tshark ethtool systemd util-linux)
+packages=(iproute2 iputils-ping isc-dhcp-client udhcpc busybox-static dnsmasq-base dnsutils curl iperf3 python3 python3-prometheus-client qemu-system-x86 tshark ethtool systemd util-linux softether-vpnserver softether-vpnclient softether-vpncmd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
