@@ -503,6 +503,9 @@ mod tests {
                 "dhcp.domain",
                 "dhcp.routes",
                 "dhcp.static",
+                "dhcp.serve_macs",
+                "dhcp.ignore_macs",
+                "dhcp.authoritative",
             ]
         );
         assert_eq!(dhcp[4].to_string(), "dhcp.lease = \"2h\"");

@@ -49,6 +49,10 @@ pub fn settings() -> Settings {
             domain: None,
             routes: vec![],
             statics: vec![],
+            serve_macs: vec![],
+            ignore_macs: vec![],
+            // The core's other tests send no probe frames: see the other-servers tests.
+            authoritative: true,
         },
         nat: NatSettings {
             enabled: true,

@@ -138,6 +138,9 @@ fn dhcp_settings(config: &Config) -> DhcpSettings {
                 hostname: s.hostname.clone(),
             })
             .collect(),
+        serve_macs: d.serve_macs.iter().map(|p| p.0).collect(),
+        ignore_macs: d.ignore_macs.iter().map(|p| p.0).collect(),
+        authoritative: d.authoritative,
     }
 }
 
