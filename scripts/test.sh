@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real third-party clients and the tools the namespace tests drive.
-packages=(iproute2 iputils-ping tcpdump isc-dhcp-client udhcpc busybox-static dnsmasq-base dnsutils curl iperf3 python3 python3-prometheus-client python3-scapy qemu-system-x86 tshark ethtool systemd util-linux)
+packages=(iproute2 iputils-ping tcpdump isc-dhcp-client udhcpc busybox-static dnsmasq-base dnsutils curl iperf3 python3 python3-prometheus-client python3-scapy qemu-system-x86 tshark ethtool systemd util-linux softether-vpnserver softether-vpnclient softether-vpncmd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,7 +18,17 @@ if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # SoftEther's packages would start system-wide services (listening on 443, 992, 1194 and
+  # 5555): the tests run their own copies in namespaces, so services installed now stay
+  # stopped (policy-rc.d says no, unless the machine already has its own policy).
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # The WASM policies the policy host's tests load (target/policies/*.wasm).

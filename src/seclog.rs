@@ -304,6 +304,22 @@ impl SecurityLog {
                     ),
                 );
             }
+            DhcpEvent::OtherServer {
+                ip,
+                mac,
+                authoritative,
+            } => {
+                let what = if *authoritative {
+                    "answering too (dhcp.authoritative)"
+                } else {
+                    "staying quiet while it answers"
+                };
+                self.write(
+                    "DHCP",
+                    "another DHCP server on the segment",
+                    &format!("server={ip} mac={} hubnat={what:?}", fmt_mac(mac)),
+                );
+            }
             DhcpEvent::PoolExhausted { mac } => {
                 self.write(
                     "DHCP",

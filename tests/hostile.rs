@@ -480,10 +480,14 @@ fn malformed_frames_of_every_kind_are_dropped_and_counted() {
     // The gateway reads them all and is still there.
     let frames = |s: &Value| s["counters"]["frames_in"].as_u64().unwrap();
     let mut after = status(&topo);
-    wait_until(Duration::from_secs(60), "the gateway to read every frame", || {
-        after = status(&topo);
-        frames(&after) >= frames(&before) + sent
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the gateway to read every frame",
+        || {
+            after = status(&topo);
+            frames(&after) >= frames(&before) + sent
+        },
+    );
     let grew = |key: &str| {
         after["counters"][key].as_u64().unwrap() - before["counters"][key].as_u64().unwrap()
     };

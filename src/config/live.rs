@@ -504,6 +504,9 @@ mod tests {
                 "dhcp.routes",
                 "dhcp.max_leases_per_mac",
                 "dhcp.static",
+                "dhcp.serve_macs",
+                "dhcp.ignore_macs",
+                "dhcp.authoritative",
             ]
         );
         assert_eq!(dhcp[4].to_string(), "dhcp.lease = \"2h\"");

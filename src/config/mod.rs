@@ -94,4 +94,4 @@ pub use validate::{
     MIN_CAPTURE_SIZE, MIN_LEASE, MIN_MTU, MIN_NAT_TIMEOUT, MIN_POLICY_MEMORY, MIN_POLICY_TIMEOUT,
     MIN_TCP_BUFFER,
 };
-pub use values::{MacAddr, ParseError, Route, SocketMode};
+pub use values::{MacAddr, MacPrefix, ParseError, Route, SocketMode};

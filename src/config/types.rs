@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::host::default_state_dir;
 use super::values::{duration_text, opt_text, size_required, size_text, text_list};
-use super::{MacAddr, Route, SocketMode};
+use super::{MacAddr, MacPrefix, Route, SocketMode};
 
 /// `nat.memory_limit` by default: 1 GiB.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
@@ -140,6 +140,16 @@ pub struct DhcpConfig {
     /// Fixed addresses for known clients.
     #[serde(rename = "static")]
     pub statics: Vec<StaticLease>,
+    /// Serve only clients whose MAC matches one of these (addresses or prefixes); empty:
+    /// every client. For a hub shared with hosts that have their own addressing.
+    #[serde(with = "text_list")]
+    pub serve_macs: Vec<MacPrefix>,
+    /// Never serve clients whose MAC matches one of these; wins over `serve_macs`.
+    #[serde(with = "text_list")]
+    pub ignore_macs: Vec<MacPrefix>,
+    /// Answer even while another DHCP server answers on the segment. Off: hubnat looks for
+    /// other servers (a probe at start and every minute) and stays quiet while one answers.
+    pub authoritative: bool,
 }
 
 impl Default for DhcpConfig {
@@ -156,6 +166,9 @@ impl Default for DhcpConfig {
             routes: Vec::new(),
             max_leases_per_mac: 4,
             statics: Vec::new(),
+            serve_macs: Vec::new(),
+            ignore_macs: Vec::new(),
+            authoritative: false,
         }
     }
 }

@@ -105,6 +105,70 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
+/// A MAC address or a prefix of one, written `"52:54:00:12:34:56"` (one address) or
+/// `"52:54:00:00:00:00/24"` (every address starting with those 24 bits: a vendor's OUI).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacPrefix(pub crate::core::dhcp::MacPattern);
+
+impl fmt::Display for MacPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", MacAddr(self.0.mac))?;
+        if self.0.prefix_len != 48 {
+            write!(f, "/{}", self.0.prefix_len)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MacPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MacPrefix({self})")
+    }
+}
+
+impl FromStr for MacPrefix {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: String| {
+            ParseError(format!(
+                "invalid MAC address or prefix {s:?}: {why}; write one address like                  \"52:54:00:12:34:56\" or a prefix like \"52:54:00:00:00:00/24\""
+            ))
+        };
+        let (mac, len) = match s.trim().split_once('/') {
+            Some((mac, len)) => {
+                let len: u8 = len
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=48).contains(l))
+                    .ok_or_else(|| bad(format!("prefix length {len:?} is not 1 to 48")))?;
+                (mac, len)
+            }
+            None => (s.trim(), 48),
+        };
+        let mac: MacAddr = mac.parse().map_err(|e: ParseError| bad(e.0))?;
+        let pattern = crate::core::dhcp::MacPattern {
+            mac: mac.0,
+            prefix_len: len,
+        };
+        let to_u64 = |m: [u8; 6]| m.iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b));
+        let host_bits = to_u64(mac.0) & ((1u64 << (48 - u32::from(len))) - 1);
+        if host_bits != 0 {
+            return Err(bad(format!("bits beyond the first {len} are set in {mac}")));
+        }
+        Ok(MacPrefix(pattern))
+    }
+}
+
+impl Text for MacPrefix {
+    fn to_text(&self) -> String {
+        self.to_string()
+    }
+    fn from_text(s: &str) -> Result<Self, String> {
+        s.parse().map_err(|e: ParseError| e.0)
+    }
+}
+
 /// A classless static route handed to DHCP clients (option 121), written
 /// `"10.0.0.0/8 via 192.168.30.1"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -707,6 +771,46 @@ mod tests {
             m
         );
         assert!(m < MacAddr::BROADCAST);
+    }
+
+    #[test]
+    fn mac_prefixes_parse_display_match_and_reject() {
+        let one: MacPrefix = "52:54:00:12:34:56".parse().expect("one address");
+        assert_eq!(one.0.prefix_len, 48);
+        assert_eq!(one.to_string(), "52:54:00:12:34:56");
+        assert!(one.0.matches([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert!(!one.0.matches([0x52, 0x54, 0, 0x12, 0x34, 0x57]));
+        let oui: MacPrefix = "52-54-00-00-00-00/24".parse().expect("an OUI");
+        assert_eq!(oui.to_string(), "52:54:00:00:00:00/24");
+        assert!(oui.0.matches([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]));
+        assert!(!oui.0.matches([0x5e, 0x54, 0, 0xaa, 0xbb, 0xcc]));
+        for (bad, why) in [
+            ("52:54:00:12:34:56/24", "bits beyond the first 24"),
+            ("52:54:00:00:00:00/0", "prefix length \"0\""),
+            ("52:54:00:00:00:00/49", "prefix length \"49\""),
+            ("52:54:00", "six two-digit hex octets"),
+        ] {
+            let err = bad.parse::<MacPrefix>().expect_err(bad).to_string();
+            assert!(
+                err.contains(why) && err.contains(&format!("{bad:?}")),
+                "{bad}: {err}"
+            );
+        }
+        Jail::expect_with(|jail| {
+            let c = load_toml(
+                jail,
+                "[dhcp]\nserve_macs = [\"5e:00:00:00:00:00/8\"]\nignore_macs = \"5e:11:22:33:44:55\"\nauthoritative = true",
+            )
+            .expect("valid");
+            assert_eq!(c.dhcp.serve_macs.len(), 1);
+            assert_eq!(c.dhcp.ignore_macs[0].to_string(), "5e:11:22:33:44:55");
+            assert!(c.dhcp.authoritative);
+            Ok(())
+        });
+        assert_rejects(
+            "[dhcp]\nignore_macs = [\"52:54:00:12:34:56/24\"]",
+            &["dhcp.ignore_macs", "52:54:00:12:34:56/24", "bits beyond"],
+        );
     }
 
     #[test]

@@ -324,10 +324,20 @@ impl VirtualHost {
             .dhcp
             .next_deadline()
             .map(|secs| Instant::from_secs(secs as i64));
-        [dhcp, self.dhcp_hook.next_deadline(), self.nat_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        let probe = self
+            .dhcp
+            .probe_deadline(&self.settings.dhcp)
+            .filter(|_| self.settings.enabled)
+            .map(|secs| Instant::from_secs(secs as i64));
+        [
+            dhcp,
+            probe,
+            self.dhcp_hook.next_deadline(),
+            self.nat_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Does what is due at `now`: lease expiry, offer timeouts, quarantine ends, NAT idle
@@ -338,6 +348,7 @@ impl VirtualHost {
             self.events.push_back(Event::LeasesChanged);
         }
         self.flush_dhcp_events();
+        self.send_dhcp_probe(now);
         self.expire_dhcp_decisions(now);
         self.nat_timeout(now);
         self.poll(now);
@@ -462,6 +473,11 @@ impl VirtualHost {
             return Ok(());
         }
         match packet.next_header() {
+            // Another DHCP server's reply (ours never come back to us).
+            IpProtocol::Udp if is_dhcp_reply(packet.payload()) => {
+                self.dhcp_reply_seen(now, src_mac, src, packet.payload());
+                Ok(())
+            }
             IpProtocol::Icmp if to_us => {
                 match icmp::handle_echo(packet.payload(), &host, src_mac, src, &mut self.link.tx)? {
                     Some(true) => self.counters.echo_replies += 1,
@@ -544,6 +560,76 @@ impl VirtualHost {
         self.flush_dhcp_events();
     }
 
+    /// Sends the probe for other DHCP servers when one is due (see *Other servers* in
+    /// [`dhcp::server`]).
+    fn send_dhcp_probe(&mut self, now: Instant) {
+        if !self.settings.enabled {
+            return;
+        }
+        let host = self.settings.host;
+        let xid = 0x6875_6200 ^ (self.dhcp.counters().probes as u32);
+        let Some(probe) = self
+            .dhcp
+            .take_probe(&self.settings.dhcp, host.mac.0, xid, secs(now))
+        else {
+            return;
+        };
+        self.dhcp_buf.clear();
+        let mut enc = dhcproto::Encoder::new(&mut self.dhcp_buf);
+        if probe.encode(&mut enc).is_err() {
+            return;
+        }
+        let body = &self.dhcp_buf;
+        let pushed = frame::push_udp(
+            &mut self.link.tx,
+            host.mac,
+            EthernetAddress::BROADCAST,
+            (Ipv4Addr::UNSPECIFIED, dhcp::server::CLIENT_PORT),
+            (Ipv4Addr::BROADCAST, dhcp::server::SERVER_PORT),
+            body.len(),
+            |buf| buf.copy_from_slice(body),
+        );
+        self.link.pushed(pushed);
+    }
+
+    /// A DHCP server's reply seen on the segment (UDP 67 → 68): another server's, unless it
+    /// names us.
+    fn dhcp_reply_seen(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        src: Ipv4Addr,
+        udp: &[u8],
+    ) {
+        let Ok(udp) = UdpPacket::new_checked(udp) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        let Ok(msg) = dhcproto::v4::Message::decode(&mut Decoder::new(udp.payload())) else {
+            self.counters.malformed += 1;
+            return;
+        };
+        if msg.opcode() != dhcproto::v4::Opcode::BootReply {
+            self.counters.unhandled += 1;
+            return;
+        }
+        let server = match msg.opts().get(dhcproto::v4::OptionCode::ServerIdentifier) {
+            Some(dhcproto::v4::DhcpOption::ServerIdentifier(ip)) => *ip,
+            _ => src,
+        };
+        if server == self.settings.host.ip && src_mac == self.settings.host.mac {
+            return;
+        }
+        self.dhcp.saw_reply(
+            &self.settings.dhcp,
+            server,
+            src_mac.0,
+            secs(now),
+            &mut self.dhcp_events,
+        );
+        self.flush_dhcp_events();
+    }
+
     /// Encodes `reply` and queues it for the client.
     fn send_dhcp_reply(&mut self, reply: &dhcp::Reply, now: Instant) {
         {
@@ -591,6 +677,13 @@ impl VirtualHost {
     pub fn leases_to_save(&self) -> Vec<Lease> {
         self.dhcp.pool().persistent()
     }
+}
+
+/// Whether a UDP datagram goes from the DHCP server port to the client port.
+fn is_dhcp_reply(udp: &[u8]) -> bool {
+    UdpPacket::new_checked(udp).is_ok_and(|u| {
+        u.src_port() == dhcp::server::SERVER_PORT && u.dst_port() == dhcp::server::CLIENT_PORT
+    })
 }
 
 /// The IPv4 source of an IPv4 frame or the sender of an ARP packet; 0.0.0.0 for anything

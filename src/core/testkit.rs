@@ -50,6 +50,10 @@ pub fn settings() -> Settings {
             routes: vec![],
             statics: vec![],
             max_leases_per_mac: 4,
+            serve_macs: vec![],
+            ignore_macs: vec![],
+            // The core's other tests send no probe frames: see the other-servers tests.
+            authoritative: true,
         },
         nat: NatSettings {
             enabled: true,

@@ -139,6 +139,9 @@ fn dhcp_settings(config: &Config) -> DhcpSettings {
             })
             .collect(),
         max_leases_per_mac: d.max_leases_per_mac as usize,
+        serve_macs: d.serve_macs.iter().map(|p| p.0).collect(),
+        ignore_macs: d.ignore_macs.iter().map(|p| p.0).collect(),
+        authoritative: d.authoritative,
     }
 }
 

@@ -5,4 +5,5 @@ pub mod cli;
 pub mod inproc;
 pub mod netns;
 pub mod smol_client;
+pub mod softether;
 pub mod topology;

@@ -488,6 +488,15 @@ level = "{level}"
         self.procs.remove(i).stop()
     }
 
+    /// Sends `sig` to the topology's process `what` (as named in its `Proc`), by its PID.
+    pub fn signal_process(&self, what: &str, sig: i32) {
+        self.procs
+            .iter()
+            .find(|p| p.what == what)
+            .unwrap_or_else(|| panic!("no process {what:?} in the topology"))
+            .signal(sig);
+    }
+
     /// True while hubnat runs (false when it was never started or has exited).
     pub fn hubnat_running(&mut self) -> bool {
         self.hubnat.as_mut().is_some_and(|h| h.is_running())

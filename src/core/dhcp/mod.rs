@@ -15,6 +15,8 @@ pub use hook::{
     DhcpAnswer, DhcpChanges, DhcpClientInfo, DhcpDecision, DhcpMessageKind, DhcpPolicy,
     DhcpReplyInfo, DhcpTicket, OptionBytes,
 };
-pub use options::{DhcpSettings, Reservation, StaticRoute};
+pub use options::{DhcpSettings, MacPattern, Reservation, StaticRoute};
 pub use pool::{ClientKey, Lease, LeaseId, LeasePool, LeaseState};
-pub use server::{DhcpCounters, DhcpEvent, DhcpServer, LeaseEventKind, Reply, ReplyTarget};
+pub use server::{
+    DhcpCounters, DhcpEvent, DhcpServer, LeaseEventKind, OtherServer, Reply, ReplyTarget,
+};

@@ -61,6 +61,46 @@ pub struct DhcpSettings {
     pub statics: Vec<Reservation>,
     /// The most addresses (offered or bound) one MAC may hold at once.
     pub max_leases_per_mac: usize,
+    /// Only clients whose MAC matches one of these are served; empty: every client.
+    pub serve_macs: Vec<MacPattern>,
+    /// Clients whose MAC matches one of these are never served (this wins over
+    /// `serve_macs`).
+    pub ignore_macs: Vec<MacPattern>,
+    /// Answer even while another DHCP server answers on the segment. When `false` the server
+    /// stays quiet while one does (see *Other servers* in [`server`](super::server)).
+    pub authoritative: bool,
+}
+
+impl DhcpSettings {
+    /// Whether the client with this MAC is to be served at all (`serve_macs`, `ignore_macs`).
+    pub fn serves(&self, mac: [u8; 6]) -> bool {
+        (self.serve_macs.is_empty() || self.serve_macs.iter().any(|p| p.matches(mac)))
+            && !self.ignore_macs.iter().any(|p| p.matches(mac))
+    }
+}
+
+/// A MAC address, or a prefix of one: the first `prefix_len` bits of `mac` (48 for one
+/// address, 24 for a vendor's OUI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacPattern {
+    /// The address; bits beyond `prefix_len` are zero.
+    pub mac: [u8; 6],
+    /// How many leading bits must match, 1..=48.
+    pub prefix_len: u8,
+}
+
+impl MacPattern {
+    /// Whether `mac` starts with the pattern's bits.
+    pub fn matches(&self, mac: [u8; 6]) -> bool {
+        let bits = u32::from(self.prefix_len.min(48));
+        let to_u64 = |m: [u8; 6]| m.iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b));
+        let mask = if bits == 0 {
+            0
+        } else {
+            (!0u64 << (48 - bits)) & 0xffff_ffff_ffff
+        };
+        to_u64(mac) & mask == to_u64(self.mac) & mask
+    }
 }
 
 /// Microsoft's code for classless static routes.

@@ -82,6 +82,25 @@
 //! the settings changed): the client never keeps an address that someone else holds. To take
 //! an address away from a client for good, change the settings (a reservation, the range).
 //!
+//! # Other servers
+//!
+//! A sidecar shares its segment with whatever else is there. A reply of another DHCP server
+//! (UDP from port 67 to port 68, not from the virtual host) that the core sees is handed to
+//! [`DhcpServer::saw_reply`]; since a switch (a VPN hub is one) delivers another server's
+//! unicast replies only to their client, the core also sends a probe now and then
+//! ([`DhcpServer::take_probe`]: a DISCOVER from the virtual host's own MAC every
+//! [`PROBE_INTERVAL_SECS`], the first at start; not when authoritative), whose answers come
+//! to it. A new server is
+//! logged once at `warn` and reported as [`DhcpEvent::OtherServer`]. While one has been seen
+//! within [`OTHER_SERVER_HOLD_SECS`], a server that is not authoritative
+//! (`dhcp.authoritative = false`, the default) answers no DISCOVER, REQUEST or INFORM
+//! (counted in [`DhcpCounters::quiet`]); RELEASE and DECLINE still take effect. Once the other
+//! server has been silent for that long, the server answers again (logged at `info`).
+//!
+//! Clients whose MAC `dhcp.serve_macs` does not list, or `dhcp.ignore_macs` lists, get no
+//! answer at all ([`DhcpCounters::not_served`]): the other hosts of a hub keep their own
+//! addressing.
+//!
 //! # Counters
 //!
 //! [`DhcpCounters`] counts every message handed to the server once by its type (option 53),
@@ -164,6 +183,16 @@ pub enum DhcpEvent {
         reason: &'static str,
         /// Messages ignored as spoofed and not reported since the previous event.
         suppressed: u64,
+    },
+    /// Another DHCP server answers on the segment (reported once, when it is first seen, and
+    /// again only if it comes back after it was gone).
+    OtherServer {
+        /// Its address (option 54, else the IPv4 source of its reply).
+        ip: Ipv4Addr,
+        /// The Ethernet source of its reply.
+        mac: [u8; 6],
+        /// Whether this server keeps answering (`dhcp.authoritative`).
+        authoritative: bool,
     },
     /// A client could not be offered an address.
     PoolExhausted {
@@ -259,6 +288,16 @@ pub struct DhcpCounters {
     /// Dropped: an INIT-REBOOT REQUEST from a client the server has no record of (RFC 2131
     /// §4.3.2: no reply).
     pub unknown_client: u64,
+    /// Dropped: the client's MAC is not served (`dhcp.serve_macs`, `dhcp.ignore_macs`).
+    pub not_served: u64,
+    /// Dropped: another DHCP server answers on the segment and this one is not
+    /// authoritative (see *Other servers* in the module documentation).
+    pub quiet: u64,
+    /// Replies of other DHCP servers seen on the segment (not messages to this server: in
+    /// no other counter).
+    pub other_server_replies: u64,
+    /// Probes (DISCOVERs from the virtual host's own MAC) sent to find other servers.
+    pub probes: u64,
 }
 
 impl DhcpCounters {
@@ -286,6 +325,8 @@ impl DhcpCounters {
             + self.mac_share_full
             + self.spoofed
             + self.unknown_client
+            + self.not_served
+            + self.quiet
     }
 }
 
@@ -307,6 +348,33 @@ pub struct DhcpServer {
     /// When the last [`DhcpEvent::Ignored`] was reported, and how many were left out since.
     last_ignored: Option<u64>,
     ignored_unreported: u64,
+    /// Other DHCP servers seen on the segment, at most [`MAX_OTHER_SERVERS`].
+    others: Vec<OtherServer>,
+    /// When the next probe for other servers is due (0: at once).
+    next_probe: u64,
+}
+
+/// How often, in seconds, the server looks for other DHCP servers with a probe.
+pub const PROBE_INTERVAL_SECS: u64 = 60;
+/// How long, in seconds, another server counts as present after its last reply seen.
+pub const OTHER_SERVER_HOLD_SECS: u64 = 150;
+/// How many other servers are remembered.
+pub const MAX_OTHER_SERVERS: usize = 8;
+
+/// Another DHCP server seen on the segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OtherServer {
+    /// Its address (option 54 of its reply, else the reply's IPv4 source).
+    pub ip: Ipv4Addr,
+    /// The Ethernet source of its reply.
+    #[serde(serialize_with = "ser_mac")]
+    pub mac: [u8; 6],
+    /// When its last reply was seen (the caller's seconds).
+    pub last_seen: u64,
+}
+
+fn ser_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&fmt_mac(mac))
 }
 
 impl DhcpServer {
@@ -326,7 +394,119 @@ impl DhcpServer {
             deadline: None,
             last_ignored: None,
             ignored_unreported: 0,
+            others: Vec::new(),
+            next_probe: 0,
         }
+    }
+
+    /// Other DHCP servers seen on the segment and still counted as present.
+    pub fn other_servers(&self) -> &[OtherServer] {
+        &self.others
+    }
+
+    /// Whether the server keeps quiet now: another server was seen within
+    /// [`OTHER_SERVER_HOLD_SECS`] and `settings.authoritative` is off.
+    pub fn is_quiet(&self, settings: &DhcpSettings) -> bool {
+        !settings.authoritative && !self.others.is_empty()
+    }
+
+    /// When the next probe for other servers is due: only a server that is enabled and not
+    /// authoritative probes (an authoritative one answers anyway, and notices other servers
+    /// only by their broadcast replies).
+    pub fn probe_deadline(&self, settings: &DhcpSettings) -> Option<u64> {
+        (settings.enabled && !settings.authoritative).then_some(self.next_probe)
+    }
+
+    /// The probe to send at `now`, if one is due: a DISCOVER from `mac` (the virtual host's)
+    /// with transaction id `xid`, asking for broadcast replies. The caller sends it from
+    /// 0.0.0.0:68 to 255.255.255.255:67 and hands every server reply it sees to
+    /// [`saw_reply`](Self::saw_reply).
+    pub fn take_probe(
+        &mut self,
+        settings: &DhcpSettings,
+        mac: [u8; 6],
+        xid: u32,
+        now: u64,
+    ) -> Option<Message> {
+        if self.probe_deadline(settings).is_none_or(|due| now < due) {
+            return None;
+        }
+        self.next_probe = now + PROBE_INTERVAL_SECS;
+        self.counters.probes += 1;
+        let mut msg = Message::new(
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
+        msg.set_xid(xid).set_flags(Flags::default().set_broadcast());
+        msg.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Discover));
+        msg.opts_mut().insert(DhcpOption::ParameterRequestList(vec![
+            OptionCode::SubnetMask,
+            OptionCode::Router,
+        ]));
+        debug!(xid, "dhcp: probing the segment for other DHCP servers");
+        Some(msg)
+    }
+
+    /// A reply of another DHCP server (`server_ip`, from `mac`) was seen on the segment at
+    /// `now`: remembered, and reported once (a warning and a [`DhcpEvent::OtherServer`]) when
+    /// it is new.
+    pub fn saw_reply(
+        &mut self,
+        settings: &DhcpSettings,
+        server_ip: Ipv4Addr,
+        mac: [u8; 6],
+        now: u64,
+        events: &mut VecDeque<DhcpEvent>,
+    ) {
+        self.counters.other_server_replies += 1;
+        if let Some(o) = self
+            .others
+            .iter_mut()
+            .find(|o| o.ip == server_ip && o.mac == mac)
+        {
+            o.last_seen = now;
+            return;
+        }
+        if self.others.len() >= MAX_OTHER_SERVERS {
+            // Full: refresh the oldest entry's place instead of growing.
+            if let Some(oldest) = self.others.iter_mut().min_by_key(|o| o.last_seen) {
+                *oldest = OtherServer {
+                    ip: server_ip,
+                    mac,
+                    last_seen: now,
+                };
+            }
+            return;
+        }
+        self.others.push(OtherServer {
+            ip: server_ip,
+            mac,
+            last_seen: now,
+        });
+        if settings.authoritative {
+            warn!(
+                server = %server_ip,
+                mac = %fmt_mac(&mac),
+                "dhcp: another DHCP server answers on the segment; dhcp.authoritative is on, so \
+                 hubnat answers too (clients take whichever offer comes first)"
+            );
+        } else {
+            warn!(
+                server = %server_ip,
+                mac = %fmt_mac(&mac),
+                "dhcp: another DHCP server answers on the segment; hubnat stays quiet while it \
+                 does (set dhcp.authoritative = true to answer anyway)"
+            );
+        }
+        events.push_back(DhcpEvent::OtherServer {
+            ip: server_ip,
+            mac,
+            authoritative: settings.authoritative,
+        });
     }
 
     /// Takes a change of the range or the static reservations (and of the server's address,
@@ -512,6 +692,21 @@ impl DhcpServer {
         let _enter = span.enter();
         if let Some(reason) = self.spoofing(&client, msg) {
             self.ignore_spoofed(&client, reason, now, events);
+            return None;
+        }
+        if !settings.serves(client.mac) {
+            self.counters.not_served += 1;
+            debug!("dhcp: message ignored: the MAC is not served (dhcp.serve_macs/ignore_macs)");
+            return None;
+        }
+        if self.is_quiet(settings)
+            && matches!(
+                client.msg_type,
+                MessageType::Discover | MessageType::Request | MessageType::Inform
+            )
+        {
+            self.counters.quiet += 1;
+            debug!("dhcp: message not answered: another DHCP server answers on the segment");
             return None;
         }
         match client.msg_type {
@@ -800,13 +995,29 @@ impl DhcpServer {
             });
         });
         self.deadline = self.pool.next_deadline();
+        self.others.retain(|o| {
+            let present = now < o.last_seen + OTHER_SERVER_HOLD_SECS;
+            if !present {
+                info!(
+                    server = %o.ip,
+                    mac = %fmt_mac(&o.mac),
+                    "dhcp: the other DHCP server has not been seen for a while; answering again"
+                );
+            }
+            present
+        });
         changed
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work (seconds, the caller's
     /// clock).
     pub fn next_deadline(&self) -> Option<u64> {
-        self.deadline
+        let others = self
+            .others
+            .iter()
+            .map(|o| o.last_seen + OTHER_SERVER_HOLD_SECS)
+            .min();
+        [self.deadline, others].into_iter().flatten().min()
     }
 
     /// The operator's release of the lease bound to `mac` (the control API's

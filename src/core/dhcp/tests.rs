@@ -33,6 +33,10 @@ fn settings() -> DhcpSettings {
         routes: vec![],
         statics: vec![],
         max_leases_per_mac: 4,
+        serve_macs: vec![],
+        ignore_macs: vec![],
+        // The core's other tests send no probe frames: see the other-servers tests.
+        authoritative: true,
     }
 }
 
@@ -1000,6 +1004,10 @@ fn every_message_is_counted_once_by_type_and_outcome() {
         mac_share_full: 0,
         spoofed: 0,
         unknown_client: 0,
+        not_served: 0,
+        quiet: 0,
+        other_server_replies: 0,
+        probes: 0,
     };
     assert_eq!(h.server.counters(), want);
     assert_eq!(want.received(), 19);
@@ -1147,6 +1155,107 @@ fn bind_named(h: &mut Harness, mac: [u8; 6], name: &str) -> Ipv4Addr {
     );
     assert_eq!(msg_type(&h.send(&req, mac).unwrap()), MessageType::Ack);
     offered
+}
+
+#[test]
+fn serve_macs_and_ignore_macs_choose_who_is_answered() {
+    use super::options::MacPattern;
+    let mut s = settings();
+    s.serve_macs = vec![MacPattern {
+        mac: [0x52, 0x54, 0, 0, 0, 0],
+        prefix_len: 24,
+    }];
+    s.ignore_macs = vec![MacPattern {
+        mac: MAC_B,
+        prefix_len: 48,
+    }];
+    let mut h = Harness::new(s);
+    let other: [u8; 6] = [0x5e, 1, 2, 3, 4, 5];
+    assert!(h.send(&msg(MessageType::Discover, MAC_A), MAC_A).is_some());
+    // In serve_macs but also in ignore_macs: ignored; outside serve_macs: ignored.
+    assert!(h.send(&msg(MessageType::Discover, MAC_B), MAC_B).is_none());
+    assert!(h.send(&msg(MessageType::Discover, other), other).is_none());
+    assert!(h.send(&request_selecting(other, ip(10)), other).is_none());
+    let c = h.server.counters();
+    assert_eq!((c.offers, c.not_served), (1, 3));
+    assert_eq!(c.received(), c.sent() + c.dropped());
+}
+
+#[test]
+fn another_server_makes_a_non_authoritative_server_quiet_until_it_is_gone() {
+    use super::server::OTHER_SERVER_HOLD_SECS;
+    let mut s = settings();
+    s.authoritative = false;
+    let mut h = Harness::new(s);
+    let (other_ip, other_mac) = (Ipv4Addr::new(192, 168, 30, 254), [0x5e, 9, 9, 9, 9, 9]);
+    // The first probe is due at once, then every interval.
+    assert_eq!(h.server.probe_deadline(&h.settings), Some(0));
+    let probe = h
+        .server
+        .take_probe(&h.settings, [0, 0xac, 1, 2, 3, 4], 7, h.now)
+        .expect("a probe");
+    assert_eq!(probe.opts().msg_type(), Some(MessageType::Discover));
+    assert_eq!(probe.chaddr()[..6], [0, 0xac, 1, 2, 3, 4]);
+    assert!(h.server.take_probe(&h.settings, [0; 6], 8, h.now).is_none());
+    // A reply of another server: reported once, then quiet.
+    for _ in 0..3 {
+        let (settings, now) = (h.settings.clone(), h.now);
+        h.server
+            .saw_reply(&settings, other_ip, other_mac, now, &mut h.events);
+    }
+    let reported: Vec<_> = h
+        .events
+        .drain(..)
+        .filter(|e| matches!(e, DhcpEvent::OtherServer { .. }))
+        .collect();
+    assert_eq!(
+        reported,
+        [DhcpEvent::OtherServer {
+            ip: other_ip,
+            mac: other_mac,
+            authoritative: false
+        }]
+    );
+    assert!(h.send(&msg(MessageType::Discover, MAC_A), MAC_A).is_none());
+    assert!(h.send(&request_selecting(MAC_A, ip(10)), MAC_A).is_none());
+    assert_eq!(h.server.counters().quiet, 2);
+    assert_eq!(h.server.counters().other_server_replies, 3);
+    // Silent for the hold time: answering again.
+    assert_eq!(
+        h.server.next_deadline(),
+        Some(h.now + OTHER_SERVER_HOLD_SECS)
+    );
+    h.now += OTHER_SERVER_HOLD_SECS;
+    let now = h.now;
+    h.server.handle_timeout(now, &mut h.events);
+    assert!(h.server.other_servers().is_empty());
+    assert!(h.send(&msg(MessageType::Discover, MAC_A), MAC_A).is_some());
+}
+
+#[test]
+fn an_authoritative_server_answers_beside_another_and_does_not_probe() {
+    let mut s = settings();
+    s.authoritative = true;
+    let mut h = Harness::new(s);
+    assert_eq!(h.server.probe_deadline(&h.settings), None);
+    assert!(h.server.take_probe(&h.settings, [0; 6], 1, h.now).is_none());
+    let (settings, now) = (h.settings.clone(), h.now);
+    h.server.saw_reply(
+        &settings,
+        Ipv4Addr::new(192, 168, 30, 254),
+        [0x5e, 9, 9, 9, 9, 9],
+        now,
+        &mut h.events,
+    );
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        DhcpEvent::OtherServer {
+            authoritative: true,
+            ..
+        }
+    )));
+    assert!(h.send(&msg(MessageType::Discover, MAC_A), MAC_A).is_some());
+    assert_eq!(h.server.counters().quiet, 0);
 }
 
 #[test]
