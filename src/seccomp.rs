@@ -15,9 +15,11 @@
 //! - The **allow-list** ([`ALLOWED`], by number for the architecture built for): a call not on
 //!   it kills the whole process (`SECCOMP_RET_KILL_PROCESS`, seen as SIGSYS; the kernel logs
 //!   the call's number) under `process.seccomp = "enforce"`, or goes through and is logged
-//!   under `"log"`. Two calls have their arguments checked too: `socket` only for the
-//!   address families hubnat uses ([`SOCKET_FAMILIES`]), and `clone` (new threads) only
-//!   without a flag that makes a namespace ([`CLONE_NAMESPACE_FLAGS`]).
+//!   under `"log"`. Four calls have their arguments checked too: `socket` only for the
+//!   address families hubnat uses ([`SOCKET_FAMILIES`]), `ioctl` only for reads and a
+//!   descriptor's own flags ([`IOCTL_REQUESTS`]), `prctl` only to name a thread
+//!   ([`PRCTL_OPTIONS`]), and `clone` (new threads) only without a flag that makes a namespace
+//!   ([`CLONE_NAMESPACE_FLAGS`]).
 //! - `clone3` answers `ENOSYS`: its flags are behind a pointer the filter cannot read, and
 //!   glibc then makes the thread with `clone`, whose flags it can. This is the second filter
 //!   (everything else allowed), because the first one's calls all share one action; the kernel
@@ -117,6 +119,33 @@ pub const SOCKET_FAMILIES: &[(&str, i32)] = &[
     ("AF_PACKET", libc::AF_PACKET),
 ];
 
+/// The `ioctl` requests hubnat makes once started, all of them reads or a descriptor's own
+/// flags: std's `set_nonblocking` (FIONBIO), descriptor flags and queue lengths, terminal
+/// queries (is standard error a terminal), and interface queries by name (the raw backend
+/// finding its interface again). Not a request that changes an interface, a TAP device or a
+/// terminal's input (TIOCSTI).
+pub const IOCTL_REQUESTS: &[(&str, u64)] = &[
+    ("FIONBIO", libc::FIONBIO as u64),
+    ("FIONREAD", libc::FIONREAD as u64),
+    ("FIOCLEX", libc::FIOCLEX as u64),
+    ("FIONCLEX", libc::FIONCLEX as u64),
+    ("TCGETS", libc::TCGETS as u64),
+    ("TIOCGWINSZ", libc::TIOCGWINSZ as u64),
+    ("SIOCGIFINDEX", libc::SIOCGIFINDEX as u64),
+    ("SIOCGIFNAME", libc::SIOCGIFNAME as u64),
+    ("SIOCGIFFLAGS", libc::SIOCGIFFLAGS as u64),
+    ("SIOCGIFMTU", libc::SIOCGIFMTU as u64),
+    ("SIOCGIFHWADDR", libc::SIOCGIFHWADDR as u64),
+];
+
+/// The `prctl` operations hubnat makes once started: naming a new thread (std), and naming an
+/// anonymous mapping (newer glibc's malloc may).
+pub const PRCTL_OPTIONS: &[(&str, i32)] = &[
+    ("PR_SET_NAME", libc::PR_SET_NAME),
+    ("PR_GET_NAME", libc::PR_GET_NAME),
+    ("PR_SET_VMA", libc::PR_SET_VMA),
+];
+
 /// `clone` flags that make a namespace: a thread never needs one.
 pub const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWUTS
@@ -126,8 +155,8 @@ pub const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWCGROUP) as u64;
 
-/// The system calls hubnat makes once started, by who makes them. `socket` and `clone` are in
-/// the list with their arguments checked (see the module's documentation).
+/// The system calls hubnat makes once started, by who makes them. `socket`, `ioctl`, `prctl`
+/// and `clone` are in the list with their arguments checked (see the module's documentation).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub const ALLOWED: &[(&str, &[Call])] = &[
     (
@@ -167,7 +196,8 @@ pub const ALLOWED: &[(&str, &[Call])] = &[
     (
         // The allocator (glibc malloc: every TCP buffer is a mapping of its own), thread
         // stacks and their guard pages, and wasmtime: linear memories reserved and grown,
-        // machine code made executable, memory given back when a store ends.
+        // machine code made executable, memory given back when a store ends, a module's
+        // initial memory image in a sealed memfd mapped copy-on-write.
         "memory",
         calls![
             SYS_mmap,
@@ -177,6 +207,7 @@ pub const ALLOWED: &[(&str, &[Call])] = &[
             SYS_mremap,
             SYS_brk,
             SYS_membarrier,
+            SYS_memfd_create,
         ],
     ),
     (
@@ -194,7 +225,8 @@ pub const ALLOWED: &[(&str, &[Call])] = &[
     ),
     (
         // Lease saving (write, fsync, rename), the security log and its rotation, the capture
-        // file and its rotation, the configuration and policy modules read again by a reload,
+        // file and its rotation (a new file is made owner-only with fchmod), the policies'
+        // compiled-code cache, the configuration and policy modules read again by a reload,
         // /proc/self/statm for nat.memory_limit, the state directory's spare descriptors.
         "files",
         calls![
@@ -213,7 +245,7 @@ pub const ALLOWED: &[(&str, &[Call])] = &[
             SYS_fsync,
             SYS_fdatasync,
             SYS_ftruncate,
-            SYS_renameat,
+            SYS_fchmod,
             SYS_renameat2,
             SYS_unlinkat,
             SYS_mkdirat,
@@ -280,6 +312,7 @@ pub const ALLOWED: &[(&str, &[Call])] = &[
             SYS_stat,
             SYS_lstat,
             SYS_rename,
+            SYS_renameat,
             SYS_unlink,
             SYS_mkdir,
             SYS_readlink,
@@ -350,19 +383,29 @@ fn programs(
     for call in allowed_calls() {
         rules.insert(call.number, Vec::new());
     }
-    // socket(domain, ...): one rule per family; any of them lets the call through.
-    let families = SOCKET_FAMILIES
-        .iter()
-        .map(|&(_, family)| {
-            SeccompRule::new(vec![SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                family as u64,
-            )?])
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    rules.insert(libc::SYS_socket as i64, families);
+    // One rule per value of one argument; any of them lets the call through. The kernel
+    // reads each of these arguments as an int (ioctl's request as an unsigned int).
+    let one_of = |arg: u8, values: &mut dyn Iterator<Item = u64>| {
+        values
+            .map(|value| {
+                SeccompRule::new(vec![SeccompCondition::new(
+                    arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    value,
+                )?])
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    // socket(domain, ...)
+    let families = &mut SOCKET_FAMILIES.iter().map(|&(_, f)| f as u64);
+    rules.insert(libc::SYS_socket as i64, one_of(0, families)?);
+    // ioctl(fd, request, ...)
+    let requests = &mut IOCTL_REQUESTS.iter().map(|&(_, r)| r);
+    rules.insert(libc::SYS_ioctl as i64, one_of(1, requests)?);
+    // prctl(option, ...)
+    let options = &mut PRCTL_OPTIONS.iter().map(|&(_, o)| o as u64);
+    rules.insert(libc::SYS_prctl as i64, one_of(0, options)?);
     // clone(flags, ...): no namespace flag (the same first argument on x86_64 and aarch64).
     rules.insert(
         libc::SYS_clone as i64,

@@ -262,7 +262,7 @@ fn the_filtered_gateway_survives_traps_timeouts_rotation_reloads_and_sigterm() {
         format!(
             "{BASE}[capture]\npath = {:?}\nmax_size = \"4KiB\"\nmax_files = 2\n\
              [[policy]]\nname = \"misbehave\"\npath = {:?}\non_error = \"deny\"\n\
-             timeout = \"{timeout}\"\nmemory = \"1MiB\"\n",
+             timeout = \"{timeout}\"\nmemory = \"4MiB\"\n",
             dir.join("capture.pcap").display().to_string(),
             policy.display().to_string()
         )
@@ -336,6 +336,13 @@ fn the_filtered_gateway_survives_traps_timeouts_rotation_reloads_and_sigterm() {
         assert_eq!(state, State::Closed, "{what}: refused");
         gw.alive(what);
     }
+
+    let calls = &json(&sock, &["policy", "list", "--json"])[0]["calls"];
+    assert_eq!(
+        (&calls["timeouts"], &calls["out_of_memory"], &calls["traps"]),
+        (&1.into(), &1.into(), &1.into()),
+        "{calls}"
+    );
 
     // The control API, a reload through it, and SIGHUP.
     let status = json(&sock, &["status", "--json"]);
