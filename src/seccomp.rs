@@ -25,11 +25,15 @@
 //!   (everything else allowed), because the first one's calls all share one action; the kernel
 //!   takes the stricter answer of the two.
 //!
-//! The list was found by tracing the gateway (`strace -f`) through every backend, DHCP, DNS,
-//! the NAT's TCP, UDP and ICMP, the control API, policy loads, reloads, traps and timeouts,
-//! the capture's rotation, lease saving, the security log, the memory limit, the change of
-//! user and the shutdown, in debug and release builds (README.md, "Running with least
-//! privilege", says how to find a missing call). Each group says who makes its calls.
+//! The list was found by tracing the gateway (`strace -f`, everything after its `seccomp`
+//! call) through the integration tests that start `hubnat run`: every backend, DHCP, DNS,
+//! the NAT's TCP, UDP and ICMP, the control API and CLI, policy loads, reloads (the API and
+//! SIGHUP), traps, timeouts and memory limits, the capture's rotation, lease saving, the
+//! security log, the memory limit, the change of user and the shutdown; and by running the
+//! rest of them with `process.seccomp = "log"` and reading the kernel's log. That was a debug
+//! build; a release build calls into the same glibc and std, but has not been traced yet.
+//! README.md ("Running with least privilege") says how to find a missing call. Each group
+//! says who makes its calls.
 //!
 //! Only x86_64 and aarch64 are listed; elsewhere [`install`] installs nothing and says so.
 
@@ -124,6 +128,8 @@ pub const SOCKET_FAMILIES: &[(&str, i32)] = &[
 /// queries (is standard error a terminal), and interface queries by name (the raw backend
 /// finding its interface again). Not a request that changes an interface, a TAP device or a
 /// terminal's input (TIOCSTI).
+// The casts: the requests' type is the C library's (an unsigned long in glibc, an int in musl).
+#[allow(clippy::unnecessary_cast)]
 pub const IOCTL_REQUESTS: &[(&str, u64)] = &[
     ("FIONBIO", libc::FIONBIO as u64),
     ("FIONREAD", libc::FIONREAD as u64),
@@ -368,6 +374,8 @@ fn target_arch() -> Option<seccompiler::TargetArch> {
 }
 
 /// The two BPF programs: the allow-list, and `clone3` → `ENOSYS`.
+// The casts: system call numbers are a C long, 64 bits only on 64-bit architectures.
+#[allow(clippy::unnecessary_cast)]
 fn programs(
     mode: SeccompMode,
     arch: seccompiler::TargetArch,

@@ -337,10 +337,14 @@ fn the_filtered_gateway_survives_traps_timeouts_rotation_reloads_and_sigterm() {
         gw.alive(what);
     }
 
+    // Each call failed (the one that grows its memory may meet the 5 ms deadline before the
+    // memory limit on a busy machine).
     let calls = &json(&sock, &["policy", "list", "--json"])[0]["calls"];
-    assert_eq!(
-        (&calls["timeouts"], &calls["out_of_memory"], &calls["traps"]),
-        (&1.into(), &1.into(), &1.into()),
+    let count = |key: &str| calls[key].as_u64().unwrap_or_default();
+    assert!(
+        count("timeouts") >= 1
+            && count("traps") == 1
+            && count("timeouts") + count("out_of_memory") + count("traps") == 3,
         "{calls}"
     );
 
