@@ -30,5 +30,6 @@ pub mod driver;
 pub mod host;
 pub mod policy;
 pub mod privilege;
+pub mod seccomp;
 pub mod seclog;
 pub mod state;

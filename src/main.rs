@@ -456,7 +456,7 @@ async fn run_backend<B: hubnat_backend::Backend>(
             "gave up root: running as this user from now on"
         );
     }
-    match config.capture_options() {
+    let capture = match config.capture_options() {
         Some(options) => {
             let path = options.path.clone();
             let writer = PcapWriter::create(options).with_context(|| {
@@ -466,6 +466,18 @@ async fn run_backend<B: hubnat_backend::Backend>(
                 )
             })?;
             tracing::info!(path = %path.display(), "capturing every frame of the segment");
+            Some(writer)
+        }
+        None => None,
+    };
+    // Start-up is done: from here on every thread makes only the listed system calls.
+    let installed = hubnat::seccomp::install(config.process.seccomp)?;
+    match installed {
+        hubnat::seccomp::Installed::Unsupported { .. } => tracing::warn!("{installed}"),
+        _ => tracing::info!("{installed}"),
+    }
+    match capture {
+        Some(writer) => {
             let backend = Capture::new(backend, writer)
                 .on_error(|e| tracing::error!(error = %e, "the capture stopped; the gateway carries on without it"));
             gateway.run(backend, shutdown).await?;

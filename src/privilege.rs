@@ -307,7 +307,7 @@ mod tests {
     fn users_and_groups_resolve_by_name_and_number() {
         let root = ProcessConfig {
             user: Some("root".into()),
-            group: None,
+            ..ProcessConfig::default()
         };
         assert_eq!(
             resolve(&root).unwrap(),
@@ -320,6 +320,7 @@ mod tests {
         let numbers = ProcessConfig {
             user: Some("4321".into()),
             group: Some("4322".into()),
+            ..ProcessConfig::default()
         };
         assert_eq!(
             resolve(&numbers).unwrap().map(|a| (a.uid, a.gid)),
@@ -327,7 +328,7 @@ mod tests {
         );
         let bogus = ProcessConfig {
             user: Some("no-such-user-here".into()),
-            group: None,
+            ..ProcessConfig::default()
         };
         let err = resolve(&bogus).unwrap_err().to_string();
         assert_eq!(

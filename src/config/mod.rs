@@ -85,7 +85,7 @@ pub use render::{ConfigError, ConfigWarning};
 pub use types::{
     BackendConfig, BackendKind, CaptureConfig, Config, ControlConfig, DhcpConfig, DnsConfig,
     HostConfig, HubConfig, LogConfig, LogFormat, NatConfig, OnError, PolicyConfig, ProcessConfig,
-    RawConfig, StateConfig, StaticLease, TapConfig, DEFAULT_SECURITY_MAX_FILES,
+    RawConfig, SeccompMode, StateConfig, StaticLease, TapConfig, DEFAULT_SECURITY_MAX_FILES,
     DEFAULT_SECURITY_MAX_SIZE, DEFAULT_TCP_BUFFER,
 };
 pub use validate::{

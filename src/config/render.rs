@@ -362,7 +362,7 @@ mod tests {
         // when unset (`skip_serializing_if`), set it in all_keys() and below.
         assert_eq!(
             (keys.first().map(String::as_str), keys.len()),
-            (Some("host.enabled"), 56)
+            (Some("host.enabled"), 57)
         );
         // A configuration with every optional value set shows no key all_keys lacks.
         let mut c = Config::default();
@@ -533,6 +533,10 @@ mod tests {
         assert_rejects(
             "[log]\nformat = \"xml\"",
             &["log.format = \"xml\"", "text, json"],
+        );
+        assert_rejects(
+            "[process]\nseccomp = \"strict\"",
+            &["config key process.seccomp = \"strict\" (from file x.toml): unknown value; valid values are: enforce, log, off"],
         );
         assert_rejects(
             "[[dhcp.static]]\nip = \"192.168.30.50\"",

@@ -521,6 +521,33 @@ pub struct ProcessConfig {
     /// The group to become, by name or number; `None` (`""`): the user's primary group.
     #[serde(with = "opt_text")]
     pub group: Option<String>,
+    /// The seccomp filter `hubnat run` installs once its start-up is done (`crate::seccomp`).
+    pub seccomp: SeccompMode,
+}
+
+/// What `hubnat run`'s seccomp filter does with a system call hubnat is not known to make
+/// (`process.seccomp`); the list of those it makes is `crate::seccomp`'s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// Kill the process (`SECCOMP_RET_KILL_PROCESS`, seen as SIGSYS): a violation is loud.
+    #[default]
+    Enforce,
+    /// Let the call through and have the kernel log it (`SECCOMP_RET_LOG`): to find what the
+    /// list lacks.
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Enforce => "enforce",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        })
+    }
 }
 
 impl LogConfig {
