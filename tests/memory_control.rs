@@ -331,7 +331,10 @@ fn wall_clock_steps_change_nothing_but_the_times_shown() {
 fn status_counts_frames_sessions_bytes_and_dhcp_messages() {
     let state = tempfile::tempdir().unwrap();
     let hub = MemoryHub::new(1500);
-    let gw = start(config(state.path()), &hub);
+    // Authoritative: no probes for another DHCP server, so every frame out is the client's.
+    let mut c = config(state.path());
+    c.dhcp.authoritative = true;
+    let gw = start(c, &hub);
     let s0 = status(&gw);
     assert!(s0.enabled && s0.nat_enabled && s0.dhcp_enabled);
     assert_eq!(
