@@ -577,7 +577,9 @@ impl NatState {
         match s.key.protocol {
             Protocol::Tcp if s.state == SessionState::Connecting => None,
             Protocol::Tcp => match self.stack.state(s.id)? {
-                State::SynReceived => s.synack_at.map(|t| {
+                // Listen: smoltcp did not take the client's SYN (say, one with FIN set): the
+                // client has the handshake timeout to send one it takes.
+                State::SynReceived | State::Listen => s.synack_at.map(|t| {
                     (
                         t + settings.tcp_handshake_timeout,
                         EndReason::HandshakeTimeout,

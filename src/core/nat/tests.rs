@@ -1189,3 +1189,23 @@ fn with_segmentation_offload_segments_are_as_long_as_the_window_allows_both_ways
         assert_eq!(got, 30_000, "offload = {offload}");
     }
 }
+
+#[test]
+fn a_syn_with_fin_opens_nothing() {
+    let mut h = host_with(settings());
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    let mut frame = tcp_frame(remote, 40097, TcpControl::Syn, 1, None, &[]);
+    // Set FIN beside SYN and fix the checksum.
+    {
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let mut seg = smoltcp::wire::TcpPacket::new_unchecked(ip.payload_mut());
+        seg.set_fin(true);
+        seg.fill_checksum(&src.into(), &dst.into());
+    }
+    h.handle_frame(t(0), &frame);
+    assert!(ops(&mut h).is_empty(), "no connect for a SYN+FIN");
+    assert!(h.nat().table().is_empty());
+    // smoltcp drops it without an answer, as a listener-less host may.
+    assert!(tcp_segments(&sent(&mut h, t(0))).is_empty());
+}
