@@ -230,10 +230,40 @@ enum Learnt {
 /// the host side's EOF, errors and write shutdown to the core, until the session is gone.
 async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
     let mut learnt: Vec<Learnt> = Vec::new();
+    // What a pass learnt after it had moved bytes to the client: reported on the next pass,
+    // once the driver has sent those bytes, so that a remote's data and then its reset reach
+    // the client in that order (a reset reported at once would abort smoltcp's socket with the
+    // bytes still in it).
+    let mut deferred: Vec<Learnt> = Vec::new();
+    // How long the client has to acknowledge those bytes before the news goes anyway.
+    let mut deferred_until: Option<async_io::Timer> = None;
     std::future::poll_fn(|cx| {
         let now = shared.now();
         let mut core = shared.core.borrow_mut();
+        if !deferred.is_empty() {
+            let all_sent = match core.nat_tcp_relay(id, now) {
+                Some(mut relay) => {
+                    relay.register_waker(cx.waker());
+                    relay.all_sent()
+                }
+                None => return Poll::Ready(()),
+            };
+            let timed_out = deferred_until
+                .as_mut()
+                .is_none_or(|t| std::future::Future::poll(std::pin::Pin::new(t), cx).is_ready());
+            if !all_sent && !timed_out {
+                return Poll::Pending;
+            }
+            deferred_until = None;
+            for l in deferred.drain(..) {
+                report(&mut core, id, l, now);
+            }
+            drop(core);
+            shared.kick();
+            return Poll::Pending;
+        }
         let mut progress = false;
+        let mut filled = false;
         {
             let Some(mut relay) = core.nat_tcp_relay(id, now) else {
                 return Poll::Ready(());
@@ -287,7 +317,10 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
                         break;
                     }
                     Ok(0) => break,
-                    Ok(_) => progress = true,
+                    Ok(_) => {
+                        progress = true;
+                        filled = true;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && room == 0 => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         match stream.poll_readable(cx) {
@@ -307,16 +340,17 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
                 }
             }
         }
+        if filled && learnt.iter().any(|l| matches!(l, Learnt::Failed(_))) {
+            deferred.append(&mut learnt);
+            deferred_until = Some(async_io::Timer::after(RESET_AFTER_DATA_WAIT));
+            drop(core);
+            shared.kick();
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         let any = !learnt.is_empty();
         for l in learnt.drain(..) {
-            match l {
-                Learnt::WriteShut => core.nat_host_event(id, HostEvent::WriteShut, now),
-                Learnt::EndOfStream => core.nat_host_event(id, HostEvent::EndOfStream, now),
-                Learnt::Failed(e) if HostError::from_io(&e) == HostError::Reset => {
-                    core.nat_host_event(id, HostEvent::Reset, now)
-                }
-                Learnt::Failed(e) => core.nat_host_event(id, HostEvent::Error(&e), now),
-            }
+            report(&mut core, id, l, now);
         }
         drop(core);
         if progress || any {
@@ -325,6 +359,22 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
         Poll::Pending
     })
     .await
+}
+
+/// How long a remote's reset waits, at most, for the client to acknowledge the bytes the remote
+/// sent just before it.
+const RESET_AFTER_DATA_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tells the core what the relay learnt about session `id`'s host socket.
+fn report(core: &mut VirtualHost, id: SessionId, learnt: Learnt, now: Instant) {
+    match learnt {
+        Learnt::WriteShut => core.nat_host_event(id, HostEvent::WriteShut, now),
+        Learnt::EndOfStream => core.nat_host_event(id, HostEvent::EndOfStream, now),
+        Learnt::Failed(e) if HostError::from_io(&e) == HostError::Reset => {
+            core.nat_host_event(id, HostEvent::Reset, now)
+        }
+        Learnt::Failed(e) => core.nat_host_event(id, HostEvent::Error(&e), now),
+    }
 }
 
 /// Datagrams from a UDP session's host socket, back to the client; socket errors (ICMP errors

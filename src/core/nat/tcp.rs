@@ -981,6 +981,11 @@ impl TcpRelay<'_> {
         Ok(r)
     }
 
+    /// Every byte given to the connection has been acknowledged by the client.
+    pub fn all_sent(&self) -> bool {
+        self.socket.send_queue() == 0
+    }
+
     /// Registers `waker` for any change of the connection (data, room, FIN, RST).
     pub fn register_waker(&mut self, waker: &std::task::Waker) {
         self.socket.register_recv_waker(waker);
