@@ -26,6 +26,8 @@ fn lease_with_capture(state: &Path, options: CaptureOptions) {
     config.state.dir = state.to_owned();
     config.host.mac = Some("00:ac:00:00:00:01".parse().unwrap());
     config.dns.upstream = Vec::new();
+    // Authoritative: no DHCP probes for another server in the capture, only the exchange.
+    config.dhcp.authoritative = true;
     let hub = MemoryHub::new(1500);
     let port = Capture::new(
         hub.connect(),
