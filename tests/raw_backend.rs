@@ -49,6 +49,8 @@ mac = "{HOST_MAC}"
 [dhcp]
 lease = "30s"
 domain = "hubnat.test"
+# No probes for another DHCP server: the capture holds the client's exchanges only.
+authoritative = true
 
 [dns]
 upstream = []
