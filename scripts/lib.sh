@@ -1,4 +1,4 @@
-# Shell functions the namespace scripts (bench-nat.sh, bench-policy.sh) share. Source it from
+# Shell functions the namespace scripts (bench.sh, bench-policy.sh, soak.sh) share. Source it from
 # the repository's root: `. scripts/lib.sh`.
 
 # stop_list ARRAY_NAME: stops every process whose PID is in the array (SIGTERM, up to 5 s,
