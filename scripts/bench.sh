@@ -340,6 +340,7 @@ note() { # note ROUND MTU CONTENDER REASON
 }
 
 rev="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src backends 2>/dev/null || echo '+changes')"
+[ -n "${target_dir:-}" ] || ! hubnat_wanted || rev="$rev (binary given: $HUBNAT, not built from it here)"
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 machine="$(nproc) cores ($cpu), $(free -g | awk '/^Mem:/ {print $2}') GB, kernel $(uname -r)"
 versions="slirp4netns $(slirp4netns --version 2>/dev/null | sed -n 's/^slirp4netns version //p'), passt $(dpkg-query -W -f '${Version}' passt 2>/dev/null || echo '?'), $(iperf3 --version 2>/dev/null | head -n 1 | cut -d' ' -f1-2), $(python3 --version)"
