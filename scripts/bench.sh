@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite: hubnat side by side with the kernel, slirp4netns and pasta, in one run.
 #
-#   scripts/bench.sh                                    # as root; the full suite (about 35 min)
+#   scripts/bench.sh                                    # as root; the full suite (about 32 min)
 #   ROUNDS=1 DURATION=2 MEASURES="tput rr" scripts/bench.sh          # a quick look
 #   CONTENDERS="pasta hubnat-tap" MTUS=65520 scripts/bench.sh
 #
@@ -51,8 +51,10 @@
 #         python3 client and server, DURATION s after 200 uncounted: p50 and p99 round trip
 #   conn  new TCP connections (connect, one byte each way, the server closes, close) for
 #         DURATION s, one at a time and 32 at once (python3): completed per second
-#   mem   (measured first) the NAT process's RSS idle, with SESSIONS open idle TCP sessions (each carried one
-#         byte each way, so it is open end to end) and 5 s after they closed (kernel: n/a)
+#   mem   the NAT process's RSS as started (before any traffic), then (last, after the other
+#         measures) before the sessions, with SESSIONS open idle TCP sessions (each carried one
+#         byte each way, so it is open end to end) and 5 s after they closed (kernel: n/a);
+#         the KiB per session counts from "before the sessions"
 # Output: the machine, the date and the git revision, then a markdown table per MTU (rows =
 # measures, columns = contenders, and each hubnat contender's ratio to the best of slirp4netns
 # and pasta and to the kernel), notes on what could not be measured; OUT/bench-DATE.json has
@@ -302,10 +304,13 @@ interface = \"$RAW_GW\"" ;;
 
 # The measures of one block; every result (or error) goes to $SAMPLES as one JSON line.
 measure() { # measure ROUND MTU CONTENDER
-  local t=(--out "$SAMPLES" --tag "round=$1" --tag "mtu=$2" --tag "contender=$3") p dir flags
-  # Memory first, so that "idle" is the NAT as started, before any traffic.
-  if has "$MEASURES" mem; then
-    in_ns "$NS_CL" python3 "$TOOL" hold "${t[@]}" --tag measure=mem -- "$SERVER_IP" "$PORT" "${SESSIONS// /,}" "$NAT_PID"
+  local t=(--out "$SAMPLES" --tag "round=$1" --tag "mtu=$2" --tag "contender=$3") p dir flags idle
+  # The NAT as started, before any traffic. The sessions come last: 10,000 of them leave
+  # slirp4netns unable to take new connections for a while.
+  if [ "$NAT_PID" != - ]; then
+    idle=$(awk '/^VmRSS:/ { printf "%.2f", $2 / 1024 }' "/proc/$NAT_PID/status" 2>/dev/null || echo -)
+  else
+    idle=-
   fi
   if has "$MEASURES" tput; then
     for p in 1 4; do
@@ -331,6 +336,9 @@ measure() { # measure ROUND MTU CONTENDER
   if has "$MEASURES" conn; then
     in_ns "$NS_CL" python3 "$TOOL" conn "${t[@]}" --tag measure=conn_seq -- "$SERVER_IP" "$PORT" "$DURATION" 1
     in_ns "$NS_CL" python3 "$TOOL" conn "${t[@]}" --tag measure=conn_32 -- "$SERVER_IP" "$PORT" "$DURATION" 32
+  fi
+  if has "$MEASURES" mem; then
+    in_ns "$NS_CL" python3 "$TOOL" hold "${t[@]}" --tag measure=mem -- "$SERVER_IP" "$PORT" "${SESSIONS// /,}" "$NAT_PID" "${idle:--}"
   fi
 }
 

@@ -7,7 +7,7 @@
     bench_tool.py iperf  --out F --tag k=v .. -- NS IP IPERF3-PORT DURATION PID|- [iperf3 flags]
     bench_tool.py rr     --out F --tag k=v .. -- tcp|udp IP PORT DURATION
     bench_tool.py conn   --out F --tag k=v .. -- IP PORT DURATION CONCURRENCY
-    bench_tool.py hold   --out F --tag k=v .. -- IP PORT STEPS(1000,10000) PID|-
+    bench_tool.py hold   --out F --tag k=v .. -- IP PORT STEPS(1000,10000) PID|- IDLE-MB|-
     bench_tool.py note   --out F --tag k=v .. -- REASON
     bench_tool.py report SAMPLES.jsonl OUT.json [META k=v ...]
 
@@ -373,13 +373,14 @@ def conn(ip, port, duration, concurrency):
             "per_s": round(done / elapsed, 1), "concurrency": concurrency}
 
 
-def hold(ip, port, steps, pid):
-    """The NAT process's resident memory idle, with each number of open idle TCP sessions in
+def hold(ip, port, steps, pid, idle):
+    """The NAT process's resident memory before, with each number of open idle TCP sessions in
     STEPS (each connection sends one byte and gets it back through the hold server, so it is
-    open end to end), and 5 s after they all closed. Up to 256 handshakes in flight."""
+    open end to end), and 5 s after they all closed. Up to 256 handshakes in flight. IDLE is
+    the RSS the caller took when the NAT had just started, passed through to the report."""
     addr = (ip, port + 3)
     steps = [int(x) for x in steps.split(",")]
-    r = {"idle_mb": rss_mb(pid), "steps": {}}
+    r = {"idle_mb": None if idle == "-" else float(idle), "before_mb": rss_mb(pid), "steps": {}}
     open_socks, pending = [], {}
     sel = selectors.DefaultSelector()
     failures = 0
@@ -485,10 +486,11 @@ ROWS = [
     ("udp_rr_p99", "UDP request/response p99, µs", False),
     ("conn_seq", "new connections/s, sequential", True),
     ("conn_32", "new connections/s, 32 concurrent", True),
-    ("mem_idle", "NAT RSS idle, MB", False),
+    ("mem_idle", "NAT RSS idle (as started), MB", False),
+    ("mem_before", "NAT RSS before the sessions (after the other measures), MB", False),
     ("mem_s1", "NAT RSS, {s1} idle TCP sessions, MB", False),
     ("mem_s2", "NAT RSS, {s2} idle TCP sessions, MB", False),
-    ("kib_per_session", "NAT KiB per idle TCP session (at {s2})", False),
+    ("kib_per_session", "NAT KiB per idle TCP session (at {s2}, from before them)", False),
     ("mem_after", "NAT RSS 5 s after they closed, MB", False),
 ]
 
@@ -511,6 +513,8 @@ def values_of(sample):
     elif m == "mem":
         if d.get("idle_mb") is not None:
             out["mem_idle"] = (d["idle_mb"], None)
+        if d.get("before_mb") is not None:
+            out["mem_before"] = (d["before_mb"], None)
         steps = sorted(d["steps"].items(), key=lambda kv: int(kv[0]))
         for (key, (target, st)) in zip(("mem_s1", "mem_s2"), steps):
             if st["rss_mb"] is not None:
@@ -518,8 +522,8 @@ def values_of(sample):
                 out[key] = (st["rss_mb"], note)
         if steps:
             target, st = steps[-1]
-            if st["rss_mb"] is not None and d.get("idle_mb") is not None and st["opened"]:
-                out["kib_per_session"] = ((st["rss_mb"] - d["idle_mb"]) * 1024 / st["opened"], None)
+            if st["rss_mb"] is not None and d.get("before_mb") is not None and st["opened"]:
+                out["kib_per_session"] = ((st["rss_mb"] - d["before_mb"]) * 1024 / st["opened"], None)
         if d.get("after_close_mb") is not None:
             out["mem_after"] = (d["after_close_mb"], None)
     return out
@@ -674,7 +678,7 @@ def main():
     elif cmd == "conn":
         return record(argv, lambda ip, port, dur, n: conn(ip, int(port), dur, n))
     elif cmd == "hold":
-        return record(argv, lambda ip, port, steps, pid: hold(ip, int(port), steps, pid))
+        return record(argv, lambda ip, port, steps, pid, idle: hold(ip, int(port), steps, pid, idle))
     elif cmd == "note":
         return record(argv, lambda why: {"measure": "skip", "why": why})
     elif cmd == "report":
