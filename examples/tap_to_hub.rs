@@ -9,7 +9,7 @@
 //! CAP_NET_ADMIN), connects to the Unix socket, and copies frames both ways in QEMU's
 //! `-netdev stream` framing: a 4-byte big-endian length, then the Ethernet frame. Setting the
 //! device's MTU and bringing it up is left to the caller (`ip link set TAPNAME mtu M up`).
-//! `scripts/bench-nat.sh` uses it to measure hubnat's hub backend.
+//! `scripts/bench.sh` uses it to measure hubnat's hub backend (the `hubnat-hub` contender).
 //!
 //! Two threads, one per direction, with blocking I/O:
 //!
