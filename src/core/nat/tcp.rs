@@ -617,12 +617,7 @@ impl VirtualHost {
         }
         let to_us = p.dst_addr() == self.settings.host.ip;
         // A SYN with FIN (a scanner's probe, never a real client's) opens nothing.
-        if seg.syn()
-            && !seg.ack()
-            && !seg.rst()
-            && !seg.fin()
-            && (!to_us || seg.dst_port() == 53)
-        {
+        if seg.syn() && !seg.ack() && !seg.rst() && !seg.fin() && (!to_us || seg.dst_port() == 53) {
             self.admit(now, key, mac, p);
             return Ok(());
         }
