@@ -91,7 +91,6 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   done
 }
 
-new_ns() { ip netns add "$1" && ip -n "$1" link set lo up; }
 
 # The server and gateway namespaces and the echo server.
 for ns in "$NS_SRV" "$NS_GW"; do new_ns "$ns"; done

@@ -153,8 +153,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
-new_ns() { ip netns add "$1" && ip -n "$1" link set lo up; }
 veth() { # veth NS_A DEV_A NS_B DEV_B MTU
   ip -n "$1" link add "$2" mtu "$5" type veth peer name "$4" mtu "$5" netns "$3" &&
   ip -n "$1" link set "$2" up &&

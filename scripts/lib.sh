@@ -15,3 +15,9 @@ stop_list() {
   done
   list=()
 }
+
+# new_ns NAME: a network namespace with its loopback up.
+new_ns() { ip netns add "$1" && ip -n "$1" link set lo up; }
+
+# in_ns NAME COMMAND...: runs COMMAND in namespace NAME (exec'd, so $! is its PID).
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }

@@ -633,17 +633,28 @@ fn finish_offloads(hdr: &VnetHdr, frame: &mut [u8]) -> Result<bool, ()> {
 
 /// The `virtio_net_hdr` for a frame to send, and for a super-frame its headers with the TCP
 /// checksum field made partial (the frame itself is borrowed, not changed).
+/// No allocation per frame: the headers fit a fixed buffer.
 struct VnetPrefix {
     hdr: VnetHdr,
-    headers: Vec<u8>,
+    headers: [u8; MAX_HEADERS],
+    headers_len: usize,
 }
+
+/// The longest Ethernet, IPv4 and TCP headers: 14 + 60 + 60 bytes.
+const MAX_HEADERS: usize = ETHERNET_HEADER_LEN + 60 + 60;
 
 impl VnetPrefix {
     fn plain() -> VnetPrefix {
         VnetPrefix {
             hdr: VnetHdr::default(),
-            headers: Vec::new(),
+            headers: [0; MAX_HEADERS],
+            headers_len: 0,
         }
+    }
+
+    /// The super-frame's headers as they go out (empty for a frame that fits).
+    fn headers(&self) -> &[u8] {
+        &self.headers[..self.headers_len]
     }
 }
 
@@ -666,7 +677,8 @@ fn vnet_prefix(frame: &[u8], wire_max: usize, offload: bool) -> Option<VnetPrefi
     if ihl < 20 || thl < 20 || frame.len() <= hdr_len || gso_size == 0 {
         return None;
     }
-    let mut headers = frame[..hdr_len].to_vec();
+    let mut headers = [0; MAX_HEADERS];
+    headers[..hdr_len].copy_from_slice(&frame[..hdr_len]);
     let pseudo = tcp_pseudo_header_sum(frame, l3)?;
     headers[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
     Some(VnetPrefix {
@@ -679,21 +691,23 @@ fn vnet_prefix(frame: &[u8], wire_max: usize, offload: bool) -> Option<VnetPrefi
             csum_offset: 16,
         },
         headers,
+        headers_len: hdr_len,
     })
 }
 
 /// Writes the header, the (changed) headers and the rest of `frame` with one `writev`.
 fn write_vnet(fd: &OwnedFd, prefix: &VnetPrefix, frame: &[u8]) -> io::Result<usize> {
     let hdr = prefix.hdr.to_bytes();
-    let rest = &frame[prefix.headers.len()..];
+    let headers = prefix.headers();
+    let rest = &frame[headers.len()..];
     let iov = [
         libc::iovec {
             iov_base: hdr.as_ptr() as *mut libc::c_void,
             iov_len: hdr.len(),
         },
         libc::iovec {
-            iov_base: prefix.headers.as_ptr() as *mut libc::c_void,
-            iov_len: prefix.headers.len(),
+            iov_base: headers.as_ptr() as *mut libc::c_void,
+            iov_len: headers.len(),
         },
         libc::iovec {
             iov_base: rest.as_ptr() as *mut libc::c_void,
@@ -731,7 +745,7 @@ mod tests {
     fn frames_that_fit_go_with_an_empty_header() {
         let p = vnet_prefix(&tcp_frame(1000), 1514, true).unwrap();
         assert_eq!(p.hdr, VnetHdr::default());
-        assert!(p.headers.is_empty());
+        assert!(p.headers().is_empty());
     }
 
     #[test]
@@ -745,9 +759,9 @@ mod tests {
         assert_eq!(p.hdr.gso_size, 1448);
         assert_eq!((p.hdr.csum_start, p.hdr.csum_offset), (34, 16));
         // The checksum field holds the pseudo-header sum; the frame itself is unchanged.
-        let field = u16::from_be_bytes([p.headers[50], p.headers[51]]);
+        let field = u16::from_be_bytes([p.headers()[50], p.headers()[51]]);
         assert_eq!(Some(field), tcp_pseudo_header_sum(&frame, 14));
-        assert_eq!(&p.headers[..50], &frame[..50]);
+        assert_eq!(&p.headers()[..50], &frame[..50]);
     }
 
     #[test]

@@ -279,9 +279,9 @@ pub struct TcpStack {
     scratch: Vec<u8>,
     /// The whole pages inside each connection's buffers.
     pages: IdMap<BufferPages>,
-    /// Connections that took in or sent a segment since the last quiet check, and those of
-    /// the check before: one in `was_active` but not in `active` has been quiet for a whole
-    /// period.
+    /// Connections egress polled since the last quiet check (every segment in or out makes
+    /// its connection dirty, hence polled), and those of the check before: one in `was_active`
+    /// but not in `active`, and not dirty now, has been quiet for a whole period.
     active: IdSet,
     was_active: IdSet,
     /// The next quiet check, while there are connections to check.
@@ -396,7 +396,6 @@ impl TcpStack {
                 let (set, handle) = self.sets.get_mut(&id)?;
                 let _ = self.iface.poll_ingress_single(now, &mut device, set);
                 self.dirty.insert(id);
-                self.active.insert(id);
                 Some(set.get::<tcp::Socket>(*handle).state())
             }
             None => {
@@ -482,7 +481,7 @@ impl TcpStack {
     fn release_quiet(&mut self, now: Instant) {
         let was = std::mem::replace(&mut self.was_active, std::mem::take(&mut self.active));
         for id in was {
-            if self.was_active.contains(&id) {
+            if self.was_active.contains(&id) || self.dirty.contains(&id) {
                 continue;
             }
             let (Some((set, handle)), Some(pages)) = (self.sets.get(&id), self.pages.get(&id))
