@@ -27,10 +27,12 @@
 //!   queues the frame on its backlog), but if it does, the backend waits for writability at
 //!   most [`WRITE_STALL_LIMIT`] once per batch; after that, frames that would block are dropped
 //!   and counted, like on a congested link. Oversized or runt frames are dropped and counted.
-//! * **Failure.** `EIO`, `ENXIO`, `EBADFD`, `EBADF` and `ENODEV` mean the device is gone (deleted
+//! * **Failure.** `ENXIO`, `EBADFD`, `EBADF` and `ENODEV` mean the device is gone (deleted
 //!   with `ip link del`, or its namespace torn down): both directions then return an error and
-//!   the driver stops. Any other read error is fatal too (retrying it would spin); any other
-//!   write error drops that one frame.
+//!   the driver stops. A write's `EIO` means the link is down (`ip link set down`, or the
+//!   device was just moved to another namespace and is not up yet): the frame is dropped and
+//!   counted, a warning says so once, and sending resumes when the link comes up. Any other
+//!   read error is fatal (retrying it would spin); any other write error drops that one frame.
 //!
 //! # Limits
 //!
@@ -284,6 +286,8 @@ pub struct TapBackend {
     rx_super: u64,
     /// Super-frames sent (the kernel cuts them where it must).
     tx_super: u64,
+    /// A write found the link down, and no write has succeeded since (warned once).
+    link_down: bool,
 }
 
 impl TapBackend {
@@ -374,6 +378,7 @@ impl TapBackend {
             offload,
             rx_super: 0,
             tx_super: 0,
+            link_down: false,
         })
     }
 
@@ -547,6 +552,9 @@ impl Backend for TapBackend {
                         if prefix.as_ref().is_some_and(|p| p.hdr.gso_type != GSO_NONE) {
                             self.tx_super += 1;
                         }
+                        if std::mem::take(&mut self.link_down) {
+                            tracing::info!(device = %self.name, "TAP device is up again: frames go out");
+                        }
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -562,6 +570,14 @@ impl Backend for TapBackend {
                         may_wait = false;
                         self.stats.tx_dropped += 1;
                         tracing::trace!(device = %self.name, "device not writable: dropped a frame");
+                        break;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                        // The link is down (not gone: that is EBADFD): drop, count, go on.
+                        self.stats.tx_dropped += 1;
+                        if !std::mem::replace(&mut self.link_down, true) {
+                            tracing::warn!(device = %self.name, "TAP device is down: frames to the segment are dropped until it is up");
+                        }
                         break;
                     }
                     Err(e) if device_gone(&e) => return Err(self.io_error("write", e)),

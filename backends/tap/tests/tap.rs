@@ -346,6 +346,33 @@ fn a_deleted_device_is_an_error_in_both_directions() {
     });
 }
 
+/// A link that is down (here: taken down after the open, as moving the device to another
+/// namespace does) drops what is sent, counted, and is no error; once it is up, frames go out.
+#[test]
+fn a_link_that_is_down_drops_frames_until_it_is_up() {
+    if skip_unless_root("a_link_that_is_down_drops_frames_until_it_is_up") {
+        return;
+    }
+    let name = unique_name();
+    in_fresh_netns(move || {
+        let mut tap = TapBackend::open(&name, 1500).expect("open TAP");
+        let _guard = DeleteOnDrop(name.clone());
+        let mut frame = vec![0xffu8; 6];
+        frame.extend_from_slice(&PEER_MAC);
+        frame.extend_from_slice(&[0x88, 0xb5]); // local experimental EtherType
+        frame.resize(60, 0);
+        let mut out = FrameBatch::new(2, 64);
+        out.push(&frame);
+        out.push(&frame);
+        ip(&["link", "set", "dev", &name, "down"]);
+        block_on(tap.send_batch(&out)).expect("a down link is no error");
+        assert_eq!((tap.stats().tx_dropped, tap.stats().tx_frames), (2, 0));
+        ip(&["link", "set", "dev", &name, "up"]);
+        block_on(tap.send_batch(&out)).expect("send_batch once up");
+        assert_eq!((tap.stats().tx_dropped, tap.stats().tx_frames), (2, 2));
+    });
+}
+
 #[test]
 fn a_bad_name_or_mtu_is_refused_with_a_clear_message() {
     // No privilege needed: the checks happen before the kernel is asked.
