@@ -453,7 +453,7 @@ fn a_reload_keeps_the_previous_module_of_a_policy_that_fails_to_load() {
 }
 
 #[test]
-fn the_thread_answers_in_order_and_survives_a_timeout() {
+fn the_thread_answers_every_request_and_survives_a_timeout() {
     let set = load(&[misbehave(OnError::Allow)]);
     let (mut client_, answers, thread) = PolicyThread::spawn(set).expect("spawn");
     assert_eq!(
@@ -468,33 +468,36 @@ fn the_thread_answers_in_order_and_survives_a_timeout() {
         .customize_dhcp(DhcpRequestId(7), client(OTHER_MAC, None), reply())
         .expect("queued");
 
-    match answers.recv_blocking().expect("answer") {
-        PolicyResponse::Verdict {
-            ticket,
-            decision,
-            notes,
-        } => {
-            assert_eq!((ticket, decision), (FlowTicket(1), Decision::allow()));
-            assert_eq!(failures(&notes), [("m".to_string(), Failure::Timeout)]);
+    // The checks in order; the DHCP reply may overtake them (it is served first).
+    let mut verdicts = Vec::new();
+    for _ in 0..3 {
+        match answers.recv_blocking().expect("answer") {
+            PolicyResponse::Verdict {
+                ticket,
+                decision,
+                notes,
+            } => verdicts.push((ticket, decision, failures(&notes))),
+            PolicyResponse::Dhcp { id, outcome, .. } => {
+                assert_eq!(id, DhcpRequestId(7));
+                let DhcpOutcome::Reply(r) = outcome else {
+                    panic!("{outcome:?}")
+                };
+                assert_eq!(r.options.last(), Some(&option(252, b"http://wpad/")));
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
     }
-    match answers.recv_blocking().expect("answer") {
-        PolicyResponse::Verdict {
-            ticket, decision, ..
-        } => assert_eq!((ticket, decision), (FlowTicket(2), rejected_by("m"))),
-        other => panic!("{other:?}"),
-    }
-    match answers.recv_blocking().expect("answer") {
-        PolicyResponse::Dhcp { id, outcome, .. } => {
-            assert_eq!(id, DhcpRequestId(7));
-            let DhcpOutcome::Reply(r) = outcome else {
-                panic!("{outcome:?}")
-            };
-            assert_eq!(r.options.last(), Some(&option(252, b"http://wpad/")));
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        verdicts,
+        [
+            (
+                FlowTicket(1),
+                Decision::allow(),
+                vec![("m".to_string(), Failure::Timeout)]
+            ),
+            (FlowTicket(2), rejected_by("m"), vec![]),
+        ]
+    );
 
     // The counters saw the three calls.
     let listed = client_.policies();
@@ -540,6 +543,47 @@ fn the_thread_answers_in_order_and_survives_a_timeout() {
         ("lab", 0)
     );
 
+    drop(client_);
+    thread.join().expect("the policy thread ends cleanly");
+}
+
+/// A storm of session checks that each use the whole time budget does not hold up a DHCP
+/// reply: it is answered next, after at most the call under way.
+#[test]
+fn a_dhcp_reply_overtakes_queued_session_checks() {
+    let set = load(&[misbehave(OnError::Allow)]);
+    let (mut client_, answers, thread) = PolicyThread::spawn(set).expect("spawn");
+    // Port 1 loops until the 20 ms timeout: ten of them are 200 ms of work.
+    for t in 0..10 {
+        assert_eq!(
+            client_.check(FlowTicket(t), &tcp("198.51.100.7:1")),
+            PolicyAnswer::Later
+        );
+    }
+    client_
+        .customize_dhcp(DhcpRequestId(7), client(OTHER_MAC, None), reply())
+        .expect("queued");
+    let mut before = 0;
+    loop {
+        match answers.recv_blocking().expect("answer") {
+            PolicyResponse::Verdict { .. } => before += 1,
+            PolicyResponse::Dhcp { id, .. } => {
+                assert_eq!(id, DhcpRequestId(7));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        before <= 1,
+        "{before} session checks were answered before the DHCP reply"
+    );
+    for _ in before..10 {
+        assert!(matches!(
+            answers.recv_blocking().expect("answer"),
+            PolicyResponse::Verdict { .. }
+        ));
+    }
     drop(client_);
     thread.join().expect("the policy thread ends cleanly");
 }

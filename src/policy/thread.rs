@@ -2,9 +2,12 @@
 //!
 //! [`PolicyThread::spawn`] moves a [`PolicySet`] onto a thread of its own and gives back a
 //! [`PolicyClient`] (cheap to clone) and the receiving end of the answers. The thread takes
-//! requests in order from one bounded queue ([`MAX_QUEUED_REQUESTS`]): a session check, a DHCP
-//! reply to customise, or a reload, which swaps the set between two calls. It ends when every
-//! `PolicyClient` is gone, or when nobody receives the answers any more.
+//! requests from two bounded queues: DHCP replies to customise and reloads (which swap the set
+//! between two calls) from one, served first, and session checks from the other
+//! ([`MAX_QUEUED_REQUESTS`]), each in order. So a storm of new flows, each call using its whole
+//! time budget, delays no client's DHCP and no reload by more than one call. The thread ends
+//! when every `PolicyClient` is gone (after answering what was queued), or when nobody
+//! receives the answers any more.
 //!
 //! As the core's [`SessionPolicy`], a `PolicyClient` queues the flow and answers
 //! [`PolicyAnswer::Later`]; the driver receives [`PolicyResponse::Verdict`] and passes the
@@ -24,8 +27,12 @@ use super::{PolicyInfo, ReloadReport};
 use crate::config::PolicyConfig;
 use crate::core::nat::{Decision, FlowInfo, FlowTicket, PolicyAnswer, SessionPolicy, Verdict};
 
-/// Requests queued for the policy thread at once, at most.
+/// Session checks queued for the policy thread at once, at most.
 pub const MAX_QUEUED_REQUESTS: usize = 2048;
+
+/// DHCP replies and reloads queued at once, at most (the core holds at most
+/// [`MAX_PENDING_REPLIES`](crate::core::dhcp::hook::MAX_PENDING_REPLIES) replies waiting).
+const MAX_QUEUED_URGENT: usize = 512;
 
 /// The name a decision carries when the policy thread could not take the flow.
 const BUSY: &str = "policy-queue";
@@ -89,7 +96,10 @@ pub enum PolicyResponse {
 /// The way to the policy thread. Clones share the thread.
 #[derive(Debug, Clone)]
 pub struct PolicyClient {
+    /// Session checks.
     requests: async_channel::Sender<Request>,
+    /// DHCP replies and reloads, served before any session check.
+    urgent: async_channel::Sender<Request>,
     /// Whether a policy in force filters sessions (kept by the thread).
     filters_sessions: Arc<AtomicBool>,
     /// Whether a policy in force customises DHCP replies (kept by the thread).
@@ -131,7 +141,7 @@ impl PolicyClient {
         client: DhcpClientInfo,
         reply: DhcpReplyInfo,
     ) -> Result<(), PolicyBusy> {
-        self.requests
+        self.urgent
             .try_send(Request::Dhcp { id, client, reply })
             .map_err(|_| PolicyBusy)
     }
@@ -139,7 +149,7 @@ impl PolicyClient {
     /// Queues a reload, waiting for room in the queue; the answer is a
     /// [`PolicyResponse::Reloaded`] with `id`. `Err` only when the thread has stopped.
     pub async fn reload(&self, reload: PolicyReload, id: ReloadId) -> Result<(), PolicyBusy> {
-        self.requests
+        self.urgent
             .send(Request::Reload(reload, id))
             .await
             .map_err(|_| PolicyBusy)
@@ -147,7 +157,7 @@ impl PolicyClient {
 
     /// [`reload`](Self::reload), blocking the calling thread.
     pub fn reload_blocking(&self, reload: PolicyReload, id: ReloadId) -> Result<(), PolicyBusy> {
-        self.requests
+        self.urgent
             .send_blocking(Request::Reload(reload, id))
             .map_err(|_| PolicyBusy)
     }
@@ -204,9 +214,12 @@ impl PolicyThread {
         PolicyThread,
     )> {
         let (requests, queue) = async_channel::bounded(MAX_QUEUED_REQUESTS);
-        let (answers, responses) = async_channel::bounded(MAX_QUEUED_REQUESTS);
+        let (urgent, urgent_queue) = async_channel::bounded(MAX_QUEUED_URGENT);
+        let (answers, responses) =
+            async_channel::bounded(MAX_QUEUED_REQUESTS + MAX_QUEUED_URGENT);
         let client = PolicyClient {
             requests,
+            urgent,
             filters_sessions: Arc::default(),
             customizes_dhcp: Arc::default(),
             in_force: InForce::default(),
@@ -216,7 +229,7 @@ impl PolicyThread {
         published.publish(&set);
         let handle = thread::Builder::new()
             .name("hubnat-policy".into())
-            .spawn(move || serve(set, &queue, &answers, &published))?;
+            .spawn(move || serve(set, &urgent_queue, &queue, &answers, &published))?;
         Ok((client, responses, PolicyThread { handle }))
     }
 
@@ -254,13 +267,32 @@ impl Published {
     }
 }
 
+/// The next request: a queued DHCP reply or reload before any session check. `None` once
+/// both queues are closed (every client gone) and empty.
+fn next_request(
+    urgent: &async_channel::Receiver<Request>,
+    sessions: &async_channel::Receiver<Request>,
+) -> Option<Request> {
+    use futures_lite::FutureExt;
+    if let Ok(request) = urgent.try_recv() {
+        return Some(request);
+    }
+    // `or` polls the urgent queue first, so a DHCP reply ready with a check wins.
+    let either = async { urgent.recv().await.ok() }.or(async { sessions.recv().await.ok() });
+    futures_lite::future::block_on(either)
+        // One queue is closed (the clients are gone); what the other still holds is answered.
+        .or_else(|| urgent.try_recv().ok())
+        .or_else(|| sessions.try_recv().ok())
+}
+
 fn serve(
     mut set: PolicySet,
-    queue: &async_channel::Receiver<Request>,
+    urgent: &async_channel::Receiver<Request>,
+    sessions: &async_channel::Receiver<Request>,
     answers: &async_channel::Sender<PolicyResponse>,
     published: &Published,
 ) {
-    while let Ok(request) = queue.recv_blocking() {
+    while let Some(request) = next_request(urgent, sessions) {
         let response = match request {
             Request::Session { ticket, flow } => {
                 let (decision, notes) = set.check_session(&flow);
