@@ -5,7 +5,8 @@
 //! Then it asks the running gateway, through its [`GatewayHandle`](hubnat::driver::GatewayHandle),
 //! for its status (frames in and out, whether DHCP and the NAT are on) and its lease table
 //! (empty: this program asked for no address). The handle works from any thread; its calls
-//! are `async`, and a plain thread waits for them with `async_io::block_on`.
+//! are `async`, and a plain thread waits for them with `async_io::block_on`; the gateway itself
+//! runs on a thread of its own under `hubnat::rt::block_on`, hubnat's reactor.
 //!
 //! A real embedder hands its port to a user-mode stack instead (a smoltcp `phy::Device` built
 //! on `MemoryPort::try_send` / `try_recv`, as `tests/common/smol_client.rs` does), or bridges it
@@ -38,7 +39,7 @@ fn main() -> Result<()> {
     let (stop, stopped) = async_channel::bounded::<()>(1);
     let port = hub.connect();
     let thread = std::thread::spawn(move || {
-        async_io::block_on(gateway.run(port, async move {
+        hubnat::rt::block_on(gateway.run(port, async move {
             let _ = stopped.recv().await;
         }))
     });

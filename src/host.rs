@@ -1,6 +1,7 @@
 //! The host side of the NAT: the operating system's sockets, opened as an ordinary process.
 //!
-//! Everything here is a thin wrapper: non-blocking sockets registered with async-io's reactor.
+//! Everything here is a thin wrapper: non-blocking sockets for the driver's reactor
+//! ([`hubnat_backend::rt`]).
 //! TCP connects are bounded by [`CONNECT_TIMEOUT`]; UDP flows get a socket each, connected to
 //! the remote so the kernel filters what comes back, with their ICMP errors queued on them
 //! (`IP_RECVERR`) for the client; echo goes through unprivileged ICMP sockets
@@ -11,8 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use async_io::{Async, Timer};
 use futures_lite::FutureExt;
+use hubnat_backend::rt::{Io, Timer};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::core::nat::IcmpMode;
@@ -22,14 +23,32 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connects to `target`, bounded by [`CONNECT_TIMEOUT`]; the stream has `TCP_NODELAY` (the
 /// client's own stack already coalesces, hubnat should not delay what it relays).
-pub async fn tcp_connect(target: SocketAddr) -> io::Result<Async<TcpStream>> {
-    let connect = async { Async::<TcpStream>::connect(target).await };
+pub async fn tcp_connect(target: SocketAddr) -> io::Result<Io<TcpStream>> {
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = Io::from_nonblocking(TcpStream::from(socket));
+    let connect = async {
+        // Writable once the handshake is over, one way or the other.
+        stream.writable().await?;
+        match stream.get_ref().take_error()? {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    };
     let timeout = async {
         Timer::after(CONNECT_TIMEOUT).await;
         Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
     };
-    let stream = connect.or(timeout).await?;
-    stream.get_ref().set_nodelay(true)?;
+    connect.or(timeout).await?;
     Ok(stream)
 }
 
@@ -42,7 +61,7 @@ pub fn set_reset_on_close(stream: &TcpStream) {
 /// about what it sent is queued on it, host and network unreachable included, which a UDP
 /// socket reports only with that option (without it, only port unreachable). Read them with
 /// [`udp_take_error`]: the socket stays readable until its error queue is empty.
-pub fn udp_connect(target: SocketAddr) -> io::Result<Async<UdpSocket>> {
+pub fn udp_connect(target: SocketAddr) -> io::Result<Io<UdpSocket>> {
     let bind: SocketAddr = match target {
         SocketAddr::V4(_) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => "[::]:0".parse().expect("invariant: literal"),
@@ -67,7 +86,7 @@ pub fn udp_connect(target: SocketAddr) -> io::Result<Async<UdpSocket>> {
         return Err(io::Error::last_os_error());
     }
     socket.connect(target)?;
-    Async::new(socket)
+    Io::new(socket)
 }
 
 /// The next error on the error queue of a socket from [`udp_connect`] (the errno of an ICMP
@@ -125,22 +144,22 @@ pub fn udp_take_error(socket: &UdpSocket) -> Option<io::Error> {
 /// A fresh UDP socket for one DNS query to `upstream`: on a port of its own (the kernel picks
 /// it at random from the ephemeral range), connected to the upstream so that the kernel drops
 /// datagrams from anyone else. A blind spoofer must guess the port as well as the query's id.
-pub fn dns_query_socket(upstream: SocketAddr) -> io::Result<Async<UdpSocket>> {
+pub fn dns_query_socket(upstream: SocketAddr) -> io::Result<Io<UdpSocket>> {
     let bind: SocketAddr = match upstream {
         SocketAddr::V4(_) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => "[::]:0".parse().expect("invariant: literal"),
     };
     let socket = UdpSocket::bind(bind)?;
     socket.connect(upstream)?;
-    Async::new(socket)
+    Io::new(socket)
 }
 
 /// An unprivileged ICMP socket connected to `target`.
-pub fn ping_socket(target: Ipv4Addr) -> io::Result<Async<Socket>> {
+pub fn ping_socket(target: Ipv4Addr) -> io::Result<Io<Socket>> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4))?;
     socket.connect(&SockAddr::from(SocketAddrV4::new(target, 0)))?;
     socket.set_nonblocking(true)?;
-    Async::new(socket)
+    Io::new(socket)
 }
 
 /// Whether this process may open ICMP sockets; decides the NAT's [`IcmpMode`].

@@ -22,7 +22,9 @@
 //!
 //! Embedding: build a [`config::Config`], make a [`driver::Gateway`], take its handle, and run
 //! it on any `hubnat_backend::Backend` — for a program of its own, a port of
-//! `hubnat_hub::MemoryHub`. `examples/embed.rs` does exactly that.
+//! `hubnat_hub::MemoryHub` — on a thread of its own with [`rt::block_on`] (hubnat's reactor:
+//! the gateway's sockets and timers wait there, see [`rt`]). `examples/embed.rs` does exactly
+//! that.
 pub mod config;
 pub mod control;
 pub mod core;
@@ -33,3 +35,7 @@ pub mod privilege;
 pub mod seccomp;
 pub mod seclog;
 pub mod state;
+
+/// hubnat's reactor and `block_on` (from `hubnat_backend`): drive [`driver::Gateway::run`] with
+/// [`rt::block_on`].
+pub use hubnat_backend::rt;

@@ -357,7 +357,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut options = ControlOptions::new(&config, overridden);
     options.policy_source = Some(policy_source.clone());
     let control = ControlServer::start(gateway.handle(), options)?;
-    async_io::block_on(async {
+    hubnat_backend::rt::block_on(async {
         use async_signal::Signal;
         let signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])
             .context("cannot install the SIGTERM/SIGINT/SIGHUP handlers")?;

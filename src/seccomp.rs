@@ -166,8 +166,9 @@ pub const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub const ALLOWED: &[(&str, &[Call])] = &[
     (
-        // Every thread: the executors and the reactor (async-io; polling's epoll with a timerfd
-        // for its timeouts), channels and locks,
+        // Every thread: the executors and the reactors (the gateway's own, hubnat_backend::rt:
+        // epoll and an eventfd; async-io's for the control API and the hub socket: polling's
+        // epoll with a timerfd for its timeouts), channels and locks,
         // timers, thread start and end (std, glibc), the epoch ticker of the policies.
         "threads, waiting and time",
         calls![

@@ -144,16 +144,16 @@ impl SecurityLog {
     fn make_room(&mut self, len: u64) -> io::Result<()> {
         let ours = self.file.metadata()?;
         let current = std::fs::metadata(&self.path).ok();
-        if current
-            .as_ref()
-            .is_none_or(|m| (m.dev(), m.ino()) != (ours.dev(), ours.ino()))
-        {
-            self.file = open_append(&self.path)?;
-        }
+        let size = match current {
+            Some(m) if (m.dev(), m.ino()) == (ours.dev(), ours.ino()) => ours.len(),
+            _ => {
+                self.file = open_append(&self.path)?;
+                self.file.metadata()?.len()
+            }
+        };
         let Some(max) = self.rotation.max_size else {
             return Ok(());
         };
-        let size = self.file.metadata()?.len();
         if size == 0 || size + len <= max {
             return Ok(());
         }

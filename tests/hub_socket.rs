@@ -668,7 +668,7 @@ fn the_gateway_gives_leases_to_smoltcp_clients_behind_socket_peers() {
     let gateway = Gateway::new(config).expect("gateway");
     let (stop, stopped) = async_channel::bounded::<()>(1);
     let gw_thread: JoinHandle<Result<(), GatewayError>> = std::thread::spawn(move || {
-        async_io::block_on(gateway.run(hub, async move {
+        hubnat::rt::block_on(gateway.run(hub, async move {
             let _ = stopped.recv().await;
         }))
     });

@@ -36,7 +36,7 @@ fn lease_with_capture(state: &Path, options: CaptureOptions) {
     let gateway = Gateway::new(config).expect("gateway");
     let (stop, stopped) = async_channel::bounded::<()>(1);
     let thread = std::thread::spawn(move || {
-        async_io::block_on(gateway.run(port, async move {
+        hubnat::rt::block_on(gateway.run(port, async move {
             let _ = stopped.recv().await;
         }))
     });

@@ -231,9 +231,17 @@ impl ControlServer {
                 });
                 let ex = Rc::new(async_executor::LocalExecutor::new());
                 let serve = serve(ex.clone(), state, listener, metrics);
-                async_io::block_on(ex.run(futures_lite::future::or(serve, async move {
-                    let _ = stopped.recv().await;
-                })));
+                // futures-lite's block_on, not async-io's: this thread must not take the
+                // reactor (one epoll for the process). Were it the one waiting in epoll, each
+                // readiness of the gateway's sockets would cross to the gateway's thread with a
+                // wake-up of its own; the gateway's loop (or async-io's own thread) drives the
+                // reactor, and wakes this thread for its sockets.
+                futures_lite::future::block_on(ex.run(futures_lite::future::or(
+                    serve,
+                    async move {
+                        let _ = stopped.recv().await;
+                    },
+                )));
             })
             .map_err(socket_err)?;
         tracing::info!(socket = %socket.display(), metrics = ?metrics_addr, "control API listening");

@@ -39,8 +39,8 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_executor::LocalExecutor;
-use async_io::Timer;
 use futures_lite::FutureExt;
+use hubnat_backend::rt::{Gate, Timer};
 use hubnat_backend::{Backend, FrameBatch};
 use smoltcp::wire::EthernetAddress;
 use tracing::{error, info};
@@ -264,6 +264,10 @@ impl Gateway {
 
     /// Runs until `shutdown` completes or the backend fails. Leases are saved on every change
     /// and once more on the way out.
+    ///
+    /// Drive it with [`crate::rt::block_on`] on the thread it runs on: its sockets and timers
+    /// wait on that thread's reactor (another executor's `block_on` would never wake them, and
+    /// they panic to say so). `shutdown` may wait on anything.
     pub async fn run<B: Backend>(
         mut self,
         mut backend: B,
@@ -398,6 +402,9 @@ impl Gateway {
 
         // Passes in a row that found an input ready at once (a flood of frames, say).
         let mut busy = 0u32;
+        // The shutdown is polled only when woken: a pass woken by something else makes no
+        // system call for it (a signal stream reads its pipe on every poll).
+        let stop_gate = Gate::new();
         // When the process's memory is next measured for nat.memory_limit.
         let mut next_memory_check = std::time::Instant::now();
         loop {
@@ -447,10 +454,9 @@ impl Gateway {
                         Err(_) => std::future::pending().await,
                     }
                 };
-                let stop = async {
-                    shutdown.as_mut().await;
-                    Wake::Stop
-                };
+                let stop = std::future::poll_fn(|cx| {
+                    stop_gate.poll(cx, shutdown.as_mut()).map(|()| Wake::Stop)
+                });
                 let mut waited = false;
                 let mut wake = pin!(stop.or(recv).or(command).or(policy).or(kick).or(timer));
                 let wake = std::future::poll_fn(|cx| {

@@ -17,7 +17,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_executor::{LocalExecutor, Task};
-use async_io::Async;
+use hubnat_backend::rt::{Io, Timer};
 
 use super::Clock;
 use crate::core::nat::{HostError, HostEvent, HostOp, SessionId};
@@ -45,15 +45,15 @@ pub const DNS_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// A TCP session's stream, once connected (shared by its task and the map, so that an abort
 /// can set SO_LINGER before the drop).
-type StreamSlot = Rc<RefCell<Option<Rc<Async<TcpStream>>>>>;
+type StreamSlot = Rc<RefCell<Option<Rc<Io<TcpStream>>>>>;
 
 /// The host side of one session; dropping it cancels the task and closes the socket. (The
 /// tasks are only held, for that drop.)
 #[allow(dead_code)]
 pub(super) enum HostSide {
     Tcp(StreamSlot, Task<()>),
-    Udp(Rc<Async<UdpSocket>>, Task<()>),
-    Icmp(Rc<Async<socket2::Socket>>, Task<()>),
+    Udp(Rc<Io<UdpSocket>>, Task<()>),
+    Icmp(Rc<Io<socket2::Socket>>, Task<()>),
 }
 
 impl Shared {
@@ -228,7 +228,7 @@ enum Learnt {
 
 /// Moves bytes between the client's connection (in smoltcp) and the host stream, reporting
 /// the host side's EOF, errors and write shutdown to the core, until the session is gone.
-async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
+async fn relay(shared: &Shared, id: SessionId, stream: &Io<TcpStream>) {
     let mut learnt: Vec<Learnt> = Vec::new();
     // What a pass learnt after it had moved bytes to the client: reported on the next pass,
     // once the driver has sent those bytes, so that a remote's data and then its reset reach
@@ -236,7 +236,7 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
     // bytes still in it).
     let mut deferred: Vec<Learnt> = Vec::new();
     // How long the client has to acknowledge those bytes before the news goes anyway.
-    let mut deferred_until: Option<async_io::Timer> = None;
+    let mut deferred_until: Option<Timer> = None;
     std::future::poll_fn(|cx| {
         let now = shared.now();
         let mut core = shared.core.borrow_mut();
@@ -302,6 +302,8 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
             while learnt.iter().all(|l| matches!(l, Learnt::WriteShut))
                 && relay.may_send()
                 && relay.has_room()
+                // Nothing came since the last read said WouldBlock: no read for nothing.
+                && !stream.read_would_block(cx)
             {
                 let mut room = 0;
                 let r = relay.fill_from_host(|buf| {
@@ -342,7 +344,7 @@ async fn relay(shared: &Shared, id: SessionId, stream: &Async<TcpStream>) {
         }
         if filled && learnt.iter().any(|l| matches!(l, Learnt::Failed(_))) {
             deferred.append(&mut learnt);
-            deferred_until = Some(async_io::Timer::after(RESET_AFTER_DATA_WAIT));
+            deferred_until = Some(Timer::after(RESET_AFTER_DATA_WAIT));
             drop(core);
             shared.kick();
             cx.waker().wake_by_ref();
@@ -379,7 +381,7 @@ fn report(core: &mut VirtualHost, id: SessionId, learnt: Learnt, now: Instant) {
 
 /// Datagrams from a UDP session's host socket, back to the client; socket errors (ICMP errors
 /// for earlier datagrams, one per entry of the socket's error queue) are reported to the core.
-async fn udp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<UdpSocket>>) {
+async fn udp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Io<UdpSocket>>) {
     loop {
         if sock.readable().await.is_err() {
             return;
@@ -422,7 +424,7 @@ async fn udp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<UdpSocket
 }
 
 /// Echo replies from an ICMP session's ping socket, back to the client.
-async fn icmp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Async<socket2::Socket>>) {
+async fn icmp_replies(shared: Rc<Shared>, id: SessionId, sock: Rc<Io<socket2::Socket>>) {
     let mut buf = vec![0u8; 65536];
     loop {
         if sock.readable().await.is_err() {
@@ -459,7 +461,7 @@ thread_local! {
 /// The answer to one DNS query, on the query's own socket: the first datagram goes to the
 /// core, then the socket closes; so does it after [`DNS_ANSWER_WAIT`] or an error (an ICMP
 /// port unreachable from the upstream: the core moves on when its timer runs out).
-async fn dns_answer(shared: Rc<Shared>, sock: Async<UdpSocket>) {
+async fn dns_answer(shared: Rc<Shared>, sock: Io<UdpSocket>) {
     let answer = async {
         loop {
             sock.readable().await?;
@@ -482,7 +484,7 @@ async fn dns_answer(shared: Rc<Shared>, sock: Async<UdpSocket>) {
         }
     };
     let timeout = async {
-        async_io::Timer::after(DNS_ANSWER_WAIT).await;
+        Timer::after(DNS_ANSWER_WAIT).await;
         Ok(())
     };
     let result: io::Result<()> = futures_lite::FutureExt::or(answer, timeout).await;

@@ -215,8 +215,7 @@ impl PolicyThread {
     )> {
         let (requests, queue) = async_channel::bounded(MAX_QUEUED_REQUESTS);
         let (urgent, urgent_queue) = async_channel::bounded(MAX_QUEUED_URGENT);
-        let (answers, responses) =
-            async_channel::bounded(MAX_QUEUED_REQUESTS + MAX_QUEUED_URGENT);
+        let (answers, responses) = async_channel::bounded(MAX_QUEUED_REQUESTS + MAX_QUEUED_URGENT);
         let client = PolicyClient {
             requests,
             urgent,

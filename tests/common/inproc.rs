@@ -32,7 +32,7 @@ pub fn start_with(config: Config, hub: &MemoryHub, wall: Option<WallClock>) -> R
     let handle = gateway.handle();
     let (stop, stopped) = async_channel::bounded::<()>(1);
     let thread = std::thread::spawn(move || {
-        async_io::block_on(gateway.run(port, async move {
+        hubnat::rt::block_on(gateway.run(port, async move {
             let _ = stopped.recv().await;
         }))
     });

@@ -25,6 +25,7 @@
 use std::io;
 
 pub mod capture;
+pub mod rt;
 pub mod vnet;
 
 /// The largest Ethernet header hubnat emits or accepts (no VLAN tags are produced).

@@ -11,7 +11,7 @@
 //!   `pnet_datalink::linux::channel`, which binds it to the interface with `ETH_P_ALL`, adds a
 //!   promiscuous membership (so that frames for the virtual host's MAC reach the socket on a
 //!   real NIC; the membership goes away with the socket) and makes it non-blocking. The
-//!   descriptor is registered with async-io's reactor. Needs CAP_NET_RAW.
+//!   descriptor is registered (edge-triggered) with the reactor of `hubnat_backend::rt`. Needs CAP_NET_RAW.
 //! * **Frames the host kernel owns are not the segment's.** A packet socket sees, besides the
 //!   segment's frames, every frame the host itself sends on the interface, and frames addressed
 //!   to the host's own MAC. None of them is client traffic: the host's own DHCP client or ARP
@@ -55,8 +55,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use async_io::{Async, Timer};
 use futures_lite::FutureExt;
+use hubnat_backend::rt::{Io, Timer};
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
 
@@ -192,7 +192,7 @@ fn fmt_mac(mac: &MacAddr) -> String {
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
-/// The socket descriptor for async-io, borrowed from pnet's channel, which owns and closes it.
+/// The socket descriptor for the reactor, borrowed from pnet's channel, which owns and closes it.
 #[derive(Debug)]
 struct SocketFd(RawFd);
 
@@ -213,7 +213,7 @@ impl AsRawFd for SocketFd {
 /// An open packet socket on the interface.
 struct Link {
     // Declared first: dropped (deregistered from the reactor) before pnet closes the socket.
-    fd: Async<SocketFd>,
+    fd: Io<SocketFd>,
     tx: Box<dyn DataLinkSender>,
     rx: Box<dyn DataLinkReceiver>,
     index: u32,
@@ -424,7 +424,7 @@ impl RawBackend {
             Err(cause) => return Err(err("binding to the interface", cause)),
         };
         let fd =
-            Async::new(SocketFd(fd)).map_err(|cause| err("registering with the reactor", cause))?;
+            Io::new(SocketFd(fd)).map_err(|cause| err("registering with the reactor", cause))?;
         Ok(Link {
             fd,
             tx,
@@ -688,6 +688,14 @@ impl Backend for RawBackend {
     /// See the crate documentation. Cancel-safe: the awaits (readability, the recheck timer)
     /// come before a frame is taken, and the recheck time is kept across calls.
     async fn recv_batch(&mut self, batch: &mut FrameBatch) -> io::Result<()> {
+        // Nothing came since the last read said WouldBlock: wait without reading again.
+        std::future::poll_fn(|cx| match &self.state {
+            State::Up(link) if !self.segmenter.is_active() && link.fd.read_would_block(cx) => {
+                std::task::Poll::Pending
+            }
+            _ => std::task::Poll::Ready(()),
+        })
+        .await;
         let mut got_one = false;
         loop {
             if batch.is_full() {

@@ -16,7 +16,7 @@
 //!   `ip tuntap add`); setting the MTU and flags needs CAP_NET_ADMIN in any case.
 //! * **Namespaces.** The device and the configuration ioctls live in the network namespace of
 //!   the *thread* that calls [`TapBackend::open`].
-//! * **Receiving.** The descriptor is non-blocking and registered with async-io's reactor. One
+//! * **Receiving.** The descriptor is non-blocking and registered (edge-triggered) with the reactor of `hubnat_backend::rt`. One
 //!   `read` returns exactly one frame, so [`Backend::recv_batch`] waits for readability, then
 //!   reads frame after frame straight into the caller's [`FrameBatch`] (one copy, kernel to
 //!   batch) until the device has nothing more (`EAGAIN`) or the batch is full. The only await
@@ -65,8 +65,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use async_io::{Async, Timer};
 use futures_lite::FutureExt;
+use hubnat_backend::rt::{Io, Timer};
 use hubnat_backend::vnet::{
     finish_checksum, tcp_pseudo_header_sum, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
     VNET_HDR_LEN,
@@ -223,7 +223,7 @@ fn gone_hint(cause: &io::Error) -> &'static str {
     }
 }
 
-/// The TAP descriptor as async-io needs it: tun-tap's `Iface` (plain frames) only implements
+/// The TAP descriptor as the reactor needs it: tun-tap's `Iface` (plain frames) only implements
 /// `AsRawFd`; a descriptor opened with `IFF_VNET_HDR` is our own.
 #[derive(Debug)]
 enum TapFd {
@@ -272,7 +272,7 @@ enum ReadOutcome {
 /// A frame backend on a Linux TAP device. See the crate documentation.
 #[derive(Debug)]
 pub struct TapBackend {
-    fd: Async<TapFd>,
+    fd: Io<TapFd>,
     name: String,
     mtu: u32,
     max_frame_len: usize,
@@ -292,7 +292,7 @@ pub struct TapBackend {
 
 impl TapBackend {
     /// Opens the TAP device `name` (reusing it if it exists and is persistent, creating it
-    /// otherwise), sets its MTU to `mtu`, brings it up, and registers it with async-io.
+    /// otherwise), sets its MTU to `mtu`, brings it up, and makes it non-blocking for the reactor (`hubnat_backend::rt`).
     ///
     /// `name` must be a valid interface name (1 to 15 bytes, no `/`, `:` or whitespace); a
     /// `%d` in it lets the kernel pick a free number, and [`TapBackend::name`] then tells the
@@ -356,8 +356,8 @@ impl TapBackend {
             name: name.clone(),
             cause,
         })?;
-        // Async::new puts the descriptor in non-blocking mode before registering it.
-        let fd = Async::new(tap).map_err(|cause| TapError::Reactor {
+        // Io::new puts the descriptor in non-blocking mode; it registers on the first wait.
+        let fd = Io::new(tap).map_err(|cause| TapError::Reactor {
             name: name.clone(),
             cause,
         })?;
@@ -496,6 +496,15 @@ impl Backend for TapBackend {
     /// See the crate documentation. Cancel-safe: the only await is the readability wait,
     /// which happens before a frame is taken from the device.
     async fn recv_batch(&mut self, batch: &mut FrameBatch) -> io::Result<()> {
+        // Nothing came since the last read said WouldBlock: wait without reading again.
+        std::future::poll_fn(|cx| {
+            if self.fd.read_would_block(cx) {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
         let mut got_one = false;
         loop {
             if batch.is_full() {

@@ -14,8 +14,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use async_io::{block_on, Timer};
 use futures_lite::FutureExt;
+use hubnat_backend::rt::{block_on, Timer};
 use hubnat_backend::{Backend, FrameBatch};
 use hubnat_tap::{TapBackend, TapError};
 
@@ -496,9 +496,7 @@ fn one_wake_up_reads_many_frames_and_a_cancelled_recv_loses_none() {
 
         // A receive started and dropped while nothing is there takes nothing.
         {
-            let pending = futures_lite::future::block_on(futures_lite::future::poll_once(
-                tap.recv_batch(&mut batch),
-            ));
+            let pending = block_on(futures_lite::future::poll_once(tap.recv_batch(&mut batch)));
             assert!(pending.is_none(), "no frame yet");
         }
         assert!(batch.is_empty());
