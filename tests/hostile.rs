@@ -586,7 +586,7 @@ fn quiet_sessions_give_their_buffer_memory_back() {
         assert!(client.is_running(), "{}", read(&log));
         read(&log).contains("drained=")
     });
-    // Quiet for two periods of nat's quiet check (2 s each), and a margin.
+    // Quiet for two periods of nat's quiet check (1 s each), and a generous margin.
     std::thread::sleep(Duration::from_secs(6));
     let quiet = gauges(&topo);
     let released = status(&topo)["nat"]["buffer_bytes_released"]

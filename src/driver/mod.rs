@@ -59,6 +59,10 @@ use sessions::Shared;
 /// Frames read from the backend per wake-up, at most.
 pub const RX_BATCH_FRAMES: usize = 64;
 
+/// Sessions that must have ended since the last peak before the loop gives the allocator's
+/// free memory back to the system (checked with the memory, every [`MEMORY_CHECK_PERIOD`]).
+const TRIM_AFTER_ENDED: usize = 512;
+
 /// How often the loop measures the process's memory for `nat.memory_limit` (at most; only
 /// while it runs).
 const MEMORY_CHECK_PERIOD: Duration = Duration::from_millis(250);
@@ -407,6 +411,8 @@ impl Gateway {
         let stop_gate = Gate::new();
         // When the process's memory is next measured for nat.memory_limit.
         let mut next_memory_check = std::time::Instant::now();
+        // The most host sessions open since the heap was last trimmed.
+        let mut peak_sessions = 0usize;
         loop {
             let (deadline, again) = {
                 let core = shared.core.borrow();
@@ -474,6 +480,17 @@ impl Gateway {
             {
                 let mut core = shared.core.borrow_mut();
                 if std::time::Instant::now() >= next_memory_check {
+                    // Many sessions ended since the peak: their memory goes back to the
+                    // system, not only to the allocator.
+                    let open = shared.sockets.borrow().len();
+                    peak_sessions = peak_sessions.max(open);
+                    if peak_sessions - open >= TRIM_AFTER_ENDED {
+                        let mut sockets = shared.sockets.borrow_mut();
+                        sockets.shrink_to(open * 2);
+                        drop(sockets);
+                        host::give_back_free_heap();
+                        peak_sessions = open;
+                    }
                     if let Ok(bytes) = host::resident_memory() {
                         core.set_memory_use(bytes);
                     }

@@ -89,6 +89,68 @@ impl Pages {
     }
 }
 
+/// A connection's buffer memory: one private anonymous mapping of its own, so that every page
+/// of both buffers is a whole page nobody else writes (with `malloc`, the chunk header makes
+/// the first page of each buffer resident for the connection's whole life: 8 KiB a session).
+/// No page is in memory until bytes pass; [`Pages::release`] gives them back; the mapping
+/// goes when the value is dropped. The sockets that borrow its buffers must be dropped first.
+#[derive(Debug)]
+pub(super) struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain memory, owned by one value; the buffers handed out are `&mut` slices whose
+// users (the sockets) are dropped before the mapping.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    /// A mapping for a receive buffer of `rx` bytes and a send buffer of `tx` bytes, each
+    /// starting on a page; `None` when the system refuses one (too many mappings, say).
+    pub(super) fn new(
+        rx: usize,
+        tx: usize,
+    ) -> Option<(Mapping, &'static mut [u8], &'static mut [u8])> {
+        let page = page_size();
+        let rx_span = rx.checked_add(page - 1)? & !(page - 1);
+        let len = rx_span.checked_add(tx.checked_add(page - 1)? & !(page - 1))?;
+        // SAFETY: a fresh private anonymous mapping; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())?;
+        // SAFETY: two disjoint ranges of the fresh mapping (zero-filled, so initialized), which
+        // lives until the `Mapping` is dropped; the caller drops their users before it.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(ptr.as_ptr(), rx),
+                std::slice::from_raw_parts_mut(ptr.as_ptr().add(rx_span), tx),
+            )
+        };
+        Some((Mapping { ptr, len }, a, b))
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, whose slices' users are gone (the caller's
+        // promise).
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,7 @@ use smoltcp::wire::{
     Ipv4Packet, TcpPacket, ETHERNET_HEADER_LEN,
 };
 
-use super::pages::Pages;
+use super::pages::{Mapping, Pages};
 use super::table::{FlowKey, IdMap, IdSet, Protocol, SessionId, SessionState};
 use super::{EndReason, HostError, HostEvent, NatEvent, OpRecord};
 use crate::core::link::Link;
@@ -63,13 +63,37 @@ use crate::core::VirtualHost;
 /// malformed before they reach the NAT).
 /// Also returns the whole pages inside its two buffers (receive, send), to give back when the
 /// connection goes quiet ([`Pages`]).
-fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, BufferPages) {
-    // Zeroed allocations: no memory is taken until bytes pass (see `pages`).
-    let mut rx = vec![0u8; rx_buffer_len(buffer)];
-    let mut tx = vec![0u8; buffer];
-    let pages = [Pages::inside(&mut rx), Pages::inside(&mut tx)];
-    // The Vecs move into the socket; their heap allocations stay where `pages` points.
-    let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
+fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, Buffers) {
+    // No memory is taken until bytes pass (see `pages`): a mapping of the connection's own,
+    // or, when the system refuses one, zeroed allocations (each with a resident first page).
+    let (rx, tx, pages, mapping) = match Mapping::new(rx_buffer_len(buffer), buffer) {
+        Some((mapping, rx, tx)) => {
+            let pages = [Pages::inside(rx), Pages::inside(tx)];
+            (
+                tcp::SocketBuffer::new(rx),
+                tcp::SocketBuffer::new(tx),
+                pages,
+                Some(mapping),
+            )
+        }
+        None => {
+            let mut rx = vec![0u8; rx_buffer_len(buffer)];
+            let mut tx = vec![0u8; buffer];
+            let pages = [Pages::inside(&mut rx), Pages::inside(&mut tx)];
+            // The Vecs move into the socket; their heap allocations stay where `pages` points.
+            (
+                tcp::SocketBuffer::new(rx),
+                tcp::SocketBuffer::new(tx),
+                pages,
+                None,
+            )
+        }
+    };
+    let buffers = Buffers {
+        pages,
+        _mapping: mapping,
+    };
+    let mut s = tcp::Socket::new(rx, tx);
     s.set_nagle_enabled(true);
     s.set_congestion_control(tcp::CongestionControl::Cubic);
     s.listen(smoltcp::wire::IpListenEndpoint {
@@ -77,15 +101,26 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, 
         port,
     })
     .expect("invariant: a fresh socket with a non-zero port can listen");
-    (s, pages)
+    (s, buffers)
+}
+
+/// A connection's buffer memory: the mapping its socket's buffers live in (if they do), and
+/// the whole pages inside each buffer. Kept in [`TcpStack`]'s `pages`, which is declared (so
+/// dropped) after its `sets`: a socket goes before the memory it borrows.
+#[derive(Debug)]
+pub(super) struct Buffers {
+    pages: BufferPages,
+    _mapping: Option<Mapping>,
 }
 
 /// The whole pages inside a connection's receive and send buffers.
 type BufferPages = [Option<Pages>; 2];
 
 /// How long a connection must carry nothing, with both buffers empty, before its buffers'
-/// memory goes back to the system: between this and twice this.
-pub const QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+/// memory goes back to the system: between this and twice this. Short, because pages given
+/// back cost only a page fault each when the connection speaks again, and an idle
+/// connection should hold nothing.
+pub const QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The receive buffer for a `nat.tcp_buffer` of `buffer` bytes: the largest `65535 << k` that
 /// fits (or `buffer` itself below 64 KiB). smoltcp (0.14) offers window scale `k` (the bit
@@ -277,8 +312,9 @@ pub struct TcpStack {
     graveyard: Vec<SessionId>,
     /// Where a frame goes that smoltcp builds while the queue is full.
     scratch: Vec<u8>,
-    /// The whole pages inside each connection's buffers.
-    pages: IdMap<BufferPages>,
+    /// Each connection's buffer memory and the whole pages inside its buffers. Declared after
+    /// `sets`, so dropped after it: the sockets borrow this memory.
+    pages: IdMap<Buffers>,
     /// Connections egress polled since the last quiet check (every segment in or out makes
     /// its connection dirty, hence polled), and those of the check before: one in `was_active`
     /// but not in `active`, and not dirty now, has been quiet for a whole period.
@@ -365,10 +401,10 @@ impl TcpStack {
     /// Creates connection `id`'s socket, listening where the client's SYN went.
     fn accept(&mut self, id: SessionId, addr: Ipv4Addr, port: u16, buffer: usize) {
         let mut set = SocketSet::new(Vec::with_capacity(1));
-        let (socket, pages) = listener(addr, port, buffer);
+        let (socket, buffers) = listener(addr, port, buffer);
         let handle = set.add(socket);
         self.sets.insert(id, (set, handle));
-        self.pages.insert(id, pages);
+        self.pages.insert(id, buffers);
     }
 
     /// Feeds one segment to connection `id`'s set and returns the socket's state afterwards;
@@ -494,7 +530,7 @@ impl TcpStack {
                 // and so does the memory; the next segment makes it active again.
                 continue;
             }
-            for p in pages.iter().flatten() {
+            for p in pages.pages.iter().flatten() {
                 // SAFETY: the buffers belong to the socket in `sets`, which lives, and nothing
                 // borrows them now (the `socket` reference above is no longer used); both are
                 // empty, so smoltcp reads none of their bytes before writing them again.
@@ -507,7 +543,7 @@ impl TcpStack {
     /// The whole pages inside connection `id`'s receive and send buffers.
     #[cfg(test)]
     pub(super) fn buffer_pages(&self, id: SessionId) -> BufferPages {
-        self.pages.get(&id).copied().unwrap_or_default()
+        self.pages.get(&id).map(|b| b.pages).unwrap_or_default()
     }
 
     /// Bytes of buffer memory given back to the system so far (pages that were in memory).
