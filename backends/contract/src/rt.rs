@@ -530,6 +530,30 @@ impl<T: AsFd> Io<T> {
     }
 }
 
+impl<T: AsFd> Io<T> {
+    /// Runs `op` (a read, an accept) until it says something other than `WouldBlock`,
+    /// waiting for readability in between.
+    pub async fn read_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        loop {
+            match op(&self.io) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs `op` (a write) until it says something other than `WouldBlock`, waiting for
+    /// writability in between.
+    pub async fn write_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        loop {
+            match op(&self.io) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                other => return other,
+            }
+        }
+    }
+}
+
 impl<T: AsFd> AsFd for Io<T> {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.io.as_fd()

@@ -48,8 +48,9 @@
 //! at once, with a warning.
 
 use std::fmt;
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -61,8 +62,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_executor::LocalExecutor;
-use async_io::{Async, Timer};
-use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use futures_lite::FutureExt;
+use hubnat_backend::rt::{Io, Timer};
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 
 use crate::memory::{
@@ -281,8 +282,8 @@ impl Server {
 
 /// A listening socket, bound at start-up.
 enum Listener {
-    Unix(Async<UnixListener>, Endpoint),
-    Tcp(Async<TcpListener>, Endpoint),
+    Unix(Io<UnixListener>, Endpoint),
+    Tcp(Io<TcpListener>, Endpoint),
 }
 
 /// The hub socket backend. See the module documentation.
@@ -481,7 +482,7 @@ fn bind_unix(
     endpoint: &Endpoint,
     path: &Path,
     mode: u32,
-) -> Result<Async<UnixListener>, HubSocketError> {
+) -> Result<Io<UnixListener>, HubSocketError> {
     let listen_error = |cause| HubSocketError::Listen {
         endpoint: endpoint.clone(),
         cause,
@@ -523,13 +524,13 @@ fn bind_unix(
             cause,
         });
     }
-    Async::new(listener).map_err(|cause| {
+    Io::new(listener).map_err(|cause| {
         let _ = std::fs::remove_file(path);
         listen_error(cause)
     })
 }
 
-fn bind_tcp(endpoint: &Endpoint, addr: SocketAddr) -> Result<Async<TcpListener>, HubSocketError> {
+fn bind_tcp(endpoint: &Endpoint, addr: SocketAddr) -> Result<Io<TcpListener>, HubSocketError> {
     if !addr.ip().is_loopback() {
         tracing::warn!(
             endpoint = %endpoint,
@@ -537,7 +538,7 @@ fn bind_tcp(endpoint: &Endpoint, addr: SocketAddr) -> Result<Async<TcpListener>,
         );
     }
     TcpListener::bind(addr)
-        .and_then(Async::new)
+        .and_then(Io::new)
         .map_err(|cause| HubSocketError::Listen {
             endpoint: endpoint.clone(),
             cause,
@@ -568,7 +569,7 @@ fn serve(
         ex.spawn(connect_loop(Rc::clone(&server), endpoint))
             .detach();
     }
-    async_io::block_on(ex.run(async {
+    hubnat_backend::rt::block_on(ex.run(async {
         let _ = stop.recv().await;
     }));
     drop(ex);
@@ -578,10 +579,14 @@ fn serve(
 async fn accept_loop(ex: Weak<LocalExecutor<'static>>, server: Rc<Server>, listener: Listener) {
     loop {
         let accepted = match &listener {
-            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
-            Listener::Tcp(l, _) => l.accept().await.map(|(s, addr)| {
-                let _ = s.get_ref().set_nodelay(true);
-                Stream::Tcp(s, addr)
+            Listener::Unix(l, _) => l
+                .read_with(|l| l.accept())
+                .await
+                .and_then(|(s, _)| Io::new(s))
+                .map(Stream::Unix),
+            Listener::Tcp(l, _) => l.read_with(|l| l.accept()).await.and_then(|(s, addr)| {
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(Io::new(s)?, addr))
             }),
         };
         let endpoint = match &listener {
@@ -620,11 +625,11 @@ async fn connect_loop(server: Rc<Server>, endpoint: Endpoint) {
     let mut failures = 0u64;
     loop {
         let dialled = match &endpoint {
-            Endpoint::Unix(path) => Async::<UnixStream>::connect(path).await.map(Stream::Unix),
-            Endpoint::Tcp(addr) => Async::<TcpStream>::connect(*addr).await.map(|s| {
-                let _ = s.get_ref().set_nodelay(true);
-                Stream::Tcp(s, *addr)
-            }),
+            // A local socket's connect does not wait for anything.
+            Endpoint::Unix(path) => UnixStream::connect(path)
+                .and_then(Io::new)
+                .map(Stream::Unix),
+            Endpoint::Tcp(addr) => tcp_connect(*addr).await.map(|s| Stream::Tcp(s, *addr)),
         };
         match dialled {
             Ok(stream) => {
@@ -654,10 +659,34 @@ async fn connect_loop(server: Rc<Server>, endpoint: Endpoint) {
     }
 }
 
+/// Connects to `addr` without blocking the thread (a hub that does not answer would hold
+/// every peer for the kernel's connect timeout), with `TCP_NODELAY`.
+async fn tcp_connect(addr: SocketAddr) -> io::Result<Io<TcpStream>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = Io::from_nonblocking(TcpStream::from(socket));
+    // Writable once the handshake is over, one way or the other.
+    stream.writable().await?;
+    if let Some(e) = stream.get_ref().take_error()? {
+        return Err(e);
+    }
+    let _ = stream.get_ref().set_nodelay(true);
+    Ok(stream)
+}
+
 /// A connected peer's socket.
 enum Stream {
-    Unix(Async<UnixStream>),
-    Tcp(Async<TcpStream>, SocketAddr),
+    Unix(Io<UnixStream>),
+    Tcp(Io<TcpStream>, SocketAddr),
 }
 
 fn peer_name(server: &Server, stream: &Stream, endpoint: &Endpoint) -> String {
@@ -708,7 +737,7 @@ async fn serve_peer(server: &Server, stream: Stream, name: &str) {
 }
 
 /// Both directions of one peer; ends when either does.
-async fn run_peer<S>(server: &Server, stream: &Async<S>, port: &MemoryPort) -> PeerEnd
+async fn run_peer<S: AsFd>(server: &Server, stream: &Io<S>, port: &MemoryPort) -> PeerEnd
 where
     for<'a> &'a S: io::Read + io::Write,
 {
@@ -723,13 +752,12 @@ where
 }
 
 /// Reads framed frames from the peer and hands them to the hub.
-async fn read_frames<S>(server: &Server, stream: &Async<S>, port: &MemoryPort) -> PeerEnd
+async fn read_frames<S: AsFd>(server: &Server, stream: &Io<S>, port: &MemoryPort) -> PeerEnd
 where
     for<'a> &'a S: io::Read,
 {
     let mut buf = vec![0u8; 2 * (MAX_WIRE_FRAME + 4)];
     let (mut start, mut end) = (0usize, 0usize);
-    let mut reader = stream;
     loop {
         // Every complete frame in the buffer.
         let cut = split_frames(&buf[start..end], server.max_frame_len, |item| match item {
@@ -757,7 +785,8 @@ where
         // A peer that writes without pause would otherwise keep this thread to itself: every
         // read succeeds at once. Let the other peers (and the stop signal) have a turn.
         futures_lite::future::yield_now().await;
-        match reader.read(&mut buf[end..]).await {
+        let room = &mut buf[end..];
+        match stream.read_with(|mut s| s.read(room)).await {
             Ok(0) => return PeerEnd::Closed,
             Ok(n) => end += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -815,13 +844,12 @@ pub fn split_frames<'a>(
 
 /// Writes the frames queued for the peer's port, framed, gathering what is queued into one
 /// write. Returns `Ok` only if the port is disconnected (never while the peer runs).
-async fn write_frames<S>(stream: &Async<S>, port: &MemoryPort) -> io::Result<()>
+async fn write_frames<S: AsFd>(stream: &Io<S>, port: &MemoryPort) -> io::Result<()>
 where
     for<'a> &'a S: io::Write,
 {
     let mut frame = Vec::new();
     let mut out = Vec::with_capacity(WRITE_GATHER + MAX_WIRE_FRAME + 4);
-    let mut writer = stream;
     loop {
         port.recv(&mut frame).await?;
         out.clear();
@@ -829,7 +857,15 @@ where
         while out.len() < WRITE_GATHER && port.try_recv(&mut frame) {
             push_framed(&mut out, &frame);
         }
-        writer.write_all(&out).await?;
+        let mut sent = 0;
+        while sent < out.len() {
+            match stream.write_with(|mut s| s.write(&out[sent..])).await {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         // Likewise for a port that always has frames queued and a socket that always has room.
         futures_lite::future::yield_now().await;
     }
