@@ -214,7 +214,9 @@ impl AsRawFd for SocketFd {
 struct Link {
     // Declared first: dropped (deregistered from the reactor) before pnet closes the socket.
     fd: Io<SocketFd>,
-    tx: Box<dyn DataLinkSender>,
+    /// pnet's sending end: frames go out with `sendmmsg` on `fd` ([`send_many`]), but the
+    /// socket is pnet's, open while both of its ends are.
+    _tx: Box<dyn DataLinkSender>,
     rx: Box<dyn DataLinkReceiver>,
     index: u32,
     mac: Option<MacAddr>,
@@ -248,8 +250,6 @@ pub struct RawBackend {
     checksums_finished: u64,
     super_frames: u64,
     segmenter: TcpSegmenter,
-    /// A sent frame with its (empty) `virtio_net_hdr` in front.
-    send_buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for RawBackend {
@@ -299,7 +299,6 @@ impl RawBackend {
             checksums_finished: 0,
             super_frames: 0,
             segmenter: TcpSegmenter::new(),
-            send_buf: Vec::new(),
         };
         if iface.is_up() {
             backend.state = State::Up(backend.open_link(iface)?);
@@ -427,7 +426,7 @@ impl RawBackend {
             Io::new(SocketFd(fd)).map_err(|cause| err("registering with the reactor", cause))?;
         Ok(Link {
             fd,
-            tx,
+            _tx: tx,
             rx,
             index: iface.index,
             mac: iface.mac.map(|m| m.octets()),
@@ -676,6 +675,73 @@ fn is_down_error(e: &io::Error) -> bool {
     )
 }
 
+/// Sends `frames` on the packet socket `fd` (bound to interface `index`), each after an
+/// empty `virtio_net_hdr` when `vnet`, with `sendmmsg`: returns how many went, and the error
+/// of the first that did not (the rest were not tried).
+fn send_many(fd: RawFd, index: u32, vnet: bool, frames: &[&[u8]]) -> (usize, Option<io::Error>) {
+    /// The most messages one call takes (the kernel's UIO_MAXIOV).
+    const MAX_MESSAGES: usize = 1024;
+    static EMPTY_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+    // SAFETY: all-zero is a valid sockaddr_ll; the fields that matter are set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_ifindex = index as i32;
+    let frames = &frames[..frames.len().min(MAX_MESSAGES)];
+    let iovs: Vec<[libc::iovec; 2]> = frames
+        .iter()
+        .map(|frame| {
+            let body = libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            };
+            if vnet {
+                [
+                    libc::iovec {
+                        iov_base: EMPTY_VNET_HDR.as_ptr() as *mut libc::c_void,
+                        iov_len: VNET_HDR_LEN,
+                    },
+                    body,
+                ]
+            } else {
+                [body, body]
+            }
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter()
+        .map(|iov| {
+            // SAFETY: all-zero is a valid msghdr (no control data); the pointers set below
+            // outlive the call.
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_name = (&addr as *const libc::sockaddr_ll) as *mut libc::c_void;
+            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            hdr.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            hdr.msg_iovlen = if vnet { 2 } else { 1 };
+            libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            }
+        })
+        .collect();
+    // SAFETY: `msgs` holds `msgs.len()` headers whose names and buffers live until the call
+    // returns (the sockets' frames are only read).
+    let n = unsafe {
+        libc::sendmmsg(
+            fd,
+            msgs.as_mut_ptr(),
+            msgs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n < 0 => (0, Some(io::Error::last_os_error())),
+        // Nothing sent and no error (it does not happen): as a full socket.
+        0 => (0, Some(io::ErrorKind::WouldBlock.into())),
+        n => (n as usize, None),
+    }
+}
+
 impl Backend for RawBackend {
     fn describe(&self) -> String {
         format!("raw {}", self.name)
@@ -732,64 +798,64 @@ impl Backend for RawBackend {
     }
 
     /// See the crate documentation. While the interface is down, frames are dropped and
-    /// counted; never fails.
+    /// counted; never fails. The batch goes out with as few `sendmmsg` calls as the socket
+    /// takes (one, unless a frame fails).
     async fn send_batch(&mut self, batch: &FrameBatch) -> io::Result<()> {
-        let mut waited = false;
-        let mut frames = batch.iter();
-        while let Some(frame) = frames.next() {
-            let State::Up(link) = &mut self.state else {
-                self.stats.tx_dropped += 1 + frames.count() as u64;
-                return Ok(());
-            };
+        let mut frames: Vec<&[u8]> = Vec::with_capacity(batch.len());
+        for frame in batch.iter() {
             if frame.len() < ETHERNET_HEADER_LEN || frame.len() > self.max_frame_len {
                 self.stats.tx_dropped += 1;
-                continue;
-            }
-            let wire: &[u8] = if link.vnet {
-                self.send_buf.clear();
-                self.send_buf.extend_from_slice(&[0u8; VNET_HDR_LEN]);
-                self.send_buf.extend_from_slice(frame);
-                &self.send_buf
             } else {
-                frame
+                frames.push(frame);
+            }
+        }
+        let mut waited = false;
+        let mut next = 0;
+        while next < frames.len() {
+            let State::Up(link) = &mut self.state else {
+                self.stats.tx_dropped += (frames.len() - next) as u64;
+                return Ok(());
             };
-            loop {
-                match link.tx.send_to(wire, None) {
-                    Some(Ok(())) => {
-                        self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += frame.len() as u64;
+            let (sent, failed) =
+                send_many(link.fd.as_raw_fd(), link.index, link.vnet, &frames[next..]);
+            for frame in &frames[next..next + sent] {
+                self.stats.tx_frames += 1;
+                self.stats.tx_bytes += frame.len() as u64;
+            }
+            next += sent;
+            let Some(e) = failed else {
+                continue;
+            };
+            // Frame `next` failed.
+            if is_down_error(&e) {
+                self.stats.tx_dropped += 1;
+                next += 1;
+                self.go_down(&e.to_string());
+            } else if matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) || e.raw_os_error() == Some(libc::ENOBUFS)
+            {
+                if !waited {
+                    waited = true;
+                    let writable = async { link.fd.writable().await.is_ok() }
+                        .or(async {
+                            Timer::after(WRITE_STALL_LIMIT).await;
+                            false
+                        })
+                        .await;
+                    if writable {
+                        continue;
                     }
-                    Some(Err(e)) if is_down_error(&e) => {
-                        self.stats.tx_dropped += 1;
-                        self.go_down(&e.to_string());
-                    }
-                    Some(Err(e))
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-                        ) || e.raw_os_error() == Some(libc::ENOBUFS) =>
-                    {
-                        if !waited {
-                            waited = true;
-                            let writable = async { link.fd.writable().await.is_ok() }
-                                .or(async {
-                                    Timer::after(WRITE_STALL_LIMIT).await;
-                                    false
-                                })
-                                .await;
-                            if writable {
-                                continue;
-                            }
-                        }
-                        self.stats.tx_dropped += 1;
-                    }
-                    Some(Err(e)) => {
-                        self.stats.tx_dropped += 1;
-                        tracing::debug!(interface = %self.name, error = %e, len = frame.len(), "cannot send a frame");
-                    }
-                    None => self.stats.tx_dropped += 1,
                 }
-                break;
+                self.stats.tx_dropped += 1;
+                next += 1;
+            } else if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            } else {
+                self.stats.tx_dropped += 1;
+                tracing::debug!(interface = %self.name, error = %e, len = frames[next].len(), "cannot send a frame");
+                next += 1;
             }
         }
         Ok(())
