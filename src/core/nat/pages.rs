@@ -74,6 +74,12 @@ impl Pages {
         resident * page_size()
     }
 
+    /// How many bytes the pages span.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
     /// How many of these pages are in memory (`mincore`); 0 if it cannot be told.
     pub(super) fn resident(&self) -> usize {
         let page = page_size();
@@ -98,6 +104,8 @@ impl Pages {
 pub(super) struct Mapping {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// Where the send buffer starts (the receive buffer's pages before it).
+    rx_span: usize,
 }
 
 // SAFETY: plain memory, owned by one value; the buffers handed out are `&mut` slices whose
@@ -137,7 +145,23 @@ impl Mapping {
                 std::slice::from_raw_parts_mut(ptr.as_ptr().add(rx_span), tx),
             )
         };
-        Some((Mapping { ptr, len }, a, b))
+        Some((Mapping { ptr, len, rx_span }, a, b))
+    }
+
+    /// The pages of each buffer, the partial last page included (the rest of it is this
+    /// mapping's, and unused).
+    pub(super) fn pages(&self) -> [Option<Pages>; 2] {
+        let start = self.ptr.as_ptr() as usize;
+        [
+            Some(Pages {
+                start,
+                len: self.rx_span,
+            }),
+            Some(Pages {
+                start: start + self.rx_span,
+                len: self.len - self.rx_span,
+            }),
+        ]
     }
 }
 

@@ -68,7 +68,7 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, 
     // or, when the system refuses one, zeroed allocations (each with a resident first page).
     let (rx, tx, pages, mapping) = match Mapping::new(rx_buffer_len(buffer), buffer) {
         Some((mapping, rx, tx)) => {
-            let pages = [Pages::inside(rx), Pages::inside(tx)];
+            let pages = mapping.pages();
             (
                 tcp::SocketBuffer::new(rx),
                 tcp::SocketBuffer::new(tx),

@@ -1102,8 +1102,18 @@ fn a_quiet_connection_gives_its_buffer_memory_back_and_goes_on() {
     let remote = SocketAddrV4::new(REMOTE, 80);
     let (mut c, id) = Client::connect(&mut h, remote, 40090, t(0));
     let (mut held, held_id) = Client::connect(&mut h, remote, 40091, t(0));
-    // (Whether the fresh buffers take memory before bytes pass is the allocator's business: a
-    // mapping of their own does not, a block of a busy heap's free space, zeroed, does.)
+    // The buffers live in a mapping of the connection's own: nothing is in memory before bytes
+    // pass, not even a first page (an allocator's header would keep one resident for good).
+    assert_eq!(resident(&h, id), [0, 0], "fresh buffers take no memory");
+    let spans = h
+        .nat
+        .stack
+        .buffer_pages(id)
+        .map(|p| p.map_or(0, |p| p.len()));
+    assert!(
+        spans[0] >= 256 * 1024 && spans[1] >= 256 * 1024,
+        "every byte of both buffers is on pages that can be given back: {spans:?}"
+    );
     // 200 KiB from the host and 64 KiB from the client pass through the buffers.
     let down: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
     let (mut given, mut got, mut now) = (0, 0, 1);
