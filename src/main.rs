@@ -391,6 +391,7 @@ fn run(args: RunArgs) -> Result<()> {
                 let name = &config.backend.raw.interface;
                 let mut options = hubnat_raw::RawOptions::new(config.nat.mtu);
                 options.own_mac = Some(gateway.mac().0);
+                options.offload = config.backend.raw.offload;
                 let raw = hubnat_raw::RawBackend::open(name, options)
                     .with_context(|| format!("backend.raw.interface = {name:?}: cannot attach to the interface"))?;
                 run_backend(gateway, raw, shutdown, &config).await?;

@@ -12,6 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::cli::json;
 use common::netns::{
     fields, hubnat_bin, read, require_programs, require_root, unique, veth, wait_until, Netns, Proc,
 };
@@ -355,6 +356,20 @@ fn raw_client_downloads_through_the_nat() {
     if !require_root("raw_client_downloads_through_the_nat") {
         return;
     }
+    raw_download_and_upload(true);
+}
+
+/// The same with `backend.raw.offload = false`: super-frames are cut into wire-sized segments
+/// by the backend, and every segment to the client fits the MTU.
+#[test]
+fn raw_client_downloads_through_the_nat_without_offload() {
+    if !require_root("raw_client_downloads_through_the_nat_without_offload") {
+        return;
+    }
+    raw_download_and_upload(false);
+}
+
+fn raw_download_and_upload(offload: bool) {
     require_programs(&["udhcpc", "curl", "ethtool"]);
     let size = 4 << 20;
     let options = Options {
@@ -365,7 +380,7 @@ fn raw_client_downloads_through_the_nat() {
     let mut topo = Topology::new(options);
     let (gw_dev, client_dev) = topo.link_gateway_to_client();
     topo.start_hubnat(&format!(
-        "[backend]\nkind = \"raw\"\n[backend.raw]\ninterface = \"{gw_dev}\"\n"
+        "[backend]\nkind = \"raw\"\n[backend.raw]\ninterface = \"{gw_dev}\"\noffload = {offload}\n"
     ));
     wait_until(Duration::from_secs(15), "hubnat to start", || {
         read(&topo.hubnat_log).contains("hubnat started")
@@ -376,6 +391,13 @@ fn raw_client_downloads_through_the_nat() {
     // backend finishes and cuts them (backends/raw/src/offload.rs).
     let features = topo.client.exec_ok(&["ethtool", "-k", &client_dev]);
     assert!(features.contains("tx-checksumming: on"), "{features}");
+    let sock = topo.path("state").join("control.sock");
+    let frames_out = || {
+        json(&sock, &["status", "--json"])["counters"]["frames_out"]
+            .as_u64()
+            .unwrap()
+    };
+    let frames_before = frames_out();
     let out = topo.path("blob.downloaded");
     let url = format!("http://{SERVER_IP}:{HTTP_PORT}/files/blob");
     let (result, took) = topo.client_run(&[
@@ -393,6 +415,19 @@ fn raw_client_downloads_through_the_nat() {
         String::from_utf8_lossy(&result.stderr)
     );
     eprintln!("raw: downloaded {size} bytes in {took:?}");
+    // The download's frames to the client: with offload, TCP segments of up to 64 KiB (cut
+    // by the kernel where the client's veth needs it; it does not); without, each fits the MTU.
+    let frames = frames_out() - frames_before;
+    let mtu_segments = size / 1460;
+    if offload {
+        assert!(
+            frames < mtu_segments / 4,
+            "{frames} frames for {size} bytes"
+        );
+    } else {
+        assert!(frames >= mtu_segments, "{frames} frames for {size} bytes");
+    }
+    eprintln!("raw (offload {offload}): {frames} frames to the client for the download");
     assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
     assert_eq!(sha256(&out), sha256(&topo.www.join("blob")));
     // And an upload, which is where the client's TSO super-frames come from.
@@ -422,8 +457,8 @@ fn raw_client_downloads_through_the_nat() {
         log.contains("a local sender's partial checksum: finishing it"),
         "{log}"
     );
-    assert!(
-        log.contains("a local sender's TCP super-frame: cutting it"),
-        "{log}"
-    );
+    let whole = "a local sender's TCP super-frame: taken whole";
+    let cut = "a local sender's TCP super-frame: cutting it";
+    let (said, not) = if offload { (whole, cut) } else { (cut, whole) };
+    assert!(log.contains(said) && !log.contains(not), "{log}");
 }

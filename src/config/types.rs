@@ -321,12 +321,26 @@ impl Default for TapConfig {
 }
 
 /// The raw backend: an existing interface.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     /// The interface to attach to (a bridge, a VPN's TAP device, a veth); required when
     /// `backend.kind = "raw"`.
     pub interface: String,
+    /// TCP segmentation offload on the packet socket (`PACKET_VNET_HDR`): local senders' TCP
+    /// super-frames reach the core whole, and the core's long segments leave with a GSO header
+    /// for the kernel to cut where a wire needs it. `false`: super-frames are cut by hubnat and
+    /// every frame sent fits the MTU.
+    pub offload: bool,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            interface: String::new(),
+            offload: true,
+        }
+    }
 }
 
 /// The hub socket backend.

@@ -117,6 +117,93 @@ pub fn tcp_pseudo_header_sum(frame: &[u8], l3: usize) -> Option<u16> {
     Some(!fold(sum))
 }
 
+/// Does what a received frame's header says is left to do: completes a partial checksum.
+/// Returns whether it is a TCP/IPv4 super-frame (handed on whole: the core takes a TCP segment
+/// of any length); `None` for what the core cannot take (another kind of super-frame, a
+/// checksum that does not fit the frame).
+pub fn finish_offloads(hdr: &VnetHdr, frame: &mut [u8]) -> Option<bool> {
+    if hdr.flags & F_NEEDS_CSUM != 0
+        && !finish_checksum(
+            frame,
+            usize::from(hdr.csum_start),
+            usize::from(hdr.csum_offset),
+        )
+    {
+        return None;
+    }
+    match hdr.gso_type & !GSO_ECN {
+        GSO_NONE => Some(false),
+        GSO_TCPV4 => Some(true),
+        _ => None,
+    }
+}
+
+/// The `virtio_net_hdr` for a frame to send, and for a super-frame its headers with the TCP
+/// checksum field made partial (the frame itself is borrowed, not changed).
+/// No allocation per frame: the headers fit a fixed buffer.
+pub struct VnetPrefix {
+    /// The header itself.
+    pub hdr: VnetHdr,
+    headers: [u8; MAX_HEADERS],
+    headers_len: usize,
+}
+
+/// The longest Ethernet, IPv4 and TCP headers: 14 + 60 + 60 bytes.
+const MAX_HEADERS: usize = crate::ETHERNET_HEADER_LEN + 60 + 60;
+
+impl VnetPrefix {
+    /// The empty header, for a frame that fits.
+    pub fn plain() -> VnetPrefix {
+        VnetPrefix {
+            hdr: VnetHdr::default(),
+            headers: [0; MAX_HEADERS],
+            headers_len: 0,
+        }
+    }
+
+    /// The super-frame's headers as they go out (empty for a frame that fits).
+    pub fn headers(&self) -> &[u8] {
+        &self.headers[..self.headers_len]
+    }
+}
+
+/// The prefix for `frame`: empty for a frame that fits `wire_max`; for a longer TCP/IPv4
+/// segment (with `offload`), a GSO header that cuts it into segments that fit. `None` for a
+/// longer frame of any other kind.
+pub fn vnet_prefix(frame: &[u8], wire_max: usize, offload: bool) -> Option<VnetPrefix> {
+    if frame.len() <= wire_max {
+        return Some(VnetPrefix::plain());
+    }
+    if !offload || frame.get(12..14)? != [0x08, 0x00] || frame.get(23)? != &6 {
+        return None;
+    }
+    let l3 = crate::ETHERNET_HEADER_LEN;
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    let l4 = l3 + ihl;
+    let thl = usize::from(frame.get(l4 + 12)? >> 4) * 4;
+    let hdr_len = l4 + thl;
+    let gso_size = wire_max.checked_sub(hdr_len)?;
+    if ihl < 20 || thl < 20 || frame.len() <= hdr_len || gso_size == 0 {
+        return None;
+    }
+    let mut headers = [0; MAX_HEADERS];
+    headers[..hdr_len].copy_from_slice(&frame[..hdr_len]);
+    let pseudo = tcp_pseudo_header_sum(frame, l3)?;
+    headers[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+    Some(VnetPrefix {
+        hdr: VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: hdr_len as u16,
+            gso_size: gso_size as u16,
+            csum_start: l4 as u16,
+            csum_offset: 16,
+        },
+        headers,
+        headers_len: hdr_len,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +240,72 @@ mod tests {
         f[50..52].copy_from_slice(&partial.to_be_bytes());
         assert!(finish_checksum(&mut f, 34, 16));
         assert_eq!(u16::from_be_bytes([f[50], f[51]]), full);
+    }
+
+    /// An Ethernet + IPv4 + TCP frame with `payload` bytes and a 12-byte TCP option block.
+    fn tcp_frame(payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 32 + payload];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        let total = (20 + 32 + payload) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[10, 77, 0, 2]);
+        f[30..34].copy_from_slice(&[192, 168, 30, 10]);
+        f[46] = 8 << 4;
+        f
+    }
+
+    #[test]
+    fn frames_that_fit_go_with_an_empty_header() {
+        let p = vnet_prefix(&tcp_frame(1000), 1514, true).unwrap();
+        assert_eq!(p.hdr, VnetHdr::default());
+        assert!(p.headers().is_empty());
+    }
+
+    #[test]
+    fn a_long_tcp_segment_is_marked_for_the_kernel_to_cut() {
+        let frame = tcp_frame(60_000);
+        let p = vnet_prefix(&frame, 1514, true).unwrap();
+        assert_eq!(p.hdr.gso_type, GSO_TCPV4);
+        assert_eq!(p.hdr.flags, F_NEEDS_CSUM);
+        assert_eq!(p.hdr.hdr_len, 14 + 20 + 32);
+        // Each cut segment fills the MTU: 1500 less 20 of IPv4 and 32 of TCP.
+        assert_eq!(p.hdr.gso_size, 1448);
+        assert_eq!((p.hdr.csum_start, p.hdr.csum_offset), (34, 16));
+        // The checksum field holds the pseudo-header sum; the frame itself is unchanged.
+        let field = u16::from_be_bytes([p.headers()[50], p.headers()[51]]);
+        assert_eq!(Some(field), tcp_pseudo_header_sum(&frame, 14));
+        assert_eq!(&p.headers()[..50], &frame[..50]);
+    }
+
+    #[test]
+    fn a_long_frame_of_another_kind_or_without_offload_is_refused() {
+        let mut udp = tcp_frame(3000);
+        udp[23] = 17;
+        assert!(vnet_prefix(&udp, 1514, true).is_none());
+        assert!(vnet_prefix(&tcp_frame(3000), 1514, false).is_none());
+    }
+
+    #[test]
+    fn a_received_super_frame_is_finished_and_kept_whole() {
+        let mut frame = tcp_frame(5000);
+        let partial = tcp_pseudo_header_sum(&frame, 14).unwrap();
+        frame[50..52].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 66,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        assert_eq!(finish_offloads(&hdr, &mut frame), Some(true));
+        assert_ne!(u16::from_be_bytes([frame[50], frame[51]]), partial);
+        let udp_gso = VnetHdr {
+            gso_type: 5,
+            ..VnetHdr::default()
+        };
+        assert_eq!(finish_offloads(&udp_gso, &mut frame), None);
     }
 }

@@ -29,14 +29,17 @@
 //!   (a container, a namespace) hands over frames as the kernel holds them: with a partial
 //!   TCP/UDP checksum, or as a TSO super-frame of up to 64 KiB. The socket is opened with
 //!   `PACKET_VNET_HDR`, so each frame comes with a `virtio_net_hdr` saying what is left to do;
-//!   the backend finishes the checksum, or cuts a TCP/IPv4 super-frame into wire-sized
-//!   segments ([`offload`]), so the core sees what a wire would carry, as with a TAP device.
-//!   Other super-frames (TCP over IPv6, UDP GSO) are dropped and counted. Sent frames get an
-//!   empty header in front (one copy). On a kernel without `PACKET_VNET_HDR` the backend works
-//!   without it, and local peers then need their offloads off (`ethtool -K DEV tx off`).
-//! * **Sending.** One `sendto` per frame through pnet's sender. If the socket's buffer is full
-//!   the backend waits for it at most [`WRITE_STALL_LIMIT`] once per batch, then drops and
-//!   counts, like a congested link.
+//!   the backend finishes the checksum; with [`RawOptions::offload`] (the default) a TCP/IPv4
+//!   super-frame goes to the caller whole (the core takes TCP segments of any length, as with
+//!   a TAP device), without it the backend cuts it into wire-sized segments ([`offload`]).
+//!   Other super-frames (TCP over IPv6, UDP GSO) are dropped and counted. On a kernel without
+//!   `PACKET_VNET_HDR` the backend works without it (and without offload), and local peers
+//!   then need their offloads off (`ethtool -K DEV tx off`).
+//! * **Sending.** A batch goes out with one `sendmmsg`, each frame after its
+//!   `virtio_net_hdr`: empty for a frame that fits the MTU, and with offload, for a longer
+//!   TCP/IPv4 segment, a GSO header with which the kernel cuts it where a wire needs it. If
+//!   the socket's buffer is full the backend waits for it at most [`WRITE_STALL_LIMIT`] once
+//!   per batch, then drops and counts, like a congested link.
 //! * **Down and up.** When the interface goes down (or is deleted), the kernel reports
 //!   `ENETDOWN` on the socket: the backend logs it, closes the socket and checks the interface
 //!   every [`RawOptions::recheck`] (a timer, no busy loop). Meanwhile `recv_batch` waits and
@@ -57,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::FutureExt;
 use hubnat_backend::rt::{Io, Timer};
+use hubnat_backend::vnet::{finish_offloads, vnet_prefix, VnetPrefix};
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
 
@@ -100,6 +104,11 @@ pub struct RawOptions {
     pub own_mac: Option<MacAddr>,
     /// How often a down interface is checked.
     pub recheck: Duration,
+    /// TCP segmentation offload (with `PACKET_VNET_HDR`): local senders' TCP/IPv4
+    /// super-frames go to the caller whole, and long TCP/IPv4 segments sent leave with a GSO
+    /// header for the kernel to cut. Without it, super-frames are cut here and every frame
+    /// sent must fit the MTU.
+    pub offload: bool,
 }
 
 impl RawOptions {
@@ -109,6 +118,7 @@ impl RawOptions {
             mtu,
             own_mac: None,
             recheck: DEFAULT_RECHECK,
+            offload: true,
         }
     }
 }
@@ -288,7 +298,11 @@ impl RawBackend {
         let mut backend = RawBackend {
             name: name.to_owned(),
             options,
-            max_frame_len: options.mtu as usize + ETHERNET_HEADER_LEN,
+            max_frame_len: if options.offload {
+                MAX_SUPER_FRAME.max(options.mtu as usize + ETHERNET_HEADER_LEN)
+            } else {
+                options.mtu as usize + ETHERNET_HEADER_LEN
+            },
             state: State::Down {
                 next_check: Instant::now(),
             },
@@ -301,7 +315,13 @@ impl RawBackend {
             segmenter: TcpSegmenter::new(),
         };
         if iface.is_up() {
-            backend.state = State::Up(backend.open_link(iface)?);
+            let link = backend.open_link(iface)?;
+            if !link.vnet && backend.options.offload {
+                // No PACKET_VNET_HDR: no super-frame comes in whole or goes out.
+                backend.options.offload = false;
+                backend.max_frame_len = options.mtu as usize + ETHERNET_HEADER_LEN;
+            }
+            backend.state = State::Up(link);
             tracing::info!(interface = name, mtu = options.mtu, "raw backend attached");
         } else {
             // Still check what can be checked now.
@@ -315,6 +335,11 @@ impl RawBackend {
             };
         }
         Ok(backend)
+    }
+
+    /// The longest frame a wire of the segment carries: `mtu + 14`.
+    fn wire_max(&self) -> usize {
+        self.options.mtu as usize + ETHERNET_HEADER_LEN
     }
 
     /// The interface's name.
@@ -478,10 +503,10 @@ impl RawBackend {
 
     /// Reads one frame into `batch` without waiting. The batch must not be full.
     fn read_one(&mut self, batch: &mut FrameBatch) -> Read {
+        let wire_max = self.wire_max();
         let State::Up(link) = &mut self.state else {
             return Read::Empty;
         };
-        let max = self.max_frame_len;
         let vnet = link.vnet;
         let result = link.rx.next();
         let raw = match result {
@@ -516,7 +541,7 @@ impl RawBackend {
         };
         let super_frame = hdr.gso_type != GSO_NONE;
         if frame.len() < ETHERNET_HEADER_LEN
-            || (!super_frame && frame.len() > max)
+            || (!super_frame && frame.len() > wire_max)
             || frame.len() > MAX_SUPER_FRAME
         {
             self.rx_dropped += 1;
@@ -530,13 +555,36 @@ impl RawBackend {
             self.host_frames += 1;
             return Read::Skipped;
         }
+        if super_frame && self.options.offload {
+            // Whole, to a core that takes TCP segments of any length: its checksum finished.
+            let taken = batch.push_with(frame.len(), |buf| {
+                let buf = &mut buf[..frame.len()];
+                buf.copy_from_slice(frame);
+                finish_offloads(&hdr, buf).map(|_| frame.len()).ok_or(())
+            });
+            if taken.is_err() {
+                self.rx_dropped += 1;
+                tracing::debug!(interface = %self.name, gso_type = hdr.gso_type, len = frame.len(), "discarded a super-frame the core cannot take (only TCP/IPv4 is)");
+                return Read::Skipped;
+            }
+            self.super_frames += 1;
+            if self.super_frames == 1 {
+                tracing::debug!(interface = %self.name, len = frame.len(), gso_size = hdr.gso_size, "a local sender's TCP super-frame: taken whole (and any that follow)");
+            }
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += frame.len() as u64;
+            return Read::Frame;
+        }
         if super_frame {
             if hdr.gso_type & !GSO_ECN != GSO_TCPV4 {
                 self.rx_dropped += 1;
                 tracing::debug!(interface = %self.name, gso_type = hdr.gso_type, len = frame.len(), "discarded a super-frame of a kind that is not cut (only TCP/IPv4 is)");
                 return Read::Skipped;
             }
-            if let Err(e) = self.segmenter.start(frame, usize::from(hdr.gso_size), max) {
+            if let Err(e) = self
+                .segmenter
+                .start(frame, usize::from(hdr.gso_size), wire_max)
+            {
                 self.rx_dropped += 1;
                 tracing::debug!(interface = %self.name, error = %e, len = frame.len(), "discarded a super-frame");
                 return Read::Skipped;
@@ -675,37 +723,42 @@ fn is_down_error(e: &io::Error) -> bool {
     )
 }
 
-/// Sends `frames` on the packet socket `fd` (bound to interface `index`), each after an
-/// empty `virtio_net_hdr` when `vnet`, with `sendmmsg`: returns how many went, and the error
-/// of the first that did not (the rest were not tried).
-fn send_many(fd: RawFd, index: u32, vnet: bool, frames: &[&[u8]]) -> (usize, Option<io::Error>) {
+/// Sends `frames` on the packet socket `fd` (interface `index`), each after its
+/// `virtio_net_hdr` (and the super-frame's changed headers) from `prefixes` when the socket has
+/// `PACKET_VNET_HDR`, with `sendmmsg`: returns how many went, and the error of the first that
+/// did not (the rest were not tried).
+fn send_many(
+    fd: RawFd,
+    index: u32,
+    prefixes: Option<&[VnetPrefix]>,
+    frames: &[&[u8]],
+) -> (usize, Option<io::Error>) {
     /// The most messages one call takes (the kernel's UIO_MAXIOV).
     const MAX_MESSAGES: usize = 1024;
-    static EMPTY_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+    fn iov(bytes: &[u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        }
+    }
     // SAFETY: all-zero is a valid sockaddr_ll; the fields that matter are set below.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
     addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
     addr.sll_ifindex = index as i32;
     let frames = &frames[..frames.len().min(MAX_MESSAGES)];
-    let iovs: Vec<[libc::iovec; 2]> = frames
+    let hdrs: Vec<[u8; VNET_HDR_LEN]> = prefixes
+        .map(|p| p[..frames.len()].iter().map(|p| p.hdr.to_bytes()).collect())
+        .unwrap_or_default();
+    let iovs: Vec<[libc::iovec; 3]> = frames
         .iter()
-        .map(|frame| {
-            let body = libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            };
-            if vnet {
-                [
-                    libc::iovec {
-                        iov_base: EMPTY_VNET_HDR.as_ptr() as *mut libc::c_void,
-                        iov_len: VNET_HDR_LEN,
-                    },
-                    body,
-                ]
-            } else {
-                [body, body]
+        .enumerate()
+        .map(|(i, frame)| match prefixes {
+            Some(p) => {
+                let headers = p[i].headers();
+                [iov(&hdrs[i]), iov(headers), iov(&frame[headers.len()..])]
             }
+            None => [iov(frame), iov(&[]), iov(&[])],
         })
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = iovs
@@ -717,7 +770,7 @@ fn send_many(fd: RawFd, index: u32, vnet: bool, frames: &[&[u8]]) -> (usize, Opt
             hdr.msg_name = (&addr as *const libc::sockaddr_ll) as *mut libc::c_void;
             hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
             hdr.msg_iov = iov.as_ptr() as *mut libc::iovec;
-            hdr.msg_iovlen = if vnet { 2 } else { 1 };
+            hdr.msg_iovlen = if prefixes.is_some() { 3 } else { 1 };
             libc::mmsghdr {
                 msg_hdr: hdr,
                 msg_len: 0,
@@ -725,7 +778,7 @@ fn send_many(fd: RawFd, index: u32, vnet: bool, frames: &[&[u8]]) -> (usize, Opt
         })
         .collect();
     // SAFETY: `msgs` holds `msgs.len()` headers whose names and buffers live until the call
-    // returns (the sockets' frames are only read).
+    // returns (the frames are only read).
     let n = unsafe {
         libc::sendmmsg(
             fd,
@@ -749,6 +802,10 @@ impl Backend for RawBackend {
 
     fn max_frame_len(&self) -> usize {
         self.max_frame_len
+    }
+
+    fn tcp_offload(&self) -> bool {
+        self.options.offload
     }
 
     /// See the crate documentation. Cancel-safe: the awaits (readability, the recheck timer)
@@ -802,12 +859,30 @@ impl Backend for RawBackend {
     /// takes (one, unless a frame fails).
     async fn send_batch(&mut self, batch: &FrameBatch) -> io::Result<()> {
         let mut frames: Vec<&[u8]> = Vec::with_capacity(batch.len());
+        // With PACKET_VNET_HDR, each frame's header: empty, or for a long TCP/IPv4 segment a
+        // GSO header that lets the kernel cut it to the MTU.
+        let mut prefixes: Vec<VnetPrefix> = Vec::new();
+        let vnet = matches!(&self.state, State::Up(link) if link.vnet);
+        let offload = vnet && self.options.offload;
         for frame in batch.iter() {
             if frame.len() < ETHERNET_HEADER_LEN || frame.len() > self.max_frame_len {
                 self.stats.tx_dropped += 1;
-            } else {
-                frames.push(frame);
+                continue;
             }
+            if vnet {
+                match vnet_prefix(frame, self.wire_max(), offload) {
+                    Some(p) => prefixes.push(p),
+                    None => {
+                        self.stats.tx_dropped += 1;
+                        tracing::debug!(interface = %self.name, len = frame.len(), "dropped a frame longer than the MTU that is not a TCP/IPv4 segment");
+                        continue;
+                    }
+                }
+            } else if frame.len() > self.wire_max() {
+                self.stats.tx_dropped += 1;
+                continue;
+            }
+            frames.push(frame);
         }
         let mut waited = false;
         let mut next = 0;
@@ -816,8 +891,12 @@ impl Backend for RawBackend {
                 self.stats.tx_dropped += (frames.len() - next) as u64;
                 return Ok(());
             };
-            let (sent, failed) =
-                send_many(link.fd.as_raw_fd(), link.index, link.vnet, &frames[next..]);
+            let (sent, failed) = send_many(
+                link.fd.as_raw_fd(),
+                link.index,
+                link.vnet.then_some(&prefixes[next..]),
+                &frames[next..],
+            );
             for frame in &frames[next..next + sent] {
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += frame.len() as u64;

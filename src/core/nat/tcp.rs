@@ -92,6 +92,8 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, 
     let buffers = Buffers {
         pages,
         _mapping: mapping,
+        received: None,
+        acked: None,
     };
     let mut s = tcp::Socket::new(rx, tx);
     s.set_nagle_enabled(true);
@@ -111,6 +113,42 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, 
 pub(super) struct Buffers {
     pages: BufferPages,
     _mapping: Option<Mapping>,
+    /// The end of the furthest segment the client sent (sequence number after it).
+    received: Option<u32>,
+    /// The acknowledgment number of the last segment the socket sent the client.
+    acked: Option<u32>,
+}
+
+/// Whether sequence number `a` is after `b` (modulo 2^32).
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// The sequence number after the TCP segment in IPv4 `packet` (its SYN and FIN count one
+/// each); `None` if it is not a whole TCP segment.
+fn segment_end(packet: &[u8]) -> Option<u32> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+    let tcp = packet.get(ihl..total.min(packet.len()))?;
+    let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
+    let offset = usize::from(tcp.get(12)? >> 4) * 4;
+    let flags = *tcp.get(13)?;
+    let payload = tcp.len().checked_sub(offset)?;
+    let syn_fin = u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
+    Some(seq.wrapping_add(payload as u32).wrapping_add(syn_fin))
+}
+
+/// The acknowledgment number of the TCP segment in IPv4 `packet`, if it has the ACK flag.
+fn segment_ack(packet: &[u8]) -> Option<u32> {
+    if packet.get(9)? != &6 {
+        return None;
+    }
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let tcp = packet.get(ihl..)?;
+    if tcp.get(13)? & 0x10 == 0 {
+        return None;
+    }
+    Some(u32::from_be_bytes(tcp.get(8..12)?.try_into().ok()?))
 }
 
 /// The whole pages inside a connection's receive and send buffers.
@@ -196,6 +234,8 @@ struct PollDevice<'a> {
     our_mac: EthernetAddress,
     mtu: usize,
     scratch: &'a mut Vec<u8>,
+    /// The acknowledgment number of the last segment the connection's socket sent.
+    acked: Option<&'a mut Option<u32>>,
 }
 
 pub struct Rx<'a>(&'a [u8]);
@@ -210,6 +250,7 @@ pub struct Tx<'a> {
     link: &'a mut Link,
     our_mac: EthernetAddress,
     scratch: &'a mut Vec<u8>,
+    acked: Option<&'a mut Option<u32>>,
 }
 
 impl phy::TxToken for Tx<'_> {
@@ -219,9 +260,15 @@ impl phy::TxToken for Tx<'_> {
         let link = self.link;
         let neighbours = &link.neighbours;
         let our_mac = self.our_mac;
+        let acked = self.acked;
         let pushed = link.tx.push_built(ETHERNET_HEADER_LEN + len, |buf| {
             let (head, packet) = buf.split_at_mut(ETHERNET_HEADER_LEN);
             result = Some((f.take().expect("invariant: called once"))(packet));
+            if let Some(acked) = acked {
+                if let Some(ack) = segment_ack(packet) {
+                    *acked = Some(ack);
+                }
+            }
             let dst_ip = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
             let dst_mac = neighbours
                 .lookup(dst_ip)
@@ -261,6 +308,7 @@ impl Device for PollDevice<'_> {
                 link: self.link,
                 our_mac: self.our_mac,
                 scratch: self.scratch,
+                acked: self.acked.as_deref_mut(),
             },
         ))
     }
@@ -276,6 +324,7 @@ impl Device for PollDevice<'_> {
             link: self.link,
             our_mac: self.our_mac,
             scratch: self.scratch,
+            acked: self.acked.as_deref_mut(),
         })
     }
 
@@ -420,12 +469,25 @@ impl TcpStack {
         id: Option<SessionId>,
     ) -> Option<tcp::State> {
         let mtu = self.segment_mtu(mtu);
+        let buffers = id.and_then(|id| self.pages.get_mut(&id));
+        let acked = match buffers {
+            Some(b) => {
+                if let Some(end) = segment_end(packet) {
+                    if b.received.is_none_or(|r| seq_after(end, r)) {
+                        b.received = Some(end);
+                    }
+                }
+                Some(&mut b.acked)
+            }
+            None => None,
+        };
         let mut device = PollDevice {
             rx: Some(packet),
             link,
             our_mac,
             mtu,
             scratch: &mut self.scratch,
+            acked,
         };
         match id {
             Some(id) => {
@@ -481,6 +543,7 @@ impl TcpStack {
                 our_mac,
                 mtu,
                 scratch: &mut self.scratch,
+                acked: self.pages.get_mut(&id).map(|b| &mut b.acked),
             };
             // Each egress pass sends at most one segment per socket: go on while it sends.
             while self.iface.poll_egress(now, &mut device, set)
@@ -530,7 +593,16 @@ impl TcpStack {
                 // and so does the memory; the next segment makes it active again.
                 continue;
             }
-            for p in pages.pages.iter().flatten() {
+            // The receive buffer also holds what came out of order, past a gap (smoltcp's
+            // assembler, which it does not show): while the client has sent more than was
+            // acknowledged, those bytes are still needed and the buffer's pages stay.
+            let gap = match (pages.received, pages.acked) {
+                (Some(received), Some(acked)) => seq_after(received, acked),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            let keep = usize::from(gap);
+            for p in pages.pages.iter().skip(keep).flatten() {
                 // SAFETY: the buffers belong to the socket in `sets`, which lives, and nothing
                 // borrows them now (the `socket` reference above is no longer used); both are
                 // empty, so smoltcp reads none of their bytes before writing them again.

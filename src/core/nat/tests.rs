@@ -1166,6 +1166,54 @@ fn a_quiet_connection_gives_its_buffer_memory_back_and_goes_on() {
     let _ = held.receive(&mut h, t(at));
 }
 
+/// Bytes that came out of order, past a gap, wait in the receive buffer (smoltcp's assembler)
+/// while nothing moves: a quiet connection keeps those pages, and the bytes reach the host
+/// intact once the gap is filled. (Giving them back would have turned them into zeros.)
+#[test]
+fn out_of_order_bytes_keep_their_pages_through_a_quiet_period() {
+    let mut s = settings();
+    s.tcp_buffer = 256 * 1024;
+    let mut h = host_with(s);
+    let (mut c, id) = Client::connect(&mut h, SocketAddrV4::new(REMOTE, 80), 40096, t(0));
+    let first: Vec<u8> = (0..1000).map(|i| (i % 7) as u8).collect();
+    let gap: Vec<u8> = (0..1000).map(|i| (i % 11) as u8).collect();
+    let after: Vec<u8> = (0..6000).map(|i| (i % 13) as u8 + 1).collect();
+    c.send(&mut h, TcpControl::Psh, &first, t(1));
+    assert_eq!(relay_take(&mut h, id, t(1)), first);
+    // The next 1000 bytes are lost; the 6000 after them arrive, out of order.
+    let gap_seq = c.seq;
+    c.seq = c.seq.wrapping_add(gap.len() as u32);
+    for chunk in after.chunks(1400) {
+        c.send(&mut h, TcpControl::Psh, chunk, t(2));
+    }
+    let _ = sent(&mut h, t(2));
+    let waiting = resident(&h, id);
+    assert!(
+        waiting[0] >= 1,
+        "the out-of-order bytes are in memory: {waiting:?}"
+    );
+    // Quiet for two periods of the check.
+    let quiet = 2 + 2 * QUIET_AFTER.as_millis() as i64 + 1;
+    let mut at = 2;
+    while at < quiet {
+        at = h
+            .poll_timeout()
+            .map_or(quiet, |d| d.total_millis() - t(0).total_millis())
+            .min(quiet);
+        h.handle_timeout(t(at));
+        let _ = sent(&mut h, t(at));
+    }
+    assert_eq!(resident(&h, id)[0], waiting[0], "their pages stay");
+    // The lost bytes come again: everything reaches the host, in order and intact.
+    c.seq = gap_seq;
+    c.send(&mut h, TcpControl::Psh, &gap, t(at));
+    let got = relay_take(&mut h, id, t(at));
+    let mut expected = gap.clone();
+    expected.extend_from_slice(&after);
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "the bytes after the gap changed");
+}
+
 #[test]
 fn with_segmentation_offload_segments_are_as_long_as_the_window_allows_both_ways() {
     for offload in [true, false] {
