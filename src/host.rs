@@ -24,31 +24,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connects to `target`, bounded by [`CONNECT_TIMEOUT`]; the stream has `TCP_NODELAY` (the
 /// client's own stack already coalesces, hubnat should not delay what it relays).
 pub async fn tcp_connect(target: SocketAddr) -> io::Result<Io<TcpStream>> {
-    let socket = Socket::new(
-        Domain::for_address(target),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    match socket.connect(&target.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    let stream = Io::from_nonblocking(TcpStream::from(socket));
-    let connect = async {
-        // Writable once the handshake is over, one way or the other.
-        stream.writable().await?;
-        match stream.get_ref().take_error()? {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    };
     let timeout = async {
         Timer::after(CONNECT_TIMEOUT).await;
         Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
     };
-    connect.or(timeout).await?;
+    let stream = hubnat_backend::rt::tcp_connect(target).or(timeout).await?;
+    stream.get_ref().set_nodelay(true)?;
     Ok(stream)
 }
 

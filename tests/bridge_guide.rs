@@ -32,7 +32,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::cli::{json, ok};
-use common::netns::{fields, read, require_programs, require_root, wait_until, Netns, Proc};
+use common::netns::{
+    fields, read, require_programs, require_root, tshark, wait_until, Netns, Proc,
+};
 use common::topology::{sha256, Options, Topology, HOST_MAC, HTTP_PORT, SERVER_IP, VHOST_IP};
 
 /// The other DHCP server's address on the bridge, and its range (hubnat's is .10–.200).
@@ -370,27 +372,13 @@ impl Bridge {
         // Let the last frames reach the file first.
         std::thread::sleep(Duration::from_millis(300));
         self.procs.remove(i).stop();
-        let out = std::process::Command::new("tshark")
-            .arg("-r")
-            .arg(self.topo.path("segment.pcap"))
-            .args(["-Y", "dhcp", "-T", "fields"])
-            .args([
-                "-e",
-                "eth.src",
-                "-e",
-                "dhcp.option.dhcp",
-                "-e",
-                "dhcp.hw.mac_addr",
-            ])
-            .args(["-e", "dhcp.option.dhcp_server_id", "-e", "dhcp.ip.your"])
-            .output()
-            .expect("tshark");
-        assert!(
-            out.status.success(),
-            "tshark: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
+        #[rustfmt::skip]
+        let args = [
+            "-Y", "dhcp", "-T", "fields",
+            "-e", "eth.src", "-e", "dhcp.option.dhcp", "-e", "dhcp.hw.mac_addr",
+            "-e", "dhcp.option.dhcp_server_id", "-e", "dhcp.ip.your",
+        ];
+        tshark(&self.topo.path("segment.pcap"), &args)
             .lines()
             .map(|l| {
                 // A field that occurs twice (the hardware address of `chaddr` and of a client

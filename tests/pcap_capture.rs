@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant as StdInstant};
 
-use common::netns::require_programs;
+use common::netns::{require_programs, tshark};
 use common::smol_client::{acquire, SmolClient};
 use hubnat::config::Config;
 use hubnat::driver::Gateway;
@@ -54,23 +54,6 @@ fn lease_with_capture(state: &Path, options: CaptureOptions) {
     }
     stop.send_blocking(()).unwrap();
     thread.join().unwrap().expect("the gateway ran cleanly");
-}
-
-/// `tshark -r FILE` with the given arguments; panics if tshark cannot read the file.
-fn tshark(file: &Path, args: &[&str]) -> String {
-    let out = Command::new("tshark")
-        .arg("-r")
-        .arg(file)
-        .args(args)
-        .output()
-        .expect("run tshark");
-    assert!(
-        out.status.success(),
-        "tshark -r {}: {}",
-        file.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

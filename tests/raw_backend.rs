@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::cli::json;
 use common::netns::{
-    fields, hubnat_bin, read, require_programs, require_root, unique, veth, wait_until, Netns, Proc,
+    fields, hubnat_bin, read, require_programs, require_root, tshark, unique, veth, wait_until,
+    Netns, Proc,
 };
 use common::topology::{fixture, sha256, Options, Topology, HTTP_PORT, SERVER_IP};
 
@@ -169,21 +170,13 @@ fn cpu_ticks(pid: i32) -> u64 {
 }
 
 fn tshark_dhcp_types(pcap: &Path) -> Vec<String> {
-    let out = std::process::Command::new("tshark")
-        .arg("-r")
-        .arg(pcap)
-        .args(["-Y", "dhcp", "-T", "fields", "-e", "dhcp.option.dhcp"])
-        .output()
-        .expect("tshark");
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    tshark(
+        pcap,
+        &["-Y", "dhcp", "-T", "fields", "-e", "dhcp.option.dhcp"],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 #[test]

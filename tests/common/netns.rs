@@ -23,6 +23,23 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// `tshark -r FILE` with the given arguments; panics if tshark cannot read the file.
+pub fn tshark(file: &Path, args: &[&str]) -> String {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(args)
+        .output()
+        .expect("run tshark");
+    assert!(
+        out.status.success(),
+        "tshark -r {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Fails the test with a clear message when a required program is missing.
 pub fn require_programs(programs: &[&str]) {
     for p in programs {

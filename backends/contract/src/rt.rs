@@ -148,6 +148,9 @@ struct Reactor {
     next_timer: Cell<u64>,
     /// Nesting depth of [`block_on`] on this thread (0: nobody drives this reactor).
     driving: Cell<u32>,
+    /// The wakers a wait's events take, woken once the sources are unlocked (kept to reuse
+    /// its allocation).
+    to_wake: RefCell<Vec<Waker>>,
 }
 
 thread_local! {
@@ -156,6 +159,7 @@ thread_local! {
         timers: RefCell::new(BTreeMap::new()),
         next_timer: Cell::new(0),
         driving: Cell::new(0),
+        to_wake: RefCell::new(Vec::new()),
     };
 }
 
@@ -211,7 +215,7 @@ impl Reactor {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(e),
         };
-        let mut wake = Vec::new();
+        let mut wake = std::mem::take(&mut *self.to_wake.borrow_mut());
         {
             let sources = self
                 .shared
@@ -249,9 +253,10 @@ impl Reactor {
                 }
             }
         }
-        for waker in wake {
+        for waker in wake.drain(..) {
             waker.wake();
         }
+        *self.to_wake.borrow_mut() = wake;
         Ok(())
     }
 }
@@ -533,24 +538,68 @@ impl<T: AsFd> Io<T> {
 impl<T: AsFd> Io<T> {
     /// Runs `op` (a read, an accept) until it says something other than `WouldBlock`,
     /// waiting for readability in between.
-    pub async fn read_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+    pub async fn read_with<R>(&self, op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        self.op_with(false, op).await
+    }
+
+    /// Runs `op` (a write) until it says something other than `WouldBlock`, waiting for
+    /// writability in between.
+    pub async fn write_with<R>(&self, op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        self.op_with(true, op).await
+    }
+
+    async fn op_with<R>(
+        &self,
+        write: bool,
+        mut op: impl FnMut(&T) -> io::Result<R>,
+    ) -> io::Result<R> {
         loop {
             match op(&self.io) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && write => self.writable().await?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
                 other => return other,
             }
         }
     }
 
-    /// Runs `op` (a write) until it says something other than `WouldBlock`, waiting for
-    /// writability in between.
-    pub async fn write_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
-        loop {
-            match op(&self.io) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
-                other => return other,
+    /// Call right before a round of reads: waits only while a read would say `WouldBlock`
+    /// for sure ([`Io::read_would_block`]), so a future polled again for another reason
+    /// makes no read for nothing.
+    pub async fn read_ready(&self) {
+        std::future::poll_fn(|cx| {
+            if self.read_would_block(cx) {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
             }
-        }
+        })
+        .await
+    }
+}
+
+/// Connects a TCP socket to `addr` without blocking the thread: the socket is opened
+/// non-blocking and waited on until the handshake is over, one way or the other.
+///
+/// # Errors
+///
+/// The connect's own error (refused, unreachable, …), or the socket's.
+pub async fn tcp_connect(addr: std::net::SocketAddr) -> io::Result<Io<std::net::TcpStream>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = Io::from_nonblocking(std::net::TcpStream::from(socket));
+    stream.writable().await?;
+    match stream.get_ref().take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
     }
 }
 

@@ -629,7 +629,12 @@ async fn connect_loop(server: Rc<Server>, endpoint: Endpoint) {
             Endpoint::Unix(path) => UnixStream::connect(path)
                 .and_then(Io::new)
                 .map(Stream::Unix),
-            Endpoint::Tcp(addr) => tcp_connect(*addr).await.map(|s| Stream::Tcp(s, *addr)),
+            // Without blocking the thread: a hub that does not answer would hold every peer
+            // for the kernel's connect timeout.
+            Endpoint::Tcp(addr) => hubnat_backend::rt::tcp_connect(*addr).await.map(|s| {
+                let _ = s.get_ref().set_nodelay(true);
+                Stream::Tcp(s, *addr)
+            }),
         };
         match dialled {
             Ok(stream) => {
@@ -657,30 +662,6 @@ async fn connect_loop(server: Rc<Server>, endpoint: Endpoint) {
             delay = (delay * 2).min(RECONNECT_MAX);
         }
     }
-}
-
-/// Connects to `addr` without blocking the thread (a hub that does not answer would hold
-/// every peer for the kernel's connect timeout), with `TCP_NODELAY`.
-async fn tcp_connect(addr: SocketAddr) -> io::Result<Io<TcpStream>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    let stream = Io::from_nonblocking(TcpStream::from(socket));
-    // Writable once the handshake is over, one way or the other.
-    stream.writable().await?;
-    if let Some(e) = stream.get_ref().take_error()? {
-        return Err(e);
-    }
-    let _ = stream.get_ref().set_nodelay(true);
-    Ok(stream)
 }
 
 /// A connected peer's socket.

@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::FutureExt;
 use hubnat_backend::rt::{Io, Timer};
-use hubnat_backend::vnet::{finish_offloads, vnet_prefix, VnetPrefix};
+use hubnat_backend::vnet::{vnet_prefix, VnetPrefix};
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
 
@@ -251,7 +251,6 @@ enum Read {
 pub struct RawBackend {
     name: String,
     options: RawOptions,
-    max_frame_len: usize,
     state: State,
     stats: BackendStats,
     rx_dropped: u64,
@@ -298,11 +297,6 @@ impl RawBackend {
         let mut backend = RawBackend {
             name: name.to_owned(),
             options,
-            max_frame_len: if options.offload {
-                MAX_SUPER_FRAME.max(options.mtu as usize + ETHERNET_HEADER_LEN)
-            } else {
-                options.mtu as usize + ETHERNET_HEADER_LEN
-            },
             state: State::Down {
                 next_check: Instant::now(),
             },
@@ -319,7 +313,6 @@ impl RawBackend {
             if !link.vnet && backend.options.offload {
                 // No PACKET_VNET_HDR: no super-frame comes in whole or goes out.
                 backend.options.offload = false;
-                backend.max_frame_len = options.mtu as usize + ETHERNET_HEADER_LEN;
             }
             backend.state = State::Up(link);
             tracing::info!(interface = name, mtu = options.mtu, "raw backend attached");
@@ -422,13 +415,14 @@ impl RawBackend {
         };
         // One byte of room beyond the largest frame tells an oversized frame from a full one.
         let read_buffer_size = if vnet {
-            VNET_HDR_LEN + MAX_SUPER_FRAME.max(self.max_frame_len) + 1
+            VNET_HDR_LEN + MAX_SUPER_FRAME.max(self.wire_max()) + 1
         } else {
-            self.max_frame_len + 1
+            self.wire_max() + 1
         };
         let config = pnet_datalink::Config {
             read_buffer_size,
-            write_buffer_size: self.max_frame_len,
+            // pnet's sender is not used (see `send_many`).
+            write_buffer_size: self.wire_max(),
             // Never block inside pnet: the reactor does the waiting.
             read_timeout: Some(Duration::ZERO),
             write_timeout: Some(Duration::ZERO),
@@ -555,59 +549,58 @@ impl RawBackend {
             self.host_frames += 1;
             return Read::Skipped;
         }
-        if super_frame && self.options.offload {
-            // Whole, to a core that takes TCP segments of any length: its checksum finished.
-            let taken = batch.push_with(frame.len(), |buf| {
-                let buf = &mut buf[..frame.len()];
-                buf.copy_from_slice(frame);
-                finish_offloads(&hdr, buf).map(|_| frame.len()).ok_or(())
-            });
-            if taken.is_err() {
+        if super_frame {
+            if hdr.gso_type & !GSO_ECN != GSO_TCPV4 {
                 self.rx_dropped += 1;
-                tracing::debug!(interface = %self.name, gso_type = hdr.gso_type, len = frame.len(), "discarded a super-frame the core cannot take (only TCP/IPv4 is)");
+                tracing::debug!(interface = %self.name, gso_type = hdr.gso_type, len = frame.len(), "discarded a super-frame of a kind the core cannot take (only TCP/IPv4)");
                 return Read::Skipped;
             }
+            if !self.options.offload {
+                if let Err(e) = self
+                    .segmenter
+                    .start(frame, usize::from(hdr.gso_size), wire_max)
+                {
+                    self.rx_dropped += 1;
+                    tracing::debug!(interface = %self.name, error = %e, len = frame.len(), "discarded a super-frame");
+                    return Read::Skipped;
+                }
+                self.super_frames += 1;
+                if self.super_frames == 1 {
+                    tracing::debug!(interface = %self.name, len = frame.len(), gso_size = hdr.gso_size, "a local sender's TCP super-frame: cutting it into segments (and any that follow)");
+                }
+                return if self.emit_segments(batch) > 0 {
+                    Read::Frame
+                } else {
+                    Read::Skipped
+                };
+            }
+            // With offload it goes whole, like a frame that fits: the core takes TCP segments
+            // of any length.
             self.super_frames += 1;
             if self.super_frames == 1 {
                 tracing::debug!(interface = %self.name, len = frame.len(), gso_size = hdr.gso_size, "a local sender's TCP super-frame: taken whole (and any that follow)");
             }
-            self.stats.rx_frames += 1;
-            self.stats.rx_bytes += frame.len() as u64;
-            return Read::Frame;
-        }
-        if super_frame {
-            if hdr.gso_type & !GSO_ECN != GSO_TCPV4 {
-                self.rx_dropped += 1;
-                tracing::debug!(interface = %self.name, gso_type = hdr.gso_type, len = frame.len(), "discarded a super-frame of a kind that is not cut (only TCP/IPv4 is)");
-                return Read::Skipped;
-            }
-            if let Err(e) = self
-                .segmenter
-                .start(frame, usize::from(hdr.gso_size), wire_max)
-            {
-                self.rx_dropped += 1;
-                tracing::debug!(interface = %self.name, error = %e, len = frame.len(), "discarded a super-frame");
-                return Read::Skipped;
-            }
-            self.super_frames += 1;
-            if self.super_frames == 1 {
-                tracing::debug!(interface = %self.name, len = frame.len(), gso_size = hdr.gso_size, "a local sender's TCP super-frame: cutting it into segments (and any that follow)");
-            }
-            return if self.emit_segments(batch) > 0 {
-                Read::Frame
-            } else {
-                Read::Skipped
-            };
         }
         let needs_csum = hdr.flags & F_NEEDS_CSUM != 0;
         let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
         let mut finished = true;
-        batch.push_built(frame.len(), |buf| {
+        let pushed = batch.push_with(frame.len(), |buf| {
+            let buf = &mut buf[..frame.len()];
             buf.copy_from_slice(frame);
             if needs_csum {
                 finished = finish_checksum(buf, start, offset);
             }
+            // A super-frame whose checksum cannot be finished is nothing the core can take.
+            if super_frame && !finished {
+                return Err(());
+            }
+            Ok(frame.len())
         });
+        if pushed.is_err() {
+            self.rx_dropped += 1;
+            tracing::debug!(interface = %self.name, start, offset, len = frame.len(), "discarded a super-frame whose partial checksum's offsets do not fit it");
+            return Read::Skipped;
+        }
         if needs_csum {
             if finished {
                 self.checksums_finished += 1;
@@ -800,8 +793,13 @@ impl Backend for RawBackend {
         format!("raw {}", self.name)
     }
 
+    /// `mtu + 14`, or with offload a TCP super-frame's length.
     fn max_frame_len(&self) -> usize {
-        self.max_frame_len
+        if self.options.offload {
+            MAX_SUPER_FRAME.max(self.wire_max())
+        } else {
+            self.wire_max()
+        }
     }
 
     fn tcp_offload(&self) -> bool {
@@ -812,13 +810,9 @@ impl Backend for RawBackend {
     /// come before a frame is taken, and the recheck time is kept across calls.
     async fn recv_batch(&mut self, batch: &mut FrameBatch) -> io::Result<()> {
         // Nothing came since the last read said WouldBlock: wait without reading again.
-        std::future::poll_fn(|cx| match &self.state {
-            State::Up(link) if !self.segmenter.is_active() && link.fd.read_would_block(cx) => {
-                std::task::Poll::Pending
-            }
-            _ => std::task::Poll::Ready(()),
-        })
-        .await;
+        if let (State::Up(link), false) = (&self.state, self.segmenter.is_active()) {
+            link.fd.read_ready().await;
+        }
         let mut got_one = false;
         loop {
             if batch.is_full() {
@@ -865,7 +859,7 @@ impl Backend for RawBackend {
         let vnet = matches!(&self.state, State::Up(link) if link.vnet);
         let offload = vnet && self.options.offload;
         for frame in batch.iter() {
-            if frame.len() < ETHERNET_HEADER_LEN || frame.len() > self.max_frame_len {
+            if frame.len() < ETHERNET_HEADER_LEN || frame.len() > self.max_frame_len() {
                 self.stats.tx_dropped += 1;
                 continue;
             }

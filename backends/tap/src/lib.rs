@@ -496,14 +496,7 @@ impl Backend for TapBackend {
     /// which happens before a frame is taken from the device.
     async fn recv_batch(&mut self, batch: &mut FrameBatch) -> io::Result<()> {
         // Nothing came since the last read said WouldBlock: wait without reading again.
-        std::future::poll_fn(|cx| {
-            if self.fd.read_would_block(cx) {
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(())
-            }
-        })
-        .await;
+        self.fd.read_ready().await;
         let mut got_one = false;
         loop {
             if batch.is_full() {

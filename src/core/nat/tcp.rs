@@ -124,20 +124,6 @@ fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-/// The sequence number after the TCP segment in IPv4 `packet` (its SYN and FIN count one
-/// each); `None` if it is not a whole TCP segment.
-fn segment_end(packet: &[u8]) -> Option<u32> {
-    let ihl = usize::from(packet.first()? & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
-    let tcp = packet.get(ihl..total.min(packet.len()))?;
-    let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
-    let offset = usize::from(tcp.get(12)? >> 4) * 4;
-    let flags = *tcp.get(13)?;
-    let payload = tcp.len().checked_sub(offset)?;
-    let syn_fin = u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
-    Some(seq.wrapping_add(payload as u32).wrapping_add(syn_fin))
-}
-
 /// The acknowledgment number of the TCP segment in IPv4 `packet`, if it has the ACK flag.
 fn segment_ack(packet: &[u8]) -> Option<u32> {
     if packet.get(9)? != &6 {
@@ -456,6 +442,16 @@ impl TcpStack {
         self.pages.insert(id, buffers);
     }
 
+    /// Notes that the client has sent connection `id` everything before sequence number `end`
+    /// (the end of the segment about to be fed to it).
+    fn note_received(&mut self, id: SessionId, end: u32) {
+        if let Some(b) = self.pages.get_mut(&id) {
+            if b.received.is_none_or(|r| seq_after(end, r)) {
+                b.received = Some(end);
+            }
+        }
+    }
+
     /// Feeds one segment to connection `id`'s set and returns the socket's state afterwards;
     /// `None`, with nothing fed, while `id` has no socket yet (its connect is under way).
     /// Without `id`, the segment goes to the empty set, which answers it with a RST.
@@ -469,25 +465,15 @@ impl TcpStack {
         id: Option<SessionId>,
     ) -> Option<tcp::State> {
         let mtu = self.segment_mtu(mtu);
-        let buffers = id.and_then(|id| self.pages.get_mut(&id));
-        let acked = match buffers {
-            Some(b) => {
-                if let Some(end) = segment_end(packet) {
-                    if b.received.is_none_or(|r| seq_after(end, r)) {
-                        b.received = Some(end);
-                    }
-                }
-                Some(&mut b.acked)
-            }
-            None => None,
-        };
         let mut device = PollDevice {
             rx: Some(packet),
             link,
             our_mac,
             mtu,
             scratch: &mut self.scratch,
-            acked,
+            acked: id
+                .and_then(|id| self.pages.get_mut(&id))
+                .map(|b| &mut b.acked),
         };
         match id {
             Some(id) => {
@@ -712,6 +698,8 @@ impl VirtualHost {
             if let Some(s) = self.nat.table.get_mut(id) {
                 s.last_activity = now;
             }
+            let end = (seg.seq_number().0 as u32).wrapping_add(seg.segment_len() as u32);
+            self.nat.stack.note_received(id, end);
             match self.stack_ingress(now, p.as_ref(), Some(id)) {
                 Some(state) => self.tcp_after_ingress(id, seg.rst(), state, now),
                 // The client gave up while we connect: the connect is cancelled.
