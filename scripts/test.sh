@@ -34,6 +34,9 @@ fi
 # The WASM policies the policy host's tests load (target/policies/*.wasm).
 scripts/build-policies.sh --quiet
 
+# A CI machine builds once from a clean clone: incremental state would only take disk.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
+
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
