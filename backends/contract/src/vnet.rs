@@ -66,20 +66,32 @@ impl VnetHdr {
     }
 }
 
-/// The ones'-complement sum of `data` added to `sum` (not folded).
-pub fn sum_words(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
+/// The ones'-complement sum of `data` (as big-endian 16-bit words) added to `sum`; the result
+/// is not folded but stays well inside a `u32`.
+///
+/// The ones'-complement sum does not depend on byte order (RFC 1071, 2.B), so the bulk is added
+/// as native 32-bit words into a 64-bit accumulator (no carry handling inside the loop, which the
+/// compiler can vectorise), then folded and put in network order; a 64 KiB super-frame takes a
+/// few microseconds this way, where a 16-bit loop took most of a core at 8 Gbit/s.
+pub fn sum_words(sum: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(4);
+    let mut wide: u64 = 0;
     for c in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([c[0], c[1]])));
-        // Fold early enough that the u32 never overflows (64 KiB of 0xffff words would).
-        if sum >= 0x8000_0000 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+        wide += u64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
     }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
+    let mut folded = (wide & 0xffff_ffff) + (wide >> 32);
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    let mut total = u32::from(u16::from_be(folded as u16)) + (sum & 0xffff) + (sum >> 16);
+    let rest = chunks.remainder();
+    if rest.len() >= 2 {
+        total += u32::from(u16::from_be_bytes([rest[0], rest[1]]));
     }
-    sum
+    if rest.len() % 2 == 1 {
+        total += u32::from(rest[rest.len() - 1]) << 8;
+    }
+    total
 }
 
 /// Folds a sum to 16 bits and complements it.
@@ -225,6 +237,48 @@ mod tests {
         let h = tso_header();
         assert_eq!(VnetHdr::parse(&h.to_bytes()), Some(h));
         assert_eq!(VnetHdr::parse(&[0; 9]), None);
+    }
+
+    #[test]
+    fn the_word_sum_matches_the_sum_of_big_endian_words() {
+        // The plain definition: 16-bit big-endian words, an odd last byte padded with zero.
+        fn reference(sum: u32, data: &[u8]) -> u16 {
+            let mut s = u64::from(sum);
+            for c in data.chunks(2) {
+                s += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            !(s as u16)
+        }
+        let mut data = vec![0u8; 70_000];
+        let mut x: u32 = 0x1234_5678;
+        for b in &mut data {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *b = (x >> 24) as u8;
+        }
+        let ones = vec![0xffu8; 65_536];
+        for (start, len) in [
+            (0, 0),
+            (0, 1),
+            (1, 2),
+            (3, 3),
+            (5, 7),
+            (1, 1501),
+            (2, 65_535),
+            (0, 70_000),
+        ] {
+            for seed in [0, 0x1_fffe, 0xffff_ffff >> 1] {
+                let d = &data[start..start + len];
+                assert_eq!(
+                    fold(sum_words(seed, d)),
+                    reference(seed, d),
+                    "start {start} len {len}"
+                );
+            }
+        }
+        assert_eq!(fold(sum_words(0, &ones)), reference(0, &ones));
     }
 
     #[test]
