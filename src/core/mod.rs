@@ -182,6 +182,9 @@ pub struct VirtualHost {
     dhcp_hook: dhcp::hook::HookState,
     /// The latest time passed in.
     now: Instant,
+    /// Set while the frame being handled came with its TCP checksum vouched for by the
+    /// backend ([`handle_verified_frame`](Self::handle_verified_frame)).
+    rx_checksum_verified: bool,
 }
 
 impl VirtualHost {
@@ -207,6 +210,7 @@ impl VirtualHost {
             dhcp_buf: Vec::with_capacity(1024),
             dhcp_hook: dhcp::hook::HookState::default(),
             now,
+            rx_checksum_verified: false,
             settings,
         }
     }
@@ -357,6 +361,24 @@ impl VirtualHost {
 
     /// Handles one frame from the segment.
     pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        self.handle(now, frame, false);
+    }
+
+    /// Handles one frame whose TCP checksum the backend vouched for: the local kernel handed it
+    /// over with a partial checksum, which nothing needs to verify
+    /// ([`FrameBatch::set_last_checksum_verified`](hubnat_backend::FrameBatch::set_last_checksum_verified)).
+    /// Any other check is made as for [`handle_frame`](Self::handle_frame).
+    pub fn handle_verified_frame(&mut self, now: Instant, frame: &[u8]) {
+        self.handle(now, frame, true);
+    }
+
+    fn handle(&mut self, now: Instant, frame: &[u8], checksum_verified: bool) {
+        self.rx_checksum_verified = checksum_verified;
+        self.receive(now, frame);
+        self.rx_checksum_verified = false;
+    }
+
+    fn receive(&mut self, now: Instant, frame: &[u8]) {
         self.now = now;
         self.counters.frames_in += 1;
         if !self.settings.enabled {

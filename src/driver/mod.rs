@@ -498,8 +498,12 @@ impl Gateway {
                 }
                 match wake {
                     Wake::Frames(Ok(())) => {
-                        for frame in rx.iter() {
-                            core.handle_frame(now, frame);
+                        for (frame, verified) in rx.iter_verified() {
+                            if verified {
+                                core.handle_verified_frame(now, frame);
+                            } else {
+                                core.handle_frame(now, frame);
+                            }
                         }
                     }
                     Wake::Frames(Err(source)) => {

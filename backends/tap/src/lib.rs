@@ -425,15 +425,15 @@ impl TapBackend {
         let tap = self.fd.get_ref();
         // One byte of room beyond the maximum tells an oversized frame from a full-size one
         // (the kernel truncates a frame to the buffer without saying so).
-        let mut super_frame = false;
+        let mut received = None;
         let read = batch.push_with(max + 1, |buf| {
             let n = match tap {
                 TapFd::Plain(iface) => iface.recv(buf),
                 TapFd::Vnet(fd) => read_vnet(fd, &mut *buf).map(|(hdr, n)| {
                     let len = n.min(buf.len());
                     match finish_offloads(&hdr, &mut buf[..len]) {
-                        Some(is_super) => {
-                            super_frame = is_super;
+                        Some(r) => {
+                            received = Some(r);
                             n
                         }
                         // Not something the core can take: discarded below.
@@ -447,8 +447,13 @@ impl TapBackend {
                 Err(e) => Err(ReadSkip::Io(e)),
             }
         });
-        if super_frame && matches!(read, Ok(Some(_))) {
-            self.rx_super += 1;
+        if let (Some(r), Ok(Some(_))) = (received, &read) {
+            if r.super_frame {
+                self.rx_super += 1;
+            }
+            if r.checksum_verified {
+                batch.set_last_checksum_verified();
+            }
         }
         match read {
             Ok(Some(n)) => {

@@ -1267,3 +1267,30 @@ fn a_syn_with_fin_opens_nothing() {
     // smoltcp drops it without an answer, as a listener-less host may.
     assert!(tcp_segments(&sent(&mut h, t(0))).is_empty());
 }
+
+#[test]
+fn a_tcp_segment_with_a_bad_checksum_opens_nothing_unless_the_backend_vouched_for_it() {
+    let mut h = host_with(settings());
+    let remote = SocketAddrV4::new(REMOTE, 80);
+    let mut frame = tcp_frame(remote, 40098, TcpControl::Syn, 1, None, &[]);
+    // The checksum field as a local sender leaves it with offload on: the partial sum only.
+    frame[14 + 20 + 16] ^= 0x5a;
+    h.handle_frame(t(0), &frame);
+    assert!(
+        ops(&mut h).is_empty(),
+        "no connect for a SYN with a bad checksum"
+    );
+    assert!(h.nat().table().is_empty());
+    assert_eq!(h.counters().malformed, 1);
+    // Vouched for (the TAP device's CHECKSUM_PARTIAL frames), the same bytes open the session.
+    h.handle_verified_frame(t(0), &frame);
+    assert_eq!(ops(&mut h).len(), 1, "one connect");
+    assert_eq!(h.nat().table().len(), 1);
+    assert_eq!(h.counters().malformed, 1);
+    // And the next frame is checked again.
+    let mut other = tcp_frame(remote, 40099, TcpControl::Syn, 1, None, &[]);
+    other[14 + 20 + 16] ^= 0x5a;
+    h.handle_frame(t(0), &other);
+    assert_eq!(h.counters().malformed, 2);
+    assert_eq!(h.nat().table().len(), 1);
+}
