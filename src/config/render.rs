@@ -362,7 +362,7 @@ mod tests {
         // when unset (`skip_serializing_if`), set it in all_keys() and below.
         assert_eq!(
             (keys.first().map(String::as_str), keys.len()),
-            (Some("host.enabled"), 58)
+            (Some("host.enabled"), 59)
         );
         // A configuration with every optional value set shows no key all_keys lacks.
         let mut c = Config::default();

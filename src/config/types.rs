@@ -256,17 +256,37 @@ pub struct DnsConfig {
 }
 
 /// Which frame backend carries the segment, and its settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
     /// The backend in use.
     pub kind: BackendKind,
+    /// How long the gateway's thread polls for frames and socket events before it sleeps,
+    /// while its traffic is light (zero: it sleeps at once).
+    #[serde(with = "duration_text")]
+    pub busy_poll: Duration,
     /// Settings of the TAP backend.
     pub tap: TapConfig,
     /// Settings of the raw backend.
     pub raw: RawConfig,
     /// Settings of the hub socket backend.
     pub hub: HubConfig,
+}
+
+/// The default `backend.busy_poll`: a little longer than a request/response round trip through
+/// the kernel's loopback and a TAP device, so that the answer is usually caught.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            kind: BackendKind::default(),
+            busy_poll: DEFAULT_BUSY_POLL,
+            tap: TapConfig::default(),
+            raw: RawConfig::default(),
+            hub: HubConfig::default(),
+        }
+    }
 }
 
 /// A frame backend.

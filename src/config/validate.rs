@@ -30,6 +30,7 @@
 //! - `nat.max_sessions`: 1 to 1,000,000, so the session table stays bounded; and
 //!   `nat.max_sessions_per_client` from 1 to `nat.max_sessions`.
 //! - `nat.tcp_buffer`: 16 KiB to 64 MiB; `nat.memory_limit` at least 1 MiB, or none.
+//! - `backend.busy_poll`: 0 (off) to 1 ms.
 //! - `backend.hub.max_peers`: 1 to 4096 (each peer costs a thread-free task and ~130 KiB of
 //!   buffers). `backend.hub.socket_mode`: permission bits only (at most 0777).
 //! - `capture.snaplen`: 14 (an Ethernet header) to 262144 (tcpdump's "everything");
@@ -73,6 +74,10 @@ pub const MAX_RANGE_SIZE: u64 = 65536;
 pub const MAX_TAP_NAME_LEN: usize = 15;
 /// The most NAT sessions `nat.max_sessions` may allow.
 pub const MAX_NAT_SESSIONS: u32 = 1_000_000;
+/// The longest `backend.busy_poll`: past a millisecond, polling only burns CPU that a sleep
+/// and a wake-up (tens of microseconds) would save.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
+
 /// The most peers `backend.hub.max_peers` may allow.
 pub const MAX_HUB_PEERS: u32 = 4096;
 /// `nat.memory_limit` at least (when set).
@@ -333,6 +338,12 @@ impl Config {
         }
 
         // backend
+        c.check_duration(
+            "backend.busy_poll",
+            self.backend.busy_poll,
+            Duration::ZERO,
+            MAX_BUSY_POLL,
+        );
         let tap = &self.backend.tap;
         if let Err(why) = check_interface_name(&tap.name) {
             c.fail("backend.tap.name", format!("{:?}", tap.name), why);
@@ -1029,6 +1040,21 @@ mod tests {
         }
         assert!(check_interface_name("fifteen-bytes-x").is_ok());
         assert!(check_interface_name("tap%d").is_ok());
+    }
+
+    #[test]
+    fn busy_polling_is_bounded_and_may_be_off() {
+        assert_rejects(
+            "[backend]\nbusy_poll = \"2ms\"",
+            &["config key backend.busy_poll = \"2ms\" (from file x.toml): must be from 0s to 1ms"],
+        );
+        for (text, want) in [("0s", 0), ("50us", 50), ("1ms", 1000)] {
+            Jail::expect_with(|jail| {
+                let c = load_toml(jail, &format!("[backend]\nbusy_poll = \"{text}\"")).unwrap();
+                assert_eq!(c.backend.busy_poll, Duration::from_micros(want));
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -72,6 +72,12 @@ const MEMORY_CHECK_PERIOD: Duration = Duration::from_millis(250);
 /// (a future that is always ready never gives the executor a turn).
 const BUSY_PASSES: u32 = 8;
 
+/// A pass that moves this many bytes (frames in and out) is bulk traffic: no busy polling
+/// ([`hubnat_backend::rt::set_busy_poll`]) for [`BULK_HOLD`] after it. Bulk traffic keeps the
+/// gateway awake anyway, and polling would take the CPU its senders and receivers need.
+const BULK_BYTES: usize = 16 * 1024;
+const BULK_HOLD: Duration = Duration::from_millis(2);
+
 /// Why the gateway could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -413,6 +419,9 @@ impl Gateway {
         let mut next_memory_check = std::time::Instant::now();
         // The most host sessions open since the heap was last trimmed.
         let mut peak_sessions = 0usize;
+        // backend.busy_poll, while the traffic is light: until when it counts as bulk.
+        let busy_poll = self.config.backend.busy_poll;
+        let mut bulk_until = std::time::Instant::now();
         loop {
             let (deadline, again) = {
                 let core = shared.core.borrow();
@@ -545,6 +554,17 @@ impl Gateway {
             // pass do not leave at all (the client asks again).
             if !self.drain_events(shared) {
                 withhold_dhcp_acks(&mut tx);
+            }
+            if !busy_poll.is_zero() {
+                let clock = std::time::Instant::now();
+                if rx.bytes() + tx.bytes() >= BULK_BYTES {
+                    bulk_until = clock + BULK_HOLD;
+                }
+                hubnat_backend::rt::set_busy_poll(if clock >= bulk_until {
+                    busy_poll
+                } else {
+                    Duration::ZERO
+                });
             }
             if !tx.is_empty() {
                 if let Err(source) = backend.send_batch(&tx).await {

@@ -73,6 +73,11 @@ impl FrameBatch {
         self.ends.len()
     }
 
+    /// The bytes of all its frames.
+    pub fn bytes(&self) -> usize {
+        self.used
+    }
+
     /// True when the batch holds no frame.
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
