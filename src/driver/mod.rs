@@ -421,7 +421,7 @@ impl Gateway {
         let mut peak_sessions = 0usize;
         // backend.busy_poll, while the traffic is light: until when it counts as bulk.
         let busy_poll = self.config.backend.busy_poll;
-        let mut bulk_until = std::time::Instant::now();
+        let mut bulk_until = shared.clock.now();
         loop {
             let (deadline, again) = {
                 let core = shared.core.borrow();
@@ -556,11 +556,10 @@ impl Gateway {
                 withhold_dhcp_acks(&mut tx);
             }
             if !busy_poll.is_zero() {
-                let clock = std::time::Instant::now();
                 if rx.bytes() + tx.bytes() >= BULK_BYTES {
-                    bulk_until = clock + BULK_HOLD;
+                    bulk_until = now + BULK_HOLD.into();
                 }
-                hubnat_backend::rt::set_busy_poll(if clock >= bulk_until {
+                hubnat_backend::rt::set_busy_poll(if now >= bulk_until {
                     busy_poll
                 } else {
                     Duration::ZERO

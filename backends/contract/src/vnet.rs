@@ -167,14 +167,17 @@ pub fn finish_offloads(hdr: &VnetHdr, frame: &mut [u8]) -> Option<Received> {
 
 /// Whether the checksum at `start` + `offset` is the TCP checksum of an IPv4 frame.
 fn is_tcp_checksum_of_ipv4(frame: &[u8], start: usize, offset: usize) -> bool {
+    tcp_ipv4_l4(frame) == Some(start) && offset == 16 && start + offset + 2 <= frame.len()
+}
+
+/// Where the TCP header of a TCP/IPv4 frame starts (from the Ethernet header); `None` for a
+/// frame of another kind, or too short for its IPv4 header's first byte.
+fn tcp_ipv4_l4(frame: &[u8]) -> Option<usize> {
     let l3 = crate::ETHERNET_HEADER_LEN;
-    frame.get(12..14) == Some(&[0x08, 0x00][..])
-        && frame.get(l3 + 9) == Some(&6)
-        && frame
-            .get(l3)
-            .is_some_and(|v| l3 + usize::from(v & 0x0f) * 4 == start)
-        && offset == 16
-        && start + offset + 2 <= frame.len()
+    if frame.get(12..14)? != [0x08, 0x00] || frame.get(l3 + 9)? != &6 {
+        return None;
+    }
+    Some(l3 + usize::from(frame[l3] & 0x0f) * 4)
 }
 
 /// The `virtio_net_hdr` for a frame to send, and for a super-frame its headers with the TCP
@@ -213,12 +216,12 @@ pub fn vnet_prefix(frame: &[u8], wire_max: usize, offload: bool) -> Option<VnetP
     if frame.len() <= wire_max {
         return Some(VnetPrefix::plain());
     }
-    if !offload || frame.get(12..14)? != [0x08, 0x00] || frame.get(23)? != &6 {
+    if !offload {
         return None;
     }
     let l3 = crate::ETHERNET_HEADER_LEN;
-    let ihl = usize::from(frame[l3] & 0x0f) * 4;
-    let l4 = l3 + ihl;
+    let l4 = tcp_ipv4_l4(frame)?;
+    let ihl = l4 - l3;
     let thl = usize::from(frame.get(l4 + 12)? >> 4) * 4;
     let hdr_len = l4 + thl;
     let gso_size = wire_max.checked_sub(hdr_len)?;
