@@ -99,13 +99,17 @@ impl Pages {
 /// of both buffers is a whole page nobody else writes (with `malloc`, the chunk header makes
 /// the first page of each buffer resident for the connection's whole life: 8 KiB a session).
 /// No page is in memory until bytes pass; [`Pages::release`] gives them back; the mapping
-/// goes when the value is dropped. The sockets that borrow its buffers must be dropped first.
+/// goes when the value is dropped, or back to a [`MappingPool`]. The sockets that borrow its
+/// buffers must be dropped first.
 #[derive(Debug)]
 pub(super) struct Mapping {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
     /// Where the send buffer starts (the receive buffer's pages before it).
     rx_span: usize,
+    /// The two buffers' lengths.
+    rx: usize,
+    tx: usize,
 }
 
 // SAFETY: plain memory, owned by one value; the buffers handed out are `&mut` slices whose
@@ -115,10 +119,7 @@ unsafe impl Send for Mapping {}
 impl Mapping {
     /// A mapping for a receive buffer of `rx` bytes and a send buffer of `tx` bytes, each
     /// starting on a page; `None` when the system refuses one (too many mappings, say).
-    pub(super) fn new(
-        rx: usize,
-        tx: usize,
-    ) -> Option<(Mapping, &'static mut [u8], &'static mut [u8])> {
+    fn map(rx: usize, tx: usize) -> Option<Mapping> {
         let page = page_size();
         let rx_span = rx.checked_add(page - 1)? & !(page - 1);
         let len = rx_span.checked_add(tx.checked_add(page - 1)? & !(page - 1))?;
@@ -137,15 +138,30 @@ impl Mapping {
             return None;
         }
         let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())?;
-        // SAFETY: two disjoint ranges of the fresh mapping (zero-filled, so initialized), which
-        // lives until the `Mapping` is dropped; the caller drops their users before it.
-        let (a, b) = unsafe {
+        Some(Mapping {
+            ptr,
+            len,
+            rx_span,
+            rx,
+            tx,
+        })
+    }
+
+    /// The receive and the send buffer.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else may use the buffers while the results live (whoever had them before is
+    /// gone), and their users must be gone before the mapping is dropped or pooled.
+    unsafe fn buffers(&self) -> (&'static mut [u8], &'static mut [u8]) {
+        // SAFETY: two disjoint ranges of the mapping (zero-filled when made, so initialized),
+        // which lives until the `Mapping` is dropped; the caller's promise does the rest.
+        unsafe {
             (
-                std::slice::from_raw_parts_mut(ptr.as_ptr(), rx),
-                std::slice::from_raw_parts_mut(ptr.as_ptr().add(rx_span), tx),
+                std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.rx),
+                std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.rx_span), self.tx),
             )
-        };
-        Some((Mapping { ptr, len, rx_span }, a, b))
+        }
     }
 
     /// The pages of each buffer, the partial last page included (the rest of it is this
@@ -163,15 +179,87 @@ impl Mapping {
             }),
         ]
     }
+
+    /// Whether no page is in memory but, at most, the first of each buffer (`mincore`, with
+    /// `scratch` for its answer); `false` when it cannot be told.
+    fn only_first_pages_resident(&self, scratch: &mut Vec<u8>) -> bool {
+        let page = page_size();
+        scratch.clear();
+        scratch.resize(self.len / page, 0);
+        // SAFETY: the mapping is page-aligned and mapped; `scratch` has one byte per page.
+        let rc = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.len, scratch.as_mut_ptr()) };
+        let firsts = [0, self.rx_span / page];
+        rc == 0
+            && scratch
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b & 1 == 0 || firsts.contains(&i))
+    }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, whose slices' users are gone (the caller's
+        // SAFETY: the mapping made in `map`, whose slices' users are gone (the caller's
         // promise).
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
+    }
+}
+
+/// How many mappings of ended connections a [`MappingPool`] keeps.
+pub(super) const POOLED_MAPPINGS: usize = 64;
+
+/// The mappings of connections that ended, kept for the next ones: a new connection then
+/// costs no `mmap`, no `munmap` when it ends, and no page faults for its first bytes (the
+/// first page of each buffer is already in memory). Only a mapping with nothing in memory but
+/// those two pages is kept (one `mincore` tells), and at most [`POOLED_MAPPINGS`]: at most
+/// 64 × 8 KiB stays in memory for connections to come. A mapping that carried more (a busy
+/// connection's ring) is unmapped as before, its memory returned at once. Old bytes in a
+/// reused buffer are never read: smoltcp reads only what was queued in it.
+#[derive(Debug, Default)]
+pub(super) struct MappingPool {
+    free: Vec<Mapping>,
+    /// `mincore`'s answer, kept between calls.
+    scratch: Vec<u8>,
+}
+
+impl MappingPool {
+    /// A mapping for buffers of `rx` and `tx` bytes and the two buffers: a kept one of these
+    /// sizes, or a new one (`None` when the system refuses it). Kept mappings of other sizes
+    /// (the buffer size was changed) are unmapped.
+    pub(super) fn take(
+        &mut self,
+        rx: usize,
+        tx: usize,
+    ) -> Option<(Mapping, &'static mut [u8], &'static mut [u8])> {
+        if self.free.last().is_some_and(|m| (m.rx, m.tx) != (rx, tx)) {
+            self.free.retain(|m| (m.rx, m.tx) == (rx, tx));
+        }
+        let mapping = match self.free.pop() {
+            Some(m) => m,
+            None => Mapping::map(rx, tx)?,
+        };
+        // SAFETY: a new mapping has no users, and a pooled one's are gone (`give`'s promise);
+        // the caller drops the buffers' users before it drops or gives back the mapping.
+        let (a, b) = unsafe { mapping.buffers() };
+        Some((mapping, a, b))
+    }
+
+    /// Takes back the mapping of a connection that ended, whose socket is gone: kept when
+    /// there is room and nothing but the first page of each buffer is in memory, unmapped
+    /// otherwise.
+    pub(super) fn give(&mut self, mapping: Mapping) {
+        if self.free.len() < POOLED_MAPPINGS && mapping.only_first_pages_resident(&mut self.scratch)
+        {
+            self.free.push(mapping);
+        }
+    }
+
+    /// How many mappings are kept.
+    #[cfg(test)]
+    pub(super) fn kept(&self) -> usize {
+        self.free.len()
     }
 }
 
@@ -206,5 +294,37 @@ mod tests {
         assert_eq!(unsafe { p.release() }, 0, "nothing left to give back");
         let lo = p.start - buf.as_ptr() as usize;
         assert!(buf[lo..lo + p.len].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn a_quiet_connections_mapping_is_reused_and_a_busy_ones_is_unmapped() {
+        let page = page_size();
+        let (rx_len, tx_len) = (16 * page + 100, 16 * page);
+        let mut pool = MappingPool::default();
+        let (m, rx, tx) = pool.take(rx_len, tx_len).unwrap();
+        assert_eq!((rx.len(), tx.len()), (rx_len, tx_len));
+        rx[..10].copy_from_slice(b"0123456789");
+        tx[0] = 1;
+        let first = rx.as_ptr();
+        pool.give(m);
+        assert_eq!(pool.kept(), 1, "only the first pages were written");
+        let (m, rx, tx) = pool.take(rx_len, tx_len).unwrap();
+        assert_eq!(rx.as_ptr(), first, "the kept mapping is reused");
+        assert_eq!(pool.kept(), 0);
+        // A busy connection wrote past its first pages: not kept.
+        rx[3 * page] = 1;
+        tx[tx_len - 1] = 1;
+        pool.give(m);
+        assert_eq!(pool.kept(), 0);
+        // The pool is bounded, and other sizes clear it.
+        let taken: Vec<_> = (0..POOLED_MAPPINGS + 3)
+            .map(|_| pool.take(rx_len, tx_len).unwrap().0)
+            .collect();
+        taken.into_iter().for_each(|m| pool.give(m));
+        assert_eq!(pool.kept(), POOLED_MAPPINGS);
+        let (m, rx, tx) = pool.take(page, page).unwrap();
+        assert_eq!((rx.len(), tx.len()), (page, page));
+        assert_eq!(pool.kept(), 0, "mappings of the old size are unmapped");
+        drop(m);
     }
 }

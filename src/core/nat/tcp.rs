@@ -52,7 +52,7 @@ use smoltcp::wire::{
     Ipv4Packet, TcpPacket, ETHERNET_HEADER_LEN,
 };
 
-use super::pages::{Mapping, Pages};
+use super::pages::{Mapping, MappingPool, Pages};
 use super::table::{FlowKey, IdMap, IdSet, Protocol, SessionId, SessionState};
 use super::{EndReason, HostError, HostEvent, NatEvent, OpRecord};
 use crate::core::link::Link;
@@ -63,10 +63,16 @@ use crate::core::VirtualHost;
 /// malformed before they reach the NAT).
 /// Also returns the whole pages inside its two buffers (receive, send), to give back when the
 /// connection goes quiet ([`Pages`]).
-fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, Buffers) {
-    // No memory is taken until bytes pass (see `pages`): a mapping of the connection's own,
-    // or, when the system refuses one, zeroed allocations (each with a resident first page).
-    let (rx, tx, pages, mapping) = match Mapping::new(rx_buffer_len(buffer), buffer) {
+fn listener(
+    addr: Ipv4Addr,
+    port: u16,
+    buffer: usize,
+    pool: &mut MappingPool,
+) -> (tcp::Socket<'static>, Buffers) {
+    // No memory is taken until bytes pass (see `pages`): a mapping of the connection's own
+    // (a new one, or one an ended connection left in `pool`), or, when the system refuses
+    // one, zeroed allocations (each with a resident first page).
+    let (rx, tx, pages, mapping) = match pool.take(rx_buffer_len(buffer), buffer) {
         Some((mapping, rx, tx)) => {
             let pages = mapping.pages();
             (
@@ -91,7 +97,7 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, 
     };
     let buffers = Buffers {
         pages,
-        _mapping: mapping,
+        mapping,
         received: None,
         acked: None,
     };
@@ -112,7 +118,7 @@ fn listener(addr: Ipv4Addr, port: u16, buffer: usize) -> (tcp::Socket<'static>, 
 #[derive(Debug)]
 pub(super) struct Buffers {
     pages: BufferPages,
-    _mapping: Option<Mapping>,
+    mapping: Option<Mapping>,
     /// The end of the furthest segment the client sent (sequence number after it).
     received: Option<u32>,
     /// The acknowledgment number of the last segment the socket sent the client.
@@ -351,6 +357,8 @@ pub struct TcpStack {
     /// Each connection's buffer memory and the whole pages inside its buffers. Declared after
     /// `sets`, so dropped after it: the sockets borrow this memory.
     pages: IdMap<Buffers>,
+    /// The mappings of ended connections, for the next ones. Declared after `sets`.
+    pool: MappingPool,
     /// Connections egress polled since the last quiet check (every segment in or out makes
     /// its connection dirty, hence polled), and those of the check before: one in `was_active`
     /// but not in `active`, and not dirty now, has been quiet for a whole period.
@@ -383,6 +391,7 @@ impl TcpStack {
             graveyard: Vec::new(),
             scratch: Vec::new(),
             pages: IdMap::default(),
+            pool: MappingPool::default(),
             active: IdSet::default(),
             was_active: IdSet::default(),
             next_quiet_check: None,
@@ -437,7 +446,7 @@ impl TcpStack {
     /// Creates connection `id`'s socket, listening where the client's SYN went.
     fn accept(&mut self, id: SessionId, addr: Ipv4Addr, port: u16, buffer: usize) {
         let mut set = SocketSet::new(Vec::with_capacity(1));
-        let (socket, buffers) = listener(addr, port, buffer);
+        let (socket, buffers) = listener(addr, port, buffer, &mut self.pool);
         let handle = set.add(socket);
         self.sets.insert(id, (set, handle));
         self.pages.insert(id, buffers);
@@ -552,7 +561,10 @@ impl TcpStack {
                 self.graveyard.push(id);
             } else {
                 self.sets.remove(&id);
-                self.pages.remove(&id);
+                // The socket is gone: its buffers' mapping may serve the next connection.
+                if let Some(mapping) = self.pages.remove(&id).and_then(|b| b.mapping) {
+                    self.pool.give(mapping);
+                }
                 self.set_deadline(id, None);
             }
         }
