@@ -15,6 +15,9 @@
 #   SESSIONS="1000 10000"   the open idle TCP sessions of the memory measure
 #   OUT=target/bench        where the results go (bench-DATE.md, .json, .jsonl); kept
 #   HUBNAT=, BRIDGE=        already built binaries (else `cargo build --release` builds them)
+#   PROFILE=DIR     profile every measure with `perf record -a -g` (Debian package
+#                   linux-perf): DIR/ROUND-MTU-CONTENDER-MEASURE.txt has each process's share
+#                   of the machine's CPU and the NAT process's top symbols, .data the record
 # It installs nothing: a missing tool is named with its Debian package, and the run stops.
 #
 # Each (round, MTU, contender) gets namespaces of its own (DESIGN.md safety rules; only
@@ -96,6 +99,7 @@ need python3 python3
 { has "$MEASURES" tput || has "$MEASURES" udp; } && need iperf3 iperf3
 has "$CONTENDERS" slirp4netns && need slirp4netns slirp4netns
 has "$CONTENDERS" pasta && need pasta passt
+[ -z "${PROFILE:-}" ] || need perf linux-perf
 if hubnat_wanted; then need udhcpc udhcpc; [ -n "${HUBNAT:-}" ] || need cargo "cargo, or rustup"; fi
 [ "${#missing[@]}" -eq 0 ] || die "missing: ${missing[*]}; install them (apt-get install ...) or leave their contenders out of CONTENDERS"
 KERNEL_NAT=nft
@@ -120,6 +124,7 @@ fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 mkdir -p "$OUT"
+if [ -n "${PROFILE:-}" ]; then mkdir -p "$PROFILE"; PROFILE=$(cd "$PROFILE" && pwd); fi
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 SAMPLES="$OUT/bench-$stamp.jsonl"
 : >"$SAMPLES"
@@ -300,9 +305,33 @@ interface = \"$RAW_GW\"" ;;
   esac
 }
 
+# `profiled NAME CMD...`: runs CMD; with PROFILE, under `perf record -a -g`, then writes
+# PROFILE/NAME.txt: each process's share of the samples, and the NAT process's top symbols.
+profiled() {
+  local name=$1; shift
+  [ -n "${PROFILE:-}" ] || { "$@"; return; }
+  local data="$PROFILE/$name.data" perf_pid rc=0
+  perf record -q -a -g -F 999 -o "$data" >"$work/perf.log" 2>&1 & perf_pid=$!
+  sleep 0.2
+  "$@" || rc=$?
+  kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true
+  {
+    echo "# $name: share of the machine's CPU samples by process (all CPUs; swapper = idle)"
+    perf report -i "$data" --no-children --sort comm -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 12
+    if [ "$NAT_PID" != - ]; then
+      echo; echo "# the NAT process (PID $NAT_PID): kernel and user space"
+      perf report -i "$data" --pid "$NAT_PID" --no-children --sort dso -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 6
+      echo; echo "# the NAT process: where its time goes, callers included (system calls, copies)"
+      perf report -i "$data" --pid "$NAT_PID" --children --sort sym -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 60
+    fi
+  } >"$PROFILE/$name.txt"
+  return $rc
+}
+
 # The measures of one block; every result (or error) goes to $SAMPLES as one JSON line.
 measure() { # measure ROUND MTU CONTENDER
   local t=(--out "$SAMPLES" --tag "round=$1" --tag "mtu=$2" --tag "contender=$3") p dir flags idle
+  local pre="$1-$2-$3"
   # The NAT as started, before any traffic. The sessions come last: 10,000 of them leave
   # slirp4netns unable to take new connections for a while.
   if [ "$NAT_PID" != - ]; then
@@ -314,7 +343,7 @@ measure() { # measure ROUND MTU CONTENDER
     for p in 1 4; do
       for dir in up down; do
         flags=(); [ "$dir" = up ] || flags+=(-R); [ "$p" = 1 ] || flags+=(-P "$p")
-        python3 "$TOOL" iperf "${t[@]}" --tag "measure=tcp_${dir}_$p" -- \
+        profiled "$pre-tcp_${dir}_$p" python3 "$TOOL" iperf "${t[@]}" --tag "measure=tcp_${dir}_$p" -- \
           "$NS_CL" "$SERVER_IP" "$IPERF_PORT" "$DURATION" "$NAT_PID" "${flags[@]}"
       done
     done
@@ -322,18 +351,18 @@ measure() { # measure ROUND MTU CONTENDER
   if has "$MEASURES" udp; then
     for dir in up down; do
       flags=(-u -b 0 -l 64); [ "$dir" = up ] || flags+=(-R)
-      python3 "$TOOL" iperf "${t[@]}" --tag "measure=udp_$dir" -- \
+      profiled "$pre-udp_$dir" python3 "$TOOL" iperf "${t[@]}" --tag "measure=udp_$dir" -- \
         "$NS_CL" "$SERVER_IP" "$IPERF_PORT" "$DURATION" "$NAT_PID" "${flags[@]}"
     done
   fi
   if has "$MEASURES" rr; then
     for p in tcp udp; do
-      in_ns "$NS_CL" python3 "$TOOL" rr "${t[@]}" --tag "measure=${p}_rr" -- "$p" "$SERVER_IP" "$PORT" "$DURATION"
+      profiled "$pre-${p}_rr" in_ns "$NS_CL" python3 "$TOOL" rr "${t[@]}" --tag "measure=${p}_rr" -- "$p" "$SERVER_IP" "$PORT" "$DURATION"
     done
   fi
   if has "$MEASURES" conn; then
-    in_ns "$NS_CL" python3 "$TOOL" conn "${t[@]}" --tag measure=conn_seq -- "$SERVER_IP" "$PORT" "$DURATION" 1
-    in_ns "$NS_CL" python3 "$TOOL" conn "${t[@]}" --tag measure=conn_32 -- "$SERVER_IP" "$PORT" "$DURATION" 32
+    profiled "$pre-conn_seq" in_ns "$NS_CL" python3 "$TOOL" conn "${t[@]}" --tag measure=conn_seq -- "$SERVER_IP" "$PORT" "$DURATION" 1
+    profiled "$pre-conn_32" in_ns "$NS_CL" python3 "$TOOL" conn "${t[@]}" --tag measure=conn_32 -- "$SERVER_IP" "$PORT" "$DURATION" 32
   fi
   if has "$MEASURES" mem; then
     in_ns "$NS_CL" python3 "$TOOL" hold "${t[@]}" --tag measure=mem -- "$SERVER_IP" "$PORT" "${SESSIONS// /,}" "$NAT_PID" "${idle:--}"

@@ -9,8 +9,12 @@
 //! until they are written again. Nothing is lost: an empty ring's bytes are never read (smoltcp
 //! reads only the queued part).
 //!
-//! These are the only system calls of the core (`madvise`, and `mincore` to count what is
-//! given back); they move no data in or out and need no privilege.
+//! A connection that ends leaves its mapping to the next one when nothing but the first page of
+//! each buffer is in memory ([`MappingPool`]): a short connection then costs no `mmap`, no
+//! `munmap` and no page fault.
+//!
+//! These are the only system calls of the core (`mmap`, `munmap`, `madvise`, and `mincore` to
+//! count what is given back or kept); they move no data in or out and need no privilege.
 
 /// The whole pages inside one buffer: `[start, start + len)`, page-aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
