@@ -315,16 +315,19 @@ profiled() {
   sleep 0.2
   "$@" || rc=$?
   kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true
-  {
+  ( # `head` closes the pipe early: not an error here
+    set +e +o pipefail
     echo "# $name: share of the machine's CPU samples by process (all CPUs; swapper = idle)"
     perf report -i "$data" --no-children --sort comm -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 12
     if [ "$NAT_PID" != - ]; then
-      echo; echo "# the NAT process (PID $NAT_PID): kernel and user space"
-      perf report -i "$data" --pid "$NAT_PID" --no-children --sort dso -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 6
+      echo; echo "# the NAT process (PID $NAT_PID): its own samples, in the kernel and in user space"
+      perf report -i "$data" --pid "$NAT_PID" --no-children --sort sym -g none --stdio 2>/dev/null |
+        awk '$2 == "[k]" { k += $1 } $2 == "[.]" { u += $1 }
+             END { if (k + u > 0) printf "kernel %.0f %%, user space %.0f %%\n", 100 * k / (k + u), 100 * u / (k + u) }'
       echo; echo "# the NAT process: where its time goes, callers included (system calls, copies)"
-      perf report -i "$data" --pid "$NAT_PID" --children --sort sym -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 60
+      perf report -i "$data" --pid "$NAT_PID" --percentage relative --children --sort sym -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 60
     fi
-  } >"$PROFILE/$name.txt"
+  ) >"$PROFILE/$name.txt"
   return $rc
 }
 

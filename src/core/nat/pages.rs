@@ -9,12 +9,12 @@
 //! until they are written again. Nothing is lost: an empty ring's bytes are never read (smoltcp
 //! reads only the queued part).
 //!
-//! A connection that ends leaves its mapping to the next one when nothing but the first page of
-//! each buffer is in memory ([`MappingPool`]): a short connection then costs no `mmap`, no
+//! A connection that ends leaves its mapping to the next one when it wrote nothing past the
+//! first page of either buffer ([`MappingPool`]): a short connection then costs no `mmap`, no
 //! `munmap` and no page fault.
 //!
 //! These are the only system calls of the core (`mmap`, `munmap`, `madvise`, and `mincore` to
-//! count what is given back or kept); they move no data in or out and need no privilege.
+//! count what is given back); they move no data in or out and need no privilege.
 
 /// The whole pages inside one buffer: `[start, start + len)`, page-aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub(super) struct Pages {
 }
 
 /// The system's page size (4 KiB if it cannot be read).
-fn page_size() -> usize {
+pub(super) fn page_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *SIZE.get_or_init(|| {
         // SAFETY: sysconf has no preconditions.
@@ -183,22 +183,6 @@ impl Mapping {
             }),
         ]
     }
-
-    /// Whether no page is in memory but, at most, the first of each buffer (`mincore`, with
-    /// `scratch` for its answer); `false` when it cannot be told.
-    fn only_first_pages_resident(&self, scratch: &mut Vec<u8>) -> bool {
-        let page = page_size();
-        scratch.clear();
-        scratch.resize(self.len / page, 0);
-        // SAFETY: the mapping is page-aligned and mapped; `scratch` has one byte per page.
-        let rc = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.len, scratch.as_mut_ptr()) };
-        let firsts = [0, self.rx_span / page];
-        rc == 0
-            && scratch
-                .iter()
-                .enumerate()
-                .all(|(i, b)| *b & 1 == 0 || firsts.contains(&i))
-    }
 }
 
 impl Drop for Mapping {
@@ -216,16 +200,15 @@ pub(super) const POOLED_MAPPINGS: usize = 64;
 
 /// The mappings of connections that ended, kept for the next ones: a new connection then
 /// costs no `mmap`, no `munmap` when it ends, and no page faults for its first bytes (the
-/// first page of each buffer is already in memory). Only a mapping with nothing in memory but
-/// those two pages is kept (one `mincore` tells), and at most [`POOLED_MAPPINGS`]: at most
-/// 64 × 8 KiB stays in memory for connections to come. A mapping that carried more (a busy
-/// connection's ring) is unmapped as before, its memory returned at once. Old bytes in a
-/// reused buffer are never read: smoltcp reads only what was queued in it.
+/// first page of each buffer is already in memory). Only the mapping of a connection that
+/// wrote nothing past the first page of either buffer is given back (its owner keeps count,
+/// with no system call), and at most [`POOLED_MAPPINGS`] are kept: at most 64 × 8 KiB stays
+/// in memory for connections to come. A mapping that carried more (a busy connection's
+/// ring) is unmapped as before, its memory returned at once. Old bytes in a reused buffer are
+/// never read: smoltcp reads only what was queued in it.
 #[derive(Debug, Default)]
 pub(super) struct MappingPool {
     free: Vec<Mapping>,
-    /// `mincore`'s answer, kept between calls.
-    scratch: Vec<u8>,
 }
 
 impl MappingPool {
@@ -250,12 +233,11 @@ impl MappingPool {
         Some((mapping, a, b))
     }
 
-    /// Takes back the mapping of a connection that ended, whose socket is gone: kept when
-    /// there is room and nothing but the first page of each buffer is in memory, unmapped
+    /// Takes back the mapping of a connection that ended, whose socket is gone and which wrote
+    /// nothing past the first page of either buffer: kept while there is room, unmapped
     /// otherwise.
     pub(super) fn give(&mut self, mapping: Mapping) {
-        if self.free.len() < POOLED_MAPPINGS && mapping.only_first_pages_resident(&mut self.scratch)
-        {
+        if self.free.len() < POOLED_MAPPINGS {
             self.free.push(mapping);
         }
     }
@@ -301,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_connections_mapping_is_reused_and_a_busy_ones_is_unmapped() {
+    fn kept_mappings_are_reused_bounded_and_dropped_for_another_size() {
         let page = page_size();
         let (rx_len, tx_len) = (16 * page + 100, 16 * page);
         let mut pool = MappingPool::default();
@@ -311,21 +293,16 @@ mod tests {
         tx[0] = 1;
         let first = rx.as_ptr();
         pool.give(m);
-        assert_eq!(pool.kept(), 1, "only the first pages were written");
-        let (m, rx, tx) = pool.take(rx_len, tx_len).unwrap();
+        assert_eq!(pool.kept(), 1);
+        let (m, rx, _) = pool.take(rx_len, tx_len).unwrap();
         assert_eq!(rx.as_ptr(), first, "the kept mapping is reused");
         assert_eq!(pool.kept(), 0);
-        // A busy connection wrote past its first pages: not kept.
-        rx[3 * page] = 1;
-        tx[tx_len - 1] = 1;
-        pool.give(m);
-        assert_eq!(pool.kept(), 0);
-        // The pool is bounded, and other sizes clear it.
+        drop(m);
         let taken: Vec<_> = (0..POOLED_MAPPINGS + 3)
             .map(|_| pool.take(rx_len, tx_len).unwrap().0)
             .collect();
         taken.into_iter().for_each(|m| pool.give(m));
-        assert_eq!(pool.kept(), POOLED_MAPPINGS);
+        assert_eq!(pool.kept(), POOLED_MAPPINGS, "bounded");
         let (m, rx, tx) = pool.take(page, page).unwrap();
         assert_eq!((rx.len(), tx.len()), (page, page));
         assert_eq!(pool.kept(), 0, "mappings of the old size are unmapped");

@@ -52,7 +52,7 @@ use smoltcp::wire::{
     Ipv4Packet, TcpPacket, ETHERNET_HEADER_LEN,
 };
 
-use super::pages::{Mapping, MappingPool, Pages};
+use super::pages::{page_size, Mapping, MappingPool, Pages};
 use super::table::{FlowKey, IdMap, IdSet, Protocol, SessionId, SessionState};
 use super::{EndReason, HostError, HostEvent, NatEvent, OpRecord};
 use crate::core::link::Link;
@@ -100,6 +100,9 @@ fn listener(
         mapping,
         received: None,
         acked: None,
+        syn_end: None,
+        sent: 0,
+        far: false,
     };
     let mut s = tcp::Socket::new(rx, tx);
     s.set_nagle_enabled(true);
@@ -123,6 +126,26 @@ pub(super) struct Buffers {
     received: Option<u32>,
     /// The acknowledgment number of the last segment the socket sent the client.
     acked: Option<u32>,
+    /// The sequence number after the client's SYN: where its bytes start.
+    syn_end: Option<u32>,
+    /// Bytes given to the send buffer so far.
+    sent: u64,
+    /// Bytes went past the first page of a buffer (or may have): the mapping is not kept for
+    /// another connection ([`MappingPool`]). smoltcp's rings put the byte at stream offset
+    /// `k` at a position no higher than `k` (a ring starts at 0 and goes back to 0 when it
+    /// empties; out-of-order bytes go where their offset says), so a connection whose client
+    /// sent up to one page and that was given up to one page touched only the first pages.
+    far: bool,
+}
+
+impl Buffers {
+    /// Notes `bytes` more in the send buffer.
+    fn note_sent(&mut self, bytes: usize) {
+        self.sent += bytes as u64;
+        if self.sent > page_size() as u64 {
+            self.far = true;
+        }
+    }
 }
 
 /// Whether sequence number `a` is after `b` (modulo 2^32).
@@ -443,10 +466,12 @@ impl TcpStack {
             .is_some_and(|s| !matches!(s, tcp::State::Closed | tcp::State::TimeWait))
     }
 
-    /// Creates connection `id`'s socket, listening where the client's SYN went.
-    fn accept(&mut self, id: SessionId, addr: Ipv4Addr, port: u16, buffer: usize) {
+    /// Creates connection `id`'s socket, listening where the client's SYN went; the client's
+    /// bytes start at sequence number `syn_end`.
+    fn accept(&mut self, id: SessionId, addr: Ipv4Addr, port: u16, buffer: usize, syn_end: u32) {
         let mut set = SocketSet::new(Vec::with_capacity(1));
-        let (socket, buffers) = listener(addr, port, buffer, &mut self.pool);
+        let (socket, mut buffers) = listener(addr, port, buffer, &mut self.pool);
+        buffers.syn_end = Some(syn_end);
         let handle = set.add(socket);
         self.sets.insert(id, (set, handle));
         self.pages.insert(id, buffers);
@@ -458,6 +483,13 @@ impl TcpStack {
         if let Some(b) = self.pages.get_mut(&id) {
             if b.received.is_none_or(|r| seq_after(end, r)) {
                 b.received = Some(end);
+            }
+            // A segment ending past the receive buffer's first page, or before the client's
+            // first byte (which cannot be told from 4 GiB later).
+            if b.syn_end
+                .is_none_or(|s| end.wrapping_sub(s) as usize > page_size())
+            {
+                b.far = true;
             }
         }
     }
@@ -561,8 +593,14 @@ impl TcpStack {
                 self.graveyard.push(id);
             } else {
                 self.sets.remove(&id);
-                // The socket is gone: its buffers' mapping may serve the next connection.
-                if let Some(mapping) = self.pages.remove(&id).and_then(|b| b.mapping) {
+                // The socket is gone: the mapping of a connection that touched only the first
+                // page of each buffer serves the next one.
+                if let Some(Buffers {
+                    mapping: Some(mapping),
+                    far: false,
+                    ..
+                }) = self.pages.remove(&id)
+                {
                     self.pool.give(mapping);
                 }
                 self.set_deadline(id, None);
@@ -615,6 +653,12 @@ impl TcpStack {
     #[cfg(test)]
     pub(super) fn buffer_pages(&self, id: SessionId) -> BufferPages {
         self.pages.get(&id).map(|b| b.pages).unwrap_or_default()
+    }
+
+    /// How many mappings of ended connections wait for new ones.
+    #[cfg(test)]
+    pub(super) fn pooled_mappings(&self) -> usize {
+        self.pool.kept()
     }
 
     /// Bytes of buffer memory given back to the system so far (pages that were in memory).
@@ -873,9 +917,10 @@ impl VirtualHost {
             return;
         };
         let buffer = self.settings.nat.tcp_buffer;
+        let syn_end = (seg.seq_number().0 as u32).wrapping_add(seg.segment_len() as u32);
         self.nat
             .stack
-            .accept(id, p.dst_addr(), seg.dst_port(), buffer);
+            .accept(id, p.dst_addr(), seg.dst_port(), buffer, syn_end);
         // Now the SYN goes in, and the SYN-ACK out with the next poll.
         self.stack_ingress(now, &syn, Some(id));
         if let Some(s) = self.nat.table.get_mut(id) {
@@ -956,6 +1001,7 @@ impl VirtualHost {
         Some(TcpRelay {
             socket,
             session,
+            buffers: stack.pages.get_mut(&id),
             now,
             dirty: &mut stack.dirty,
         })
@@ -1024,6 +1070,7 @@ fn raise_mss(packet: &mut [u8], mss: u16) {
 pub struct TcpRelay<'a> {
     socket: &'a mut tcp::Socket<'static>,
     session: &'a mut super::table::Session,
+    buffers: Option<&'a mut Buffers>,
     now: Instant,
     dirty: &'a mut IdSet,
 }
@@ -1087,6 +1134,9 @@ impl TcpRelay<'_> {
         if r > 0 {
             self.session.count_in(r, self.now);
             self.dirty.insert(self.session.id);
+            if let Some(b) = self.buffers.as_deref_mut() {
+                b.note_sent(r);
+            }
         }
         Ok(r)
     }

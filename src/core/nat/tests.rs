@@ -1166,6 +1166,74 @@ fn a_quiet_connection_gives_its_buffer_memory_back_and_goes_on() {
     let _ = held.receive(&mut h, t(at));
 }
 
+/// One connection through the NAT: the client sends `up` and the host `down`, both intact;
+/// the client, with `far_out_of_order`, first sends a byte 5000 bytes ahead (past a gap it
+/// never fills) and resets at the end, else both sides close. Returns when it is gone.
+fn one_connection(h: &mut VirtualHost, port: u16, up: &[u8], down: &[u8], far_out_of_order: bool) {
+    let (mut c, id) = Client::connect(h, SocketAddrV4::new(REMOTE, 80), port, t(0));
+    if far_out_of_order {
+        let seq = c.seq;
+        c.seq = c.seq.wrapping_add(5000);
+        c.send(h, TcpControl::Psh, b"x", t(1));
+        c.seq = seq;
+    }
+    let mut got = Vec::new();
+    for chunk in up.chunks(1400) {
+        c.send(h, TcpControl::Psh, chunk, t(1));
+        if !far_out_of_order {
+            got.extend(relay_take(h, id, t(1)));
+        }
+        let _ = c.receive(h, t(1));
+    }
+    if !far_out_of_order {
+        assert!(got == up, "the client's bytes changed");
+    }
+    let (mut given, mut received) = (0, 0);
+    while received < down.len() {
+        given += relay_give(h, id, &down[given..], t(2));
+        received += c.receive(h, t(2)).0;
+    }
+    if far_out_of_order {
+        c.send(h, TcpControl::Rst, &[], t(3));
+    } else {
+        c.send(h, TcpControl::Fin, &[], t(3));
+        let _ = c.receive(h, t(3));
+        h.nat_host_event(id, HostEvent::WriteShut, t(3));
+        h.nat_host_event(id, HostEvent::EndOfStream, t(3));
+        let (_, fin, _) = c.receive(h, t(3));
+        assert!(fin);
+    }
+    let _ = sent(h, t(4));
+    let _ = sent(h, t(4));
+    assert!(
+        h.nat_tcp_relay(id, t(4)).is_none(),
+        "the connection is over"
+    );
+    let _ = (ended(h), ops(h));
+}
+
+/// The buffer mapping of a connection that wrote only the first page of each buffer serves the
+/// next connection (no mmap, munmap or page fault); one that carried more either way, or got
+/// a byte far out of order, is unmapped.
+#[test]
+fn short_connections_leave_their_buffer_mapping_to_the_next_one() {
+    let mut h = host_with(settings());
+    let pooled = |h: &VirtualHost| h.nat.stack.pooled_mappings();
+    let big: Vec<u8> = (0..6000).map(|i| (i % 241) as u8).collect();
+    one_connection(&mut h, 40100, b"GET /", b"hello", false);
+    assert_eq!(pooled(&h), 1, "a short connection's mapping is kept");
+    // The next one reuses it (its bytes arrive intact) and carries more than a page up.
+    one_connection(&mut h, 40101, &big, b"ok", false);
+    assert_eq!(pooled(&h), 0, "a page or more from the client: unmapped");
+    one_connection(&mut h, 40102, b"GET /big", &big, false);
+    assert_eq!(pooled(&h), 0, "a page or more from the host: unmapped");
+    one_connection(&mut h, 40103, b"", b"", true);
+    assert_eq!(pooled(&h), 0, "a byte far out of order: unmapped");
+    one_connection(&mut h, 40104, b"a", b"b", false);
+    one_connection(&mut h, 40105, &big[..4000], &big[..4000], false);
+    assert_eq!(pooled(&h), 1, "up to a page each way: kept");
+}
+
 /// Bytes that came out of order, past a gap, wait in the receive buffer (smoltcp's assembler)
 /// while nothing moves: a quiet connection keeps those pages, and the bytes reach the host
 /// intact once the gap is filled. (Giving them back would have turned them into zeros.)
