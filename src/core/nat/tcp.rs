@@ -917,7 +917,8 @@ impl VirtualHost {
             return;
         };
         let buffer = self.settings.nat.tcp_buffer;
-        let syn_end = (seg.seq_number().0 as u32).wrapping_add(seg.segment_len() as u32);
+        // The client's first byte (any bytes riding on the SYN count as after it).
+        let syn_end = (seg.seq_number().0 as u32).wrapping_add(1);
         self.nat
             .stack
             .accept(id, p.dst_addr(), seg.dst_port(), buffer, syn_end);
