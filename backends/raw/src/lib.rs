@@ -29,7 +29,9 @@
 //!   (a container, a namespace) hands over frames as the kernel holds them: with a partial
 //!   TCP/UDP checksum, or as a TSO super-frame of up to 64 KiB. The socket is opened with
 //!   `PACKET_VNET_HDR`, so each frame comes with a `virtio_net_hdr` saying what is left to do;
-//!   the backend finishes the checksum; with [`RawOptions::offload`] (the default) a TCP/IPv4
+//!   the backend finishes a partial checksum, except a TCP/IPv4 one, which stays partial and
+//!   is vouched for (as the kernel takes it; the core then does not sum it again,
+//!   [`FrameBatch::set_last_checksum_verified`]); with [`RawOptions::offload`] (the default) a TCP/IPv4
 //!   super-frame goes to the caller whole (the core takes TCP segments of any length, as with
 //!   a TAP device), without it the backend cuts it into wire-sized segments ([`offload`]).
 //!   Other super-frames (TCP over IPv6, UDP GSO) are dropped and counted. On a kernel without
@@ -60,16 +62,13 @@ use std::time::{Duration, Instant};
 
 use futures_lite::FutureExt;
 use hubnat_backend::rt::{Io, Timer};
-use hubnat_backend::vnet::{vnet_prefix, VnetPrefix};
+use hubnat_backend::vnet::{finish_offloads, vnet_prefix, VnetPrefix};
 use hubnat_backend::{Backend, BackendStats, FrameBatch, ETHERNET_HEADER_LEN};
 use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
 
 pub mod offload;
 
-use offload::{
-    finish_checksum, TcpSegmenter, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
-    VNET_HDR_LEN,
-};
+use offload::{TcpSegmenter, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, VNET_HDR_LEN};
 
 /// The largest frame a local sender may hand over with `PACKET_VNET_HDR`: a 64 KiB GSO
 /// super-frame with its headers.
@@ -361,7 +360,8 @@ impl RawBackend {
         self.downs
     }
 
-    /// Frames from local senders whose partial checksum the backend finished.
+    /// Frames from local senders with a partial checksum that the backend took care of:
+    /// finished, or (TCP/IPv4) left partial and vouched for, as the kernel takes it.
     pub fn checksums_finished(&self) -> u64 {
         self.checksums_finished
     }
@@ -583,15 +583,15 @@ impl RawBackend {
         }
         let needs_csum = hdr.flags & F_NEEDS_CSUM != 0;
         let (start, offset) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-        let mut finished = true;
+        // A partial checksum is finished, except a TCP/IPv4 one: it stays partial and the
+        // frame is vouched for, as the kernel takes it (`finish_offloads`).
+        let mut received = None;
         let pushed = batch.push_with(frame.len(), |buf| {
             let buf = &mut buf[..frame.len()];
             buf.copy_from_slice(frame);
-            if needs_csum {
-                finished = finish_checksum(buf, start, offset);
-            }
+            received = finish_offloads(&hdr, buf);
             // A super-frame whose checksum cannot be finished is nothing the core can take.
-            if super_frame && !finished {
+            if super_frame && received.is_none() {
                 return Err(());
             }
             Ok(frame.len())
@@ -601,11 +601,14 @@ impl RawBackend {
             tracing::debug!(interface = %self.name, start, offset, len = frame.len(), "discarded a super-frame whose partial checksum's offsets do not fit it");
             return Read::Skipped;
         }
+        if received.is_some_and(|r| r.checksum_verified) {
+            batch.set_last_checksum_verified();
+        }
         if needs_csum {
-            if finished {
+            if received.is_some() {
                 self.checksums_finished += 1;
                 if self.checksums_finished == 1 {
-                    tracing::debug!(interface = %self.name, "a local sender's partial checksum: finishing it (and any that follow)");
+                    tracing::debug!(interface = %self.name, "a local sender's partial checksum: taking it as the kernel does (and any that follow)");
                 }
             } else {
                 tracing::debug!(interface = %self.name, start, offset, "a partial checksum's offsets do not fit the frame");
