@@ -922,6 +922,8 @@ impl VirtualHost {
         self.nat
             .stack
             .accept(id, p.dst_addr(), seg.dst_port(), buffer, syn_end);
+        let end = syn_end.wrapping_add(seg.payload().len() as u32);
+        self.nat.stack.note_received(id, end);
         // Now the SYN goes in, and the SYN-ACK out with the next poll.
         self.stack_ingress(now, &syn, Some(id));
         if let Some(s) = self.nat.table.get_mut(id) {
