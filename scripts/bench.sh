@@ -17,7 +17,8 @@
 #   HUBNAT=, BRIDGE=        already built binaries (else `cargo build --release` builds them)
 #   PROFILE=DIR     profile every measure with `perf record -a -g` (Debian package
 #                   linux-perf): DIR/ROUND-MTU-CONTENDER-MEASURE.txt has each process's share
-#                   of the machine's CPU and the NAT process's top symbols, .data the record
+#                   of the machine's CPU, the NAT process's kernel/user split and the functions
+#                   on the most of its call stacks (bench_tool.py stacks), .data the record
 # It installs nothing: a missing tool is named with its Debian package, and the run stops.
 #
 # Each (round, MTU, contender) gets namespaces of its own (DESIGN.md safety rules; only
@@ -306,7 +307,7 @@ interface = \"$RAW_GW\"" ;;
 }
 
 # `profiled NAME CMD...`: runs CMD; with PROFILE, under `perf record -a -g`, then writes
-# PROFILE/NAME.txt: each process's share of the samples, and the NAT process's top symbols.
+# PROFILE/NAME.txt: each process's share of the samples, and what the NAT process did.
 profiled() {
   local name=$1; shift
   [ -n "${PROFILE:-}" ] || { "$@"; return; }
@@ -320,12 +321,8 @@ profiled() {
     echo "# $name: share of the machine's CPU samples by process (all CPUs; swapper = idle)"
     perf report -i "$data" --no-children --sort comm -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 12
     if [ "$NAT_PID" != - ]; then
-      echo; echo "# the NAT process (PID $NAT_PID): its own samples, in the kernel and in user space"
-      perf report -i "$data" --pid "$NAT_PID" --no-children --sort sym -g none --stdio 2>/dev/null |
-        awk '$2 == "[k]" { k += $1 } $2 == "[.]" { u += $1 }
-             END { if (k + u > 0) printf "kernel %.0f %%, user space %.0f %%\n", 100 * k / (k + u), 100 * u / (k + u) }'
-      echo; echo "# the NAT process: where its time goes, callers included (system calls, copies)"
-      perf report -i "$data" --pid "$NAT_PID" --percentage relative --children --sort sym -g none --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 60
+      echo; echo "# the NAT process (PID $NAT_PID): the share of its samples whose call stack holds each function"
+      python3 "$TOOL" stacks "$data" "$NAT_PID"
     fi
   ) >"$PROFILE/$name.txt"
   return $rc

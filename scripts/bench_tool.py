@@ -10,6 +10,9 @@
     bench_tool.py hold   --out F --tag k=v .. -- IP PORT STEPS(1000,10000) PID|- IDLE-MB|-
     bench_tool.py note   --out F --tag k=v .. -- REASON
     bench_tool.py report SAMPLES.jsonl OUT.json [META k=v ...]
+    bench_tool.py stacks PERF.data PID        the process's share of a `perf record -a -g`,
+                                              its kernel/user split, and the functions on the
+                                              most of its call stacks
 
 Each measuring command appends one JSON object (its tags, the measure's raw results, or
 "error") to the samples file F and prints one line for the person watching. `report` takes the
@@ -661,6 +664,37 @@ def record(argv, fn):
     return 0
 
 
+def stacks(data, pid, top=40):
+    """What process PID did in a `perf record -a -g` file: its share of all samples, the share
+    of its samples taken in the kernel, and the functions found on the most of its sampled
+    call stacks (each counted once per stack: a system call's share includes what runs inside
+    it, a softirq delivering to another socket say)."""
+    out = subprocess.run(["perf", "script", "-i", data, "-F", "pid,ip,sym"],
+                         capture_output=True, text=True, check=True).stdout
+    total = mine = kernel = 0
+    on_stack = {}
+    for sample in out.split("\n\n"):
+        lines = sample.strip().splitlines()
+        if not lines:
+            continue
+        total += 1
+        if lines[0].split()[0] != pid:
+            continue
+        mine += 1
+        frames = [l.split(None, 1) for l in lines[1:]]
+        if frames and frames[0][0].startswith("ffff"):
+            kernel += 1
+        for f in {f[1] for f in frames if len(f) == 2}:
+            on_stack[f] = on_stack.get(f, 0) + 1
+    if not mine:
+        print("no samples of PID %s" % pid)
+        return
+    print("%d of %d samples (%.0f %% of the machine); in the kernel %.0f %%, in user space %.0f %%"
+          % (mine, total, 100 * mine / total, 100 * kernel / mine, 100 * (mine - kernel) / mine))
+    for f, n in sorted(on_stack.items(), key=lambda kv: -kv[1])[:top]:
+        print("%5.1f %%  %s" % (100 * n / mine, f))
+
+
 def main():
     cmd, argv = sys.argv[1], sys.argv[2:]
     if cmd == "serve":
@@ -681,6 +715,8 @@ def main():
         return record(argv, lambda ip, port, steps, pid, idle: hold(ip, int(port), steps, pid, idle))
     elif cmd == "note":
         return record(argv, lambda why: {"measure": "skip", "why": why})
+    elif cmd == "stacks":
+        stacks(argv[0], argv[1])
     elif cmd == "report":
         meta = dict(kv.split("=", 1) for kv in argv[2:])
         report(argv[0], argv[1], meta)

@@ -101,7 +101,6 @@ fn listener(
         received: None,
         acked: None,
         syn_end: None,
-        sent: 0,
         far: false,
     };
     let mut s = tcp::Socket::new(rx, tx);
@@ -128,24 +127,13 @@ pub(super) struct Buffers {
     acked: Option<u32>,
     /// The sequence number after the client's SYN: where its bytes start.
     syn_end: Option<u32>,
-    /// Bytes given to the send buffer so far.
-    sent: u64,
     /// Bytes went past the first page of a buffer (or may have): the mapping is not kept for
     /// another connection ([`MappingPool`]). smoltcp's rings put the byte at stream offset
     /// `k` at a position no higher than `k` (a ring starts at 0 and goes back to 0 when it
     /// empties; out-of-order bytes go where their offset says), so a connection whose client
-    /// sent up to one page and that was given up to one page touched only the first pages.
+    /// sent up to one page and that was given up to one page (the session's `bytes_in`)
+    /// touched only the first pages.
     far: bool,
-}
-
-impl Buffers {
-    /// Notes `bytes` more in the send buffer.
-    fn note_sent(&mut self, bytes: usize) {
-        self.sent += bytes as u64;
-        if self.sent > page_size() as u64 {
-            self.far = true;
-        }
-    }
 }
 
 /// Whether sequence number `a` is after `b` (modulo 2^32).
@@ -1137,8 +1125,10 @@ impl TcpRelay<'_> {
         if r > 0 {
             self.session.count_in(r, self.now);
             self.dirty.insert(self.session.id);
-            if let Some(b) = self.buffers.as_deref_mut() {
-                b.note_sent(r);
+            if self.session.bytes_in > page_size() as u64 {
+                if let Some(b) = self.buffers.as_deref_mut() {
+                    b.far = true;
+                }
             }
         }
         Ok(r)
